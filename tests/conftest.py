@@ -17,3 +17,6 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO_ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO_ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+
+# The emulator fixtures live with their owner; loaded here for every test package.
+pytest_plugins = ["tests.fixtures.emulator"]
