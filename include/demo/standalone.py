@@ -151,13 +151,21 @@ class StandaloneAirflow:
                     f"airflow standalone exited early; see {self.log_path}:\n{self.log_tail()}"
                 )
             health = self.health()
-            return bool(health) and all(
-                (health.get(part) or {}).get("status") == "healthy"
-                for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
-            ) and self.password_file.exists()
+            return (
+                bool(health)
+                and all(
+                    (health.get(part) or {}).get("status") == "healthy"
+                    for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+                )
+                and self.password_file.exists()
+            )
 
-        poll_until(ready, timeout=self.startup_timeout, interval=1.0,
-                   message=lambda: f"airflow standalone not healthy in time; log tail:\n{self.log_tail()}")
+        poll_until(
+            ready,
+            timeout=self.startup_timeout,
+            interval=1.0,
+            message=lambda: f"airflow standalone not healthy in time; log tail:\n{self.log_tail()}",
+        )
 
     def stop(self) -> None:
         """Terminate every process this instance started (the standalone group and extra components)."""
@@ -309,8 +317,12 @@ class StandaloneAirflow:
                 return True
             return False
 
-        poll_until(parsed, timeout=timeout, interval=1.0,
-                   message=lambda: f"DAG {dag_id} not parsed in time; import errors: {self.import_errors()}")
+        poll_until(
+            parsed,
+            timeout=timeout,
+            interval=1.0,
+            message=lambda: f"DAG {dag_id} not parsed in time; import errors: {self.import_errors()}",
+        )
         return found
 
     def import_errors(self) -> list[dict[str, Any]]:
@@ -330,14 +342,21 @@ class StandaloneAirflow:
             state["state"] = self.dag_run(dag_id, run_id)["state"]
             return state["state"] in FINISHED_RUN_STATES
 
-        poll_until(finished, timeout=timeout, interval=2.0,
-                   message=lambda: f"{dag_id}/{run_id} still {state.get('state')} after {timeout}s: "
-                   f"{self.task_states(dag_id, run_id)}")
+        poll_until(
+            finished,
+            timeout=timeout,
+            interval=2.0,
+            message=lambda: (
+                f"{dag_id}/{run_id} still {state.get('state')} after {timeout}s: "
+                f"{self.task_states(dag_id, run_id)}"
+            ),
+        )
         return state["state"]
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
-                        params={"limit": 1000})["task_instances"]
+        return self.api(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000}
+        )["task_instances"]
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         """``{"task_id[map_index]": state}`` for a run, for assertions and failure messages."""
