@@ -1,0 +1,44 @@
+"""Status vocabulary shared by every component: per-request outcome, failure class, run mode.
+
+``BatchStatus`` (the top-level ``processing_status`` of a Message Batch) is the official provider's
+enum, re-exported so callers have one import place.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from airflow.providers.anthropic.hooks.anthropic import BatchStatus
+
+__all__ = ["BatchStatus", "FailureClass", "RequestStatus", "RunMode"]
+
+
+class RequestStatus(StrEnum):
+    """Final outcome of one request (one row of the RESULT table)."""
+
+    SUCCEEDED = "succeeded"
+    ERRORED = "errored"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+    # The model answered but the structured output did not validate against the output model.
+    INVALID_OUTPUT = "invalid_output"
+    # The answer asks for a tool call (or paused): a batch cannot continue a tool loop.
+    NEEDS_FOLLOWUP = "needs_followup"
+    # Submitted, but no result line came back for it.
+    MISSING = "missing"
+
+
+class FailureClass(StrEnum):
+    """What to do with a failed request."""
+
+    RETRIABLE = "retriable"  # resubmit (possibly with a larger max_tokens)
+    PERMANENT = "permanent"  # dead-letter it; retrying would fail the same way
+    FATAL = "fatal"  # stop everything: credentials, permissions or billing are wrong
+
+
+class RunMode(StrEnum):
+    """How a pipeline run sends its requests."""
+
+    BATCH = "batch"
+    SYNC = "sync"
+    AUTO = "auto"  # resolved at prepare time from the number of requests

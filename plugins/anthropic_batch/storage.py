@@ -1,0 +1,182 @@
+"""Storage root, the path layout under it, atomic writes and Parquet helpers.
+
+Everything is an ``airflow.sdk.ObjectStoragePath`` so the same code runs on ``file://``, ``s3://``,
+``gs://`` and the rest. Writes are atomic: the bytes go to a temporary file in the *same directory*
+and are then renamed into place, so a reader sees either the old file or the complete new one.
+On a local file system the rename is ``os.rename`` (atomic). On object stores a rename is a
+server-side copy followed by a delete; the final object still only appears once it is complete
+(the copy of a fully uploaded object is itself atomic), and a crash can at worst leave a stray
+``.tmp-*`` object behind, which readers ignore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from airflow.sdk import ObjectStoragePath
+
+log = logging.getLogger(__name__)
+
+STORAGE_ROOT_ENV = "ANTHROPIC_BATCH_STORAGE_ROOT"
+STORAGE_ROOT_VARIABLE = "anthropic_batch_storage_root"
+CHECKOUT_DIR = Path(__file__).resolve().parents[2]
+TMP_MARKER = ".tmp-"
+
+PathLike = str | os.PathLike | ObjectStoragePath
+
+
+def as_path(path: PathLike) -> ObjectStoragePath:
+    """An ``ObjectStoragePath`` for a URL, a plain local path (made ``file://``) or a path object."""
+    if isinstance(path, ObjectStoragePath):
+        return path
+    text = os.fspath(path)
+    if "://" not in text:
+        text = Path(text).expanduser().resolve().as_uri()
+    return ObjectStoragePath(text)
+
+
+def _variable_root() -> str | None:
+    try:
+        from airflow.sdk import Variable
+
+        return Variable.get(STORAGE_ROOT_VARIABLE, default=None)
+    except Exception as exc:  # outside Airflow (no context, no DB): fall through to the default
+        log.debug("storage root Variable %s not readable: %s", STORAGE_ROOT_VARIABLE, exc)
+        return None
+
+
+def storage_root(override: str | None = None) -> ObjectStoragePath:
+    """The storage root: ``override``, env ``ANTHROPIC_BATCH_STORAGE_ROOT``, Variable, else checkout/data."""
+    for candidate in (override, os.environ.get(STORAGE_ROOT_ENV), _variable_root()):
+        if candidate and str(candidate).strip():
+            return as_path(str(candidate).strip())
+    return as_path(CHECKOUT_DIR / "data")
+
+
+def work_dir(root: PathLike, pipeline: str, partition: str) -> ObjectStoragePath:
+    """``{root}/{pipeline}/work/date={partition}``: requests, results and rejects of one run."""
+    return as_path(root) / pipeline / "work" / f"date={partition}"
+
+
+def extraction_dir(root: PathLike, pipeline: str, partition: str) -> ObjectStoragePath:
+    """``{root}/{pipeline}/extractions/date={partition}``: the published output of one run."""
+    return as_path(root) / pipeline / "extractions" / f"date={partition}"
+
+
+def report_dir(root: PathLike, partition: str) -> ObjectStoragePath:
+    """``{root}/reports/date={partition}``: the overnight report."""
+    return as_path(root) / "reports" / f"date={partition}"
+
+
+def ledger_root(root: PathLike) -> ObjectStoragePath:
+    """``{root}/_ledger``: submission ledger entries."""
+    return as_path(root) / "_ledger"
+
+
+def _temp_sibling(path: ObjectStoragePath) -> ObjectStoragePath:
+    return path.parent / f".{path.name}{TMP_MARKER}{uuid.uuid4().hex}"
+
+
+def _ensure_parent(path: ObjectStoragePath) -> None:
+    # Object stores have no real directories; mkdir there is a harmless no-op or an error we ignore.
+    with contextlib.suppress(FileExistsError, NotImplementedError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _rename_into_place(tmp: ObjectStoragePath, path: ObjectStoragePath) -> None:
+    tmp.fs.mv(tmp.path, path.path)
+
+
+def _remove_quietly(path: ObjectStoragePath) -> None:
+    try:
+        if path.exists():
+            path.unlink()
+    except OSError as exc:
+        log.warning("could not remove temporary file %s: %s", path, exc)
+
+
+@contextlib.contextmanager
+def open_atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` only if the block finishes; removed on error."""
+    target = as_path(path)
+    _ensure_parent(target)
+    tmp = _temp_sibling(target)
+    try:
+        with tmp.open("wb") as handle:
+            yield handle
+        _rename_into_place(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> ObjectStoragePath:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    target = as_path(path)
+    with open_atomic_writer(target) as handle:
+        handle.write(data)
+    return target
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> ObjectStoragePath:
+    """Write ``obj`` as indented, key-sorted UTF-8 JSON atomically; returns the path."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def read_json(path: PathLike, default: Any = None) -> Any:
+    """The JSON at ``path``, or ``default`` when the file does not exist."""
+    target = as_path(path)
+    try:
+        data = target.read_bytes()
+    except FileNotFoundError:
+        return default
+    return json.loads(data)
+
+
+def write_parquet_atomic(
+    path: PathLike,
+    table_or_batches: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch | pa.Table],
+    schema: pa.Schema | None = None,
+    *,
+    row_group_size: int | None = None,
+) -> ObjectStoragePath:
+    """Write a table (or a stream of record batches) to ``path`` as Parquet, atomically.
+
+    ``schema`` is required for an iterable of batches (it may be empty); tables are cast to it.
+    """
+    target = as_path(path)
+    if isinstance(table_or_batches, pa.Table | pa.RecordBatch):
+        parts: Iterable[pa.Table | pa.RecordBatch] = [table_or_batches]
+        schema = schema or table_or_batches.schema
+    else:
+        parts = table_or_batches
+        if schema is None:
+            raise ValueError("write_parquet_atomic needs a schema for a stream of batches")
+    with open_atomic_writer(target) as handle, pq.ParquetWriter(handle, schema) as writer:
+        for part in parts:
+            if part.schema != schema:
+                part = part.select(schema.names).cast(schema)
+            if isinstance(part, pa.RecordBatch):
+                writer.write_batch(part, row_group_size=row_group_size)
+            else:
+                writer.write_table(part, row_group_size=row_group_size)
+    return target
+
+
+def read_parquet(path: PathLike, columns: list[str] | None = None) -> pa.Table:
+    """The Parquet file at ``path`` as an Arrow table."""
+    target = as_path(path)
+    if target.protocol in ("file", "local", ""):
+        return pq.read_table(target.path, columns=columns)
+    with target.open("rb") as handle:
+        return pq.read_table(handle, columns=columns)
