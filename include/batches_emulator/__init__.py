@@ -1,0 +1,56 @@
+"""Message Batches API emulator: a loopback HTTP server the official ``anthropic`` SDK talks to.
+
+Run: ``cd include && python -m batches_emulator --port 8099 [flags]`` (``make emulator``), or from
+Python ``batches_emulator.testing.EmulatorProcess(*flags)``. State lives in SQLite (``--db``,
+default ``./.emulator/emulator.sqlite``) and survives restarts. Nothing runs in the background: a
+batch's state is computed from its timestamps whenever it is looked at.
+
+Endpoints: ``POST/GET /v1/messages/batches``, ``GET/DELETE /v1/messages/batches/{id}``,
+``POST .../{id}/cancel``, ``GET .../{id}/results`` (JSONL, seeded shuffle, ``\\n`` line ends),
+``POST /v1/messages``, ``POST /v1/messages/count_tokens``, ``GET /v1/models[/{id}]``. Auth by
+``x-api-key`` or ``Authorization: Bearer``; ``anthropic-version`` 2023-06-01 or 2026-10-21.
+Unknown query parameters (``beta=true``) are ignored.
+
+Lifecycle. A batch is ``in_progress`` for ``--processing-seconds`` (real seconds); request i
+"finishes" at a seeded fraction of that. ``expires_at`` = created + 24 h and ``archived_at`` is set
+29 days after creation, both in *emulated* time: emulated = epoch0 + (real - epoch0) * ``--time-scale``
+(``--expire-after-seconds N`` = ``--time-scale 86400/N``). Requests unfinished at expiry become
+``expired``; after archiving the results download answers 404. Cancel sets ``canceling`` for
+``--cancel-seconds``; requests not finished at the cancel time become ``canceled``. Delete is allowed
+only once ended (else 400 invalid_request_error). Params are validated when the batch ends
+(``errored`` invalid_request_error): stream, max_tokens < 1 or above the model's limit,
+temperature/top_p/top_k under 2026-10-21, fast mode, unknown model, prompt over the context window.
+
+Token formula (also used by count_tokens, so the two always agree):
+    tokens(text) = ceil(utf8_bytes(text) / 4)
+    input = 3 + tokens(canonical JSON of the output schema, if any)
+              + sum(tokens(canonical JSON of each tool))
+              + system text tokens
+              + sum over messages (3 + content tokens)
+    content tokens: text -> tokens(text); tool_use -> tokens(name) + tokens(JSON input);
+    tool_result -> its content; image/document -> 1000; anything else -> tokens(canonical JSON).
+    output = tokens(answer text), or tokens(tool name) + tokens(JSON input) for a tool_use.
+Prompt caching: parts are hashed in that order; a part with ``cache_control`` is a breakpoint. A
+breakpoint whose running total is >= ``--cache-min-tokens`` (1024) is cacheable: the longest prefix
+still cached (5 min, or 1 h for ``ttl: "1h"``, emulated time) is ``cache_read_input_tokens``, the rest
+up to the last breakpoint is ``cache_creation_input_tokens``; input_tokens is the remainder, so
+input + cache_creation + cache_read == count_tokens.
+
+Answers are deterministic functions of the prompt: prose text; with
+``output_config.format = {"type":"json_schema","schema":...}`` JSON valid against the schema (also the
+constraints ``anthropic.transform_schema`` moves into descriptions); with a forced ``tool_choice``
+(type tool or any) a ``tool_use`` block valid against ``input_schema`` and stop_reason ``tool_use``;
+``max_tokens`` stop with truncated text when the answer does not fit.
+
+Fault flags (all seeded by ``--seed``, reproducible):
+    --error-rate TYPE=RATE        errored results of that error type (repeatable)
+    --expired-rate R              requests that never finish: the batch runs to expires_at
+    --invalid-output-rate R       structured/tool JSON that violates the schema
+    --truncate-rate R             stop_reason max_tokens with cut text
+    --http-fault EP:STATUS:RATE   HTTP errors per endpoint: create, create_after (created, then the
+                                  error), retrieve, list, cancel, delete, results, messages,
+                                  count_tokens, models; 429s carry retry-after-ms (--retry-after-ms)
+    --early-404-seconds N         retrieve/results 404 for N seconds after create
+    --drop-results-after-lines N  first download of each batch is cut after N lines
+    --max-body-bytes N            413 request_too_large above N bytes (default 256 MB)
+"""

@@ -1,0 +1,482 @@
+"""Batch state in SQLite, the lazy lifecycle, and result generation.
+
+State is derived from timestamps whenever a batch is looked at; nothing runs in the background.
+When a batch is first seen ended its results are computed once, shuffled (seeded) and stored
+compressed, so every later download returns the same lines, also after a restart.
+
+Times are *emulated* epoch seconds: ``epoch0 + (real_now - epoch0) * time_scale`` with ``epoch0``
+fixed in the database on first use, so timestamps stay consistent across restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import sqlite3
+import string
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from batches_emulator import model
+from batches_emulator.config import ERROR_TYPES, Settings
+
+DAY = 86400.0
+EXPIRY_SECONDS = DAY
+ARCHIVE_SECONDS = 29 * DAY
+STORE_PART_BYTES = 16 * 1024 * 1024
+RESULT_LINES_PER_PART = 2000
+
+ERROR_MESSAGES = {
+    "api_error": "Internal server error (emulated)",
+    "overloaded_error": "Overloaded (emulated)",
+    "rate_limit_error": "Rate limited (emulated)",
+    "invalid_request_error": "Invalid request (emulated fault)",
+    "authentication_error": "Invalid authentication credentials (emulated)",
+    "billing_error": "Your credit balance is too low (emulated)",
+    "permission_error": "Permission denied (emulated)",
+    "not_found_error": "Not found (emulated)",
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    created_at REAL NOT NULL,
+    created_real REAL NOT NULL,
+    natural_end REAL NOT NULL,
+    n_requests INTEGER NOT NULL,
+    api_version TEXT NOT NULL,
+    cancel_initiated_at REAL,
+    ended_at REAL,
+    counts TEXT,
+    downloads INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS request_parts (
+    batch_id TEXT NOT NULL, part INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (batch_id, part)
+);
+CREATE TABLE IF NOT EXISTS result_parts (
+    batch_id TEXT NOT NULL, part INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (batch_id, part)
+);
+CREATE TABLE IF NOT EXISTS prefix_cache (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+"""
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def random_id(prefix: str, n: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+@dataclass
+class Plan:
+    """The seeded fate of one request: injected fault and finish time offset (fraction of processing)."""
+
+    error_type: str | None
+    stuck: bool
+    invalid_output: bool
+    truncate: bool
+    finish_fraction: float
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(settings.db_path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.RLock()
+        row = self.db.execute("SELECT value FROM meta WHERE key='epoch0'").fetchone()
+        if row is None:
+            self.epoch0 = time.time()
+            self.db.execute("INSERT INTO meta VALUES ('epoch0', ?)", (repr(self.epoch0),))
+        else:
+            self.epoch0 = float(row[0])
+
+    # ------------------------------------------------------------ time
+
+    def now(self) -> float:
+        return self.epoch0 + (time.time() - self.epoch0) * self.settings.time_scale
+
+    def emulated(self, real_seconds: float) -> float:
+        return real_seconds * self.settings.time_scale
+
+    # ------------------------------------------------------------ plans
+
+    def plans(self, seq: int, n: int) -> Iterator[Plan]:
+        s = self.settings
+        rng = random.Random(f"{s.seed}:batch:{seq}")
+        thresholds: list[tuple[float, str]] = []
+        acc = 0.0
+        for kind in ERROR_TYPES:
+            if s.error_rates.get(kind):
+                acc += s.error_rates[kind]
+                thresholds.append((acc, kind))
+        expired_until = acc + s.expired_rate
+        for _ in range(n):
+            u, v, w, f = rng.random(), rng.random(), rng.random(), rng.random()
+            error_type = next((kind for limit, kind in thresholds if u < limit), None)
+            stuck = error_type is None and u < expired_until
+            yield Plan(error_type, stuck, v < s.invalid_output_rate, w < s.truncate_rate, 0.1 + 0.9 * f)
+
+    # ------------------------------------------------------------ create
+
+    def create_batch(self, raw_body: bytes, n_requests: int, api_version: str) -> dict[str, Any]:
+        s = self.settings
+        with self.lock:
+            now, real = self.now(), time.time()
+            batch_id = random_id("msgbatch_")
+            processing = self.emulated(s.processing_seconds)
+            cur = self.db.execute("BEGIN")
+            cur.execute(
+                "INSERT INTO batches (id, created_at, created_real, natural_end, n_requests, api_version)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (batch_id, now, real, now, n_requests, api_version),
+            )
+            seq = cur.lastrowid
+            stuck = any(p.stuck for p in self.plans(seq, n_requests)) if s.expired_rate else False
+            natural_end = now + (EXPIRY_SECONDS if stuck else min(processing, EXPIRY_SECONDS))
+            cur.execute("UPDATE batches SET natural_end=? WHERE seq=?", (natural_end, seq))
+            packed = zlib.compress(raw_body, 1)
+            cur.executemany(
+                "INSERT INTO request_parts VALUES (?, ?, ?)",
+                (
+                    (batch_id, i, packed[off : off + STORE_PART_BYTES])
+                    for i, off in enumerate(range(0, len(packed), STORE_PART_BYTES))
+                ),
+            )
+            cur.execute("COMMIT")
+            return self._view(self._row(batch_id), now)
+
+    # ------------------------------------------------------------ read
+
+    def _row(self, batch_id: str) -> sqlite3.Row | tuple:
+        row = self.db.execute(
+            "SELECT seq, id, created_at, created_real, natural_end, n_requests, api_version,"
+            " cancel_initiated_at, ended_at, counts, downloads FROM batches WHERE id=? AND deleted=0",
+            (batch_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(batch_id)
+        return row
+
+    def _end_time(self, row: tuple) -> float:
+        natural_end, cancel_at = row[4], row[7]
+        if cancel_at is not None and cancel_at < natural_end:
+            return min(natural_end, cancel_at + self.emulated(self.settings.cancel_seconds))
+        return natural_end
+
+    def _view(self, row: tuple, now: float, base_url: str = "") -> dict[str, Any]:
+        _seq, batch_id, created, _, _, n, _, cancel_at, ended_at, counts, _ = row
+        end = self._end_time(row)
+        if now >= end and ended_at is None:
+            ended_at, counts = self._finalize(row, end)
+        if ended_at is not None:
+            status = "ended"
+            request_counts = json.loads(counts)
+        else:
+            status = "canceling" if cancel_at is not None else "in_progress"
+            request_counts = {"processing": n, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        archived = created + ARCHIVE_SECONDS
+        return {
+            "id": batch_id,
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": request_counts,
+            "ended_at": rfc3339(ended_at),
+            "created_at": rfc3339(created),
+            "expires_at": rfc3339(created + EXPIRY_SECONDS),
+            "archived_at": rfc3339(archived) if now >= archived else None,
+            "cancel_initiated_at": rfc3339(cancel_at),
+            "results_url": f"{base_url}/v1/messages/batches/{batch_id}/results" if ended_at else None,
+        }
+
+    def retrieve(self, batch_id: str, base_url: str) -> dict[str, Any]:
+        with self.lock:
+            return self._view(self._row(batch_id), self.now(), base_url)
+
+    def seconds_since_create(self, batch_id: str) -> float:
+        with self.lock:
+            return time.time() - self._row(batch_id)[3]
+
+    def list_batches(
+        self, limit: int, after_id: str | None, before_id: str | None, base_url: str
+    ) -> dict[str, Any]:
+        cols = (
+            "seq, id, created_at, created_real, natural_end, n_requests, api_version,"
+            " cancel_initiated_at, ended_at, counts, downloads"
+        )
+        with self.lock:
+            if before_id:
+                anchor = self._row(before_id)[0]
+                rows = self.db.execute(
+                    f"SELECT {cols} FROM batches WHERE deleted=0 AND seq>? ORDER BY seq ASC LIMIT ?",
+                    (anchor, limit + 1),
+                ).fetchall()
+                has_more = len(rows) > limit
+                rows = list(reversed(rows[:limit]))
+            else:
+                anchor = self._row(after_id)[0] if after_id else None
+                where = "AND seq<?" if anchor is not None else ""
+                params = (anchor, limit + 1) if anchor is not None else (limit + 1,)
+                rows = self.db.execute(
+                    f"SELECT {cols} FROM batches WHERE deleted=0 {where} ORDER BY seq DESC LIMIT ?", params
+                ).fetchall()
+                has_more = len(rows) > limit
+                rows = rows[:limit]
+            now = self.now()
+            data = [self._view(r, now, base_url) for r in rows]
+        return {
+            "data": data,
+            "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+
+    # ------------------------------------------------------------ cancel / delete
+
+    def cancel(self, batch_id: str, base_url: str) -> dict[str, Any]:
+        with self.lock:
+            row = self._row(batch_id)
+            now = self.now()
+            if row[7] is None and now < self._end_time(row):
+                self.db.execute("UPDATE batches SET cancel_initiated_at=? WHERE id=?", (now, batch_id))
+                row = self._row(batch_id)
+            return self._view(row, now, base_url)
+
+    def delete(self, batch_id: str) -> dict[str, Any]:
+        with self.lock:
+            view = self._view(self._row(batch_id), self.now())
+            if view["processing_status"] != "ended":
+                raise Conflict(
+                    f"Message Batch {batch_id} cannot be deleted while it is {view['processing_status']}; "
+                    "cancel it and wait for it to end"
+                )
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE batches SET deleted=1 WHERE id=?", (batch_id,))
+            self.db.execute("DELETE FROM request_parts WHERE batch_id=?", (batch_id,))
+            self.db.execute("DELETE FROM result_parts WHERE batch_id=?", (batch_id,))
+            self.db.execute("COMMIT")
+        return {"id": batch_id, "type": "message_batch_deleted"}
+
+    # ------------------------------------------------------------ results
+
+    def _load_requests(self, batch_id: str) -> list[dict[str, Any]]:
+        parts = self.db.execute(
+            "SELECT data FROM request_parts WHERE batch_id=? ORDER BY part", (batch_id,)
+        ).fetchall()
+        return json.loads(zlib.decompress(b"".join(p[0] for p in parts)))["requests"]
+
+    def _finalize(self, row: tuple, end: float) -> tuple[float, str]:
+        seq, batch_id, created, _, _, n, api_version, cancel_at, *_ = row
+        requests = self._load_requests(batch_id)
+        processing = self.emulated(self.settings.processing_seconds)
+        expires = created + EXPIRY_SECONDS
+        plans = list(self.plans(seq, n))
+        order = sorted(range(n), key=lambda i: plans[i].finish_fraction)
+        counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        lines: list[str | None] = [None] * n
+        cache = PrefixCache(self.db)
+        for i in order:
+            plan, request = plans[i], requests[i]
+            finish = created + processing * plan.finish_fraction
+            custom_id = request["custom_id"]
+            if plan.stuck or finish > expires:
+                result: dict[str, Any] = {"type": "expired"}
+            elif cancel_at is not None and finish > cancel_at:
+                result = {"type": "canceled"}
+            elif plan.error_type:
+                result = errored(plan.error_type, ERROR_MESSAGES[plan.error_type])
+            else:
+                try:
+                    message = build_message(
+                        request["params"],
+                        api_version=api_version,
+                        in_batch=True,
+                        cache=cache,
+                        at=finish,
+                        min_cache_tokens=self.settings.cache_min_tokens,
+                        invalid_output=plan.invalid_output,
+                        truncate=plan.truncate,
+                    )
+                    result = {"type": "succeeded", "message": message}
+                except model.RequestInvalid as exc:
+                    result = errored("invalid_request_error", str(exc))
+            counts[result["type"]] += 1
+            lines[i] = dumps({"custom_id": custom_id, "result": result}) + "\n"
+        random.Random(f"{self.settings.seed}:order:{seq}").shuffle(lines)
+        counts_json = json.dumps(counts)
+        self.db.execute("BEGIN")
+        cache.flush()
+        self.db.executemany(
+            "INSERT OR REPLACE INTO result_parts VALUES (?, ?, ?)",
+            (
+                (batch_id, k, zlib.compress("".join(lines[off : off + RESULT_LINES_PER_PART]).encode(), 1))
+                for k, off in enumerate(range(0, n, RESULT_LINES_PER_PART))
+            ),
+        )
+        self.db.execute("UPDATE batches SET ended_at=?, counts=? WHERE seq=?", (end, counts_json, seq))
+        self.db.execute("COMMIT")
+        return end, counts_json
+
+    def results_status(self, batch_id: str) -> tuple[dict[str, Any], int]:
+        """The batch view and the number of earlier downloads (counting this one as started)."""
+        with self.lock:
+            row = self._row(batch_id)
+            view = self._view(row, self.now())
+            if view["processing_status"] == "ended":
+                self.db.execute("UPDATE batches SET downloads=downloads+1 WHERE id=?", (batch_id,))
+            return view, row[10]
+
+    def result_parts(self, batch_id: str) -> Iterator[bytes]:
+        n_parts = self.db.execute(
+            "SELECT COUNT(*) FROM result_parts WHERE batch_id=?", (batch_id,)
+        ).fetchone()[0]
+        for k in range(n_parts):
+            with self.lock:
+                row = self.db.execute(
+                    "SELECT data FROM result_parts WHERE batch_id=? AND part=?", (batch_id, k)
+                ).fetchone()
+            if row is None:  # deleted while streaming
+                return
+            yield zlib.decompress(row[0])
+
+    # ------------------------------------------------------------ synchronous messages
+
+    def message(self, params: dict[str, Any], api_version: str) -> dict[str, Any]:
+        with self.lock:
+            cache = PrefixCache(self.db)
+            msg = build_message(
+                params,
+                api_version=api_version,
+                in_batch=False,
+                cache=cache,
+                at=self.now(),
+                min_cache_tokens=self.settings.cache_min_tokens,
+            )
+            cache.flush()
+            return msg
+
+
+def errored(error_type: str, message: str) -> dict[str, Any]:
+    return {
+        "type": "errored",
+        "error": {
+            "type": "error",
+            "error": {"type": error_type, "message": message},
+            "request_id": random_id("req_"),
+        },
+    }
+
+
+class PrefixCache:
+    """Prompt-cache prefixes (hash -> emulated expiry), read through and written back in one go."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.seen: dict[str, float] = {}
+        self.dirty: dict[str, float] = {}
+
+    def expiry(self, key: str) -> float:
+        if key not in self.seen:
+            row = self.db.execute("SELECT expires_at FROM prefix_cache WHERE key=?", (key,)).fetchone()
+            self.seen[key] = row[0] if row else 0.0
+        return self.seen[key]
+
+    def put(self, key: str, expires_at: float) -> None:
+        if expires_at > self.expiry(key):
+            self.seen[key] = self.dirty[key] = expires_at
+
+    def flush(self) -> None:
+        if self.dirty:
+            self.db.executemany("INSERT OR REPLACE INTO prefix_cache VALUES (?, ?)", self.dirty.items())
+            self.dirty.clear()
+
+
+def usage_for(
+    prompt: model.PromptTokens, cache: PrefixCache, at: float, min_cache_tokens: int
+) -> dict[str, Any]:
+    """Split the prompt into uncached / cache-write / cache-read tokens (see the package docstring)."""
+    points = [bp for bp in prompt.breakpoints if bp[0] >= min_cache_tokens]
+    read = 0
+    for tokens, key, _ in points:
+        if cache.expiry(key) > at:
+            read = max(read, tokens)
+    creation_5m = creation_1h = 0
+    if points and points[-1][0] > read:
+        if points[-1][2] >= 3600:
+            creation_1h = points[-1][0] - read
+        else:
+            creation_5m = points[-1][0] - read
+    for _tokens, key, ttl in points:
+        cache.put(key, at + ttl)
+    creation = creation_5m + creation_1h
+    return {
+        "input_tokens": prompt.total - read - creation,
+        "cache_creation_input_tokens": creation,
+        "cache_read_input_tokens": read,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": creation_5m,
+            "ephemeral_1h_input_tokens": creation_1h,
+        },
+    }
+
+
+def build_message(
+    params: Any,
+    *,
+    api_version: str,
+    in_batch: bool,
+    cache: PrefixCache,
+    at: float,
+    min_cache_tokens: int,
+    invalid_output: bool = False,
+    truncate: bool = False,
+) -> dict[str, Any]:
+    model_id = model.validate_params(params, api_version=api_version, in_batch=in_batch)
+    reply = model.answer(params, invalid_output=invalid_output, truncate=truncate)
+    usage = usage_for(model.count_prompt(params), cache, at, min_cache_tokens)
+    usage["output_tokens"] = reply.output_tokens
+    usage["service_tier"] = "batch" if in_batch else "standard"
+    return {
+        "id": model.message_id(model.canonical(params) + repr(at)),
+        "type": "message",
+        "role": "assistant",
+        "model": params["model"] if isinstance(params["model"], str) else model_id,
+        "content": reply.content,
+        "stop_reason": reply.stop_reason,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+def db_default(path: Path | None) -> Path:
+    return path or Path(".emulator") / "emulator.sqlite"
