@@ -1,0 +1,100 @@
+"""The YAML pipeline schema: shipped pipelines load; bad files fail with the file and field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anthropic_batch.pipeline_config import (
+    PIPELINES_DIR,
+    PipelineConfigError,
+    load_pipeline,
+    load_pipelines,
+)
+
+VALID = {
+    "name": "tiny",
+    "description": "A tiny pipeline.",
+    "start_date": "2026-11-01",
+    "source": "/tmp/in/date={{ ds }}/x.jsonl",
+    "key_columns": ["id"],
+    "prompt_template": "Say {{ text }}",
+    "model": "claude-haiku-4-5",
+    "max_tokens": 64,
+}
+
+
+def _write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_pipelines_load():
+    configs = {c.resolved_dag_id: c for c in load_pipelines(PIPELINES_DIR)}
+    assert {"bulk_extraction", "weekly_code_audit"} <= set(configs)
+    bulk = configs["bulk_extraction"]
+    assert bulk.output_model == "schemas/support_ticket.py:SupportTicketExtraction"
+    assert "{{ ds }}" in bulk.source
+    assert bulk.pool_slots_total == bulk.queue_budget_requests // bulk.max_requests_per_chunk
+
+
+def test_defaults_and_derived_values(tmp_path):
+    cfg = load_pipeline(_write(tmp_path, "tiny", VALID))
+    assert cfg.resolved_dag_id == "tiny"
+    assert cfg.mode == "batch"
+    assert cfg.sample.size == 20 and cfg.resubmit.max_attempts == 3
+    assert cfg.pool_slots_total == 1
+    assert cfg.asset_uri == "anthropic-batch://tiny/extractions"
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    data = {k: v for k, v in VALID.items() if k != "name"}
+    assert load_pipeline(_write(tmp_path, "from_stem", data)).name == "from_stem"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"mode": "fast"}, "mode"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"key_columns": []}, "key_columns"),
+        ({"name": "Bad-Name"}, "name"),
+        ({"output_model": "schemas/nope.py:Model"}, "output_model"),
+        ({"output_model": "not a ref"}, "output_model"),
+        ({"prompt_template": "prompts/missing.j2"}, "prompt_template"),
+        ({"sample": {"min_pass_rate": 1.5}}, "sample.min_pass_rate"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"max_requests_per_chunk": 500, "queue_budget_requests": 100}, "queue_budget_requests"),
+    ],
+)
+def test_invalid_fields_are_named(tmp_path, change, field):
+    path = _write(tmp_path, "bad", {**VALID, **change})
+    with pytest.raises(PipelineConfigError) as err:
+        load_pipeline(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert field in message
+
+
+def test_not_yaml_and_not_mapping(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(PipelineConfigError, match="not valid YAML"):
+        load_pipeline(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(PipelineConfigError, match="must hold a mapping"):
+        load_pipeline(listing)
+
+
+def test_loader_reports_every_bad_file_and_duplicate_ids(tmp_path):
+    _write(tmp_path, "one", {**VALID, "name": "one", "dag_id": "same"})
+    _write(tmp_path, "two", {**VALID, "name": "two", "dag_id": "same"})
+    _write(tmp_path, "three", {**VALID, "name": "three", "max_tokens": -1})
+    with pytest.raises(PipelineConfigError) as err:
+        load_pipelines(tmp_path)
+    assert "three.yaml" in str(err.value)
+    assert "'same' is declared by two pipelines" in str(err.value)
