@@ -1,0 +1,676 @@
+"""Table -> API requests: the request spec, custom ids, validation and the chunk files.
+
+``prepare_requests`` renders one Messages request per input record with a Jinja template and writes
+them, streamed, to ``work_dir/requests/chunk-NNNNN.jsonl`` (one canonical JSON line per request),
+``requests/keys.parquet`` (custom_id -> key values, request fingerprint, chunk index),
+``rejected.parquet`` (records refused before any spend, with the reason) and
+``requests/manifest.json``. Nothing is lost: every input record is either a request or a reject.
+
+Duplicates: when several records share a key (or, improbably, a custom_id), *all* members of the
+group are rejected. Picking one would silently drop data the user may still want; the reject table
+lists them all so the user can fix the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import jinja2
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from airflow.sdk import ObjectStoragePath
+from pydantic import BaseModel
+
+from anthropic_batch.output_models import OUTPUT_MODES, output_params
+from anthropic_batch.results import dead_letter_schema
+from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer
+
+API_VERSION = "2026-10-21"
+MAX_REQUESTS_PER_BATCH = 100_000
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BYTES_PER_CHUNK = 200 * 1024 * 1024
+CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_CUSTOM_ID_BAD_CHARS = re.compile(r"[^a-zA-Z0-9_-]+")
+_HASH_SUFFIX_LEN = 16
+
+BODY_PREFIX = b'{"requests":['
+BODY_SUFFIX = b"]}"
+BODY_OVERHEAD = len(BODY_PREFIX) + len(BODY_SUFFIX)
+
+# Params set from RequestSpec fields, never through extra_params.
+_SPEC_OWNED_PARAMS = frozenset({"model", "max_tokens", "messages", "system"})
+# Params a batch request accepts (anthropic SDK 2.x MessageCreateParamsNonStreaming).
+_BATCH_PARAMS = frozenset(
+    {
+        "cache_control",
+        "container",
+        "diagnostics",
+        "inference_geo",
+        "metadata",
+        "output_config",
+        "service_tier",
+        "speed",
+        "stop_sequences",
+        "stream",
+        "thinking",
+        "tool_choice",
+        "tools",
+        "user_profile_id",
+        "workspace_id",
+    }
+)
+# Rejected for batch requests from API version 2026-10-21 on; accepted by older versions.
+_SAMPLING_PARAMS = frozenset({"temperature", "top_p", "top_k"})
+
+REJECT_NULL_KEY = "null_key"
+REJECT_TEMPLATE = "template_error"
+REJECT_EMPTY_PROMPT = "empty_prompt"
+REJECT_DUPLICATE_KEY = "duplicate_key"
+REJECT_CUSTOM_ID_COLLISION = "custom_id_collision"
+REJECT_TOO_LARGE = "request_too_large"
+
+
+class BatchRequestError(ValueError):
+    """A request spec or input that would fail in the API: refused before any money is spent."""
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON serialisation used for request lines and fingerprints."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+
+
+def _finalize(value: Any) -> Any:
+    # A null column renders as nothing, not as the word "None".
+    return "" if value is None else value
+
+
+def _jinja_env() -> jinja2.Environment:
+    return jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False, finalize=_finalize
+    )
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """Everything that turns one record into one Messages request (except the record itself)."""
+
+    model: str
+    max_tokens: int
+    prompt_template: str  # Jinja source; the record's columns are its variables
+    system_prompt: str | None = None  # sent as-is (not templated) so it can be cached across requests
+    cache_system_prompt: bool = True
+    cache_ttl: str = "1h"
+    output_model: type[BaseModel] | None = None
+    output_mode: str = "json_schema"
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    extra_params: dict[str, Any] = field(default_factory=dict)
+    api_version: str = API_VERSION
+    output_model_ref: str | None = None  # "schemas/x.py:Model", recorded in the manifest
+
+    def output_fragment(self) -> dict[str, Any]:
+        """The params this spec adds for structured output (empty without an output model)."""
+        if self.output_model is None:
+            return {}
+        return output_params(self.output_model, self.output_mode)
+
+    def system_param(self) -> str | list[dict[str, Any]] | None:
+        if self.system_prompt is None:
+            return None
+        if not self.cache_system_prompt:
+            return self.system_prompt
+        return [
+            {
+                "type": "text",
+                "text": self.system_prompt,
+                "cache_control": {"type": "ephemeral", "ttl": self.cache_ttl},
+            }
+        ]
+
+    def base_params(self) -> dict[str, Any]:
+        """Every request's params except ``messages``."""
+        params: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens}
+        system = self.system_param()
+        if system is not None:
+            params["system"] = system
+        if self.tools:
+            params["tools"] = [dict(t) for t in self.tools]
+        if self.tool_choice:
+            params["tool_choice"] = dict(self.tool_choice)
+        params.update(self.extra_params)
+        fragment = self.output_fragment()
+        if "tools" in fragment:
+            params["tools"] = params.get("tools", []) + fragment["tools"]
+            params["tool_choice"] = fragment["tool_choice"]
+        elif "output_config" in fragment:
+            params["output_config"] = {**params.get("output_config", {}), **fragment["output_config"]}
+        return params
+
+    def build_params(self, prompt: str) -> dict[str, Any]:
+        """The full ``params`` of one request for a rendered prompt."""
+        params = self.base_params()
+        params["messages"] = [{"role": "user", "content": prompt}]
+        return params
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of everything that shapes the requests."""
+        return sha256_hex(
+            canonical_json(
+                {
+                    "prompt_template": self.prompt_template,
+                    "params": self.base_params(),
+                    "output_mode": self.output_mode if self.output_model is not None else None,
+                    "api_version": self.api_version,
+                }
+            )
+        )
+
+    def validate(self) -> list[str]:
+        """Warnings about the spec; raises ``BatchRequestError`` for what a batch would refuse."""
+        errors: list[str] = []
+        warnings: list[str] = []
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            errors.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.model or not isinstance(self.model, str):
+            errors.append("model must be a non-empty string")
+        if not self.prompt_template or not self.prompt_template.strip():
+            errors.append("prompt_template is empty")
+        else:
+            try:
+                _jinja_env().parse(self.prompt_template)
+            except jinja2.TemplateSyntaxError as exc:
+                errors.append(f"prompt_template is not valid Jinja (line {exc.lineno}): {exc.message}")
+        if self.cache_ttl not in ("5m", "1h"):
+            errors.append(f"cache_ttl must be '5m' or '1h', got {self.cache_ttl!r}")
+        if self.output_model is not None and self.output_mode not in OUTPUT_MODES:
+            errors.append(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
+
+        extra = self.extra_params or {}
+        for key in sorted(extra):
+            if key in _SPEC_OWNED_PARAMS:
+                errors.append(f"extra_params may not set {key!r}: it comes from the RequestSpec field")
+            elif key in _SAMPLING_PARAMS:
+                if self.api_version >= API_VERSION:
+                    errors.append(
+                        f"{key!r} is rejected for batch requests under API version {self.api_version}"
+                    )
+            elif key not in _BATCH_PARAMS:
+                errors.append(f"unknown request parameter {key!r} (a batch request cannot take it)")
+        if extra.get("stream"):
+            errors.append("stream: true is not allowed in a batch request")
+        if extra.get("speed") == "fast":
+            errors.append("fast mode (speed: 'fast') is not allowed in a batch request")
+        if "tools" in extra or "tool_choice" in extra:
+            errors.append("set tools and tool_choice through the RequestSpec fields, not extra_params")
+
+        if self.output_model is not None and self.output_mode == "tool" and self.tool_choice:
+            errors.append("output_mode 'tool' forces its own tool_choice; do not set tool_choice as well")
+        forced = self.tool_choice and self.tool_choice.get("type") == "tool"
+        if self.tools and not forced and not (self.output_model is not None and self.output_mode == "tool"):
+            warnings.append(
+                "tools are offered without a forced tool_choice: a batch cannot continue a tool loop, "
+                "so answers that call a tool are collected as needs_followup"
+            )
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            warnings.append("system_prompt is blank")
+        if errors:
+            raise BatchRequestError("invalid request spec: " + "; ".join(errors))
+        return warnings
+
+
+# -- custom ids -------------------------------------------------------------------------------------
+
+
+def _key_str(value: object) -> str | None:
+    """A key value as the string stored in keys.parquet and used for custom ids; None when null."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if value is pd.NaT:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    text = str(value)
+    return text if text.strip() else None
+
+
+def make_custom_id(key_values: Sequence[object]) -> str:
+    """A deterministic custom_id matching ``^[a-zA-Z0-9_-]{1,64}$`` for a record's key values.
+
+    Readable when possible: one key that already fits the pattern is used as-is; several keys
+    that fit and contain no ``-`` are joined with ``-`` (still reversible). Otherwise a sanitised
+    prefix plus ``-`` and a 16-hex-digit hash of all key values.
+    """
+    if not key_values:
+        raise ValueError("make_custom_id needs at least one key value")
+    parts = [_key_str(v) for v in key_values]
+    if any(p is None for p in parts):
+        raise ValueError(f"key values must not be null or blank: {list(key_values)!r}")
+    if len(parts) == 1 and CUSTOM_ID_RE.match(parts[0]):
+        return parts[0]
+    if len(parts) > 1 and all(CUSTOM_ID_RE.match(p) and "-" not in p for p in parts):
+        joined = "-".join(parts)
+        if len(joined) <= 64:
+            return joined
+    suffix = sha256_hex(canonical_json(parts))[:_HASH_SUFFIX_LEN]
+    prefix = _CUSTOM_ID_BAD_CHARS.sub("_", "-".join(parts)).strip("_-")[: 64 - _HASH_SUFFIX_LEN - 1]
+    return f"{prefix}-{suffix}" if prefix else suffix
+
+
+# -- input tables -----------------------------------------------------------------------------------
+
+
+def _format_of(name: str) -> str:
+    lower = name.lower()
+    for suffix, fmt in (
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+        (".csv", "csv"),
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "jsonl"),
+    ):
+        if lower.endswith(suffix):
+            return fmt
+    raise BatchRequestError(f"cannot tell the format of {name!r}: use .parquet, .csv or .jsonl, or pass fmt")
+
+
+def _read_csv_as_strings(handle) -> pa.Table:
+    # CSV is text: read every column as a string so keys like "007" survive; empty cells are null.
+    header = pa_csv.open_csv(handle).schema.names
+    handle.seek(0)
+    return pa_csv.read_csv(
+        handle,
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in header}, strings_can_be_null=True
+        ),
+    )
+
+
+def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: str | None = None) -> pa.Table:
+    """An Arrow table from a DataFrame, a table, or a Parquet / CSV / JSONL file (by suffix or ``fmt``)."""
+    if isinstance(source, pa.Table):
+        return source
+    if isinstance(source, pd.DataFrame):
+        return pa.Table.from_pandas(source, preserve_index=False)
+    path = as_path(source)
+    fmt = (fmt or _format_of(path.name)).lower()
+    if not path.exists():
+        raise BatchRequestError(f"input file not found: {path}")
+    with path.open("rb") as handle:
+        if fmt == "parquet":
+            return pq.read_table(handle)
+        if fmt == "csv":
+            return _read_csv_as_strings(handle)
+        if fmt in ("jsonl", "json", "ndjson"):
+            return pa_json.read_json(handle)
+    raise BatchRequestError(f"unsupported input format {fmt!r}: use parquet, csv or jsonl")
+
+
+# -- chunk files ------------------------------------------------------------------------------------
+
+
+def body_size(n_requests: int, total_line_bytes: int) -> int:
+    """Bytes of the POST body ``{"requests":[l1,l2,...]}`` for lines of the given total size."""
+    return BODY_OVERHEAD + total_line_bytes + max(n_requests - 1, 0)
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:05d}.jsonl"
+
+
+class _ChunkWriter:
+    """Writes one chunk file atomically while counting requests, body bytes and the file hash."""
+
+    def __init__(self, path: ObjectStoragePath, index: int):
+        self.path = path
+        self.index = index
+        self.n_requests = 0
+        self.line_bytes = 0
+        self._hash = hashlib.sha256()
+        self._cm = open_atomic_writer(path)
+        self._handle = self._cm.__enter__()
+
+    @property
+    def body_bytes(self) -> int:
+        return body_size(self.n_requests, self.line_bytes)
+
+    def would_exceed(self, line: bytes, max_requests: int, max_bytes: int) -> bool:
+        if self.n_requests == 0:
+            return False
+        return (
+            self.n_requests + 1 > max_requests
+            or body_size(self.n_requests + 1, self.line_bytes + len(line)) > max_bytes
+        )
+
+    def write(self, line: bytes) -> None:
+        data = line + b"\n"
+        self._handle.write(data)
+        self._hash.update(data)
+        self.n_requests += 1
+        self.line_bytes += len(line)
+
+    def close(self) -> dict[str, Any]:
+        self._cm.__exit__(None, None, None)
+        return {
+            "index": self.index,
+            "path": str(self.path),
+            "n_requests": self.n_requests,
+            "n_bytes": self.body_bytes,
+            "fingerprint": self._hash.hexdigest(),
+        }
+
+    def abort(self, exc: BaseException) -> None:
+        # The context manager removes the temp file and re-raises; the caller raises its own.
+        with contextlib.suppress(BaseException):
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _index_from_name(name: str) -> int:
+    match = re.search(r"chunk-(\d+)", name)
+    return int(match.group(1)) if match else -1
+
+
+def write_chunk(lines: Iterable[bytes], path: PathLike, index: int | None = None) -> dict[str, Any]:
+    """Write request lines (no trailing newline needed) to a chunk file atomically; returns ChunkInfo."""
+    target = as_path(path)
+    writer = _ChunkWriter(target, _index_from_name(target.name) if index is None else index)
+    try:
+        for line in lines:
+            writer.write(line.rstrip(b"\r\n"))
+    except BaseException as exc:
+        writer.abort(exc)
+        raise
+    return writer.close()
+
+
+def iter_chunk_lines(chunk_path: PathLike) -> Iterator[bytes]:
+    """The request lines of a chunk file, without their newline, streamed."""
+    with as_path(chunk_path).open("rb") as handle:
+        for raw in handle:
+            line = raw.rstrip(b"\r\n")
+            if line:
+                yield line
+
+
+def iter_chunk_requests(chunk_path: PathLike) -> Iterator[dict[str, Any]]:
+    """The requests (``{"custom_id", "params"}`` dicts) of a chunk file, streamed."""
+    for line in iter_chunk_lines(chunk_path):
+        yield json.loads(line)
+
+
+class BatchBody:
+    """The streamed POST body ``{"requests":[...]}`` of a chunk file.
+
+    Re-iterable: each ``iter()`` reopens the file, so an HTTP retry can send the body again.
+    Never holds more than about ``block_size`` bytes (plus one line) in memory.
+    """
+
+    def __init__(self, chunk_path: PathLike, block_size: int = 1 << 20):
+        self.path = as_path(chunk_path)
+        self.block_size = block_size
+
+    def __iter__(self) -> Iterator[bytes]:
+        buf = bytearray(BODY_PREFIX)
+        first = True
+        for line in iter_chunk_lines(self.path):
+            if not first:
+                buf += b","
+            buf += line
+            first = False
+            if len(buf) >= self.block_size:
+                yield bytes(buf)
+                buf.clear()
+        buf += BODY_SUFFIX
+        yield bytes(buf)
+
+    @property
+    def n_bytes(self) -> int:
+        """Exact body length (for a Content-Length header), from one pass over the file."""
+        n = total = 0
+        for line in iter_chunk_lines(self.path):
+            n += 1
+            total += len(line)
+        return body_size(n, total)
+
+
+def iter_batch_body(chunk_path: PathLike, block_size: int = 1 << 20) -> BatchBody:
+    """The streamed, re-iterable POST body of a chunk file (see ``BatchBody``)."""
+    return BatchBody(chunk_path, block_size)
+
+
+# -- prepare ----------------------------------------------------------------------------------------
+
+
+def _record_json(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _key_tuples(table: pa.Table, key_columns: Sequence[str]) -> Iterator[tuple[str | None, ...]]:
+    for batch in table.select(list(key_columns)).to_batches(max_chunksize=10_000):
+        columns = [col.to_pylist() for col in batch.columns]
+        for row in zip(*columns, strict=True):
+            yield tuple(_key_str(v) for v in row)
+
+
+def _remove_stale_chunks(requests_dir: ObjectStoragePath, n_chunks: int) -> None:
+    if not requests_dir.exists():
+        return
+    for path in requests_dir.iterdir():
+        if re.fullmatch(r"chunk-\d+\.jsonl", path.name) and _index_from_name(path.name) >= n_chunks:
+            path.unlink()
+
+
+def prepare_requests(
+    table: pa.Table,
+    key_columns: Sequence[str],
+    spec: RequestSpec,
+    out_dir: PathLike,
+    *,
+    max_requests_per_chunk: int = MAX_REQUESTS_PER_BATCH,
+    max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
+    max_request_bytes: int | None = None,
+    extra_manifest: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Render, validate and write the requests of ``table`` under ``out_dir`` (the run's work_dir).
+
+    Returns the manifest (also written to ``requests/manifest.json``). Raises ``BatchRequestError``
+    for a bad spec or missing key columns; bad *records* are rejected into ``rejected.parquet``.
+    """
+    warnings = spec.validate()
+    key_columns = list(key_columns)
+    if not key_columns:
+        raise BatchRequestError("key_columns must name at least one column")
+    missing = [k for k in key_columns if k not in table.column_names]
+    if missing:
+        raise BatchRequestError(f"key columns {missing} not in the input (columns: {table.column_names})")
+    if not 1 <= max_requests_per_chunk <= MAX_REQUESTS_PER_BATCH:
+        raise BatchRequestError(f"max_requests_per_chunk must be 1..{MAX_REQUESTS_PER_BATCH}")
+    if not BODY_OVERHEAD < max_bytes_per_chunk <= MAX_BATCH_BYTES:
+        raise BatchRequestError(f"max_bytes_per_chunk must be at most {MAX_BATCH_BYTES} bytes")
+    max_request_bytes = min(max_request_bytes or max_bytes_per_chunk, max_bytes_per_chunk) - BODY_OVERHEAD
+
+    work = as_path(out_dir)
+    requests_dir = work / "requests"
+    template = _jinja_env().from_string(spec.prompt_template)
+    base_params = spec.base_params()
+
+    # Pass 1 (keys only): custom ids and how often each occurs, to reject whole duplicate groups.
+    key_counts: Counter[tuple[str | None, ...]] = Counter()
+    id_counts: Counter[str] = Counter()
+    for keys in _key_tuples(table, key_columns):
+        if None in keys:
+            continue
+        key_counts[keys] += 1
+        id_counts[make_custom_id(keys)] += 1
+
+    keys_schema = pa.schema(
+        [("custom_id", pa.string())]
+        + [(k, pa.string()) for k in key_columns]
+        + [("request_fingerprint", pa.string()), ("chunk_index", pa.int32())]
+    )
+    dl_schema = dead_letter_schema(key_columns)
+    chunks: list[dict[str, Any]] = []
+    writer: _ChunkWriter | None = None
+    n_requests = n_rejected = n_input = 0
+
+    with (
+        open_atomic_writer(requests_dir / "keys.parquet") as keys_handle,
+        pq.ParquetWriter(keys_handle, keys_schema) as keys_writer,
+        open_atomic_writer(work / "rejected.parquet") as rej_handle,
+        pq.ParquetWriter(rej_handle, dl_schema) as rej_writer,
+    ):
+        try:
+            for batch in table.to_batches(max_chunksize=10_000):
+                keys_rows: dict[str, list[Any]] = {name: [] for name in keys_schema.names}
+                rej_rows: dict[str, list[Any]] = {name: [] for name in dl_schema.names}
+
+                def reject(record, keys, custom_id, error_type, reason, rej_rows=rej_rows):
+                    for k, v in zip(key_columns, keys, strict=True):
+                        rej_rows[k].append(v)
+                    rej_rows["custom_id"].append(custom_id)
+                    rej_rows["stage"].append("prepare")
+                    rej_rows["status"].append("rejected")
+                    rej_rows["error_type"].append(error_type)
+                    rej_rows["reason"].append(reason)
+                    rej_rows["attempts"].append(0)
+                    rej_rows["last_batch_id"].append(None)
+                    rej_rows["record_json"].append(_record_json(record))
+
+                for record in batch.to_pylist():
+                    n_input += 1
+                    keys = tuple(_key_str(record.get(k)) for k in key_columns)
+                    if None in keys:
+                        nulls = [k for k, v in zip(key_columns, keys, strict=True) if v is None]
+                        reject(
+                            record, keys, None, REJECT_NULL_KEY, f"key column(s) {nulls} are null or blank"
+                        )
+                        continue
+                    custom_id = make_custom_id(keys)
+                    if id_counts[custom_id] > 1:
+                        if key_counts[keys] > 1:
+                            reject(
+                                record,
+                                keys,
+                                custom_id,
+                                REJECT_DUPLICATE_KEY,
+                                f"{key_counts[keys]} records share this key; all are rejected",
+                            )
+                        else:
+                            reject(
+                                record,
+                                keys,
+                                custom_id,
+                                REJECT_CUSTOM_ID_COLLISION,
+                                f"custom_id {custom_id!r} is produced by different keys",
+                            )
+                        continue
+                    try:
+                        prompt = template.render(**record)
+                    except Exception as exc:
+                        reject(record, keys, custom_id, REJECT_TEMPLATE, f"{type(exc).__name__}: {exc}")
+                        continue
+                    if not prompt.strip():
+                        reject(record, keys, custom_id, REJECT_EMPTY_PROMPT, "the rendered prompt is empty")
+                        continue
+                    params_json = canonical_json(
+                        {**base_params, "messages": [{"role": "user", "content": prompt}]}
+                    )
+                    line = (
+                        '{"custom_id":' + json.dumps(custom_id) + ',"params":' + params_json + "}"
+                    ).encode()
+                    if len(line) > max_request_bytes:
+                        reject(
+                            record,
+                            keys,
+                            custom_id,
+                            REJECT_TOO_LARGE,
+                            f"request is {len(line)} bytes; the limit per request is {max_request_bytes}",
+                        )
+                        continue
+                    if writer is not None and writer.would_exceed(
+                        line, max_requests_per_chunk, max_bytes_per_chunk
+                    ):
+                        chunks.append(writer.close())
+                        writer = None
+                    if writer is None:
+                        writer = _ChunkWriter(requests_dir / chunk_name(len(chunks)), len(chunks))
+                    writer.write(line)
+                    n_requests += 1
+                    keys_rows["custom_id"].append(custom_id)
+                    for k, v in zip(key_columns, keys, strict=True):
+                        keys_rows[k].append(v)
+                    keys_rows["request_fingerprint"].append(sha256_hex(params_json))
+                    keys_rows["chunk_index"].append(writer.index)
+
+                keys_writer.write_table(pa.table(keys_rows, schema=keys_schema))
+                rej_writer.write_table(pa.table(rej_rows, schema=dl_schema))
+                n_rejected += len(rej_rows["stage"])
+            if writer is not None:
+                chunks.append(writer.close())
+                writer = None
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort(exc)
+            raise
+
+    _remove_stale_chunks(requests_dir, len(chunks))
+    extra = dict(extra_manifest or {})
+    spec_extra = extra.pop("spec", {}) or {}
+    spec_fingerprint = spec.fingerprint()
+    manifest: dict[str, Any] = {
+        "chunks": chunks,
+        "n_requests": n_requests,
+        "n_rejected": n_rejected,
+        "n_input_records": n_input,
+        "spec_fingerprint": spec_fingerprint,
+        "spec": {
+            "pipeline": None,
+            "partition": None,
+            "model": spec.model,
+            "max_tokens": spec.max_tokens,
+            "output_model": spec.output_model_ref,
+            "output_mode": spec.output_mode if spec.output_model is not None else None,
+            "include_dir": None,
+            "key_columns": key_columns,
+            "api_version": spec.api_version,
+            "cache_ttl": spec.cache_ttl,
+            "spec_fingerprint": spec_fingerprint,
+            **spec_extra,
+        },
+        "mode": "batch",
+        "keys_path": str(requests_dir / "keys.parquet"),
+        "rejected_path": str(work / "rejected.parquet"),
+        "warnings": warnings,
+        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **extra,
+    }
+    atomic_write_json(requests_dir / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(work: PathLike) -> dict[str, Any]:
+    """The manifest of a work dir (``requests/manifest.json``); a clear error when it is missing."""
+    from anthropic_batch.storage import read_json
+
+    manifest = read_json(as_path(work) / "requests" / "manifest.json")
+    if manifest is None:
+        raise FileNotFoundError(f"no requests/manifest.json under {work}: run prepare first")
+    return manifest
