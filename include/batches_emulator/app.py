@@ -247,10 +247,12 @@ def create_app(settings: Settings) -> FastAPI:
         if isinstance(params, dict):
             params = {"max_tokens": 1, **params}
         try:
-            model.validate_params(params, api_version=model.VERSION_WITHOUT_SAMPLING, in_batch=False)
+            _, prompt = model.validate_params(
+                params, api_version=model.VERSION_WITHOUT_SAMPLING, in_batch=False
+            )
         except model.RequestInvalid as exc:
             raise ApiError(404 if exc.error_type == "not_found_error" else 400, str(exc)) from exc
-        return json_response({"input_tokens": model.count_prompt(params).total})
+        return json_response({"input_tokens": prompt.total})
 
     def model_info(model_id: str) -> dict[str, Any]:
         name, released, context, max_tokens = model.MODELS[model_id]

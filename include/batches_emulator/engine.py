@@ -461,13 +461,13 @@ def build_message(
     invalid_output: bool = False,
     truncate: bool = False,
 ) -> dict[str, Any]:
-    model_id = model.validate_params(params, api_version=api_version, in_batch=in_batch)
+    model_id, prompt = model.validate_params(params, api_version=api_version, in_batch=in_batch)
     reply = model.answer(params, invalid_output=invalid_output, truncate=truncate)
-    usage = usage_for(model.count_prompt(params), cache, at, min_cache_tokens)
+    usage = usage_for(prompt, cache, at, min_cache_tokens)
     usage["output_tokens"] = reply.output_tokens
     usage["service_tier"] = "batch" if in_batch else "standard"
     return {
-        "id": model.message_id(model.canonical(params) + repr(at)),
+        "id": model.message_id(reply.seed + repr(at)),
         "type": "message",
         "role": "assistant",
         "model": params["model"] if isinstance(params["model"], str) else model_id,

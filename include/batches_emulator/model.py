@@ -188,39 +188,38 @@ def count_prompt(params: dict[str, Any]) -> PromptTokens:
     The prefix key of a breakpoint hashes the model and every prompt part up to it, so it only
     matches when the whole prefix repeats exactly.
     """
-    hasher = hashlib.sha256(str(resolve_model(params.get("model")) or params.get("model")).encode())
-    total = REQUEST_OVERHEAD_TOKENS
-    breakpoints: list[tuple[int, str, int]] = []
-
-    def add(part: Any, tokens: int) -> None:
-        nonlocal total
-        total += tokens
-        hasher.update(canonical(part).encode("utf-8"))
-        ttl = _ttl(part)
-        if ttl is not None:
-            breakpoints.append((total, hasher.copy().hexdigest(), ttl))
-
+    parts: list[tuple[Any, int]] = []
     fmt = _output_format(params)
     if fmt is not None:
-        add({"output_schema": fmt.get("schema")}, json_tokens(fmt.get("schema", {})))
+        parts.append(({"output_schema": fmt.get("schema")}, json_tokens(fmt.get("schema", {}))))
     for tool in params.get("tools") or []:
-        add(tool, json_tokens(tool))
+        parts.append((tool, json_tokens(tool)))
     system = params.get("system")
     if isinstance(system, str):
-        add(system, text_tokens(system))
+        parts.append((system, text_tokens(system)))
     elif isinstance(system, list):
-        for block in system:
-            add(block, _block_tokens(block))
+        parts.extend((block, _block_tokens(block)) for block in system)
     for message in params.get("messages") or []:
         if not isinstance(message, dict):
             continue
-        add({"role": message.get("role")}, MESSAGE_OVERHEAD_TOKENS)
+        parts.append(({"role": message.get("role")}, MESSAGE_OVERHEAD_TOKENS))
         content = message.get("content")
         if isinstance(content, str):
-            add(content, text_tokens(content))
+            parts.append((content, text_tokens(content)))
         elif isinstance(content, list):
-            for block in content:
-                add(block, _block_tokens(block))
+            parts.extend((block, _block_tokens(block)) for block in content)
+    total = REQUEST_OVERHEAD_TOKENS + sum(tokens for _, tokens in parts)
+    if not any(_ttl(part) is not None for part, _ in parts):
+        return PromptTokens(total)
+    hasher = hashlib.sha256(str(resolve_model(params.get("model")) or params.get("model")).encode())
+    running = REQUEST_OVERHEAD_TOKENS
+    breakpoints: list[tuple[int, str, int]] = []
+    for part, tokens in parts:
+        running += tokens
+        hasher.update(canonical(part).encode("utf-8"))
+        ttl = _ttl(part)
+        if ttl is not None:
+            breakpoints.append((running, hasher.copy().hexdigest(), ttl))
     return PromptTokens(total, breakpoints)
 
 
@@ -234,8 +233,8 @@ def _output_format(params: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def validate_params(params: Any, *, api_version: str, in_batch: bool) -> str:
-    """Check a Messages request; return the resolved model id or raise RequestInvalid."""
+def validate_params(params: Any, *, api_version: str, in_batch: bool) -> tuple[str, PromptTokens]:
+    """Check a Messages request; return the resolved model id and prompt count, or raise RequestInvalid."""
     if not isinstance(params, dict):
         raise RequestInvalid("params: Input should be an object")
     model = resolve_model(params.get("model"))
@@ -288,10 +287,10 @@ def validate_params(params: Any, *, api_version: str, in_batch: bool) -> str:
             raise RequestInvalid(f"tool_choice: tool {choice.get('name')!r} is not in tools")
     if isinstance(choice, dict) and choice.get("type") in ("tool", "any") and not tools:
         raise RequestInvalid("tool_choice: requires tools")
-    prompt = count_prompt(params).total
-    if prompt > MODELS[model][2]:
-        raise RequestInvalid(f"prompt is too long: {prompt} tokens > {MODELS[model][2]} maximum")
-    return model
+    prompt = count_prompt(params)
+    if prompt.total > MODELS[model][2]:
+        raise RequestInvalid(f"prompt is too long: {prompt.total} tokens > {MODELS[model][2]} maximum")
+    return model, prompt
 
 
 # ---------------------------------------------------------------- answers
@@ -316,7 +315,7 @@ def _last_user_text(params: dict[str, Any]) -> str:
 
 def _prose(rng: random.Random, params: dict[str, Any]) -> str:
     topic = " ".join(_last_user_text(params).split()[:8])
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(12, 40))]
+    words = rng.choices(_WORDS, k=rng.randint(12, 40))
     return f'Emulated answer about "{topic}": ' + " ".join(words) + "."
 
 
@@ -464,6 +463,7 @@ class Answer:
     content: list[dict[str, Any]]
     stop_reason: str
     output_tokens: int
+    seed: str = ""
 
 
 def _truncate(text: str, max_tokens: int) -> str:
@@ -497,9 +497,12 @@ def answer(params: dict[str, Any], *, invalid_output: bool = False, truncate: bo
         if truncate or tokens > max_tokens:
             # A cut-off tool call has no usable input; the API then returns what text it had.
             return Answer(
-                [{"type": "text", "text": _truncate(canonical(value), max_tokens)}], "max_tokens", max_tokens
+                [{"type": "text", "text": _truncate(canonical(value), max_tokens)}],
+                "max_tokens",
+                max_tokens,
+                seed,
             )
-        return Answer([block], "tool_use", tokens)
+        return Answer([block], "tool_use", tokens, seed)
     fmt = _output_format(params)
     if fmt is not None:
         schema = fmt["schema"]
@@ -512,8 +515,8 @@ def answer(params: dict[str, Any], *, invalid_output: bool = False, truncate: bo
     tokens = text_tokens(text)
     if truncate or tokens > max_tokens:
         cut = min(max_tokens, max(tokens - 1, 1)) if truncate else max_tokens
-        return Answer([{"type": "text", "text": _truncate(text, cut)}], "max_tokens", cut)
-    return Answer([{"type": "text", "text": text}], "end_turn", tokens)
+        return Answer([{"type": "text", "text": _truncate(text, cut)}], "max_tokens", cut, seed)
+    return Answer([{"type": "text", "text": text}], "end_turn", tokens, seed)
 
 
 def message_id(seed_text: str) -> str:
