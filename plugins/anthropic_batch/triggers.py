@@ -1,0 +1,229 @@
+"""BatchPollTrigger: wait for a Message Batch in the triggerer, cheaply and patiently.
+
+Runs in the triggerer's event loop, so every call uses the async client (never a blocking one).
+Polls start at ``poll_interval`` and grow by half (with jitter) toward ``max_poll_interval`` while
+nothing changes; when the request counts or status move, the interval drops back to
+``poll_interval`` (a moving batch is often close to done). Transient trouble (429, 5xx, 529,
+connection errors, the 404 just after create) is tolerated up to ``max_transient_errors``
+consecutive failures; 401/402/403 are fatal at once. Exactly one event is yielded:
+
+- ``{"status": "ended", "batch_id", "batch": <MessageBatch JSON>}``
+- ``{"status": "deadline", "batch_id", "message", "batch": <last seen JSON or None>}``
+- ``{"status": "error", "batch_id", "message", "error_type"}``
+
+``on_kill`` (Airflow 3.3: the user marked the task failed/success or cleared it) cancels the batch.
+The trigger lives in the plugins folder so the triggerer can import it by its classpath
+``anthropic_batch.triggers.BatchPollTrigger``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import anthropic
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from anthropic_batch.hooks import FATAL_ERRORS, BatchHook
+
+CLASSPATH = "anthropic_batch.triggers.BatchPollTrigger"
+#: Growth factor of the poll interval while nothing changes.
+BACKOFF_FACTOR = 1.5
+#: Bound for on_kill's cancel call: the triggerer gives on_kill limited time.
+ON_KILL_TIMEOUT_S = 20.0
+
+
+def next_interval(current: float, *, changed: bool, poll_interval: float, max_poll_interval: float) -> float:
+    """The next (un-jittered) poll interval: reset on change, else grow toward the maximum."""
+    if changed:
+        return poll_interval
+    return min(max_poll_interval, max(poll_interval, current * BACKOFF_FACTOR))
+
+
+def jittered(interval: float, remaining: float) -> float:
+    """``interval`` +-10 % (so many triggers do not poll in lockstep), never past the deadline."""
+    return max(0.0, min(interval * random.uniform(0.9, 1.1), remaining))
+
+
+def is_transient(error: BaseException) -> bool:
+    """Errors worth another poll: rate limits, overload, server errors, network, early 404."""
+    return isinstance(
+        error,
+        anthropic.RateLimitError
+        | anthropic.InternalServerError
+        | anthropic.APIConnectionError
+        | anthropic.NotFoundError
+        | anthropic.ConflictError
+        | anthropic.RequestTimeoutError,
+    )
+
+
+def batch_snapshot(batch: Any) -> tuple[Any, ...]:
+    """What counts as "progress" between two polls."""
+    counts = batch.request_counts
+    return (
+        batch.processing_status,
+        counts.processing,
+        counts.succeeded,
+        counts.errored,
+        counts.canceled,
+        counts.expired,
+    )
+
+
+def describe(batch: Any, now: datetime) -> str:
+    """One log line: status, age, time to expiry, counts."""
+    age = (now - batch.created_at).total_seconds() if batch.created_at else 0.0
+    to_expiry = (batch.expires_at - now).total_seconds() if batch.expires_at else 0.0
+    c = batch.request_counts
+    return (
+        f"batch {batch.id}: {batch.processing_status}, age {_hm(age)}, expires in {_hm(to_expiry)}, "
+        f"processing={c.processing} succeeded={c.succeeded} errored={c.errored} "
+        f"canceled={c.canceled} expired={c.expired}"
+    )
+
+
+def _hm(seconds: float) -> str:
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(int(seconds))
+    return f"{sign}{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
+
+
+class BatchPollTrigger(BaseTrigger):
+    """
+    Poll one Message Batch until it ends, the deadline passes, or a fatal error occurs.
+
+    :param batch_id: the batch to wait for.
+    :param conn_id: the Anthropic connection (the key never enters the trigger's kwargs).
+    :param deadline: wall-clock epoch seconds; wall clock because the trigger may resume in
+        another triggerer process after a restart.
+    :param poll_interval: first (and minimum) seconds between polls.
+    :param max_poll_interval: the interval grows toward this while nothing changes.
+    :param max_transient_errors: consecutive transient failures tolerated.
+    """
+
+    def __init__(
+        self,
+        batch_id: str,
+        conn_id: str = BatchHook.default_conn_name,
+        deadline: float | None = None,
+        poll_interval: float = 30.0,
+        max_poll_interval: float = 600.0,
+        max_transient_errors: int = 10,
+    ) -> None:
+        super().__init__()
+        self.batch_id = batch_id
+        self.conn_id = conn_id
+        self.deadline = float(deadline) if deadline is not None else time.time() + 30 * 3600
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = max(float(max_poll_interval), self.poll_interval)
+        self.max_transient_errors = int(max_transient_errors)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            CLASSPATH,
+            {
+                "batch_id": self.batch_id,
+                "conn_id": self.conn_id,
+                "deadline": self.deadline,
+                "poll_interval": self.poll_interval,
+                "max_poll_interval": self.max_poll_interval,
+                "max_transient_errors": self.max_transient_errors,
+            },
+        )
+
+    def _event(self, status: str, **fields: Any) -> TriggerEvent:
+        return TriggerEvent({"status": status, "batch_id": self.batch_id, **fields})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = BatchHook(conn_id=self.conn_id)
+        try:
+            client = await hook.get_async_conn()
+        except Exception as err:
+            yield self._event(
+                "error", message=f"Cannot build the Anthropic client: {err}", error_type="config"
+            )
+            return
+        async with client:
+            event = await self._poll(client)
+        yield event
+
+    async def _poll(self, client: anthropic.AsyncAnthropic) -> TriggerEvent:
+        interval = self.poll_interval
+        last_snapshot: tuple[Any, ...] | None = None
+        last_batch: Any = None
+        failures = 0
+        while True:
+            try:
+                batch = await client.messages.batches.retrieve(self.batch_id)
+            except FATAL_ERRORS as err:
+                self.log.error("Fatal error polling %s: %s", self.batch_id, err)
+                return self._event(
+                    "error", message=f"{type(err).__name__}: {err}", error_type=type(err).__name__
+                )
+            except Exception as err:
+                if not is_transient(err):
+                    return self._event(
+                        "error", message=f"{type(err).__name__}: {err}", error_type=type(err).__name__
+                    )
+                failures += 1
+                if failures > self.max_transient_errors:
+                    return self._event(
+                        "error",
+                        message=(
+                            f"{failures} consecutive transient errors polling {self.batch_id}; "
+                            f"last: {type(err).__name__}: {err}"
+                        ),
+                        error_type=type(err).__name__,
+                    )
+                self.log.warning(
+                    "Polling %s failed (%s, %d/%d consecutive); will retry.",
+                    self.batch_id,
+                    type(err).__name__,
+                    failures,
+                    self.max_transient_errors,
+                )
+            else:
+                failures = 0
+                last_batch = batch
+                now = datetime.now(UTC)
+                self.log.info("%s", describe(batch, now))
+                if batch.processing_status == "ended":
+                    return self._event("ended", batch=batch.model_dump(mode="json"))
+                snapshot = batch_snapshot(batch)
+                changed = last_snapshot is not None and snapshot != last_snapshot
+                if last_snapshot is not None:
+                    interval = next_interval(
+                        interval,
+                        changed=changed,
+                        poll_interval=self.poll_interval,
+                        max_poll_interval=self.max_poll_interval,
+                    )
+                last_snapshot = snapshot
+
+            remaining = self.deadline - time.time()
+            if remaining <= 0:
+                return self._event(
+                    "deadline",
+                    message=(
+                        f"Batch {self.batch_id} had not ended by the deadline "
+                        f"{datetime.fromtimestamp(self.deadline, UTC).isoformat()}."
+                    ),
+                    batch=last_batch.model_dump(mode="json") if last_batch is not None else None,
+                )
+            await asyncio.sleep(jittered(interval, remaining))
+
+    async def on_kill(self) -> None:
+        """Cancel the batch: the user stopped the task, so its requests should stop costing money."""
+        hook = BatchHook(conn_id=self.conn_id)
+        try:
+            batch = await asyncio.wait_for(hook.acancel_batch(self.batch_id), timeout=ON_KILL_TIMEOUT_S)
+            self.log.info(
+                "on_kill: cancel requested for batch %s (%s).", self.batch_id, batch.processing_status
+            )
+        except Exception as err:
+            self.log.warning("on_kill: could not cancel batch %s: %s", self.batch_id, err)
