@@ -1,0 +1,148 @@
+"""The overnight report: aggregation of a published partition, narratives, escaping, both renderings."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from anthropic_batch import report
+
+EVIL = '<script>alert("x")</script>'
+
+
+def _publish(root, date, rows, *, dead=None, cost=0.5, sync_cost=1.0):
+    directory = root / "bulk_extraction" / "extractions" / f"date={date}"
+    directory.mkdir(parents=True)
+    table = pa.table(
+        {
+            "custom_id": [f"c{i}" for i in range(len(rows))],
+            "status": [r[0] for r in rows],
+            "output_json": [json.dumps(r[1]) if r[1] is not None else None for r in rows],
+        }
+    )
+    pq.write_table(table, directory / "data.parquet")
+    if dead:
+        pq.write_table(pa.table({"reason": dead}), directory / "dead_letter.parquet")
+    summary = {
+        "pipeline": "bulk_extraction",
+        "partition": date,
+        "run_id": "manual__x",
+        "mode": "batch",
+        "model": "claude-haiku-4-5",
+        "n_input_records": len(rows) + len(dead or []),
+        "n_rows": len(rows),
+        "n_dead_letters": len(dead or []),
+        "counts_by_status": {},
+        "cost_usd": cost,
+        "sync_cost_usd": sync_cost,
+        "savings_usd": sync_cost - cost,
+        "batch_ids": ["msgbatch_1"],
+        "attempts": 1,
+    }
+    (directory / "summary.json").write_text(json.dumps(summary))
+    return directory
+
+
+def _ticket(category, priority="low", sentiment="neutral", summary="s", product=None):
+    return {
+        "category": category,
+        "priority": priority,
+        "sentiment": sentiment,
+        "summary": summary,
+        "product": product,
+    }
+
+
+@pytest.fixture
+def published(tmp_path):
+    rows = [
+        ("succeeded", _ticket("billing", "high", "negative", "double charge", "Vela")),
+        ("succeeded", _ticket("billing", "low", "neutral", "invoice VAT", "Vela")),
+        ("succeeded", _ticket("bug", "urgent", "negative", "crash on start", "Atlas")),
+        ("succeeded", _ticket(EVIL, summary=EVIL)),
+        ("errored", None),
+        ("invalid_output", None),
+    ]
+    _publish(tmp_path, "2026-11-01", rows[:2], cost=0.2, sync_cost=0.4)
+    directory = _publish(tmp_path, "2026-11-02", rows, dead=["duplicate_key: 2 records", "empty prompt"])
+    return tmp_path, directory
+
+
+def test_aggregate_partition_counts_groups_and_statuses(published):
+    _, directory = published
+    agg = report.aggregate_partition(directory)
+    groups = {g["name"]: g for g in agg["groups"]}
+    assert groups["billing"]["n"] == 2
+    assert groups["billing"]["priorities"] == {"high": 1, "low": 1}
+    assert groups["billing"]["products"] == {"Vela": 2}
+    assert agg["groups"][0]["name"] == "billing"  # largest first
+    assert sum(g["n"] for g in agg["groups"]) == 4  # only succeeded rows are classified
+    assert agg["status_counts"] == {"succeeded": 4, "errored": 1, "invalid_output": 1}
+    assert agg["dead_letter_reasons"] == {"duplicate_key": 1, "empty prompt": 1}
+    assert agg["totals"]["cost_usd"] == 0.5 and agg["totals"]["n_batches"] == 1
+
+
+def test_history_reads_existing_days_only(published):
+    root, _ = published
+    history = report.load_history(root, "bulk_extraction", "2026-11-02", days=5)
+    assert [h["date"] for h in history] == ["2026-11-01", "2026-11-02"]
+    assert history[0]["sync_cost_usd"] == 0.4
+
+
+def test_group_rows_and_narratives(published):
+    _, directory = published
+    agg = report.aggregate_partition(directory)
+    rows = report.group_prompt_rows(agg)
+    assert [r["category"] for r in rows] == [g["name"] for g in agg["groups"]]
+    assert "- double charge" in rows[0]["sample_summaries"]
+    results = pa.table(
+        {
+            "category": ["billing", "bug"],
+            "status": ["succeeded", "errored"],
+            "output_text": [f"Billing was rough. {EVIL}", None],
+            "cost_usd": [0.001, 0.0],
+            "sync_cost_usd": [0.002, 0.0],
+        }
+    )
+    report.attach_narratives(agg, results)
+    groups = {g["name"]: g for g in agg["groups"]}
+    assert groups["billing"]["narrative"].startswith("Billing was rough")
+    assert groups["bug"]["narrative"] is None and groups["bug"]["narrative_status"] == "errored"
+    assert groups[EVIL]["narrative_status"] == "missing"
+    assert agg["narrative_cost"] == {"cost_usd": 0.001, "sync_cost_usd": 0.002}
+
+
+def test_renderings_escape_data_and_model_text(published, tmp_path):
+    root, directory = published
+    agg = report.aggregate_partition(directory)
+    agg["history"] = report.load_history(root, "bulk_extraction", "2026-11-02")
+    report.attach_narratives(
+        agg, pa.table({"category": ["billing"], "status": ["succeeded"], "output_text": [EVIL]})
+    )
+    page = report.render_html(agg)
+    assert "<script" not in page  # neither the category name nor the narrative is live markup
+    assert "&lt;script&gt;" in page
+    assert page.count("<svg") == 4
+    assert "http" not in re.sub(r'xmlns="http://www.w3.org/2000/svg"', "", page)  # nothing fetched
+    markdown = report.render_markdown(agg)
+    assert "<script>" not in markdown and "&lt;script&gt;" in markdown
+    assert "| billing | " not in markdown  # groups are headings, statuses are table rows
+    assert "| succeeded | 4 |" in markdown
+    paths = report.write_report(tmp_path / "reports" / "date=2026-11-02", agg)
+    assert json.loads((tmp_path / "reports" / "date=2026-11-02" / "report.json").read_text())["date"] == (
+        "2026-11-02"
+    )
+    assert set(paths) == {"json", "html", "markdown"}
+
+
+def test_md_escape_is_one_line_and_inert():
+    assert report.md_escape("a|b\n# c *d*") == r"a\|b \# c \*d\*"
+
+
+def test_missing_partition_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"summary\.json missing"):
+        report.aggregate_partition(tmp_path / "nothing")
