@@ -110,7 +110,7 @@ def call_one(client: anthropic.Anthropic, request: dict[str, Any]) -> dict[str, 
 
 
 def _encode(result: dict[str, Any]) -> bytes:
-    return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def run_requests_sync(
@@ -120,7 +120,10 @@ def run_requests_sync(
     concurrency: int = 8,
     max_retries: int = 4,
 ) -> Iterator[bytes]:
-    """Yield one batch-format result line (UTF-8 JSON ending in ``\\n``) per request.
+    """Yield one batch-format result line per request: UTF-8 JSON bytes without the newline.
+
+    Same contract as ``BatchHook.iter_result_lines``, so both feed ``results.collect_lines``; a
+    writer of a results JSONL file adds the ``b"\\n"``.
 
     ``requests`` is consumed lazily: at most ``2 * concurrency`` requests are in flight or queued.
     Per-request failures come back as ``errored`` lines; only bugs (non-SDK exceptions) raise.
