@@ -1,0 +1,183 @@
+"""`make demo`: bulk_extraction then overnight_report, end to end, in one process.
+
+Without ``ANTHROPIC_API_KEY`` the Message Batches API emulator is started (a few seconds of batch
+processing and small fault rates, so resubmits show); with it, the real API is used. The key only
+ever travels in the ``anthropic_default`` connection (env ``AIRFLOW_CONN_ANTHROPIC_DEFAULT``); it is
+never printed.
+
+Steps: migrate the project-local ``AIRFLOW_HOME`` (``.airflow/``), create the batch pool, generate a
+day of messy support tickets, run ``bulk_extraction`` for that date with ``dag.test()``, then
+``overnight_report`` for the same date; check both DagRuns succeeded and print where the results
+and the report are, the counts by status, the cost, and what the same work would have cost
+synchronously.
+
+    python include/demo/run_demo.py [--date 2026-11-01] [--per-day 40] [--mode batch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHECKOUT_DIR = Path(__file__).resolve().parents[2]
+for _path in (CHECKOUT_DIR / "plugins", CHECKOUT_DIR / "include", CHECKOUT_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+#: Emulator settings for the demo: quick batches, a little of every retriable failure.
+EMULATOR_FLAGS = (
+    "--processing-seconds",
+    "3",
+    "--seed",
+    "7",
+    "--error-rate",
+    "overloaded_error=0.04",
+    "--invalid-output-rate",
+    "0.04",
+    "--truncate-rate",
+    "0.03",
+)
+
+
+def configure_environment(storage_root: str | None = None) -> dict[str, str]:
+    """Airflow settings for this checkout; must run before ``airflow`` is imported."""
+    env = {
+        "AIRFLOW_HOME": os.environ.get("AIRFLOW_HOME") or str(CHECKOUT_DIR / ".airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(CHECKOUT_DIR / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(CHECKOUT_DIR / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "ANTHROPIC_BATCH_STORAGE_ROOT": storage_root
+        or os.environ.get("ANTHROPIC_BATCH_STORAGE_ROOT")
+        or f"file://{CHECKOUT_DIR / 'data'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    os.environ.update(env)
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def airflow_cli(*args: str) -> None:
+    """``airflow <args>`` in a subprocess with this environment; fail with its output on error."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), *args], capture_output=True, text=True, env=os.environ
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"`airflow {' '.join(args)}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def prepare_airflow() -> None:
+    """Migrate the metadata DB and create the shared batch pool (both idempotent)."""
+    from anthropic_batch.dag_factory import ensure_pool_command
+    from anthropic_batch.pipeline_config import load_pipelines
+
+    airflow_cli("db", "migrate")
+    airflow_cli(*ensure_pool_command(load_pipelines()))
+
+
+def use_connection(base_url: str | None, api_key: str) -> None:
+    conn: dict[str, str] = {"conn_type": "anthropic", "password": api_key}
+    if base_url:
+        conn["host"] = base_url
+    os.environ["AIRFLOW_CONN_ANTHROPIC_DEFAULT"] = json.dumps(conn)
+
+
+def load_dags() -> dict[str, object]:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(CHECKOUT_DIR / "dags"))
+    if bag.import_errors:
+        raise SystemExit(
+            "DAG import errors:\n" + "\n".join(f"{k}: {v}" for k, v in bag.import_errors.items())
+        )
+    return bag.dags
+
+
+def run_dag(dag, logical_date: dt.datetime, conf: dict) -> str:
+    started = time.monotonic()
+    print(f"\n== {dag.dag_id} for {logical_date:%Y-%m-%d} {conf} ...", flush=True)
+    run = dag.test(logical_date=logical_date, run_conf=conf)
+    state = str(getattr(run.state, "value", run.state))
+    print(f"== {dag.dag_id}: {state} in {time.monotonic() - started:.0f}s", flush=True)
+    return state
+
+
+def print_results(root: str, date: str) -> None:
+    from anthropic_batch import storage
+
+    extraction = storage.extraction_dir(root, "bulk_extraction", date)
+    summary = storage.read_json(extraction / "summary.json") or {}
+    report_dir = storage.report_dir(root, date)
+    print("\nResults")
+    print(f"  extraction : {extraction}/data.parquet ({summary.get('n_rows')} rows)")
+    print(
+        f"  dead letter: {summary.get('dead_letter_path') or '(none)'} "
+        f"({summary.get('n_dead_letters')} records)"
+    )
+    print(f"  report     : {report_dir}/report.html (and report.md)")
+    print(f"  input records {summary.get('n_input_records')}, by status: {summary.get('counts_by_status')}")
+    print(f"  batches {len(summary.get('batch_ids') or [])}, attempts {summary.get('attempts')}")
+    print(
+        f"  cost ${summary.get('cost_usd', 0):.4f} with batches; "
+        f"synchronously ${summary.get('sync_cost_usd', 0):.4f} "
+        f"(saved ${summary.get('savings_usd', 0):.4f}; prices as of {summary.get('price_table_as_of')})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="bulk_extraction + overnight_report, end to end")
+    parser.add_argument(
+        "--date", type=dt.date.fromisoformat, default=dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    )
+    parser.add_argument("--per-day", type=int, default=40)
+    parser.add_argument("--mode", choices=["batch", "sync", "auto"], default="batch")
+    parser.add_argument("--storage-root", default=None)
+    args = parser.parse_args(argv)
+
+    env = configure_environment(args.storage_root)
+    root = env["ANTHROPIC_BATCH_STORAGE_ROOT"]
+    started = time.monotonic()
+
+    from batches_emulator.testing import EmulatorProcess
+    from demo.generate_data import write_tickets
+
+    real_key = os.environ.get("ANTHROPIC_API_KEY")
+    emulator = None
+    if real_key:
+        print("Using the real Anthropic API (ANTHROPIC_API_KEY is set); batches may take a while.")
+        use_connection(None, real_key)
+    else:
+        emulator = EmulatorProcess(*EMULATOR_FLAGS).start()
+        print(f"ANTHROPIC_API_KEY not set: using the Message Batches emulator at {emulator.base_url}")
+        use_connection(emulator.base_url, emulator.api_key)
+        os.environ.setdefault("ANTHROPIC_BATCH_POLL_INTERVAL", "1")
+    try:
+        prepare_airflow()
+        tickets = write_tickets(root, args.date, per_day=args.per_day)
+        print(f"Generated {args.per_day}+ tickets for {args.date}: {tickets}")
+        dags = load_dags()
+        logical = dt.datetime.combine(args.date, dt.time(), tzinfo=dt.UTC)
+        states = {
+            "bulk_extraction": run_dag(dags["bulk_extraction"], logical, {"mode": args.mode}),
+        }
+        if states["bulk_extraction"] == "success":
+            states["overnight_report"] = run_dag(
+                dags["overnight_report"],
+                logical + dt.timedelta(hours=6, minutes=30),
+                {"date": args.date.isoformat(), "mode": args.mode},
+            )
+        print_results(root, args.date.isoformat())
+    finally:
+        if emulator is not None:
+            emulator.close()
+    print(f"\nDone in {time.monotonic() - started:.0f}s: {states}")
+    return 0 if all(s == "success" for s in states.values()) and len(states) == 2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
