@@ -1,0 +1,131 @@
+"""SubmitBatchOperator: submit one prepared chunk, at most once.
+
+Mapped over the chunk paths that prepare returns. Everything else comes from the run's manifest
+(``{work_dir}/requests/manifest.json``): model, pipeline, partition, mode and the chunk's fingerprint.
+The submission goes through :func:`anthropic_batch.ledger.submit_idempotently`, so a retried or
+re-run task re-attaches to its batch instead of paying again. The batch id is pushed to XCom
+(key ``batch_id``) the moment it is known, for the Console link; the BatchHandle is returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from anthropic_batch import storage
+from anthropic_batch.hooks import BatchHook
+from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
+
+#: Rough bytes per input token for the projection (JSON-escaped English text runs at ~4).
+BYTES_PER_TOKEN = 4
+
+
+def load_manifest(work_dir: storage.PathLike) -> dict[str, Any]:
+    path = storage.as_path(work_dir) / "requests" / "manifest.json"
+    manifest = storage.read_json(path)
+    if manifest is None:
+        raise FileNotFoundError(f"No manifest at {path}: run the prepare task for this work_dir first.")
+    return manifest
+
+
+def find_chunk(manifest: dict[str, Any], chunk_path: str) -> dict[str, Any]:
+    """The manifest's ChunkInfo for ``chunk_path`` (matched by full path, else by file name)."""
+    wanted = str(storage.as_path(chunk_path))
+    chunks = manifest.get("chunks") or []
+    for chunk in chunks:
+        if str(storage.as_path(chunk["path"])) == wanted:
+            return chunk
+    name = wanted.rsplit("/", 1)[-1]
+    matches = [c for c in chunks if str(c["path"]).rsplit("/", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    raise ValueError(f"Chunk {chunk_path} is not in the manifest ({len(chunks)} chunks listed).")
+
+
+def projected_cost_usd(model: str, n_requests: int, n_bytes: int, max_tokens: int | None) -> float | None:
+    """Upper-bound batch cost: input ~ bytes/4 tokens, every answer using its full max_tokens."""
+    from anthropic_batch.pricing import load_price_table
+
+    try:
+        table = load_price_table()
+        usage = {"input_tokens": n_bytes // BYTES_PER_TOKEN, "output_tokens": n_requests * (max_tokens or 0)}
+        return round(table.cost(model, usage, batch=True), 4)
+    except Exception:  # an unknown model must not block the submission; the report shows real cost
+        return None
+
+
+class SubmitBatchOperator(BaseOperator):
+    """
+    Submit one chunk file as a Message Batch (or run it synchronously in ``mode=sync``).
+
+    :param chunk_path: the chunk file (templated; map over prepare's output).
+    :param work_dir: the run's work directory holding ``requests/manifest.json`` (templated).
+    :param storage_root: root for the ledger; default: the configured storage root.
+    :param conn_id: the Anthropic connection.
+    :param attempt: submission attempt number (1 for the first submission).
+    """
+
+    template_fields: Sequence[str] = ("chunk_path", "work_dir", "storage_root")
+    operator_extra_links = (AnthropicConsoleBatchLink(),)
+    ui_color = "#d4a27f"
+
+    def __init__(
+        self,
+        *,
+        chunk_path: str,
+        work_dir: str,
+        storage_root: str | None = None,
+        conn_id: str = BatchHook.default_conn_name,
+        attempt: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.chunk_path = chunk_path
+        self.work_dir = work_dir
+        self.storage_root = storage_root
+        self.conn_id = conn_id
+        self.attempt = attempt
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        manifest = load_manifest(self.work_dir)
+        spec = manifest.get("spec") or {}
+        chunk = find_chunk(manifest, self.chunk_path)
+        mode = manifest.get("mode") or "batch"
+        model = spec["model"]
+        cost = projected_cost_usd(model, chunk["n_requests"], chunk["n_bytes"], spec.get("max_tokens"))
+        self.log.info(
+            "Chunk %s: %d requests, %.1f MiB, model %s, mode %s, projected cost <= %s USD.",
+            chunk["path"],
+            chunk["n_requests"],
+            chunk["n_bytes"] / 2**20,
+            model,
+            mode,
+            f"{cost:.2f}" if cost is not None else "unknown",
+        )
+        ti = context["ti"]
+        handle = submit_idempotently(
+            BatchHook(conn_id=self.conn_id),
+            SubmissionLedger(storage.storage_root(self.storage_root)),
+            chunk_path=str(chunk["path"]),
+            chunk_fingerprint=chunk["fingerprint"],
+            n_requests=int(chunk["n_requests"]),
+            n_bytes=int(chunk["n_bytes"]),
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            map_index=int(getattr(ti, "map_index", -1) if getattr(ti, "map_index", None) is not None else -1),
+            partition=str(spec.get("partition")),
+            pipeline=str(spec.get("pipeline")),
+            attempt=self.attempt,
+            model=model,
+            mode=mode,
+            projected_cost_usd=cost,
+        )
+        # Pushed at once (not only as the return value) so the Console link works even if the
+        # task fails after this point.
+        ti.xcom_push(key=BATCH_ID_XCOM_KEY, value=handle["batch_id"])
+        self.log.info("Handle: %s", handle)
+        return handle

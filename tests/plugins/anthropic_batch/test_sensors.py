@@ -1,0 +1,140 @@
+"""BatchSensor: poke mode, deferrable mode (TaskDeferred -> trigger -> execute_complete), failures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
+
+from anthropic_batch.hooks import BatchHook
+from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.sensors import BatchSensor, batch_id_of, deadline_epoch
+from anthropic_batch.triggers import BatchPollTrigger
+from tests.plugins.anthropic_batch._operator_context import make_context
+from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
+from tests.plugins.anthropic_batch.test_ledger import submit_kwargs
+from tests.plugins.anthropic_batch.test_triggers import first_event
+
+
+def submitted(conn_id: str, tmp_path, n: int = 3, **overrides) -> tuple[dict, SubmissionLedger]:
+    ledger = SubmissionLedger(str(tmp_path / "root"))
+    info = make_chunk(tmp_path / "work", n)
+    return submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, **overrides)), ledger
+
+
+def test_batch_id_of_and_deadline():
+    assert batch_id_of("msgbatch_1") == "msgbatch_1"
+    assert batch_id_of({"batch_id": "msgbatch_2", "mode": "batch"}) == "msgbatch_2"
+    with pytest.raises(ValueError, match="BatchHandle"):
+        batch_id_of({"mode": "batch"})
+    from datetime import UTC, datetime
+
+    created = datetime(2026, 11, 1, tzinfo=UTC)
+    assert deadline_epoch(created, 30, now=0) == created.timestamp() + 30 * 3600
+    assert deadline_epoch(None, 1, now=100.0) == 3700.0
+
+
+def test_poke_mode_waits_and_records_the_end(emulator, anthropic_conn, tmp_path):
+    handle, ledger = submitted(anthropic_conn, tmp_path)
+    sensor = BatchSensor(
+        task_id="wait", handle=handle, conn_id=anthropic_conn, deferrable=False, poll_interval=0.2
+    )
+    batch = sensor.execute(make_context(task_id="wait"))
+    assert batch["id"] == handle["batch_id"]
+    assert batch["processing_status"] == "ended"
+    entry = ledger.read(handle["ledger_path"])
+    assert entry["state"] == "ended"
+    assert entry["processing_status"] == "ended"
+    assert entry["ended_at"] and entry["expires_at"]
+    assert sum(entry["request_counts"].values()) == 3
+
+
+async def test_deferrable_defers_then_completes(emulator_factory, monkeypatch, tmp_path):
+    emu = emulator_factory("--processing-seconds", "1.5")
+    conn_id = use_emulator(monkeypatch, emu, "sensor_defer")
+    handle, ledger = submitted(conn_id, tmp_path)
+    sensor = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1, deadline_hours=2)
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(make_context(task_id="wait"))
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, BatchPollTrigger)
+    assert deferred.value.method_name == "execute_complete"
+    created = sdk_client(emu).messages.batches.retrieve(handle["batch_id"]).created_at
+    assert trigger.deadline == pytest.approx(created.timestamp() + 2 * 3600)
+    assert deferred.value.timeout.total_seconds() > trigger.deadline - time.time()
+
+    event = await first_event(trigger)
+    # The task resumes as a fresh operator instance.
+    fresh = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id)
+    batch = fresh.execute_complete(make_context(task_id="wait"), event)
+    assert batch["id"] == handle["batch_id"] and batch["processing_status"] == "ended"
+    assert ledger.read(handle["ledger_path"])["state"] == "ended"
+
+
+def test_deferrable_returns_at_once_when_already_ended(emulator, anthropic_conn, tmp_path):
+    handle, _ = submitted(anthropic_conn, tmp_path)
+    wait_ended(sdk_client(emulator), handle["batch_id"])
+    sensor = BatchSensor(task_id="wait", handle=handle["batch_id"], conn_id=anthropic_conn)  # bare id
+    assert sensor.execute(make_context(task_id="wait"))["processing_status"] == "ended"
+
+
+def test_sync_handle_returns_immediately(tmp_path):
+    handle = {
+        "batch_id": "sync_abc",
+        "chunk_path": "file:///x/requests/chunk-00000.jsonl",
+        "ledger_path": str(tmp_path / "nope.json"),
+        "mode": "sync",
+        "attempt": 1,
+        "results_path": "file:///x/sync/chunk-00000.results.jsonl",
+        "n_requests": 2,
+    }
+    # No connection exists for this conn id: returning must not touch the API.
+    sensor = BatchSensor(task_id="wait", handle=handle, conn_id="does_not_exist")
+    batch = sensor.execute(make_context(task_id="wait"))
+    assert batch["id"] == "sync_abc" and batch["processing_status"] == "ended"
+    assert batch["results_path"] == handle["results_path"]
+
+
+def test_deadline_event_fails_and_cancels(emulator_factory, monkeypatch, tmp_path):
+    emu = emulator_factory("--processing-seconds", "60")
+    conn_id = use_emulator(monkeypatch, emu, "sensor_deadline")
+    handle, _ = submitted(conn_id, tmp_path)
+    sensor = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id)
+    event = {
+        "status": "deadline",
+        "batch_id": handle["batch_id"],
+        "message": "Batch had not ended.",
+        "batch": None,
+    }
+    with pytest.raises(AirflowException, match="Cancel requested"):
+        sensor.execute_complete(make_context(task_id="wait"), event)
+    assert sdk_client(emu).messages.batches.retrieve(handle["batch_id"]).cancel_initiated_at is not None
+
+
+def test_error_events():
+    sensor = BatchSensor(task_id="wait", handle="msgbatch_1")
+    fatal = {
+        "status": "error",
+        "batch_id": "msgbatch_1",
+        "message": "bad key",
+        "error_type": "AuthenticationError",
+    }
+    with pytest.raises(AirflowFailException, match="bad key"):
+        sensor.execute_complete({}, fatal)
+    transient = {**fatal, "error_type": "OverloadedError"}
+    with pytest.raises(AirflowException) as err:
+        sensor.execute_complete({}, transient)
+    assert not isinstance(err.value, AirflowFailException)
+    with pytest.raises(AirflowException, match="no usable event"):
+        sensor.execute_complete({}, None)
+
+
+def test_poke_mode_bad_key_fails_without_retry(emulator, monkeypatch):
+    import json
+
+    conn = {"conn_type": "anthropic", "password": "wrong", "host": emulator.base_url}
+    monkeypatch.setenv("AIRFLOW_CONN_SENSOR_BAD", json.dumps(conn))
+    sensor = BatchSensor(task_id="wait", handle="msgbatch_x", conn_id="sensor_bad", deferrable=False)
+    with pytest.raises(AirflowFailException):
+        sensor.execute(make_context(task_id="wait"))
