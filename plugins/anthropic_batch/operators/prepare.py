@@ -1,0 +1,202 @@
+"""PrepareRequestsOperator: turn the day's source table into request chunk files.
+
+Loads the source (Parquet / CSV / JSONL), renders one Messages request per record with the
+pipeline's Jinja prompt, and writes, under ``work_dir``: ``requests/chunk-NNNNN.jsonl`` (one batch
+each), ``requests/keys.parquet``, ``rejected.parquet`` (records refused before any spend, with the
+reason) and ``requests/manifest.json`` (the run's spec and resolved mode, which every downstream
+operator reads instead of repeating configuration). Returns the chunk paths for the mapped
+submit tasks.
+
+Mode: ``batch`` and ``sync`` are taken as given; ``auto`` becomes ``sync`` when the run has at most
+``auto_sync_max_requests`` requests (waiting for a batch is not worth it for a handful; the sync
+price is double but the absolute amount is small), else ``batch``.
+
+A source with no valid record is not an error: the task succeeds with an empty chunk list, so the
+mapped batch tasks (and what depends on them) are skipped, and every record sits in
+``rejected.parquet`` with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from anthropic_batch import storage
+from anthropic_batch.batch_requests import (
+    DEFAULT_MAX_BYTES_PER_CHUNK,
+    MAX_REQUESTS_PER_BATCH,
+    BatchRequestError,
+    RequestSpec,
+    load_table,
+    prepare_requests,
+)
+from anthropic_batch.output_models import load_output_model
+from anthropic_batch.status import RunMode
+
+log = logging.getLogger(__name__)
+
+#: A ``prompt_template`` ending in one of these is a file under ``include_dir``; anything else is Jinja.
+TEMPLATE_FILE_SUFFIXES = (".j2", ".jinja", ".jinja2", ".txt")
+
+
+def resolve_mode(mode: str | RunMode, n_requests: int, auto_sync_max_requests: int) -> RunMode:
+    """``auto`` -> ``sync`` for small runs (``n_requests <= auto_sync_max_requests``), else ``batch``."""
+    try:
+        requested = RunMode(str(mode).strip().lower())
+    except ValueError:
+        raise BatchRequestError(f"mode must be one of batch, sync, auto; got {mode!r}") from None
+    if requested is RunMode.AUTO:
+        return RunMode.SYNC if n_requests <= auto_sync_max_requests else RunMode.BATCH
+    return requested
+
+
+def load_prompt_template(prompt_template: str, include_dir: str | Path | None) -> str:
+    """The Jinja source: read from ``include_dir`` when it names a template file, else taken inline."""
+    text = prompt_template.strip()
+    if "\n" not in text and text.lower().endswith(TEMPLATE_FILE_SUFFIXES):
+        path = Path(text)
+        if not path.is_absolute():
+            path = Path(include_dir or ".") / path
+        if not path.is_file():
+            raise BatchRequestError(f"prompt template file not found: {path}")
+        return path.read_text(encoding="utf-8")
+    return prompt_template
+
+
+class PrepareRequestsOperator(BaseOperator):
+    """
+    Build the run's request chunks, keys, rejections and manifest from a source table.
+
+    :param source: URL or path of the input (Parquet / CSV / JSONL). Templated.
+    :param source_format: ``parquet`` / ``csv`` / ``jsonl``; by default taken from the suffix.
+    :param key_columns: columns that identify a record (they make the ``custom_id``).
+    :param prompt_template: a template file under ``include_dir`` (``.j2``, ``.jinja``, ``.txt``) or
+        inline Jinja; the record's columns are its variables.
+    :param model: the Claude model id.
+    :param max_tokens: max output tokens per request.
+    :param system_prompt: sent as-is (cached across requests).
+    :param output_model: ``"schemas/x.py:Model"`` under ``include_dir`` for structured output.
+    :param output_mode: ``json_schema`` (output_config) or ``tool`` (forced tool use).
+    :param extra_params: further request params (validated: only what a batch accepts).
+    :param include_dir: base directory of templates and output models.
+    :param work_dir: the run's work directory. Templated.
+    :param pipeline: the pipeline name (recorded in the manifest).
+    :param partition: ``YYYY-MM-DD`` of the run. Templated.
+    :param mode: ``batch`` / ``sync`` / ``auto``. Templated (a DAG param usually).
+    :param auto_sync_max_requests: ``auto`` picks ``sync`` up to this many requests.
+    :param max_requests_per_chunk: requests per chunk (= per batch), at most 100,000.
+    :param max_bytes_per_chunk: bytes of a batch body, at most 256 MB.
+    :returns: the chunk paths (possibly empty).
+    """
+
+    template_fields: Sequence[str] = ("source", "work_dir", "partition", "mode")
+    ui_color = "#e8f4fd"
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        key_columns: Sequence[str],
+        prompt_template: str,
+        model: str,
+        max_tokens: int,
+        include_dir: str,
+        work_dir: str,
+        pipeline: str,
+        partition: str,
+        source_format: str | None = None,
+        system_prompt: str | None = None,
+        output_model: str | None = None,
+        output_mode: str | None = "json_schema",
+        extra_params: dict[str, Any] | None = None,
+        mode: str = "batch",
+        auto_sync_max_requests: int = 200,
+        max_requests_per_chunk: int = MAX_REQUESTS_PER_BATCH,
+        max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.source_format = source_format
+        self.key_columns = list(key_columns)
+        self.prompt_template = prompt_template
+        self.model = model
+        self.max_tokens = max_tokens
+        self.system_prompt = system_prompt
+        self.output_model = output_model
+        self.output_mode = output_mode
+        self.extra_params = dict(extra_params or {})
+        self.include_dir = include_dir
+        self.work_dir = work_dir
+        self.pipeline = pipeline
+        self.partition = partition
+        self.mode = mode
+        self.auto_sync_max_requests = auto_sync_max_requests
+        self.max_requests_per_chunk = max_requests_per_chunk
+        self.max_bytes_per_chunk = max_bytes_per_chunk
+
+    def build_spec(self) -> RequestSpec:
+        model_cls = load_output_model(self.output_model, self.include_dir) if self.output_model else None
+        return RequestSpec(
+            model=self.model,
+            max_tokens=self.max_tokens,
+            prompt_template=load_prompt_template(self.prompt_template, self.include_dir),
+            system_prompt=self.system_prompt,
+            output_model=model_cls,
+            output_mode=self.output_mode or "json_schema",
+            extra_params=self.extra_params,
+            output_model_ref=self.output_model,
+        )
+
+    def execute(self, context: Context) -> list[str]:
+        spec = self.build_spec()
+        # A bad mode fails before any file is written.
+        resolve_mode(self.mode, 0, self.auto_sync_max_requests)
+        table = load_table(self.source, self.source_format)
+        log.info("Loaded %d records (%d columns) from %s.", table.num_rows, table.num_columns, self.source)
+        work = storage.as_path(self.work_dir)
+        manifest = prepare_requests(
+            table,
+            self.key_columns,
+            spec,
+            work,
+            max_requests_per_chunk=self.max_requests_per_chunk,
+            max_bytes_per_chunk=self.max_bytes_per_chunk,
+            extra_manifest={
+                "spec": {
+                    "pipeline": self.pipeline,
+                    "partition": self.partition,
+                    "include_dir": str(self.include_dir),
+                },
+                "source": str(self.source),
+                "requested_mode": str(self.mode),
+            },
+        )
+        mode = resolve_mode(self.mode, manifest["n_requests"], self.auto_sync_max_requests)
+        if manifest.get("mode") != mode.value:
+            manifest["mode"] = mode.value
+            storage.atomic_write_json(work / "requests" / "manifest.json", manifest)
+
+        chunks = manifest["chunks"]
+        for warning in manifest.get("warnings") or ():
+            log.warning("Request spec: %s", warning)
+        log.info(
+            "Prepared %d requests in %d chunk(s), %d bytes in all; %d of %d records rejected%s. Mode: %s%s.",
+            manifest["n_requests"],
+            len(chunks),
+            sum(c["n_bytes"] for c in chunks),
+            manifest["n_rejected"],
+            manifest["n_input_records"],
+            f" (see {manifest['rejected_path']})" if manifest["n_rejected"] else "",
+            mode.value,
+            f" (auto, threshold {self.auto_sync_max_requests})" if str(self.mode).lower() == "auto" else "",
+        )
+        if not chunks:
+            log.warning(
+                "No valid request in %s: nothing to submit; the batch tasks will be skipped.", self.source
+            )
+        return [c["path"] for c in chunks]

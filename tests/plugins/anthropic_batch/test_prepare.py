@@ -1,0 +1,182 @@
+"""PrepareRequestsOperator end to end: real files in, chunks / keys / rejects / manifest out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from anthropic_batch.batch_requests import BatchRequestError, iter_chunk_requests
+from anthropic_batch.operators.prepare import (
+    PrepareRequestsOperator,
+    load_prompt_template,
+    resolve_mode,
+)
+from anthropic_batch.status import RunMode
+from tests.plugins.anthropic_batch._operator_context import make_context
+
+REPO = Path(__file__).resolve().parents[3]
+INCLUDE_DIR = REPO / "include"
+
+TICKETS = [
+    {"ticket_id": "T1", "channel": "email", "customer_tier": "pro", "subject": "Charged twice", "body": "Hi"},
+    {"ticket_id": "T2", "channel": "chat", "customer_tier": "free", "subject": "Crash", "body": "It crashes"},
+    {"ticket_id": "T3", "channel": "chat", "customer_tier": "free", "subject": "Empty", "body": ""},
+    {"ticket_id": None, "channel": "chat", "customer_tier": "free", "subject": "No id", "body": "x"},
+    {"ticket_id": "T4", "channel": "web", "customer_tier": "pro", "subject": "Dup a", "body": "first"},
+    {"ticket_id": "T4", "channel": "web", "customer_tier": "pro", "subject": "Dup b", "body": "second"},
+    {"ticket_id": "T5", "channel": "phone", "customer_tier": "ent", "subject": "Ünïcode 😀", "body": "ok"},
+    {"ticket_id": "T6", "channel": "email", "customer_tier": "pro", "subject": "Big", "body": "b" * 5000},
+]
+VALID = {"T1", "T2", "T5", "T6"}
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _write_csv(path: Path, records: list[dict]) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return path
+
+
+def _operator(tmp_path: Path, source: Path, **overrides) -> PrepareRequestsOperator:
+    kwargs = dict(
+        task_id="prepare",
+        source=str(source),
+        key_columns=["ticket_id"],
+        prompt_template="prompts/support_ticket.j2",
+        model="claude-haiku-4-5",
+        max_tokens=256,
+        system_prompt="You triage tickets.",
+        output_model="schemas/support_ticket.py:SupportTicketExtraction",
+        output_mode="json_schema",
+        include_dir=str(INCLUDE_DIR),
+        work_dir=str(tmp_path / "work"),
+        pipeline="tickets",
+        partition="2026-11-01",
+        mode="batch",
+        max_requests_per_chunk=2,
+    )
+    kwargs.update(overrides)
+    return PrepareRequestsOperator(**kwargs)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_prepare_writes_chunks_keys_rejects_and_manifest(tmp_path, fmt):
+    writer = _write_jsonl if fmt == "jsonl" else _write_csv
+    source = writer(tmp_path / f"tickets.{fmt}", TICKETS)
+    op = _operator(tmp_path, source)
+    paths = op.execute(make_context(task_id="prepare"))
+
+    work = tmp_path / "work"
+    manifest = json.loads((work / "requests" / "manifest.json").read_text())
+    assert manifest["n_input_records"] == len(TICKETS)
+    assert manifest["n_requests"] == len(VALID)
+    assert manifest["n_rejected"] == len(TICKETS) - len(VALID)
+    assert manifest["mode"] == "batch"
+    spec = manifest["spec"]
+    assert spec["pipeline"] == "tickets" and spec["partition"] == "2026-11-01"
+    assert spec["output_model"] == "schemas/support_ticket.py:SupportTicketExtraction"
+    assert spec["output_mode"] == "json_schema"
+    assert spec["include_dir"] == str(INCLUDE_DIR)
+    assert spec["key_columns"] == ["ticket_id"]
+    assert [c["path"] for c in manifest["chunks"]] == paths
+
+    # Every valid record is in exactly one chunk, with the rendered prompt and structured output params.
+    requests = [r for p in paths for r in iter_chunk_requests(p)]
+    assert sorted(r["custom_id"] for r in requests) == sorted(VALID)
+    by_id = {r["custom_id"]: r for r in requests}
+    assert "Subject: Ünïcode 😀" in by_id["T5"]["params"]["messages"][0]["content"]
+    assert by_id["T1"]["params"]["output_config"]["format"]["type"] == "json_schema"
+    assert by_id["T1"]["params"]["max_tokens"] == 256
+    assert all(c["n_requests"] <= 2 for c in manifest["chunks"])
+    assert sum(c["n_requests"] for c in manifest["chunks"]) == len(VALID)
+
+    keys = pq.read_table(work / "requests" / "keys.parquet").to_pylist()
+    assert sorted(k["ticket_id"] for k in keys) == sorted(VALID)
+
+    rejected = pq.read_table(work / "rejected.parquet").to_pylist()
+    reasons = {(r["ticket_id"], r["error_type"]) for r in rejected}
+    assert reasons == {
+        ("T3", "empty_prompt"),
+        (None, "null_key"),
+        ("T4", "duplicate_key"),
+    }
+    assert sum(1 for r in rejected if r["ticket_id"] == "T4") == 2  # both duplicates, nothing dropped
+    assert all(r["stage"] == "prepare" and r["reason"] for r in rejected)
+    assert all(json.loads(r["record_json"])["subject"] for r in rejected)
+
+
+def test_oversized_records_are_rejected_not_dropped(tmp_path):
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS)
+    paths = _operator(tmp_path, source, max_bytes_per_chunk=3000).execute(make_context())
+    requests = {r["custom_id"] for p in paths for r in iter_chunk_requests(p)}
+    rejected = pq.read_table(tmp_path / "work" / "rejected.parquet").to_pylist()
+    too_large = [r for r in rejected if r["error_type"] == "request_too_large"]
+    assert [r["ticket_id"] for r in too_large] == ["T6"]
+    assert requests == VALID - {"T6"}
+
+
+def test_auto_mode_resolves_by_request_count(tmp_path):
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS)
+    _operator(tmp_path, source, mode="auto", auto_sync_max_requests=10).execute(make_context())
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert manifest["mode"] == "sync"
+
+    _operator(tmp_path, source, mode="auto", auto_sync_max_requests=3).execute(make_context())
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert manifest["mode"] == "batch"
+
+
+def test_no_valid_record_succeeds_with_no_chunks(tmp_path):
+    bad = [{"ticket_id": None, "channel": "c", "customer_tier": "t", "subject": "s", "body": "b"}] * 3
+    source = _write_jsonl(tmp_path / "t.jsonl", bad)
+    assert _operator(tmp_path, source).execute(make_context()) == []
+    rejected = pq.read_table(tmp_path / "work" / "rejected.parquet")
+    assert rejected.num_rows == 3
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert manifest["chunks"] == [] and manifest["n_requests"] == 0
+
+
+def test_inline_template_and_no_output_model(tmp_path):
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS[:2])
+    paths = _operator(
+        tmp_path,
+        source,
+        prompt_template="Summarise: {{ subject }}",
+        output_model=None,
+        output_mode=None,
+    ).execute(make_context())
+    requests = [r for p in paths for r in iter_chunk_requests(p)]
+    assert {r["params"]["messages"][0]["content"] for r in requests} == {
+        "Summarise: Charged twice",
+        "Summarise: Crash",
+    }
+    assert all("output_config" not in r["params"] for r in requests)
+
+
+def test_bad_mode_and_missing_template_fail_clearly(tmp_path):
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS)
+    with pytest.raises(BatchRequestError, match="mode"):
+        _operator(tmp_path, source, mode="fast").execute(make_context())
+    with pytest.raises(BatchRequestError, match="not found"):
+        _operator(tmp_path, source, prompt_template="prompts/nope.j2").execute(make_context())
+    assert not (tmp_path / "work" / "requests" / "manifest.json").exists()
+
+
+def test_resolve_mode_and_template_loading():
+    assert resolve_mode("auto", 200, 200) is RunMode.SYNC
+    assert resolve_mode("auto", 201, 200) is RunMode.BATCH
+    assert resolve_mode("SYNC", 10**6, 200) is RunMode.SYNC
+    assert load_prompt_template("Hello {{ x }}.txt and more\nlines", None).startswith("Hello")
+    assert "support ticket" in load_prompt_template("prompts/support_ticket.j2", INCLUDE_DIR)
