@@ -166,6 +166,17 @@ class PriceTable:
         sync = self.cost_decimal(model, usage, batch=False, cache_ttl=cache_ttl)
         return float(sync * self.batch_discount), float(sync)
 
+    def rates(self, model: str) -> tuple[float, float, float, float, float]:
+        """Synchronous USD *per token* as floats: (input, output, write 5m, write 1h, read).
+
+        For hot loops (one result line each); ``cost_decimal`` is the exact reference.
+        """
+        p = self.price(model)
+        return tuple(  # type: ignore[return-value]
+            float(v / _PER_TOKEN)
+            for v in (p.input, p.output, p.cache_write_5m, p.cache_write_1h, p.cache_read)
+        )
+
     def overlay(self, data: Mapping[str, Any]) -> PriceTable:
         """A new table with ``data`` (the override shape, see the module docstring) applied."""
         if not isinstance(data, Mapping):

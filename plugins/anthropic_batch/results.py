@@ -1,10 +1,36 @@
-"""Result lines -> rows: the RESULT and DEAD_LETTER schemas (more to come in this module)."""
+"""Result lines -> rows: the fast parser, the Parquet writer, failure classification and merging.
+
+The results of a 100,000-request batch are ~100 MB of JSONL. Building the SDK's pydantic objects
+for every line (what ``client.messages.batches.results()`` does) costs far more than the parse, so
+this module decodes the raw bytes with ``msgspec`` (an Airflow dependency) straight into small
+typed structs that hold only the fields a row needs, validates structured output from the raw JSON
+bytes with pydantic-core, and appends to Arrow column lists flushed once per row group.
+
+A line that does not decode is never fatal: it is counted (and becomes an ``errored`` row with
+``error_type = "malformed_result"`` when its custom_id can still be read). Unknown custom_ids are
+counted and reported, not written. A custom_id seen twice (e.g. a resumed download) counts once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ValidationError
+
+from anthropic_batch.output_models import format_validation_error, output_tool_name
+from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
+from anthropic_batch.status import FailureClass, RequestStatus
+from anthropic_batch.storage import PathLike, as_path, open_atomic_writer, read_parquet
+
+# -- schemas ----------------------------------------------------------------------------------------
 
 _RESULT_FIELDS_AFTER_KEYS: list[tuple[str, pa.DataType]] = [
     ("status", pa.string()),
@@ -24,6 +50,7 @@ _RESULT_FIELDS_AFTER_KEYS: list[tuple[str, pa.DataType]] = [
     ("attempt", pa.int32()),
     ("request_fingerprint", pa.string()),
 ]
+OUTCOME_COLUMNS = [name for name, _ in _RESULT_FIELDS_AFTER_KEYS]
 
 _DEAD_LETTER_FIELDS: list[tuple[str, pa.DataType]] = [
     ("custom_id", pa.string()),
@@ -37,8 +64,15 @@ _DEAD_LETTER_FIELDS: list[tuple[str, pa.DataType]] = [
 ]
 
 
+def _check_key_columns(key_columns: Sequence[str], reserved: Iterable[str]) -> None:
+    clash = sorted(set(key_columns) & set(reserved))
+    if clash:
+        raise ValueError(f"key column names {clash} clash with result columns; rename them in the input")
+
+
 def result_schema(key_columns: Sequence[str] = ()) -> pa.Schema:
     """RESULT schema: ``custom_id``, the key columns (strings), then the outcome columns."""
+    _check_key_columns(key_columns, ["custom_id", *OUTCOME_COLUMNS])
     return pa.schema(
         [("custom_id", pa.string())] + [(k, pa.string()) for k in key_columns] + _RESULT_FIELDS_AFTER_KEYS
     )
@@ -46,8 +80,660 @@ def result_schema(key_columns: Sequence[str] = ()) -> pa.Schema:
 
 def dead_letter_schema(key_columns: Sequence[str] = ()) -> pa.Schema:
     """DEAD_LETTER schema: the key columns (strings), then ``custom_id``, stage, reason..."""
+    _check_key_columns(key_columns, [name for name, _ in _DEAD_LETTER_FIELDS])
     return pa.schema([(k, pa.string()) for k in key_columns] + _DEAD_LETTER_FIELDS)
 
 
 RESULT_SCHEMA = result_schema()
 DEAD_LETTER_SCHEMA = dead_letter_schema()
+
+
+# -- classification ---------------------------------------------------------------------------------
+
+RETRIABLE_ERROR_TYPES = frozenset({"api_error", "overloaded_error", "rate_limit_error"})
+FATAL_ERROR_TYPES = frozenset({"authentication_error", "permission_error", "billing_error"})
+_RETRIABLE_STATUSES = frozenset({"expired", "canceled", "missing", "invalid_output"})
+
+
+def classify_failure(
+    status: str | RequestStatus, error_type: str | None = None, stop_reason: str | None = None
+) -> FailureClass | None:
+    """What to do with a row: ``None`` when it succeeded (and was not truncated).
+
+    Retriable: expired, canceled, missing, invalid_output, errored with api/overloaded/rate-limit
+    errors, and a succeeded answer cut off at ``max_tokens``. Fatal: authentication, permission,
+    billing. Permanent: everything else (invalid_request_error, needs_followup, unknown types).
+    """
+    status = str(status.value if isinstance(status, RequestStatus) else status)
+    if status == "succeeded":
+        return FailureClass.RETRIABLE if stop_reason == "max_tokens" else None
+    if status in _RETRIABLE_STATUSES:
+        return FailureClass.RETRIABLE
+    if status == "errored":
+        if error_type in RETRIABLE_ERROR_TYPES:
+            return FailureClass.RETRIABLE
+        if error_type in FATAL_ERROR_TYPES:
+            return FailureClass.FATAL
+    return FailureClass.PERMANENT
+
+
+def failure_classes(table: pa.Table) -> list[FailureClass | None]:
+    """``classify_failure`` for every row of a RESULT table."""
+    return [
+        classify_failure(s, e, r)
+        for s, e, r in zip(
+            table.column("status").to_pylist(),
+            table.column("error_type").to_pylist(),
+            table.column("stop_reason").to_pylist(),
+            strict=True,
+        )
+    ]
+
+
+# -- fast decoding ----------------------------------------------------------------------------------
+
+
+class _CacheCreation(msgspec.Struct):
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation: _CacheCreation | None = None
+
+
+class _Block(msgspec.Struct):
+    type: str
+    text: str | None = None
+    name: str | None = None
+    input: msgspec.Raw = msgspec.Raw()  # kept as raw JSON bytes: validated by pydantic-core directly
+
+
+class _Message(msgspec.Struct):
+    model: str | None = None
+    content: list[_Block] = []
+    stop_reason: str | None = None
+    usage: _Usage | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    type: str | None = None
+    message: str | None = None
+
+
+class _ErrorResponse(msgspec.Struct):
+    type: str | None = None
+    error: _ErrorBody | None = None
+
+
+class _Result(msgspec.Struct):
+    type: str
+    message: _Message | None = None
+    error: _ErrorResponse | None = None
+
+
+class _Line(msgspec.Struct):
+    custom_id: str
+    result: _Result
+
+
+class _IdOnly(msgspec.Struct):
+    custom_id: str
+
+
+_decode_line = msgspec.json.Decoder(_Line, strict=False).decode
+_decode_id = msgspec.json.Decoder(_IdOnly, strict=False).decode
+
+
+class MalformedResultLine(ValueError):
+    """A result line that does not have the documented shape."""
+
+
+def custom_id_of_line(line: bytes) -> str | None:
+    """The custom_id of a result (or request) line, or None when unreadable."""
+    try:
+        return _decode_id(line).custom_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+# -- parse context ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ParseContext:
+    """What turning result lines into rows needs besides the lines."""
+
+    key_columns: list[str]
+    # custom_id -> (key values as strings, request_fingerprint)
+    keys: dict[str, tuple[tuple[str | None, ...], str | None]]
+    output_model: type[BaseModel] | None = None
+    output_mode: str | None = None
+    prices: PriceTable = field(default_factory=load_price_table)
+    batch_id: str | None = None
+    attempt: int = 1
+    cache_ttl: str = "1h"
+    default_model: str | None = None  # priced when a message's model id is not in the table
+    tool_name: str | None = None
+    _rates: dict[str | None, tuple[float, ...]] = field(default_factory=dict, repr=False)
+    _discount: float = field(default=0.5, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._discount = float(self.prices.batch_discount)
+        if self.output_model is not None:
+            self.output_mode = self.output_mode or "json_schema"
+            if self.output_mode == "tool" and self.tool_name is None:
+                self.tool_name = output_tool_name(self.output_model)
+        else:
+            self.output_mode = None
+        if self.default_model is not None:
+            self.prices.price(self.default_model)  # fail now, not mid-stream, when it has no price
+
+    @classmethod
+    def from_keys_table(cls, keys: pa.Table, key_columns: Sequence[str], **kwargs: Any) -> ParseContext:
+        """A context from a keys table (``requests/keys.parquet`` layout)."""
+        key_columns = list(key_columns)
+        ids = keys.column("custom_id").to_pylist()
+        fps = (
+            keys.column("request_fingerprint").to_pylist()
+            if "request_fingerprint" in keys.column_names
+            else [None] * len(ids)
+        )
+        key_lists = [keys.column(k).to_pylist() for k in key_columns]
+        values = zip(*key_lists, strict=True) if key_lists else ((),) * len(ids)
+        mapping = {cid: (tuple(kv), fp) for cid, kv, fp in zip(ids, values, fps, strict=True)}
+        return cls(key_columns=key_columns, keys=mapping, **kwargs)
+
+    @classmethod
+    def from_work_dir(
+        cls,
+        work_dir: PathLike,
+        *,
+        batch_id: str | None = None,
+        attempt: int = 1,
+        chunk_indices: Iterable[int] | None = None,
+        prices: PriceTable | None = None,
+        include_dir: str | None = None,
+        manifest: Mapping[str, Any] | None = None,
+    ) -> ParseContext:
+        """A context from a prepared work dir: its manifest (spec) and ``requests/keys.parquet``.
+
+        ``chunk_indices`` limits the loaded keys to those chunks (less memory for one batch).
+        """
+        from anthropic_batch.output_models import load_output_model
+        from anthropic_batch.storage import read_json
+
+        work = as_path(work_dir)
+        if manifest is None:
+            manifest = read_json(work / "requests" / "manifest.json")
+            if manifest is None:
+                raise FileNotFoundError(f"no requests/manifest.json under {work}: run prepare first")
+        spec = manifest.get("spec") or {}
+        key_columns = list(spec.get("key_columns") or [])
+        keys = read_parquet(work / "requests" / "keys.parquet")
+        if chunk_indices is not None:
+            keys = keys.filter(
+                pc.is_in(keys.column("chunk_index"), pa.array(list(chunk_indices), pa.int32()))
+            )
+        ref = spec.get("output_model")
+        output_model = load_output_model(ref, include_dir or spec.get("include_dir")) if ref else None
+        return cls.from_keys_table(
+            keys,
+            key_columns,
+            output_model=output_model,
+            output_mode=spec.get("output_mode"),
+            prices=prices or load_price_table(),
+            batch_id=batch_id,
+            attempt=attempt,
+            cache_ttl=spec.get("cache_ttl") or "1h",
+            default_model=spec.get("model"),
+        )
+
+    def rates(self, model: str | None) -> tuple[float, ...]:
+        cached = self._rates.get(model)
+        if cached is None:
+            try:
+                cached = self.prices.rates(model) if model else self.prices.rates(self.default_model or "")
+            except UnknownModelError:
+                if self.default_model is None or model == self.default_model:
+                    raise
+                cached = self.prices.rates(self.default_model)
+            self._rates[model] = cached
+        return cached
+
+
+# -- line -> row ------------------------------------------------------------------------------------
+
+# Row tuple order: OUTCOME_COLUMNS without batch_id, attempt, request_fingerprint (added by the caller).
+_TUPLE_COLUMNS = OUTCOME_COLUMNS[:-3]  # everything except batch_id, attempt, request_fingerprint
+_NO_USAGE = (None, None, None, None, 0.0, 0.0)
+
+
+def _costs(usage: _Usage | None, rates: tuple[float, ...], cache_ttl: str, discount: float) -> tuple:
+    if usage is None:
+        return (None, None, None, None, 0.0, 0.0)
+    inp = usage.input_tokens or 0
+    out = usage.output_tokens or 0
+    write = usage.cache_creation_input_tokens or 0
+    read = usage.cache_read_input_tokens or 0
+    cc = usage.cache_creation
+    if cc is not None and (cc.ephemeral_5m_input_tokens or cc.ephemeral_1h_input_tokens):
+        w5, w1 = cc.ephemeral_5m_input_tokens, cc.ephemeral_1h_input_tokens
+    elif cache_ttl == "1h":
+        w5, w1 = 0, write
+    else:
+        w5, w1 = write, 0
+    r_in, r_out, r_w5, r_w1, r_read = rates
+    sync = inp * r_in + out * r_out + w5 * r_w5 + w1 * r_w1 + read * r_read
+    return (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_creation_input_tokens,
+        usage.cache_read_input_tokens,
+        sync * discount,
+        sync,
+    )
+
+
+def _validate_json(model: type[BaseModel], data: bytes | str) -> tuple[str | None, str | None]:
+    try:
+        obj = model.model_validate_json(data)
+    except ValidationError as exc:
+        return None, format_validation_error(exc)
+    return obj.model_dump_json(), None
+
+
+def _succeeded(msg: _Message, ctx: ParseContext) -> tuple:
+    """(status, error_type, error_message, output_text, output_json, stop_reason, model, tokens..., costs)."""
+    texts = []
+    forced_input = None
+    foreign_tool = None
+    for block in msg.content:
+        if block.type == "text":
+            if block.text:
+                texts.append(block.text)
+        elif block.type == "tool_use":
+            if ctx.output_mode == "tool" and forced_input is None and block.name == ctx.tool_name:
+                forced_input = block.input
+            elif foreign_tool is None:
+                foreign_tool = block.name or "?"
+    text = texts[0] if len(texts) == 1 else "".join(texts)
+    stop = msg.stop_reason
+    status = "succeeded"
+    error_type = error_message = output_json = None
+    if stop == "pause_turn":
+        status, error_type, error_message = "needs_followup", "pause_turn", "the model paused its turn"
+    elif foreign_tool is not None or (stop == "tool_use" and forced_input is None):
+        status, error_type = "needs_followup", "tool_use"
+        error_message = f"the model asked for tool {foreign_tool!r}; a batch cannot continue a tool loop"
+    elif ctx.output_model is not None:
+        if ctx.output_mode == "tool":
+            if forced_input is None or not len(forced_input):
+                output_json, error_message = None, f"no {ctx.tool_name} tool_use block in the answer"
+            else:
+                output_json, error_message = _validate_json(ctx.output_model, bytes(forced_input))
+        elif not text.strip():
+            error_message = "empty answer where JSON was expected"
+        else:
+            output_json, error_message = _validate_json(ctx.output_model, text)
+        if output_json is None:
+            status, error_type = "invalid_output", "validation_error"
+            if stop == "max_tokens":
+                error_message = f"answer truncated at max_tokens; {error_message}"
+    model = msg.model or ctx.default_model
+    costs = _costs(msg.usage, ctx.rates(model), ctx.cache_ttl, ctx._discount)
+    return (status, error_type, error_message, text, output_json, stop, model, *costs)
+
+
+def _row_tuple(line: _Line, ctx: ParseContext) -> tuple:
+    result = line.result
+    kind = result.type
+    if kind == "succeeded" and result.message is not None:
+        return _succeeded(result.message, ctx)
+    if kind == "errored":
+        err = result.error
+        body = err.error if err is not None else None
+        error_type = (body.type if body is not None else None) or (err.type if err is not None else None)
+        message = body.message if body is not None else None
+        return ("errored", error_type, message, None, None, None, ctx.default_model, *_NO_USAGE)
+    if kind in ("canceled", "expired"):
+        return (kind, None, None, None, None, None, ctx.default_model, *_NO_USAGE)
+    return (
+        "errored",
+        "unknown_result_type",
+        f"result type {kind!r} is not documented",
+        None,
+        None,
+        None,
+        ctx.default_model,
+        *_NO_USAGE,
+    )
+
+
+def _malformed_tuple(ctx: ParseContext, reason: str) -> tuple:
+    return ("errored", "malformed_result", reason[:2000], None, None, None, ctx.default_model, *_NO_USAGE)
+
+
+def parse_result_line(line: bytes | str, ctx: ParseContext) -> dict[str, Any]:
+    """One result line -> one RESULT row (a dict). Raises ``MalformedResultLine`` if undecodable."""
+    if isinstance(line, str):
+        line = line.encode("utf-8")
+    try:
+        decoded = _decode_line(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedResultLine(f"undecodable result line: {exc}") from exc
+    keys, fingerprint = ctx.keys.get(decoded.custom_id, ((None,) * len(ctx.key_columns), None))
+    row: dict[str, Any] = {"custom_id": decoded.custom_id}
+    row.update(zip(ctx.key_columns, keys, strict=True))
+    row.update(zip(_TUPLE_COLUMNS, _row_tuple(decoded, ctx), strict=True))
+    row["batch_id"] = ctx.batch_id
+    row["attempt"] = ctx.attempt
+    row["request_fingerprint"] = fingerprint
+    return row
+
+
+# -- collect ----------------------------------------------------------------------------------------
+
+_SAMPLE = 20
+
+
+@dataclass
+class CollectStats:
+    """What ``collect_lines`` saw and wrote."""
+
+    out_path: str
+    n_lines: int = 0
+    n_rows: int = 0
+    n_duplicates: int = 0
+    n_unknown: int = 0
+    n_malformed: int = 0
+    n_missing: int = 0
+    counts_by_status: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(
+        default_factory=lambda: {"input": 0, "output": 0, "cache_creation": 0, "cache_read": 0}
+    )
+    cost_usd: float = 0.0
+    sync_cost_usd: float = 0.0
+    unknown_custom_ids: list[str] = field(default_factory=list)
+    malformed_samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _split_items(lines: Iterable[bytes | str]) -> Iterable[bytes]:
+    """Lines as bytes without their newline; items holding several lines are split."""
+    for item in lines:
+        if isinstance(item, str):
+            item = item.encode("utf-8")
+        item = item.rstrip(b"\r\n")
+        if b"\n" in item:
+            yield from (part.rstrip(b"\r") for part in item.split(b"\n"))
+        else:
+            yield item
+
+
+def collect_lines(
+    lines: Iterable[bytes | str],
+    out_path: PathLike,
+    ctx: ParseContext,
+    *,
+    expected_custom_ids: Iterable[str] | None = None,
+    row_group_size: int = 10_000,
+) -> CollectStats:
+    """Stream result lines into a RESULT Parquet file at ``out_path`` (atomic), one row per custom_id.
+
+    Rows for ``expected_custom_ids`` never seen are added with status ``missing``.
+    """
+    schema = result_schema(ctx.key_columns)
+    names = schema.names
+    n_keys = len(ctx.key_columns)
+    tuple_cols = list(range(1 + n_keys, 1 + n_keys + len(_TUPLE_COLUMNS)))
+    out = as_path(out_path)
+    stats = CollectStats(out_path=str(out))
+    seen: set[str] = set()
+    status_counts: Counter[str] = Counter()
+    totals = [0, 0, 0, 0]
+    cost = sync_cost = 0.0
+    null_keys = (None,) * n_keys
+    batch_id, attempt = ctx.batch_id, ctx.attempt
+    keys_map = ctx.keys
+
+    cols: list[list[Any]] = [[] for _ in names]
+    col_id = cols[0]
+    key_cols = cols[1 : 1 + n_keys]
+    out_cols = [cols[i] for i in tuple_cols]
+    col_batch, col_attempt, col_fp = cols[-3], cols[-2], cols[-1]
+
+    def add(custom_id: str, values: tuple, keys: tuple, fingerprint: str | None) -> None:
+        nonlocal cost, sync_cost
+        col_id.append(custom_id)
+        for col, v in zip(key_cols, keys, strict=True):
+            col.append(v)
+        for col, v in zip(out_cols, values, strict=True):
+            col.append(v)
+        col_batch.append(batch_id)
+        col_attempt.append(attempt)
+        col_fp.append(fingerprint)
+        status_counts[values[0]] += 1
+        if values[7] is not None:
+            totals[0] += values[7] or 0
+            totals[1] += values[8] or 0
+            totals[2] += values[9] or 0
+            totals[3] += values[10] or 0
+        cost += values[11]
+        sync_cost += values[12]
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        if not col_id:
+            return
+        writer.write_table(
+            pa.Table.from_arrays(
+                [pa.array(c, type=f.type) for c, f in zip(cols, schema, strict=True)], schema=schema
+            )
+        )
+        for c in cols:
+            c.clear()
+
+    with open_atomic_writer(out) as handle, pq.ParquetWriter(handle, schema) as writer:
+        for line in _split_items(lines):
+            if not line.strip():
+                continue
+            stats.n_lines += 1
+            if len(col_id) >= row_group_size:
+                flush(writer)
+            try:
+                decoded = _decode_line(line)
+                custom_id = decoded.custom_id
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                stats.n_malformed += 1
+                if len(stats.malformed_samples) < _SAMPLE:
+                    stats.malformed_samples.append(f"{exc}: {line[:200]!r}")
+                custom_id = custom_id_of_line(line)
+                if custom_id is None or custom_id in seen or custom_id not in keys_map:
+                    continue
+                seen.add(custom_id)
+                keys, fingerprint = keys_map[custom_id]
+                add(custom_id, _malformed_tuple(ctx, f"undecodable result line: {exc}"), keys, fingerprint)
+                continue
+            if custom_id in seen:
+                stats.n_duplicates += 1
+                continue
+            entry = keys_map.get(custom_id)
+            if entry is None:
+                stats.n_unknown += 1
+                if len(stats.unknown_custom_ids) < _SAMPLE:
+                    stats.unknown_custom_ids.append(custom_id)
+                continue
+            seen.add(custom_id)
+            add(custom_id, _row_tuple(decoded, ctx), entry[0], entry[1])
+        if expected_custom_ids is not None:
+            missing_row = (
+                "missing",
+                None,
+                "no result line was returned for this request",
+                None,
+                None,
+                None,
+                ctx.default_model,
+                *_NO_USAGE,
+            )
+            for custom_id in sorted(set(expected_custom_ids) - seen):
+                keys, fingerprint = keys_map.get(custom_id, (null_keys, None))
+                add(custom_id, missing_row, keys, fingerprint)
+                stats.n_missing += 1
+                if len(col_id) >= row_group_size:
+                    flush(writer)
+        flush(writer)
+
+    stats.n_rows = sum(status_counts.values())
+    stats.counts_by_status = dict(sorted(status_counts.items()))
+    stats.tokens = dict(zip(("input", "output", "cache_creation", "cache_read"), totals, strict=True))
+    stats.cost_usd = cost
+    stats.sync_cost_usd = sync_cost
+    return stats
+
+
+def expected_ids_from_chunk(chunk_path: PathLike) -> set[str]:
+    """The custom_ids of a chunk file (what its batch's results must cover)."""
+    from anthropic_batch.batch_requests import iter_chunk_lines
+
+    ids = set()
+    for line in iter_chunk_lines(chunk_path):
+        cid = custom_id_of_line(line)
+        if cid is not None:
+            ids.add(cid)
+    return ids
+
+
+# -- merge and dead letters -------------------------------------------------------------------------
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            columns.append(table.column(f.name).cast(f.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def merge_attempts(
+    paths_in_attempt_order: Sequence[PathLike],
+    out_path: PathLike,
+    key_columns: Sequence[str],
+    *,
+    expected_keys: pa.Table | None = None,
+) -> pa.Table:
+    """Merge RESULT files, latest attempt winning per custom_id, into ``out_path`` (atomic).
+
+    Exactly one row per custom_id, in order of first appearance. With ``expected_keys`` (a
+    ``keys.parquet`` table), custom_ids no attempt returned get a ``missing`` row, so the merged
+    table has one row per prepared request. Returns the merged table.
+    """
+    schema = result_schema(key_columns)
+    winner: dict[str, tuple[int, int]] = {}
+    for file_index, path in enumerate(paths_in_attempt_order):
+        ids = read_parquet(path, columns=["custom_id"]).column("custom_id").to_pylist()
+        for row_index, cid in enumerate(ids):
+            winner[cid] = (file_index, row_index)  # later files (and later rows) win
+    position = {cid: pos for pos, cid in enumerate(winner)}
+    pieces = []
+    for file_index, path in enumerate(paths_in_attempt_order):
+        rows = [(r, position[cid]) for cid, (f, r) in winner.items() if f == file_index]
+        if not rows:
+            continue
+        table = _conform(read_parquet(path), schema).take(pa.array([r for r, _ in rows], pa.int64()))
+        pieces.append(table.append_column("_pos", pa.array([p for _, p in rows], pa.int64())))
+    merged = pa.concat_tables(pieces).sort_by("_pos").drop(["_pos"]) if pieces else schema.empty_table()
+    if expected_keys is not None:
+        absent = [
+            i for i, cid in enumerate(expected_keys.column("custom_id").to_pylist()) if cid not in winner
+        ]
+        if absent:
+            missing = expected_keys.take(pa.array(absent, pa.int64()))
+            n = missing.num_rows
+            data = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
+            data["custom_id"] = missing.column("custom_id").cast(pa.string())
+            for k in key_columns:
+                data[k] = missing.column(k).cast(pa.string())
+            if "request_fingerprint" in missing.column_names:
+                data["request_fingerprint"] = missing.column("request_fingerprint").cast(pa.string())
+            data["status"] = pa.array(["missing"] * n, pa.string())
+            data["error_message"] = pa.array(["no attempt returned a result for this request"] * n)
+            data["cost_usd"] = pa.array([0.0] * n)
+            data["sync_cost_usd"] = pa.array([0.0] * n)
+            merged = pa.concat_tables([merged, pa.table(data, schema=schema)])
+    from anthropic_batch.storage import write_parquet_atomic
+
+    write_parquet_atomic(out_path, merged, schema)
+    return merged
+
+
+def retry_mask(table: pa.Table, max_attempts: int) -> list[bool]:
+    """Rows to resubmit: retriable and tried fewer than ``max_attempts`` times."""
+    attempts = table.column("attempt").to_pylist()
+    return [
+        fc is FailureClass.RETRIABLE and (a or 1) < max_attempts
+        for fc, a in zip(failure_classes(table), attempts, strict=True)
+    ]
+
+
+def has_fatal(table: pa.Table) -> bool:
+    """True when any row failed in a way that must stop the run (auth, permission, billing)."""
+    return any(fc is FailureClass.FATAL for fc in failure_classes(table))
+
+
+def _reason(status: str, error_type: str | None, message: str | None, fc: FailureClass | None, n: int) -> str:
+    what = status if not error_type else f"{status} ({error_type})"
+    detail = f": {message}" if message else ""
+    kind = {
+        FailureClass.RETRIABLE: f"still failing after {n} attempt(s)",
+        FailureClass.PERMANENT: "permanent failure, not retried",
+        FailureClass.FATAL: "fatal error, run stopped",
+    }.get(fc, "not usable")
+    return f"{what}, {kind}{detail}"[:4000]
+
+
+def dead_letter_rows(
+    merged: pa.Table, key_columns: Sequence[str], *, max_attempts: int | None = None
+) -> pa.Table:
+    """DEAD_LETTER rows (stage ``collect``) for the final failures of a merged RESULT table.
+
+    A row is a dead letter when its status is not ``succeeded`` and it will not be retried: its
+    failure is permanent or fatal, or it is retriable but already had ``max_attempts`` attempts
+    (with ``max_attempts=None`` every non-succeeded row counts as final). Truncated but succeeded
+    rows stay in the data (their ``stop_reason`` says ``max_tokens``).
+    """
+    schema = dead_letter_schema(key_columns)
+    rows: dict[str, list[Any]] = {name: [] for name in schema.names}
+    record_cols = [c for c in merged.column_names if c not in ("output_text",)]
+    for row in merged.to_pylist():
+        status = row["status"]
+        if status == "succeeded":
+            continue
+        fc = classify_failure(status, row.get("error_type"), row.get("stop_reason"))
+        attempts = row.get("attempt") or 1
+        if fc is FailureClass.RETRIABLE and max_attempts is not None and attempts < max_attempts:
+            continue
+        for k in key_columns:
+            rows[k].append(row.get(k))
+        rows["custom_id"].append(row["custom_id"])
+        rows["stage"].append("collect")
+        rows["status"].append(status)
+        rows["error_type"].append(row.get("error_type"))
+        rows["reason"].append(_reason(status, row.get("error_type"), row.get("error_message"), fc, attempts))
+        rows["attempts"].append(attempts)
+        rows["last_batch_id"].append(row.get("batch_id"))
+        record = {c: row.get(c) for c in record_cols}
+        if row.get("output_text"):
+            record["output_text"] = row["output_text"][:2000]
+        rows["record_json"].append(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str))
+    return pa.table(rows, schema=schema)

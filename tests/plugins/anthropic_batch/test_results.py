@@ -1,0 +1,459 @@
+"""Result lines -> rows: every result type, costs, dedupe, missing rows, merge, classification."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from airflow.sdk import ObjectStoragePath
+from pydantic import BaseModel, Field
+
+from anthropic_batch.batch_requests import RequestSpec, prepare_requests
+from anthropic_batch.pricing import builtin_price_table
+from anthropic_batch.results import (
+    MalformedResultLine,
+    ParseContext,
+    classify_failure,
+    collect_lines,
+    dead_letter_rows,
+    dead_letter_schema,
+    expected_ids_from_chunk,
+    has_fatal,
+    merge_attempts,
+    parse_result_line,
+    result_schema,
+    retry_mask,
+)
+from anthropic_batch.status import FailureClass, RequestStatus
+
+MODEL = "claude-sonnet-4-5"
+
+
+class Ticket(BaseModel):
+    """A classified ticket."""
+
+    category: str
+    urgency: int = Field(ge=1, le=5)
+
+
+def usage(inp=1000, out=200, write=0, read=0):
+    return {
+        "input_tokens": inp,
+        "output_tokens": out,
+        "cache_creation_input_tokens": write,
+        "cache_read_input_tokens": read,
+        "service_tier": "batch",
+    }
+
+
+def message(content, stop_reason="end_turn", u=None, model=MODEL):
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": u or usage(),
+    }
+
+
+def succeeded(cid, content, **kw):
+    return json.dumps(
+        {"custom_id": cid, "result": {"type": "succeeded", "message": message(content, **kw)}}
+    ).encode()
+
+
+def text(t):
+    return [{"type": "text", "text": t}]
+
+
+def errored(cid, error_type, msg="boom"):
+    return json.dumps(
+        {
+            "custom_id": cid,
+            "result": {
+                "type": "errored",
+                "error": {
+                    "type": "error",
+                    "error": {"type": error_type, "message": msg},
+                    "request_id": "req_1",
+                },
+            },
+        }
+    ).encode()
+
+
+def simple(cid, kind):
+    return json.dumps({"custom_id": cid, "result": {"type": kind}}).encode()
+
+
+def ctx(ids=("a", "b", "c", "d", "e", "f"), output_model=Ticket, mode="json_schema", **kw):
+    keys = pa.table(
+        {
+            "custom_id": list(ids),
+            "ticket_id": [f"T-{i}" for i in ids],
+            "request_fingerprint": [f"fp-{i}" for i in ids],
+        }
+    )
+    base = {
+        "output_model": output_model,
+        "output_mode": mode,
+        "prices": builtin_price_table(),
+        "batch_id": "msgbatch_1",
+        "attempt": 1,
+        "default_model": MODEL,
+    }
+    return ParseContext.from_keys_table(keys, ["ticket_id"], **{**base, **kw})
+
+
+# -- parse ------------------------------------------------------------------------------------------
+
+
+def test_succeeded_with_valid_structured_output_and_costs():
+    row = parse_result_line(
+        succeeded(
+            "a", text('{"category": "billing", "urgency": 2}'), u=usage(1000, 200, write=400, read=3000)
+        ),
+        ctx(),
+    )
+    assert row["status"] == RequestStatus.SUCCEEDED
+    assert json.loads(row["output_json"]) == {"category": "billing", "urgency": 2}
+    assert row["output_text"] == '{"category": "billing", "urgency": 2}'
+    assert (row["custom_id"], row["ticket_id"], row["request_fingerprint"]) == ("a", "T-a", "fp-a")
+    assert (row["batch_id"], row["attempt"], row["model"], row["stop_reason"]) == (
+        "msgbatch_1",
+        1,
+        MODEL,
+        "end_turn",
+    )
+    assert (row["input_tokens"], row["output_tokens"]) == (1000, 200)
+    assert (row["cache_creation_input_tokens"], row["cache_read_input_tokens"]) == (400, 3000)
+    # sonnet-4-5: 1000*3 + 200*15 + 400*6 (1h write) + 3000*0.3 = 3000+3000+2400+900 = 9300 per M
+    assert row["sync_cost_usd"] == pytest.approx(0.0093, abs=1e-12)
+    assert row["cost_usd"] == pytest.approx(0.00465, abs=1e-12)
+    # the fast float path agrees with the exact Decimal reference
+    exact = builtin_price_table().cost(
+        MODEL, usage(1000, 200, write=400, read=3000), batch=True, cache_ttl="1h"
+    )
+    assert row["cost_usd"] == pytest.approx(exact, rel=1e-12)
+    assert set(row) == set(result_schema(["ticket_id"]).names)
+
+
+def test_invalid_output_schema_and_unparsable_text():
+    bad = parse_result_line(succeeded("a", text('{"category": "x", "urgency": 9}')), ctx())
+    assert bad["status"] == "invalid_output"
+    assert bad["error_type"] == "validation_error"
+    assert "urgency" in bad["error_message"]
+    assert bad["output_json"] is None
+    assert bad["cost_usd"] > 0  # the answer was billed
+    prose = parse_result_line(succeeded("b", text("I think it is billing.")), ctx())
+    assert prose["status"] == "invalid_output"
+    assert "JSON" in prose["error_message"]
+    cut = parse_result_line(succeeded("c", text('{"category": "bil'), stop_reason="max_tokens"), ctx())
+    assert cut["status"] == "invalid_output"
+    assert "max_tokens" in cut["error_message"]
+
+
+def test_forced_tool_output():
+    c = ctx(mode="tool")
+    good = succeeded(
+        "a",
+        [{"type": "tool_use", "id": "t", "name": "Ticket", "input": {"category": "c", "urgency": 1}}],
+        stop_reason="tool_use",
+    )
+    row = parse_result_line(good, c)
+    assert row["status"] == "succeeded"
+    assert json.loads(row["output_json"]) == {"category": "c", "urgency": 1}
+    invalid = succeeded(
+        "b",
+        [{"type": "tool_use", "id": "t", "name": "Ticket", "input": {"category": "c"}}],
+        stop_reason="tool_use",
+    )
+    assert parse_result_line(invalid, c)["status"] == "invalid_output"
+    no_tool = succeeded("c", text("no tool today"))
+    assert parse_result_line(no_tool, c)["status"] == "invalid_output"
+
+
+def test_needs_followup_for_foreign_tool_and_pause_turn():
+    foreign = succeeded(
+        "a",
+        [
+            {"type": "text", "text": "checking"},
+            {"type": "tool_use", "id": "t", "name": "search", "input": {}},
+        ],
+        stop_reason="tool_use",
+    )
+    row = parse_result_line(foreign, ctx(output_model=None))
+    assert row["status"] == "needs_followup"
+    assert "search" in row["error_message"]
+    assert row["output_text"] == "checking"
+    assert parse_result_line(foreign, ctx(mode="tool"))["status"] == "needs_followup"
+    paused = succeeded("b", text("..."), stop_reason="pause_turn")
+    assert parse_result_line(paused, ctx())["status"] == "needs_followup"
+
+
+def test_plain_text_without_output_model():
+    row = parse_result_line(succeeded("a", text("Hello") + text(" world")), ctx(output_model=None))
+    assert (row["status"], row["output_text"], row["output_json"]) == ("succeeded", "Hello world", None)
+
+
+@pytest.mark.parametrize("kind", ["canceled", "expired"])
+def test_canceled_and_expired_cost_nothing(kind):
+    row = parse_result_line(simple("a", kind), ctx())
+    assert row["status"] == kind
+    assert (row["cost_usd"], row["sync_cost_usd"], row["input_tokens"]) == (0.0, 0.0, None)
+    assert row["ticket_id"] == "T-a"
+
+
+def test_errored():
+    row = parse_result_line(errored("a", "invalid_request_error", "max_tokens too large"), ctx())
+    assert (row["status"], row["error_type"], row["error_message"]) == (
+        "errored",
+        "invalid_request_error",
+        "max_tokens too large",
+    )
+    assert row["cost_usd"] == 0.0
+
+
+def test_unknown_result_type_and_malformed_line():
+    row = parse_result_line(simple("a", "vanished"), ctx())
+    assert (row["status"], row["error_type"]) == ("errored", "unknown_result_type")
+    with pytest.raises(MalformedResultLine):
+        parse_result_line(b"{not json", ctx())
+
+
+def test_dated_model_id_and_unpriced_model_fall_back():
+    row = parse_result_line(
+        succeeded("a", text("x"), model="claude-sonnet-4-5-20261001"), ctx(output_model=None)
+    )
+    assert row["model"] == "claude-sonnet-4-5-20261001"
+    assert row["sync_cost_usd"] == pytest.approx((1000 * 3 + 200 * 15) / 1e6)
+    odd = parse_result_line(succeeded("b", text("x"), model="emulator-model"), ctx(output_model=None))
+    assert odd["sync_cost_usd"] == pytest.approx((1000 * 3 + 200 * 15) / 1e6)  # priced as the spec's model
+
+
+def test_unpriced_spec_model_fails_before_parsing():
+    with pytest.raises(KeyError, match="anthropic_batch_prices"):
+        ctx(default_model="no-such-model")
+
+
+# -- collect ----------------------------------------------------------------------------------------
+
+
+def test_collect_all_types_dedupe_unknown_missing(tmp_path):
+    lines = [
+        succeeded("a", text('{"category": "billing", "urgency": 2}')),
+        errored("b", "overloaded_error"),
+        simple("c", "expired"),
+        succeeded("a", text('{"category": "other", "urgency": 1}')),  # replayed after a resume: ignored
+        b"",
+        simple("zzz", "canceled"),  # not ours
+        b'{"custom_id": "d", "result": {"type": "succeeded", "message": {"content": 5}}}',  # malformed
+        b"garbage",
+    ]
+    out = ObjectStoragePath((tmp_path / "attempt-01" / "msgbatch_1.parquet").as_uri())
+    stats = collect_lines(
+        iter(lines), out, ctx(), expected_custom_ids={"a", "b", "c", "d", "e"}, row_group_size=2
+    )
+    table = pq.read_table(tmp_path / "attempt-01" / "msgbatch_1.parquet")
+    assert table.schema == result_schema(["ticket_id"])
+    assert table.column("custom_id").to_pylist() == ["a", "b", "c", "d", "e"]
+    assert table.column("status").to_pylist() == ["succeeded", "errored", "expired", "errored", "missing"]
+    assert table.column("error_type").to_pylist()[3] == "malformed_result"
+    assert json.loads(table.column("output_json")[0].as_py())["category"] == "billing"
+    assert stats.n_lines == 7
+    assert stats.n_rows == 5
+    assert (stats.n_duplicates, stats.n_unknown, stats.n_malformed, stats.n_missing) == (1, 1, 2, 1)
+    assert stats.unknown_custom_ids == ["zzz"]
+    assert stats.counts_by_status == {"errored": 2, "expired": 1, "missing": 1, "succeeded": 1}
+    assert stats.tokens == {"input": 1000, "output": 200, "cache_creation": 0, "cache_read": 0}
+    assert stats.cost_usd == pytest.approx(table.column("cost_usd").to_numpy().sum())
+    assert stats.sync_cost_usd == pytest.approx(2 * stats.cost_usd)
+    assert pq.ParquetFile(tmp_path / "attempt-01" / "msgbatch_1.parquet").num_row_groups == 3
+    assert stats.to_dict()["out_path"] == str(out)
+
+
+def test_collect_splits_multi_line_items_and_strips_newlines(tmp_path):
+    blob = b"\n".join([simple("a", "expired"), simple("b", "canceled")]) + b"\n"
+    stats = collect_lines([blob, simple("c", "expired").decode() + "\r\n"], tmp_path / "r.parquet", ctx())
+    assert stats.n_rows == 3
+
+
+def test_collect_failure_leaves_no_partial_file(tmp_path):
+    def lines():
+        yield simple("a", "expired")
+        raise ConnectionError("stream dropped")
+
+    with pytest.raises(ConnectionError):
+        collect_lines(lines(), tmp_path / "r.parquet", ctx())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_collect_from_a_prepared_work_dir(tmp_path):
+    work = ObjectStoragePath((tmp_path / "work").as_uri())
+    table = pa.table({"ticket_id": ["T1", "T2", "T3"], "text": ["x", "y", "z"]})
+    spec = RequestSpec(model=MODEL, max_tokens=100, prompt_template="{{ text }}", output_model=Ticket)
+    manifest = prepare_requests(table, ["ticket_id"], spec, work, max_requests_per_chunk=2)
+    chunk0 = manifest["chunks"][0]["path"]
+    c = ParseContext.from_work_dir(work, batch_id="b1", attempt=1, chunk_indices=[0], manifest=manifest)
+    assert set(c.keys) == expected_ids_from_chunk(chunk0) == {"T1", "T2"}
+    stats = collect_lines(
+        [succeeded("T1", text('{"category":"a","urgency":1}'))],
+        work / "results" / "attempt-01" / "b1.parquet",
+        c,
+        expected_custom_ids=expected_ids_from_chunk(chunk0),
+    )
+    assert stats.counts_by_status == {"missing": 1, "succeeded": 1}
+    rows = pq.read_table(tmp_path / "work" / "results" / "attempt-01" / "b1.parquet").to_pylist()
+    assert rows[0]["request_fingerprint"] and rows[0]["ticket_id"] == "T1"
+
+
+def test_from_work_dir_loads_the_output_model_by_reference(tmp_path):
+    include = tmp_path / "include"
+    (include / "schemas").mkdir(parents=True)
+    (include / "schemas" / "t.py").write_text(
+        "from pydantic import BaseModel\n\nclass Out(BaseModel):\n    label: str\n"
+    )
+    work = ObjectStoragePath((tmp_path / "work").as_uri())
+    from anthropic_batch.output_models import load_output_model
+
+    model = load_output_model("schemas/t.py:Out", include)
+    spec = RequestSpec(
+        model=MODEL,
+        max_tokens=10,
+        prompt_template="{{ t }}",
+        output_model=model,
+        output_model_ref="schemas/t.py:Out",
+        output_mode="tool",
+    )
+    prepare_requests(
+        pa.table({"k": ["1"], "t": ["x"]}),
+        ["k"],
+        spec,
+        work,
+        extra_manifest={"spec": {"include_dir": str(include)}},
+    )
+    c = ParseContext.from_work_dir(work)
+    assert c.output_model is model
+    assert c.output_mode == "tool"
+    assert c.tool_name == "Out"
+
+
+# -- classification ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "stop_reason", "expected"),
+    [
+        ("succeeded", None, "end_turn", None),
+        ("succeeded", None, "max_tokens", FailureClass.RETRIABLE),
+        ("invalid_output", "validation_error", "end_turn", FailureClass.RETRIABLE),
+        ("expired", None, None, FailureClass.RETRIABLE),
+        ("canceled", None, None, FailureClass.RETRIABLE),
+        ("missing", None, None, FailureClass.RETRIABLE),
+        ("errored", "api_error", None, FailureClass.RETRIABLE),
+        ("errored", "overloaded_error", None, FailureClass.RETRIABLE),
+        ("errored", "rate_limit_error", None, FailureClass.RETRIABLE),
+        ("errored", "invalid_request_error", None, FailureClass.PERMANENT),
+        ("errored", "something_new", None, FailureClass.PERMANENT),
+        ("errored", "malformed_result", None, FailureClass.PERMANENT),
+        ("needs_followup", "tool_use", "tool_use", FailureClass.PERMANENT),
+        ("errored", "authentication_error", None, FailureClass.FATAL),
+        ("errored", "permission_error", None, FailureClass.FATAL),
+        ("errored", "billing_error", None, FailureClass.FATAL),
+        (RequestStatus.EXPIRED, None, None, FailureClass.RETRIABLE),
+    ],
+)
+def test_classify_failure(status, error_type, stop_reason, expected):
+    assert classify_failure(status, error_type, stop_reason) is expected
+
+
+# -- merge and dead letters -------------------------------------------------------------------------
+
+
+def _collect(tmp_path, name, lines, attempt, batch_id, expected=None):
+    path = tmp_path / f"{name}.parquet"
+    collect_lines(lines, path, ctx(attempt=attempt, batch_id=batch_id), expected_custom_ids=expected)
+    return str(path)
+
+
+def test_merge_latest_attempt_wins_one_row_per_id(tmp_path):
+    ok = text('{"category": "x", "urgency": 1}')
+    p1 = _collect(
+        tmp_path,
+        "a1",
+        [
+            succeeded("a", ok),
+            errored("b", "overloaded_error"),
+            simple("c", "expired"),
+            errored("d", "invalid_request_error"),
+        ],
+        1,
+        "batch_1",
+        expected={"a", "b", "c", "d", "e"},
+    )
+    p2 = _collect(
+        tmp_path, "a2", [succeeded("b", ok), simple("c", "expired")], 2, "batch_2", expected={"b", "c", "e"}
+    )
+    p3 = _collect(tmp_path, "a3", [simple("c", "expired")], 3, "batch_3", expected={"c"})
+    keys = pa.table({"custom_id": ["a", "b", "c", "d", "e", "f"], "ticket_id": list("ABCDEF")})
+    out = tmp_path / "merged.parquet"
+    merged = merge_attempts([p1, p2, p3], str(out), ["ticket_id"], expected_keys=keys)
+    assert pq.read_table(out).equals(merged)
+    ids = merged.column("custom_id").to_pylist()
+    assert sorted(ids) == ["a", "b", "c", "d", "e", "f"]
+    assert len(ids) == len(set(ids))
+    by_id = {r["custom_id"]: r for r in merged.to_pylist()}
+    assert (by_id["a"]["status"], by_id["a"]["attempt"]) == ("succeeded", 1)
+    assert (by_id["b"]["status"], by_id["b"]["attempt"], by_id["b"]["batch_id"]) == (
+        "succeeded",
+        2,
+        "batch_2",
+    )
+    assert (by_id["c"]["status"], by_id["c"]["attempt"]) == ("expired", 3)
+    assert (by_id["d"]["status"], by_id["d"]["error_type"]) == ("errored", "invalid_request_error")
+    assert (by_id["e"]["status"], by_id["e"]["attempt"]) == ("missing", 2)
+    assert (by_id["f"]["status"], by_id["f"]["ticket_id"]) == ("missing", "F")  # no attempt at all
+
+    assert retry_mask(merged, max_attempts=3) == [
+        by_id[i]["status"] in ("missing", "expired") and (by_id[i]["attempt"] or 1) < 3 for i in ids
+    ]
+    dead = dead_letter_rows(merged, ["ticket_id"], max_attempts=3)
+    assert dead.schema == dead_letter_schema(["ticket_id"])
+    dead_by_id = {r["custom_id"]: r for r in dead.to_pylist()}
+    # c: retriable but exhausted (3 attempts); d: permanent. e (attempt 2) and f would be retried.
+    assert set(dead_by_id) == {"c", "d"}
+    assert "after 3 attempt" in dead_by_id["c"]["reason"]
+    assert "permanent" in dead_by_id["d"]["reason"]
+    assert (dead_by_id["c"]["stage"], dead_by_id["c"]["last_batch_id"], dead_by_id["c"]["attempts"]) == (
+        "collect",
+        "batch_3",
+        3,
+    )
+    assert json.loads(dead_by_id["d"]["record_json"])["ticket_id"] == "T-d"
+    # at the very end, everything not succeeded is a dead letter
+    assert set(dead_letter_rows(merged, ["ticket_id"]).column("custom_id").to_pylist()) == {
+        "c",
+        "d",
+        "e",
+        "f",
+    }
+    assert not has_fatal(merged)
+
+
+def test_merge_of_nothing_is_an_empty_table(tmp_path):
+    merged = merge_attempts([], tmp_path / "m.parquet", ["ticket_id"])
+    assert merged.num_rows == 0
+    assert merged.schema == result_schema(["ticket_id"])
+
+
+def test_has_fatal(tmp_path):
+    p = _collect(tmp_path, "f", [errored("a", "billing_error")], 1, "b")
+    assert has_fatal(pq.read_table(p))
+
+
+def test_key_columns_may_not_shadow_result_columns():
+    with pytest.raises(ValueError, match="clash"):
+        result_schema(["status"])
