@@ -1,0 +1,184 @@
+"""PublishPartitionOperator: partition files, summary numbers, atomic replacement."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from anthropic_batch import storage
+from anthropic_batch.operators.publish import (
+    DATA_FILE,
+    DEAD_LETTER_FILE,
+    SUCCESS_MARKER,
+    SUMMARY_FILE,
+    PublishPartitionOperator,
+    publish_partition,
+)
+from anthropic_batch.results import dead_letter_schema, result_schema
+from tests.plugins.anthropic_batch._operator_context import make_context
+
+KEYS = ["ticket_id"]
+
+
+def _rows(specs: list[tuple[str, str, int, str]]) -> pa.Table:
+    """(custom_id, status, attempt, batch_id) -> RESULT rows with simple token/cost numbers."""
+    schema = result_schema(KEYS)
+    rows = []
+    for cid, status, attempt, batch_id in specs:
+        billed = status in ("succeeded", "invalid_output")
+        rows.append(
+            {
+                "custom_id": cid,
+                "ticket_id": cid,
+                "status": status,
+                "error_type": None if billed else "api_error",
+                "output_text": "{}" if billed else None,
+                "model": "claude-haiku-4-5",
+                "input_tokens": 100 if billed else 0,
+                "output_tokens": 10 if billed else 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 5 if billed else 0,
+                "cost_usd": 0.001 if billed else 0.0,
+                "sync_cost_usd": 0.002 if billed else 0.0,
+                "batch_id": batch_id,
+                "attempt": attempt,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _work_dir(tmp_path: Path, *, rejected: int = 1, dead: int = 1) -> Path:
+    work = tmp_path / "work"
+    (work / "requests").mkdir(parents=True)
+    manifest = {
+        "chunks": [],
+        "n_requests": 4,
+        "n_rejected": rejected,
+        "n_input_records": 4 + rejected,
+        "mode": "batch",
+        "spec": {
+            "pipeline": "tickets",
+            "partition": "2026-11-01",
+            "model": "claude-haiku-4-5",
+            "key_columns": KEYS,
+        },
+    }
+    (work / "requests" / "manifest.json").write_text(json.dumps(manifest))
+    # Attempt 1: a, b succeed, c errored (retriable), d invalid output (billed, retried).
+    attempt1 = _rows(
+        [("a", "succeeded", 1, "b1"), ("b", "succeeded", 1, "b1"), ("c", "errored", 1, "b1"),
+         ("d", "invalid_output", 1, "b1")]
+    )
+    attempt2 = _rows([("c", "succeeded", 2, "b2"), ("d", "invalid_output", 2, "b2")])
+    for name, table in (("attempt-01/b1.parquet", attempt1), ("attempt-02/b2.parquet", attempt2)):
+        path = work / "results" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+    merged = _rows(
+        [("a", "succeeded", 1, "b1"), ("b", "succeeded", 1, "b1"), ("c", "succeeded", 2, "b2"),
+         ("d", "invalid_output", 2, "b2")]
+    )
+    pq.write_table(merged, work / "results" / "merged.parquet")
+    dl_schema = dead_letter_schema(KEYS)
+    if rejected:
+        pq.write_table(
+            pa.Table.from_pylist(
+                [{"ticket_id": None, "stage": "prepare", "status": "rejected", "error_type": "null_key",
+                  "reason": "key is null", "attempts": 0, "record_json": "{}"}] * rejected,
+                schema=dl_schema,
+            ),
+            work / "rejected.parquet",
+        )
+    if dead:
+        pq.write_table(
+            pa.Table.from_pylist(
+                [{"ticket_id": "d", "custom_id": "d", "stage": "collect", "status": "invalid_output",
+                  "error_type": "invalid_output", "reason": "exhausted 2 attempts", "attempts": 2,
+                  "last_batch_id": "b2"}] * dead,
+                schema=dl_schema,
+            ),
+            work / "dead_letter.parquet",
+        )
+    return work
+
+
+def url(path: Path) -> str:
+    """A file URL as the DAG factory builds them (storage paths contain ``date=``, kept literal)."""
+    return f"file://{path}"
+
+
+def _publish(work: Path, target: Path) -> dict:
+    op = PublishPartitionOperator(
+        task_id="publish",
+        work_dir=url(work),
+        merged_path=url(work / "results" / "merged.parquet"),
+        extraction_dir=url(target),
+    )
+    return op.execute(make_context(task_id="publish"))
+
+
+def test_publish_writes_data_dead_letters_and_summary(tmp_path):
+    work = _work_dir(tmp_path)
+    target = tmp_path / "extractions" / "date=2026-11-01"
+    summary = _publish(work, target)
+
+    assert sorted(os.listdir(target)) == sorted([DATA_FILE, DEAD_LETTER_FILE, SUMMARY_FILE, SUCCESS_MARKER])
+    data = pq.read_table(target / DATA_FILE)
+    assert sorted(data["custom_id"].to_pylist()) == ["a", "b", "c", "d"]
+    dead = pq.read_table(target / DEAD_LETTER_FILE).to_pylist()
+    assert sorted(r["stage"] for r in dead) == ["collect", "prepare"]
+    assert json.loads((target / SUMMARY_FILE).read_text()) == summary
+
+    assert summary["pipeline"] == "tickets" and summary["partition"] == "2026-11-01"
+    assert summary["dag_id"] == "test_dag" and summary["mode"] == "batch"
+    assert summary["n_input_records"] == 5 and summary["n_rows"] == 4
+    assert summary["counts_by_status"] == {"invalid_output": 1, "succeeded": 3}
+    assert summary["n_dead_letters"] == 2
+    # Spend counts every attempt: 3 billed rows in attempt 1, 2 in attempt 2.
+    assert summary["tokens"] == {"input": 500, "output": 50, "cache_creation": 0, "cache_read": 25}
+    assert summary["cost_usd"] == pytest.approx(0.005)
+    assert summary["sync_cost_usd"] == pytest.approx(0.010)
+    assert summary["savings_usd"] == pytest.approx(0.005)
+    assert summary["batch_ids"] == ["b1", "b2"]
+    assert summary["attempts"] == 2
+    assert summary["price_table_as_of"]
+    assert summary["data_path"].endswith(f"date=2026-11-01/{DATA_FILE}")
+
+
+def test_republishing_replaces_the_partition_whole(tmp_path):
+    work = _work_dir(tmp_path)
+    target = tmp_path / "extractions" / "date=2026-11-01"
+    target.mkdir(parents=True)
+    (target / "stale.txt").write_text("from an older layout")
+    _publish(work, target)
+    assert not (target / "stale.txt").exists()
+
+    # Second run with fewer dead letters: the new files replace the old ones entirely.
+    work2 = _work_dir(tmp_path / "second", rejected=0, dead=0)
+    summary = _publish(work2, target)
+    assert summary["n_dead_letters"] == 0
+    assert pq.read_table(target / DEAD_LETTER_FILE).num_rows == 0
+    # No staging or trash directories are left next to the partition.
+    assert sorted(os.listdir(target.parent)) == ["date=2026-11-01"]
+
+
+def test_failed_write_leaves_the_previous_partition_intact(tmp_path):
+    work = _work_dir(tmp_path)
+    target = tmp_path / "extractions" / "date=2026-11-01"
+    before = _publish(work, target)
+    # The dead-letter write fails after data.parquet was staged: nothing of it may show.
+    with pytest.raises(ValueError):
+        publish_partition(
+            storage.as_path(url(target)),
+            pq.read_table(target / DATA_FILE).slice(0, 1),
+            [],  # not a table: write_parquet_atomic refuses it
+            {"n_rows": 1},
+        )
+    assert json.loads((target / SUMMARY_FILE).read_text()) == before
+    assert pq.read_table(target / DATA_FILE).num_rows == 4
+    assert sorted(os.listdir(target.parent)) == ["date=2026-11-01"]
