@@ -1,0 +1,247 @@
+"""YAML pipeline -> DAG.
+
+``build_pipeline_dag(config)`` builds one DAG per declared pipeline::
+
+    prepare -> sample_refine -> batch[i].submit -> batch[i].wait -> batch[i].collect -> resubmit -> publish
+
+``batch`` is a *mapped task group* expanded over the chunk paths ``prepare`` returns, so the sensor
+and the collector of chunk *i* wait for the submission of chunk *i* only (index-aligned), and each
+chunk moves on as soon as its own batch ends. ``resubmit`` takes every collected results path,
+retries what is retriable in follow-up batches and merges; ``publish`` writes the partition and
+updates the pipeline's Asset (``anthropic-batch://{pipeline}/extractions``).
+
+Partition = the data interval start as ``YYYY-MM-DD`` (the run's logical date for a manual or
+REST-triggered run), so a re-run or backfill of a date finds its earlier submissions in the ledger.
+
+Queue budget: ``submit``, ``wait`` and ``resubmit`` run in the pool ``anthropic_batches`` with one
+slot each. A slot stands for one queued batch of at most ``max_requests_per_chunk`` requests, so
+the pool size ``queue_budget_requests // max_requests_per_chunk`` (``PipelineConfig.pool_slots_total``)
+keeps queued requests under the budget. The pool must exist and count deferred tasks::
+
+    airflow pools set anthropic_batches <slots> "Anthropic batch queue" --include-deferred
+
+(``ensure_pool_command`` gives the exact command; the demo and the e2e set-up run it.)
+
+Mode: the DAG param ``mode`` (batch | sync | auto, default from the YAML) is resolved by ``prepare``
+and recorded in the manifest; every later task follows the manifest.
+
+This module is imported while DAG files are parsed: it imports only Airflow authoring names and the
+pipeline schema at module level; the operators are imported when a DAG is built.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+from airflow.sdk import DAG, Asset, Param, task_group
+
+from anthropic_batch.pipeline_config import INCLUDE_DIR, POOL_NAME, PipelineConfig
+
+#: The partition of a run: its data interval start (or, for runs without one, when it was due).
+PARTITION_TEMPLATE = "{{ (data_interval_start or dag_run.run_after) | ds }}"
+#: Demos and tests shorten every poll interval with this env var (seconds), read at parse time.
+POLL_INTERVAL_ENV = "ANTHROPIC_BATCH_POLL_INTERVAL"
+
+
+def storage_root_url(override: str | None = None) -> str:
+    """The storage root as a URL string, resolved when a task renders its templates (a DAG macro)."""
+    from anthropic_batch import storage  # pyarrow is imported there; keep it out of DAG parsing
+
+    return str(storage.storage_root(override)).rstrip("/")
+
+
+def pool_slots_total(config: PipelineConfig) -> int:
+    return config.pool_slots_total
+
+
+def ensure_pool_command(configs: list[PipelineConfig]) -> list[str]:
+    """``airflow pools set`` arguments for the shared pool, sized for the largest pipeline budget."""
+    slots = max((c.pool_slots_total for c in configs), default=1)
+    return ["pools", "set", POOL_NAME, str(slots), "Queued Anthropic batches", "--include-deferred"]
+
+
+def _poll_intervals(config: PipelineConfig) -> tuple[float, float]:
+    override = os.environ.get(POLL_INTERVAL_ENV)
+    if override:
+        seconds = float(override)
+        return seconds, max(seconds, min(config.max_poll_interval, seconds * 4))
+    return config.poll_interval, config.max_poll_interval
+
+
+def _doc_md(config: PipelineConfig) -> str:
+    lines = [
+        f"# {config.resolved_dag_id}",
+        "",
+        config.description.strip(),
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| source | `{config.source}` |",
+        f"| model | `{config.model}` (max_tokens {config.max_tokens}) |",
+        f"| output model | `{config.output_model or 'free text'}` ({config.output_mode}) |",
+        f"| default mode | `{config.mode}` (auto: sync up to {config.auto_sync_max_requests} requests) |",
+        f"| sample gate | {config.sample.size} requests, pass rate >= {config.sample.min_pass_rate} |",
+        f"| budget | {config.budget.max_cost_usd or 'none'} USD |",
+        f"| resubmits | up to {config.resubmit.max_attempts} attempts |",
+        f"| queue | {config.queue_budget_requests} requests; chunks of <= {config.max_requests_per_chunk} |",
+        "",
+        "Partition = data interval start (`YYYY-MM-DD`). Trigger with param `mode` = batch | sync | auto.",
+        f"Published to `{config.name}/extractions/date=YYYY-MM-DD/` and the Asset `{config.asset_uri}`.",
+    ]
+    return "\n".join(lines)
+
+
+def add_batch_stage(
+    chunk_paths: Any,
+    *,
+    work_dir: str,
+    storage_root: str | None,
+    after: Any = None,
+    retries: int = 2,
+    poll_interval: float = 30.0,
+    max_poll_interval: float = 600.0,
+    deadline_hours: float = 30.0,
+) -> Any:
+    """``batch`` mapped task group over ``chunk_paths``: submit -> wait -> collect, index-aligned.
+
+    Call inside a ``with dag:`` block. ``after`` (a task) runs before every submit. Returns the
+    collected results paths (an XComArg; downstream it resolves to the list over all chunks).
+    """
+    from anthropic_batch.operators.collect import CollectResultsOperator
+    from anthropic_batch.operators.submit import SubmitBatchOperator
+    from anthropic_batch.sensors import BatchSensor
+
+    @task_group(group_id="batch")
+    def batch(chunk_path: str):
+        submit = SubmitBatchOperator(
+            task_id="submit",
+            chunk_path=chunk_path,
+            work_dir=work_dir,
+            storage_root=storage_root,
+            pool=POOL_NAME,
+            # Idempotent through the ledger: a retry finds the earlier submission instead of paying twice.
+            retries=retries,
+        )
+        wait = BatchSensor(
+            task_id="wait",
+            handle=submit.output,
+            deferrable=True,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            deadline_hours=deadline_hours,
+            pool=POOL_NAME,
+        )
+        collect = CollectResultsOperator(task_id="collect", handle=submit.output, work_dir=work_dir)
+        if after is not None:
+            after >> submit
+        wait >> collect
+        return collect.output
+
+    return batch.expand(chunk_path=chunk_paths)
+
+
+def build_pipeline_dag(config: PipelineConfig) -> DAG:
+    """The DAG for one declared pipeline (see the module docstring for its shape)."""
+    from anthropic_batch.operators.prepare import PrepareRequestsOperator
+    from anthropic_batch.operators.publish import PublishPartitionOperator
+    from anthropic_batch.operators.resubmit import ResubmitFailuresOperator
+    from anthropic_batch.operators.sample_refine import SampleRefineOperator
+
+    root = "{{ batch_storage_root(" + repr(config.storage_root) + ") }}"
+    work_dir = f"{root}/{config.name}/work/date={PARTITION_TEMPLATE}"
+    extraction_dir = f"{root}/{config.name}/extractions/date={PARTITION_TEMPLATE}"
+    poll_interval, max_poll_interval = _poll_intervals(config)
+
+    default_args: dict[str, Any] = {
+        "owner": config.owner,
+        "retries": config.retries,
+        "retry_delay": dt.timedelta(seconds=30),
+    }
+    dag = DAG(
+        dag_id=config.resolved_dag_id,
+        description=config.description.strip().splitlines()[0][:200],
+        doc_md=_doc_md(config),
+        schedule=config.schedule,
+        start_date=dt.datetime.combine(config.start_date, dt.time(), tzinfo=dt.UTC),
+        catchup=config.catchup,
+        tags=sorted({*config.tags, "anthropic-batch"}),
+        max_active_runs=config.max_active_runs,
+        default_args=default_args,
+        params={
+            "mode": Param(
+                config.mode,
+                enum=["batch", "sync", "auto"],
+                description="batch: Message Batches (50% price); sync: Messages API now; auto: by size",
+            )
+        },
+        user_defined_macros={"batch_storage_root": storage_root_url},
+    )
+    with dag:
+        prepare = PrepareRequestsOperator(
+            task_id="prepare",
+            source=config.source,
+            source_format=config.source_format,
+            key_columns=list(config.key_columns),
+            prompt_template=config.prompt_template,
+            model=config.model,
+            max_tokens=config.max_tokens,
+            system_prompt=config.system_prompt,
+            output_model=config.output_model,
+            output_mode=config.output_mode if config.output_model else None,
+            extra_params=config.extra_params,
+            include_dir=str(INCLUDE_DIR),
+            work_dir=work_dir,
+            pipeline=config.name,
+            partition=PARTITION_TEMPLATE,
+            mode="{{ params.mode }}",
+            auto_sync_max_requests=config.auto_sync_max_requests,
+            max_requests_per_chunk=config.max_requests_per_chunk,
+            max_bytes_per_chunk=config.max_bytes_per_chunk,
+        )
+        gate = SampleRefineOperator(
+            task_id="sample_refine",
+            work_dir=work_dir,
+            sample_size=config.sample.size,
+            seed=config.sample.seed,
+            min_pass_rate=config.sample.min_pass_rate,
+            max_cost_usd=config.budget.max_cost_usd,
+            use_count_tokens=config.sample.use_count_tokens,
+        )
+
+        collected = add_batch_stage(
+            prepare.output,
+            work_dir=work_dir,
+            storage_root=config.storage_root,
+            after=gate,
+            retries=config.retries,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            deadline_hours=config.deadline_hours,
+        )
+        resubmit = ResubmitFailuresOperator(
+            task_id="resubmit",
+            results_paths=collected,
+            work_dir=work_dir,
+            max_attempts=config.resubmit.max_attempts,
+            max_tokens_growth=config.resubmit.max_tokens_growth,
+            poll_interval=poll_interval,
+            pool=POOL_NAME,
+        )
+        publish = PublishPartitionOperator(
+            task_id="publish",
+            work_dir=work_dir,
+            merged_path=resubmit.output,
+            extraction_dir=extraction_dir,
+            pipeline=config.name,
+            outlets=[Asset(config.asset_uri, extra={"pipeline": config.name})],
+        )
+        prepare >> gate
+        resubmit >> publish
+    return dag
+
+
+def build_all(configs: list[PipelineConfig]) -> dict[str, DAG]:
+    """``{dag_id: DAG}`` for every pipeline (what ``dags/pipelines.py`` puts in its globals)."""
+    return {c.resolved_dag_id: build_pipeline_dag(c) for c in configs}
