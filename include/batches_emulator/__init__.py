@@ -8,7 +8,8 @@ batch's state is computed from its timestamps whenever it is looked at.
 Endpoints: ``POST/GET /v1/messages/batches``, ``GET/DELETE /v1/messages/batches/{id}``,
 ``POST .../{id}/cancel``, ``GET .../{id}/results`` (JSONL, seeded shuffle, ``\\n`` line ends),
 ``POST /v1/messages``, ``POST /v1/messages/count_tokens``, ``GET /v1/models[/{id}]``. Auth by
-``x-api-key`` or ``Authorization: Bearer``; ``anthropic-version`` 2023-06-01 or 2026-10-21.
+``x-api-key`` or ``Authorization: Bearer`` with a key given by ``--api-key`` (repeatable, default
+``emulator-key``; real-looking ``sk-ant-`` keys are refused); ``anthropic-version`` 2023-06-01 or 2026-10-21.
 Unknown query parameters (``beta=true``) are ignored.
 
 Lifecycle. A batch is ``in_progress`` for ``--processing-seconds`` (real seconds); request i

@@ -21,7 +21,6 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from batches_emulator import model
@@ -108,7 +107,11 @@ class Plan:
 class Engine:
     def __init__(self, settings: Settings):
         self.settings = settings
-        settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+        state_dir = settings.db_path.parent
+        if not state_dir.exists():
+            state_dir.mkdir(parents=True)
+            # A directory the emulator creates keeps itself out of git (./.emulator/ in a checkout).
+            (state_dir / ".gitignore").write_text("*\n")
         self.db = sqlite3.connect(str(settings.db_path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -473,10 +476,6 @@ def build_message(
         "model": params["model"] if isinstance(params["model"], str) else model_id,
         "content": reply.content,
         "stop_reason": reply.stop_reason,
-        "stop_sequence": None,
+        "stop_sequence": reply.stop_sequence,
         "usage": usage,
     }
-
-
-def db_default(path: Path | None) -> Path:
-    return path or Path(".emulator") / "emulator.sqlite"

@@ -464,6 +464,7 @@ class Answer:
     stop_reason: str
     output_tokens: int
     seed: str = ""
+    stop_sequence: str | None = None
 
 
 def _truncate(text: str, max_tokens: int) -> str:
@@ -473,7 +474,7 @@ def _truncate(text: str, max_tokens: int) -> str:
 def answer(params: dict[str, Any], *, invalid_output: bool = False, truncate: bool = False) -> Answer:
     """The deterministic reply to a valid request. `truncate` forces a max_tokens stop."""
     seed = _content_seed(params)
-    rng = random.Random(seed)
+    rng = random.Random(int(seed[:16], 16))
     max_tokens = int(params["max_tokens"])
     choice = params.get("tool_choice") if isinstance(params.get("tool_choice"), dict) else {}
     tools = [t for t in params.get("tools") or [] if isinstance(t, dict)]
@@ -512,6 +513,13 @@ def answer(params: dict[str, Any], *, invalid_output: bool = False, truncate: bo
         text = json.dumps(value, ensure_ascii=False)
     else:
         text = _prose(rng, params)
+    stops = [s for s in params.get("stop_sequences") or [] if isinstance(s, str) and s and s in text]
+    if stops:
+        first = min(stops, key=text.index)
+        text = text[: text.index(first)]
+        tokens = text_tokens(text)
+        if tokens <= max_tokens and not truncate:
+            return Answer([{"type": "text", "text": text}], "stop_sequence", tokens, seed, first)
     tokens = text_tokens(text)
     if truncate or tokens > max_tokens:
         cut = min(max_tokens, max(tokens - 1, 1)) if truncate else max_tokens

@@ -195,3 +195,35 @@ def test_short_prefixes_are_not_cached(client):
             model=MODEL, max_tokens=100, system=system, messages=[{"role": "user", "content": "x"}]
         ).usage
         assert usage.cache_creation_input_tokens == 0 and usage.cache_read_input_tokens == 0
+
+
+def test_one_hour_cache_ttl_is_reported_separately(emulator_factory):
+    emu = emulator_factory()
+    client = client_for(emu)
+    system = [{"type": "text", "text": "Rules. " * 800, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    usage = client.messages.create(
+        model=MODEL, max_tokens=100, system=system, messages=[{"role": "user", "content": "x"}]
+    ).usage
+    assert usage.cache_creation.ephemeral_1h_input_tokens == usage.cache_creation_input_tokens > 0
+    assert usage.cache_creation.ephemeral_5m_input_tokens == 0
+
+
+def test_stop_sequences_stop_the_answer(client):
+    messages = [{"role": "user", "content": "Tell me something"}]
+    full = client.messages.create(model=MODEL, max_tokens=1000, messages=messages).content[0].text
+    stop = full.split()[6]
+    cut = client.messages.create(model=MODEL, max_tokens=1000, messages=messages, stop_sequences=[stop])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert full.startswith(cut.content[0].text) and stop not in cut.content[0].text
+
+
+def test_provider_hook_through_the_anthropic_conn_fixture(anthropic_conn, emulator):
+    from airflow.providers.anthropic.hooks.anthropic import AnthropicHook
+
+    hook = AnthropicHook(conn_id=anthropic_conn)
+    assert hook.test_connection() == (True, "Connection established!")
+    batch = hook.create_batch([simple_request("hook-1")])
+    ended = hook.wait_for_batch(batch.id, wait_seconds=0.1, timeout=30)
+    assert ended.request_counts.succeeded == 1
+    (result,) = list(hook.stream_batch_results(batch.id))
+    assert result.custom_id == "hook-1"

@@ -1,0 +1,77 @@
+"""Engine-level checks that would need wall-clock waits through HTTP: partial cancel, plans, --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import batches_emulator
+from batches_emulator.config import parse_settings
+from batches_emulator.engine import Engine
+from batches_emulator.testing import INCLUDE_DIR
+
+
+def make_engine(tmp_path, *flags):
+    return Engine(parse_settings(["--db", str(tmp_path / "e.sqlite"), *flags]))
+
+
+def body(n):
+    params = {"model": "claude-haiku-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "x"}]}
+    return json.dumps({"requests": [{"custom_id": f"c{i}", "params": params} for i in range(n)]}).encode()
+
+
+def test_cancel_halfway_cancels_only_unfinished_requests(tmp_path):
+    engine = make_engine(tmp_path, "--processing-seconds", "100")
+    view = engine.create_batch(body(60), 60, "2026-10-21")
+    # Move the batch 200 s into the past, canceled 50 s after creation.
+    engine.db.execute(
+        "UPDATE batches SET created_at=created_at-200, natural_end=natural_end-200,"
+        " cancel_initiated_at=created_at-150 WHERE id=?",
+        (view["id"],),
+    )
+    ended = engine.retrieve(view["id"], "http://x")
+    counts = ended["request_counts"]
+    assert ended["processing_status"] == "ended"
+    assert counts["succeeded"] > 0 and counts["canceled"] > 0
+    assert counts["succeeded"] + counts["canceled"] == 60
+    lines = b"".join(engine.result_parts(view["id"])).decode().splitlines()
+    kinds = [json.loads(line)["result"]["type"] for line in lines]
+    assert kinds.count("canceled") == counts["canceled"]
+
+
+def test_plans_are_reproducible_per_seed_and_batch(tmp_path):
+    a = make_engine(tmp_path / "a", "--seed", "5", "--error-rate", "api_error=0.5")
+    b = make_engine(tmp_path / "b", "--seed", "5", "--error-rate", "api_error=0.5")
+    assert list(a.plans(1, 100)) == list(b.plans(1, 100))
+    # A resubmitted request (a later batch) gets a fresh draw, so it can succeed next time.
+    assert list(a.plans(1, 100)) != list(a.plans(2, 100))
+
+
+def test_help_documents_every_fault_flag():
+    done = subprocess.run(
+        [sys.executable, "-m", "batches_emulator", "--help"],
+        cwd=INCLUDE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0
+    for flag in (
+        "--error-rate",
+        "--expired-rate",
+        "--invalid-output-rate",
+        "--truncate-rate",
+        "--http-fault",
+        "--early-404-seconds",
+        "--drop-results-after-lines",
+        "--max-body-bytes",
+        "--time-scale",
+        "--expire-after-seconds",
+        "--processing-seconds",
+        "--seed",
+        "--api-key",
+        "--db",
+    ):
+        assert flag in done.stdout
+        assert flag in batches_emulator.__doc__
