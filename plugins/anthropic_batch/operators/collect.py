@@ -1,0 +1,236 @@
+"""CollectResultsOperator and ``collect_batch``: an ended batch's results -> a RESULT Parquet file.
+
+``collect_batch`` is shared with the resubmit operator. It streams the raw result lines (the batch's
+``results_url`` through ``BatchHook.iter_result_lines``, or in ``mode=sync`` the results JSONL the
+sync runner wrote) into ``results.collect_lines``, which writes
+``work_dir/results/attempt-NN/<batch_id>.parquet`` atomically with exactly one row per request of the
+chunk: a request without a result line becomes a ``missing`` row, a duplicate line (a resumed
+download) counts once. Re-running overwrites the same file, so a retried collect is idempotent. A
+canceled or expired batch is collected like any other: its succeeded rows are kept, the rest get
+their status (and are resubmitted later).
+
+The ledger entry of the submission is updated with the collected path, cost and state ``ended``.
+In ``mode=sync`` the entry's ``results_path`` keeps pointing at the JSONL (a re-attached handle
+needs it); the Parquet path goes to ``collected_path`` in both modes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context, ObjectStoragePath
+
+from anthropic_batch import storage
+from anthropic_batch.batch_requests import iter_chunk_lines, read_manifest
+from anthropic_batch.hooks import BatchHook
+from anthropic_batch.ledger import LedgerState, batch_fields, rfc3339, update_entry, utc_now
+from anthropic_batch.pricing import PriceTable, load_price_table
+from anthropic_batch.results import ParseContext, collect_lines, expected_ids_from_chunk
+
+log = logging.getLogger(__name__)
+
+#: Which RESULT statuses come from which ``request_counts`` bucket of the batch.
+_COUNT_BUCKET = {
+    "succeeded": "succeeded",
+    "invalid_output": "succeeded",
+    "needs_followup": "succeeded",
+    "errored": "errored",
+    "canceled": "canceled",
+    "expired": "expired",
+}
+
+
+class BatchNotEndedError(RuntimeError):
+    """Results were asked for before the batch ended."""
+
+
+def attempt_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
+    """``work_dir/results/attempt-NN``."""
+    return storage.as_path(work_dir) / "results" / f"attempt-{attempt:02d}"
+
+
+def results_file(work_dir: storage.PathLike, attempt: int, batch_id: str) -> ObjectStoragePath:
+    """``work_dir/results/attempt-NN/<batch_id>.parquet``."""
+    return attempt_dir(work_dir, attempt) / f"{batch_id}.parquet"
+
+
+def price_table_for_mode(mode: str, prices: PriceTable | None = None) -> PriceTable:
+    """The price table to cost rows with: synchronous runs pay list price (no batch discount)."""
+    prices = prices or load_price_table()
+    return prices.overlay({"batch_discount": 1}) if mode == "sync" else prices
+
+
+def chunk_index_of(manifest: Mapping[str, Any], chunk_path: str) -> int | None:
+    """The index of an original chunk in the manifest; None for retry chunks (not listed there)."""
+    wanted = str(storage.as_path(chunk_path))
+    for chunk in manifest.get("chunks") or ():
+        if str(storage.as_path(chunk["path"])) == wanted:
+            return int(chunk["index"])
+    return None
+
+
+def request_counts_by_bucket(counts_by_status: Mapping[str, int]) -> dict[str, int]:
+    """Collected row counts folded into the API's ``request_counts`` buckets (missing rows apart)."""
+    buckets = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0, "missing": 0}
+    for status, n in counts_by_status.items():
+        buckets[_COUNT_BUCKET.get(status, "missing" if status == "missing" else "errored")] += n
+    return buckets
+
+
+def collect_batch(
+    hook: BatchHook,
+    handle: Mapping[str, Any],
+    work_dir: storage.PathLike,
+    *,
+    attempt: int | None = None,
+    prices: PriceTable | None = None,
+) -> dict[str, Any]:
+    """
+    Collect one submitted chunk's results into ``work_dir/results/attempt-NN/<batch_id>.parquet``.
+
+    :param hook: the Anthropic hook (only used in batch mode).
+    :param handle: the BatchHandle returned by submit (or by ``ledger.submit_idempotently``).
+    :param work_dir: the run's work directory (manifest and keys are read from it).
+    :param attempt: attempt number for the output directory; default: the handle's.
+    :returns: collection stats (``CollectStats`` as a dict) plus ``results_path``, ``batch_id``,
+        ``attempt``, ``mode`` and ``request_counts`` (the API's, batch mode only).
+    """
+    work = storage.as_path(work_dir)
+    manifest = read_manifest(work)
+    batch_id = str(handle["batch_id"])
+    mode = str(handle.get("mode") or "batch")
+    attempt = int(attempt if attempt is not None else handle.get("attempt") or 1)
+    chunk_path = str(handle["chunk_path"])
+
+    batch: dict[str, Any] | None = None
+    if mode == "sync":
+        if not handle.get("results_path"):
+            raise ValueError(f"sync handle for {chunk_path} has no results_path")
+        lines: Iterable[bytes] = iter_chunk_lines(str(handle["results_path"]))
+    else:
+        batch = hook.get_batch(batch_id).model_dump(mode="json")
+        if batch["processing_status"] != "ended":
+            raise BatchNotEndedError(
+                f"Batch {batch_id} is {batch['processing_status']}, not ended: wait for it first."
+            )
+        lines = hook.iter_result_lines(batch_id)
+
+    index = chunk_index_of(manifest, chunk_path)
+    ctx = ParseContext.from_work_dir(
+        work,
+        batch_id=batch_id,
+        attempt=attempt,
+        chunk_indices=None if index is None else [index],
+        prices=price_table_for_mode(mode, prices),
+        manifest=manifest,
+    )
+    out = results_file(work, attempt, batch_id)
+    stats = collect_lines(lines, out, ctx, expected_custom_ids=expected_ids_from_chunk(chunk_path))
+    result = {
+        **stats.to_dict(),
+        "results_path": str(out),
+        "batch_id": batch_id,
+        "attempt": attempt,
+        "mode": mode,
+        "request_counts": (batch or {}).get("request_counts"),
+    }
+    if batch is not None:
+        _check_counts(batch_id, batch.get("request_counts") or {}, stats.counts_by_status)
+    if stats.n_unknown or stats.n_malformed:
+        log.warning(
+            "Batch %s: %d result lines with unknown custom_ids (e.g. %s), %d malformed (e.g. %s).",
+            batch_id,
+            stats.n_unknown,
+            stats.unknown_custom_ids[:3],
+            stats.n_malformed,
+            stats.malformed_samples[:1],
+        )
+    if handle.get("ledger_path"):
+        _record_in_ledger(str(handle["ledger_path"]), batch, result)
+    return result
+
+
+def _check_counts(batch_id: str, api_counts: Mapping[str, Any], counts_by_status: Mapping[str, int]) -> None:
+    """Warn when the rows disagree with the batch's own request_counts (lines lost or unreadable)."""
+    ours = request_counts_by_bucket(counts_by_status)
+    differs = {
+        bucket: (int(api_counts.get(bucket) or 0), ours[bucket])
+        for bucket in ("succeeded", "errored", "canceled", "expired")
+        if int(api_counts.get(bucket) or 0) != ours[bucket]
+    }
+    if differs or ours["missing"]:
+        log.warning(
+            "Batch %s: collected rows differ from request_counts (api, rows): %s; %d missing.",
+            batch_id,
+            differs,
+            ours["missing"],
+        )
+
+
+def _record_in_ledger(ledger_path: str, batch: dict[str, Any] | None, result: Mapping[str, Any]) -> None:
+    fields: dict[str, Any] = {
+        "state": LedgerState.ENDED.value,
+        "collected_path": result["results_path"],
+        "collected_at": rfc3339(utc_now()),
+        "cost_usd": round(float(result["cost_usd"]), 6),
+        "sync_cost_usd": round(float(result["sync_cost_usd"]), 6),
+        "counts_by_status": result["counts_by_status"],
+    }
+    if batch is not None:
+        fields.update(batch_fields(batch))
+        fields["results_path"] = result["results_path"]
+    try:
+        update_entry(ledger_path, **fields)
+    except FileNotFoundError:
+        log.warning("Ledger entry %s not found; results collected but not recorded there.", ledger_path)
+
+
+class CollectResultsOperator(BaseOperator):
+    """
+    Collect an ended batch (or a sync run) into ``work_dir/results/attempt-NN/<batch_id>.parquet``.
+
+    :param handle: the BatchHandle from the submit task (mapped 1:1 over chunks).
+    :param work_dir: the run's work directory (templated).
+    :param conn_id: the Anthropic connection.
+    :returns: the results Parquet path.
+    """
+
+    template_fields: Sequence[str] = ("handle", "work_dir")
+    ui_color = "#fdebd0"
+
+    def __init__(
+        self,
+        *,
+        handle: Mapping[str, Any] | Any,
+        work_dir: str,
+        conn_id: str = BatchHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.handle = handle
+        self.work_dir = work_dir
+        self.conn_id = conn_id
+
+    def execute(self, context: Context) -> str:
+        handle = dict(self.handle)
+        stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir)
+        savings = stats["sync_cost_usd"] - stats["cost_usd"]
+        self.log.info(
+            "Collected %s %s (attempt %d): %d rows %s; %d duplicate, %d unknown, %d malformed lines. "
+            "Cost $%.4f (sync price $%.4f, saved $%.4f). -> %s",
+            stats["mode"],
+            stats["batch_id"],
+            stats["attempt"],
+            stats["n_rows"],
+            stats["counts_by_status"],
+            stats["n_duplicates"],
+            stats["n_unknown"],
+            stats["n_malformed"],
+            stats["cost_usd"],
+            stats["sync_cost_usd"],
+            savings,
+            stats["results_path"],
+        )
+        return stats["results_path"]
