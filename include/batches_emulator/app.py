@@ -223,6 +223,9 @@ def create_app(settings: Settings) -> FastAPI:
                 cut = 0
                 for _ in range(drop_after - sent):
                     cut = part.index(b"\n", cut) + 1
+                # N whole lines and half of the next one, as a real cut connection would leave.
+                next_end = part.find(b"\n", cut)
+                cut += max(0, next_end - cut) // 2
                 yield part[:cut]
                 # Abort mid-body: the server closes the connection without ending the chunked body.
                 raise ConnectionAbortedError("emulated connection drop")

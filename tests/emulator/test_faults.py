@@ -227,3 +227,21 @@ def test_bad_flags_are_refused():
             timeout=30,
         )
         assert done.returncode == 2, flags
+
+
+def test_dropped_stream_ends_inside_a_line(emulator_factory):
+    emu = emulator_factory("--processing-seconds", "0.1", "--drop-results-after-lines", "3")
+    client = client_for(emu)
+    batch = client.messages.batches.create(requests=[simple_request(f"m{i}") for i in range(10)])
+    ended = wait_ended(client, batch.id)
+    headers = {"x-api-key": emu.api_key, "anthropic-version": "2023-06-01"}
+    received = b""
+    with (
+        pytest.raises(httpx2.RemoteProtocolError),
+        httpx2.stream("GET", ended.results_url, headers=headers) as r,
+    ):
+        for chunk in r.iter_bytes():
+            received += chunk
+    assert received.count(b"\n") == 3 and not received.endswith(b"\n")
+    again = httpx2.get(ended.results_url, headers=headers)
+    assert again.content.count(b"\n") == 10 and again.content.startswith(received)
