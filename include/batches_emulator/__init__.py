@@ -54,4 +54,6 @@ Fault flags (all seeded by ``--seed``, reproducible):
     --early-404-seconds N         retrieve/results 404 for N seconds after create
     --drop-results-after-lines N  first download of each batch is cut after N lines
     --max-body-bytes N            413 request_too_large above N bytes (default 256 MB)
+    --max-queued-requests N       429 on create when requests still processing (all batches) would
+                                  exceed N (the tier's batch queue limit; default unlimited)
 """

@@ -160,6 +160,13 @@ def create_app(settings: Settings) -> FastAPI:
             seen.add(custom_id)
             if not isinstance(item.get("params"), dict):
                 raise ApiError(400, f"requests.{i}.params: Field required")
+        limit = settings.max_queued_requests
+        if limit and engine.queued_requests() + len(requests) > limit:
+            raise ApiError(
+                429,
+                f"Number of queued batch requests would exceed the rate limit of {limit}",
+                headers={"retry-after": "60"},
+            )
         view = engine.create_batch(raw, len(requests), version)
         maybe_fault("create_after")
         return json_response(view)

@@ -52,6 +52,7 @@ class Settings:
     time_scale: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_requests: int = 100_000
+    max_queued_requests: int = 0
     error_rates: dict[str, float] = field(default_factory=dict)
     expired_rate: float = 0.0
     invalid_output_rate: float = 0.0
@@ -146,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-requests", type=int, default=100_000, help="requests per batch (default 100000)")
     p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=0,
+        help="rate limit on requests still processing across all batches; a create that would "
+        "exceed it gets 429 rate_limit_error (default 0 = unlimited; tier 1 is 100000)",
+    )
+    p.add_argument(
         "--error-rate",
         action="append",
         type=_error_rate,
@@ -228,6 +236,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         time_scale=time_scale,
         max_body_bytes=args.max_body_bytes,
         max_requests=args.max_requests,
+        max_queued_requests=args.max_queued_requests,
         error_rates=dict(args.error_rate),
         expired_rate=args.expired_rate,
         invalid_output_rate=args.invalid_output_rate,

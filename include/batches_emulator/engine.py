@@ -181,6 +181,16 @@ class Engine:
 
     # ------------------------------------------------------------ read
 
+    def queued_requests(self) -> int:
+        """Requests of batches still processing (the organisation-wide batch queue)."""
+        with self.lock:
+            row = self.db.execute(
+                "SELECT COALESCE(SUM(n_requests), 0) FROM batches WHERE deleted=0 AND ended_at IS NULL"
+                " AND natural_end > ? AND (cancel_initiated_at IS NULL OR cancel_initiated_at > ?)",
+                (self.now(), self.now() - self.emulated(self.settings.cancel_seconds)),
+            ).fetchone()
+            return int(row[0])
+
     def _row(self, batch_id: str) -> sqlite3.Row | tuple:
         row = self.db.execute(
             "SELECT seq, id, created_at, created_real, natural_end, n_requests, api_version,"

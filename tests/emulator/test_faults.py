@@ -245,3 +245,17 @@ def test_dropped_stream_ends_inside_a_line(emulator_factory):
     assert received.count(b"\n") == 3 and not received.endswith(b"\n")
     again = httpx2.get(ended.results_url, headers=headers)
     assert again.content.count(b"\n") == 10 and again.content.startswith(received)
+
+
+def test_queued_request_limit_is_a_429_until_batches_end(emulator_factory):
+    emu = emulator_factory(
+        "--processing-seconds", "60", "--cancel-seconds", "0.1", "--max-queued-requests", "5"
+    )
+    client = client_for(emu)
+    first = client.messages.batches.create(requests=[simple_request(f"q{i}") for i in range(4)])
+    with pytest.raises(anthropic.RateLimitError, match="queued"):
+        client.messages.batches.create(requests=[simple_request("a"), simple_request("b")])
+    assert client.messages.batches.create(requests=[simple_request("fits")]).id
+    client.messages.batches.cancel(first.id)
+    wait_ended(client, first.id)
+    assert client.messages.batches.create(requests=[simple_request("c"), simple_request("d")]).id
