@@ -24,6 +24,7 @@ ERROR_TYPE_BY_STATUS = {
     402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     408: "timeout_error",
     409: "conflict_error",
     413: "request_too_large",
@@ -112,6 +113,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return error_response(ApiError(exc.status_code, str(exc.detail)))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # Anything unforeseen is still answered in the API's error shape, as a retryable 500.
+        return error_response(ApiError(500, f"emulator error: {type(exc).__name__}: {exc}"))
+
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> Response:
         return error_response(ApiError(404, f"Message Batch {exc} not found"))
@@ -165,7 +171,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(
                 429,
                 f"Number of queued batch requests would exceed the rate limit of {limit}",
-                headers={"retry-after": "60"},
+                headers={"retry-after-ms": str(settings.retry_after_ms)},
             )
         view = engine.create_batch(raw, len(requests), version)
         maybe_fault("create_after")

@@ -322,10 +322,10 @@ class Engine:
             plan, request = plans[i], requests[i]
             finish = created + processing * plan.finish_fraction
             custom_id = request["custom_id"]
-            if plan.stuck or finish > expires:
-                result: dict[str, Any] = {"type": "expired"}
-            elif cancel_at is not None and finish > cancel_at:
-                result = {"type": "canceled"}
+            if cancel_at is not None and (plan.stuck or finish > cancel_at):
+                result: dict[str, Any] = {"type": "canceled"}
+            elif plan.stuck or finish > expires:
+                result = {"type": "expired"}
             elif plan.error_type:
                 result = errored(plan.error_type, ERROR_MESSAGES[plan.error_type])
             else:

@@ -75,3 +75,17 @@ def test_help_documents_every_fault_flag():
     ):
         assert flag in done.stdout
         assert flag in batches_emulator.__doc__
+
+
+def test_stuck_requests_of_a_canceled_batch_are_canceled_not_expired(tmp_path):
+    engine = make_engine(tmp_path, "--processing-seconds", "1", "--expired-rate", "1.0")
+    view = engine.create_batch(body(5), 5, "2026-10-21")
+    canceled = engine.cancel(view["id"], "http://x")
+    assert canceled["processing_status"] == "canceling"
+    engine.db.execute(
+        "UPDATE batches SET created_at=created_at-100, natural_end=natural_end-100,"
+        " cancel_initiated_at=cancel_initiated_at-99 WHERE id=?",
+        (view["id"],),
+    )
+    ended = engine.retrieve(view["id"], "http://x")
+    assert ended["request_counts"]["canceled"] == 5
