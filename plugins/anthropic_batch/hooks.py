@@ -13,18 +13,22 @@ The connection is the provider's: type ``anthropic``, API key in *password*, bas
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import anthropic
 import httpx2
-from airflow.providers.anthropic.hooks.anthropic import AnthropicHook
+from airflow.providers.anthropic.hooks.anthropic import AnthropicHook, _ClientFactories
+from airflow.providers.common.compat.connection import get_async_connection
 from anthropic.types.messages import MessageBatch
 
 #: SDK retries for plain reads (retrieve, list, cancel). The SDK backs off exponentially (capped at
@@ -145,8 +149,26 @@ class BatchHook(AnthropicHook):
             client = client.with_options(max_retries=DEFAULT_MAX_RETRIES)
         return client
 
-    async def get_async_conn(self) -> anthropic.AsyncAnthropic:
-        client = await super().get_async_conn()
+    async def get_async_conn(self, *, shared_http: bool = False) -> anthropic.AsyncAnthropic:
+        """
+        The async client. ``shared_http=True`` builds it on the event loop's shared HTTP pool
+        (:func:`shared_async_http_client`); such a client must NOT be closed by the caller.
+        """
+        if not shared_http:
+            client = await super().get_async_conn()
+        else:
+            if "_connection" not in self.__dict__:
+                self._connection = await get_async_connection(self.conn_id, hook=self)
+            http = shared_async_http_client()
+            client = self._build_client(
+                _ClientFactories(
+                    anthropic=partial(anthropic.AsyncAnthropic, http_client=http),
+                    bedrock=partial(anthropic.AsyncAnthropicBedrock, http_client=http),
+                    vertex=partial(anthropic.AsyncAnthropicVertex, http_client=http),
+                    aws=partial(anthropic.AsyncAnthropicAWS, http_client=http),
+                    foundry=partial(anthropic.AsyncAnthropicFoundry, http_client=http),
+                )
+            )
         if self._configured_max_retries() is None:
             client = client.with_options(max_retries=DEFAULT_MAX_RETRIES)
         return client
@@ -347,6 +369,29 @@ class BatchHook(AnthropicHook):
         client = await self.get_async_conn()
         async with client:
             return await client.messages.batches.cancel(batch_id)
+
+
+#: Polls are short: a few dozen pooled connections serve hundreds of triggers, and a small pool keeps
+#: httpcore's per-request scan of its connections cheap.
+SHARED_POOL_LIMITS = httpx2.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30)
+
+_SHARED_ASYNC_HTTP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx2.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_async_http_client() -> httpx2.AsyncClient:
+    """One pooled HTTP client per event loop.
+
+    A triggerer runs hundreds of triggers in one loop; a new SDK client per trigger costs ~20 ms of
+    CPU (its TLS context) and its own connection pool, so the poll triggers share one.
+    """
+    loop = asyncio.get_running_loop()
+    client = _SHARED_ASYNC_HTTP.get(loop)
+    if client is None or client.is_closed:
+        client = anthropic.DefaultAsyncHttpxClient(limits=SHARED_POOL_LIMITS)
+        _SHARED_ASYNC_HTTP[loop] = client
+    return client
 
 
 class _StreamFragment(Exception):

@@ -142,15 +142,15 @@ class BatchPollTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = BatchHook(conn_id=self.conn_id)
         try:
-            client = await hook.get_async_conn()
+            # On the loop's shared HTTP pool: hundreds of triggers, one pool, no per-trigger TLS setup.
+            # The shared pool is not closed here; it lives as long as the event loop.
+            client = await hook.get_async_conn(shared_http=True)
         except Exception as err:
             yield self._event(
                 "error", message=f"Cannot build the Anthropic client: {err}", error_type="config"
             )
             return
-        async with client:
-            event = await self._poll(client)
-        yield event
+        yield await self._poll(client)
 
     async def _poll(self, client: anthropic.AsyncAnthropic) -> TriggerEvent:
         interval = self.poll_interval
