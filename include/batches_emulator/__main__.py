@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import uvicorn
 
 from batches_emulator.app import create_app
 from batches_emulator.config import parse_settings
 
 
+def exit_with_parent(pid: int) -> None:
+    """Leave no orphan server behind when the test run or demo that started us dies."""
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
+    if settings.parent_pid:
+        exit_with_parent(settings.parent_pid)
     app = create_app(settings)
     uvicorn.run(
         app,

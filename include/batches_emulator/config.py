@@ -63,6 +63,7 @@ class Settings:
     drop_results_after_lines: int | None = None
     cache_min_tokens: int = 1024
     log_level: str = "warning"
+    parent_pid: int | None = None
 
 
 def _rate(text: str) -> float:
@@ -210,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="shortest cacheable prefix in tokens (default 1024)",
     )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process is gone (EmulatorProcess passes its own pid)",
+    )
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     return p
 
@@ -247,4 +254,5 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         drop_results_after_lines=args.drop_results_after_lines,
         cache_min_tokens=args.cache_min_tokens,
         log_level=args.log_level,
+        parent_pid=args.parent_pid,
     )

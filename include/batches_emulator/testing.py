@@ -58,6 +58,10 @@ class EmulatorProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> EmulatorProcess:
         if self._proc is not None and self._proc.poll() is None:
             return self
@@ -72,6 +76,8 @@ class EmulatorProcess:
             str(self.db_path),
             "--api-key",
             self.api_key,
+            "--parent-pid",
+            str(os.getpid()),
             *self.cli_flags,
         ]
         env = {

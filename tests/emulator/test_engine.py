@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -89,3 +90,38 @@ def test_stuck_requests_of_a_canceled_batch_are_canceled_not_expired(tmp_path):
     )
     ended = engine.retrieve(view["id"], "http://x")
     assert ended["request_counts"]["canceled"] == 5
+
+
+def test_emulator_exits_when_its_parent_dies(tmp_path):
+    import os
+    import signal
+
+    from tests.emulator.conftest import wait_until
+
+    script = (
+        "import sys, time; sys.path.insert(0, {!r})\n"
+        "from batches_emulator.testing import EmulatorProcess\n"
+        "emu = EmulatorProcess(db_path={!r}).start()\n"
+        "print(emu.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    ).format(str(INCLUDE_DIR), str(tmp_path / "orphan.sqlite"))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait(timeout=10)
+
+    def child_gone():
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie still answers kill(0); it is gone once its state is Z.
+        with open(f"/proc/{child_pid}/stat") as stat:
+            return stat.read().split()[2] == "Z"
+
+    try:
+        assert wait_until(child_gone, timeout=15, what="orphaned emulator to exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGKILL)
+    parent.stdout.close()
