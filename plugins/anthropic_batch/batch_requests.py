@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from anthropic_batch.output_models import OUTPUT_MODES, output_params
 from anthropic_batch.results import dead_letter_schema
-from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer
+from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer, open_binary
 
 API_VERSION = "2026-10-21"
 MAX_REQUESTS_PER_BATCH = 100_000
@@ -314,7 +314,7 @@ def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: s
     fmt = (fmt or _format_of(path.name)).lower()
     if not path.exists():
         raise BatchRequestError(f"input file not found: {path}")
-    with path.open("rb") as handle:
+    with open_binary(path) as handle:
         if fmt == "parquet":
             return pq.read_table(handle)
         if fmt == "csv":
@@ -403,7 +403,7 @@ def write_chunk(lines: Iterable[bytes], path: PathLike, index: int | None = None
 
 def iter_chunk_lines(chunk_path: PathLike) -> Iterator[bytes]:
     """The request lines of a chunk file, without their newline, streamed."""
-    with as_path(chunk_path).open("rb") as handle:
+    with open_binary(chunk_path) as handle:
         for raw in handle:
             line = raw.rstrip(b"\r\n")
             if line:

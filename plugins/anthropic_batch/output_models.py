@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import anthropic
 from pydantic import BaseModel, ValidationError
 
 OUTPUT_MODES = ("json_schema", "tool")
@@ -96,7 +95,10 @@ def output_tool_name(model_cls: type[BaseModel]) -> str:
 
 def output_schema(model_cls: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON schema in the form the API accepts."""
-    return anthropic.transform_schema(model_cls)
+    # Imported here: the SDK is large and result parsing (which imports this module) never needs it.
+    from anthropic import transform_schema
+
+    return transform_schema(model_cls)
 
 
 def output_params(model_cls: type[BaseModel], mode: str = "json_schema") -> dict[str, Any]:

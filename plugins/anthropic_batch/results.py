@@ -221,6 +221,7 @@ class ParseContext:
     tool_name: str | None = None
     _rates: dict[str | None, tuple[float, ...]] = field(default_factory=dict, repr=False)
     _discount: float = field(default=0.5, init=False, repr=False)
+    _row_fn: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._discount = float(self.prices.batch_discount)
@@ -313,105 +314,121 @@ _TUPLE_COLUMNS = OUTCOME_COLUMNS[:-3]  # everything except batch_id, attempt, re
 _NO_USAGE = (None, None, None, None, 0.0, 0.0)
 
 
-def _costs(usage: _Usage | None, rates: tuple[float, ...], cache_ttl: str, discount: float) -> tuple:
-    if usage is None:
-        return (None, None, None, None, 0.0, 0.0)
-    inp = usage.input_tokens or 0
-    out = usage.output_tokens or 0
-    write = usage.cache_creation_input_tokens or 0
-    read = usage.cache_read_input_tokens or 0
-    cc = usage.cache_creation
-    if cc is not None and (cc.ephemeral_5m_input_tokens or cc.ephemeral_1h_input_tokens):
-        w5, w1 = cc.ephemeral_5m_input_tokens, cc.ephemeral_1h_input_tokens
-    elif cache_ttl == "1h":
-        w5, w1 = 0, write
-    else:
-        w5, w1 = write, 0
-    r_in, r_out, r_w5, r_w1, r_read = rates
-    sync = inp * r_in + out * r_out + w5 * r_w5 + w1 * r_w1 + read * r_read
-    return (
-        usage.input_tokens,
-        usage.output_tokens,
-        usage.cache_creation_input_tokens,
-        usage.cache_read_input_tokens,
-        sync * discount,
-        sync,
-    )
+def _row_builder(ctx: ParseContext):
+    """A function decoded line -> row tuple, specialised for ``ctx`` (everything bound as locals).
 
+    This runs once per result line, so the per-context decisions are taken here, once.
+    """
+    model = ctx.output_model
+    mode = ctx.output_mode
+    tool_mode = mode == "tool"
+    tool_name = ctx.tool_name
+    validator = model.__pydantic_validator__ if model is not None else None
+    serializer = model.__pydantic_serializer__ if model is not None else None
+    cache_1h = ctx.cache_ttl == "1h"
+    discount = ctx._discount
+    default_model = ctx.default_model
+    rates_for = ctx.rates
+    rates_cache: dict[str | None, tuple[float, ...]] = {}
+    no_usage = _NO_USAGE
 
-def _validate_json(model: type[BaseModel], data: bytes | str) -> tuple[str | None, str | None]:
-    try:
-        obj = model.model_validate_json(data)
-    except ValidationError as exc:
-        return None, format_validation_error(exc)
-    return obj.model_dump_json(), None
+    def validate(data: bytes | str) -> tuple[str | None, str | None]:
+        # pydantic-core's validator and serializer directly: model_validate_json + model_dump_json
+        # without the per-call wrapper overhead.
+        try:
+            return serializer.to_json(validator.validate_json(data)).decode(), None
+        except ValidationError as exc:
+            return None, format_validation_error(exc)
 
-
-def _succeeded(msg: _Message, ctx: ParseContext) -> tuple:
-    """(status, error_type, error_message, output_text, output_json, stop_reason, model, tokens..., costs)."""
-    texts = []
-    forced_input = None
-    foreign_tool = None
-    for block in msg.content:
-        if block.type == "text":
-            if block.text:
-                texts.append(block.text)
-        elif block.type == "tool_use":
-            if ctx.output_mode == "tool" and forced_input is None and block.name == ctx.tool_name:
-                forced_input = block.input
-            elif foreign_tool is None:
-                foreign_tool = block.name or "?"
-    text = texts[0] if len(texts) == 1 else "".join(texts)
-    stop = msg.stop_reason
-    status = "succeeded"
-    error_type = error_message = output_json = None
-    if stop == "pause_turn":
-        status, error_type, error_message = "needs_followup", "pause_turn", "the model paused its turn"
-    elif foreign_tool is not None or (stop == "tool_use" and forced_input is None):
-        status, error_type = "needs_followup", "tool_use"
-        error_message = f"the model asked for tool {foreign_tool!r}; a batch cannot continue a tool loop"
-    elif ctx.output_model is not None:
-        if ctx.output_mode == "tool":
-            if forced_input is None or not len(forced_input):
-                output_json, error_message = None, f"no {ctx.tool_name} tool_use block in the answer"
-            else:
-                output_json, error_message = _validate_json(ctx.output_model, bytes(forced_input))
-        elif not text.strip():
-            error_message = "empty answer where JSON was expected"
+    def succeeded(msg: _Message) -> tuple:
+        content = msg.content
+        stop = msg.stop_reason
+        forced_input = None
+        foreign_tool = None
+        if len(content) == 1 and content[0].type == "text":
+            text = content[0].text or ""
         else:
-            output_json, error_message = _validate_json(ctx.output_model, text)
-        if output_json is None:
-            status, error_type = "invalid_output", "validation_error"
-            if stop == "max_tokens":
-                error_message = f"answer truncated at max_tokens; {error_message}"
-    model = msg.model or ctx.default_model
-    costs = _costs(msg.usage, ctx.rates(model), ctx.cache_ttl, ctx._discount)
-    return (status, error_type, error_message, text, output_json, stop, model, *costs)
+            texts = []
+            for block in content:
+                kind = block.type
+                if kind == "text":
+                    if block.text:
+                        texts.append(block.text)
+                elif kind == "tool_use":
+                    if tool_mode and forced_input is None and block.name == tool_name:
+                        forced_input = block.input
+                    elif foreign_tool is None:
+                        foreign_tool = block.name or "?"
+            text = "".join(texts)
+        status = "succeeded"
+        error_type = error_message = output_json = None
+        if stop == "pause_turn":
+            status, error_type, error_message = "needs_followup", "pause_turn", "the model paused its turn"
+        elif foreign_tool is not None or (stop == "tool_use" and forced_input is None):
+            status, error_type = "needs_followup", "tool_use"
+            error_message = f"the model asked for tool {foreign_tool!r}; a batch cannot continue a tool loop"
+        elif validator is not None:
+            if tool_mode:
+                if forced_input is None or not len(forced_input):
+                    error_message = f"no {tool_name} tool_use block in the answer"
+                else:
+                    output_json, error_message = validate(bytes(forced_input))
+            elif not text or text.isspace():
+                error_message = "empty answer where JSON was expected"
+            else:
+                output_json, error_message = validate(text)
+            if output_json is None:
+                status, error_type = "invalid_output", "validation_error"
+                if stop == "max_tokens":
+                    error_message = f"answer truncated at max_tokens; {error_message}"
+        model_id = msg.model or default_model
+        usage = msg.usage
+        if usage is None:
+            return (status, error_type, error_message, text, output_json, stop, model_id, *no_usage)
+        rates = rates_cache.get(model_id)
+        if rates is None:
+            rates = rates_cache[model_id] = rates_for(model_id)
+        inp = usage.input_tokens
+        out = usage.output_tokens
+        write = usage.cache_creation_input_tokens
+        read = usage.cache_read_input_tokens
+        sync = (inp or 0) * rates[0] + (out or 0) * rates[1] + (read or 0) * rates[4]
+        if write:
+            cc = usage.cache_creation
+            if cc is not None and (cc.ephemeral_5m_input_tokens or cc.ephemeral_1h_input_tokens):
+                # The response says which TTL each written token used: trust it over the request's.
+                sync += cc.ephemeral_5m_input_tokens * rates[2] + cc.ephemeral_1h_input_tokens * rates[3]
+            else:
+                sync += write * (rates[3] if cache_1h else rates[2])
+        return (
+            status, error_type, error_message, text, output_json, stop, model_id,
+            inp, out, write, read, sync * discount, sync,
+        )  # fmt: skip
+
+    def build(line: _Line) -> tuple:
+        result = line.result
+        kind = result.type
+        if kind == "succeeded" and result.message is not None:
+            return succeeded(result.message)
+        if kind == "errored":
+            err = result.error
+            body = err.error if err is not None else None
+            error_type = (body.type if body is not None else None) or (err.type if err is not None else None)
+            message = body.message if body is not None else None
+            return ("errored", error_type, message, None, None, None, default_model, *no_usage)
+        if kind in ("canceled", "expired"):
+            return (kind, None, None, None, None, None, default_model, *no_usage)
+        reason = f"result type {kind!r} is not documented"
+        return ("errored", "unknown_result_type", reason, None, None, None, default_model, *no_usage)
+
+    return build
 
 
 def _row_tuple(line: _Line, ctx: ParseContext) -> tuple:
-    result = line.result
-    kind = result.type
-    if kind == "succeeded" and result.message is not None:
-        return _succeeded(result.message, ctx)
-    if kind == "errored":
-        err = result.error
-        body = err.error if err is not None else None
-        error_type = (body.type if body is not None else None) or (err.type if err is not None else None)
-        message = body.message if body is not None else None
-        return ("errored", error_type, message, None, None, None, ctx.default_model, *_NO_USAGE)
-    if kind in ("canceled", "expired"):
-        return (kind, None, None, None, None, None, ctx.default_model, *_NO_USAGE)
-    return (
-        "errored",
-        "unknown_result_type",
-        f"result type {kind!r} is not documented",
-        None,
-        None,
-        None,
-        ctx.default_model,
-        *_NO_USAGE,
-    )
+    build = ctx._row_fn
+    if build is None:
+        build = ctx._row_fn = _row_builder(ctx)
+    return build(line)
 
 
 def _malformed_tuple(ctx: ParseContext, reason: str) -> tuple:
@@ -439,6 +456,9 @@ def parse_result_line(line: bytes | str, ctx: ParseContext) -> dict[str, Any]:
 # -- collect ----------------------------------------------------------------------------------------
 
 _SAMPLE = 20
+# Dictionary encoding only pays for the low-cardinality columns; long texts are written plain.
+_DICTIONARY_COLUMNS = ["status", "error_type", "stop_reason", "model", "batch_id", "attempt"]
+_WRITER_OPTIONS: dict[str, Any] = {"use_dictionary": _DICTIONARY_COLUMNS, "compression": "snappy"}
 
 
 @dataclass
@@ -467,18 +487,6 @@ class CollectStats:
         return asdict(self)
 
 
-def _split_items(lines: Iterable[bytes | str]) -> Iterable[bytes]:
-    """Lines as bytes without their newline; items holding several lines are split."""
-    for item in lines:
-        if isinstance(item, str):
-            item = item.encode("utf-8")
-        item = item.rstrip(b"\r\n")
-        if b"\n" in item:
-            yield from (part.rstrip(b"\r") for part in item.split(b"\n"))
-        else:
-            yield item
-
-
 def collect_lines(
     lines: Iterable[bytes | str],
     out_path: PathLike,
@@ -489,90 +497,117 @@ def collect_lines(
 ) -> CollectStats:
     """Stream result lines into a RESULT Parquet file at ``out_path`` (atomic), one row per custom_id.
 
-    Rows for ``expected_custom_ids`` never seen are added with status ``missing``.
+    Rows for ``expected_custom_ids`` never seen are added with status ``missing``. Items may hold
+    several lines; newlines are stripped. Memory stays at about one row group.
     """
     schema = result_schema(ctx.key_columns)
-    names = schema.names
     n_keys = len(ctx.key_columns)
-    tuple_cols = list(range(1 + n_keys, 1 + n_keys + len(_TUPLE_COLUMNS)))
     out = as_path(out_path)
     stats = CollectStats(out_path=str(out))
     seen: set[str] = set()
     status_counts: Counter[str] = Counter()
     totals = [0, 0, 0, 0]
-    cost = sync_cost = 0.0
-    null_keys = (None,) * n_keys
-    batch_id, attempt = ctx.batch_id, ctx.attempt
+    costs = [0.0, 0.0]
     keys_map = ctx.keys
-
-    cols: list[list[Any]] = [[] for _ in names]
-    col_id = cols[0]
-    key_cols = cols[1 : 1 + n_keys]
-    out_cols = [cols[i] for i in tuple_cols]
-    col_batch, col_attempt, col_fp = cols[-3], cols[-2], cols[-1]
-
-    def add(custom_id: str, values: tuple, keys: tuple, fingerprint: str | None) -> None:
-        nonlocal cost, sync_cost
-        col_id.append(custom_id)
-        for col, v in zip(key_cols, keys, strict=True):
-            col.append(v)
-        for col, v in zip(out_cols, values, strict=True):
-            col.append(v)
-        col_batch.append(batch_id)
-        col_attempt.append(attempt)
-        col_fp.append(fingerprint)
-        status_counts[values[0]] += 1
-        if values[7] is not None:
-            totals[0] += values[7] or 0
-            totals[1] += values[8] or 0
-            totals[2] += values[9] or 0
-            totals[3] += values[10] or 0
-        cost += values[11]
-        sync_cost += values[12]
+    # One row group at a time, kept as per-row tuples and transposed into columns at flush (in C).
+    ids: list[str] = []
+    keys: list[tuple] = []
+    values: list[tuple] = []
+    fingerprints: list[str | None] = []
 
     def flush(writer: pq.ParquetWriter) -> None:
-        if not col_id:
+        if not ids:
             return
-        writer.write_table(
-            pa.Table.from_arrays(
-                [pa.array(c, type=f.type) for c, f in zip(cols, schema, strict=True)], schema=schema
-            )
-        )
-        for c in cols:
-            c.clear()
+        n = len(ids)
+        key_cols = list(zip(*keys, strict=True)) if n_keys else []
+        value_cols = list(zip(*values, strict=True))
+        status_counts.update(value_cols[0])
+        for i, col in enumerate(value_cols[7:11]):
+            totals[i] += sum(filter(None, col))
+        costs[0] += sum(value_cols[11])
+        costs[1] += sum(value_cols[12])
+        arrays = [pa.array(ids, pa.string())]
+        arrays += [pa.array(c, pa.string()) for c in key_cols]
+        arrays += [pa.array(c, schema.field(1 + n_keys + i).type) for i, c in enumerate(value_cols)]
+        arrays.append(pa.repeat(pa.scalar(ctx.batch_id, pa.string()), n))
+        arrays.append(pa.repeat(pa.scalar(ctx.attempt, pa.int32()), n))
+        arrays.append(pa.array(fingerprints, pa.string()))
+        writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+        for buf in (ids, keys, values, fingerprints):
+            buf.clear()
 
-    with open_atomic_writer(out) as handle, pq.ParquetWriter(handle, schema) as writer:
-        for line in _split_items(lines):
-            if not line.strip():
+    def add_line(line: bytes) -> None:
+        """The slow path: a line that needs splitting, or one that does not decode."""
+        for part in line.split(b"\n"):
+            part = part.rstrip(b"\r")
+            if not part.strip():
                 continue
             stats.n_lines += 1
-            if len(col_id) >= row_group_size:
-                flush(writer)
             try:
-                decoded = _decode_line(line)
-                custom_id = decoded.custom_id
+                decoded = _decode_line(part)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 stats.n_malformed += 1
                 if len(stats.malformed_samples) < _SAMPLE:
-                    stats.malformed_samples.append(f"{exc}: {line[:200]!r}")
-                custom_id = custom_id_of_line(line)
+                    stats.malformed_samples.append(f"{exc}: {part[:200]!r}")
+                custom_id = custom_id_of_line(part)
                 if custom_id is None or custom_id in seen or custom_id not in keys_map:
                     continue
                 seen.add(custom_id)
-                keys, fingerprint = keys_map[custom_id]
-                add(custom_id, _malformed_tuple(ctx, f"undecodable result line: {exc}"), keys, fingerprint)
+                entry = keys_map[custom_id]
+                row = _malformed_tuple(ctx, f"undecodable result line: {exc}")
+            else:
+                custom_id = decoded.custom_id
+                if custom_id in seen:
+                    stats.n_duplicates += 1
+                    continue
+                entry = keys_map.get(custom_id)
+                if entry is None:
+                    stats.n_unknown += 1
+                    if len(stats.unknown_custom_ids) < _SAMPLE:
+                        stats.unknown_custom_ids.append(custom_id)
+                    continue
+                seen.add(custom_id)
+                row = _row_tuple(decoded, ctx)
+            ids.append(custom_id)
+            keys.append(entry[0])
+            values.append(row)
+            fingerprints.append(entry[1])
+
+    decode = _decode_line
+    decode_errors = (msgspec.DecodeError, msgspec.ValidationError)
+    build = _row_builder(ctx)
+    with open_atomic_writer(out) as handle, pq.ParquetWriter(handle, schema, **_WRITER_OPTIONS) as writer:
+        for line in lines:
+            if len(ids) >= row_group_size:
+                flush(writer)
+            if type(line) is not bytes:
+                line = line.encode("utf-8") if isinstance(line, str) else bytes(line)
+            # The common case, inline: one complete line per item. A trailing newline is JSON
+            # whitespace to the decoder, so the line is not copied to strip it.
+            newline = line.find(b"\n")
+            if 0 <= newline < len(line) - 1:
+                add_line(line.rstrip(b"\r\n"))
                 continue
+            try:
+                decoded = decode(line)
+            except decode_errors:
+                add_line(line.rstrip(b"\r\n"))
+                continue
+            stats.n_lines += 1
+            custom_id = decoded.custom_id
             if custom_id in seen:
                 stats.n_duplicates += 1
                 continue
             entry = keys_map.get(custom_id)
             if entry is None:
-                stats.n_unknown += 1
-                if len(stats.unknown_custom_ids) < _SAMPLE:
-                    stats.unknown_custom_ids.append(custom_id)
+                stats.n_lines -= 1  # add_line counts it again
+                add_line(line.rstrip(b"\r\n"))
                 continue
             seen.add(custom_id)
-            add(custom_id, _row_tuple(decoded, ctx), entry[0], entry[1])
+            ids.append(custom_id)
+            keys.append(entry[0])
+            values.append(build(decoded))
+            fingerprints.append(entry[1])
         if expected_custom_ids is not None:
             missing_row = (
                 "missing",
@@ -584,19 +619,22 @@ def collect_lines(
                 ctx.default_model,
                 *_NO_USAGE,
             )
+            null_keys = ((None,) * n_keys, None)
             for custom_id in sorted(set(expected_custom_ids) - seen):
-                keys, fingerprint = keys_map.get(custom_id, (null_keys, None))
-                add(custom_id, missing_row, keys, fingerprint)
-                stats.n_missing += 1
-                if len(col_id) >= row_group_size:
+                if len(ids) >= row_group_size:
                     flush(writer)
+                entry = keys_map.get(custom_id, null_keys)
+                ids.append(custom_id)
+                keys.append(entry[0])
+                values.append(missing_row)
+                fingerprints.append(entry[1])
+                stats.n_missing += 1
         flush(writer)
 
     stats.n_rows = sum(status_counts.values())
     stats.counts_by_status = dict(sorted(status_counts.items()))
     stats.tokens = dict(zip(("input", "output", "cache_creation", "cache_read"), totals, strict=True))
-    stats.cost_usd = cost
-    stats.sync_cost_usd = sync_cost
+    stats.cost_usd, stats.sync_cost_usd = costs
     return stats
 
 

@@ -1,16 +1,27 @@
 """Status vocabulary shared by every component: per-request outcome, failure class, run mode.
 
 ``BatchStatus`` (the top-level ``processing_status`` of a Message Batch) is the official provider's
-enum, re-exported so callers have one import place.
+enum, re-exported so callers have one import place. It is imported lazily: the provider module pulls
+in the whole ``anthropic`` SDK, which result parsing does not need.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
-from airflow.providers.anthropic.hooks.anthropic import BatchStatus
+if TYPE_CHECKING:
+    from airflow.providers.anthropic.hooks.anthropic import BatchStatus
 
 __all__ = ["BatchStatus", "FailureClass", "RequestStatus", "RunMode"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BatchStatus":
+        from airflow.providers.anthropic.hooks.anthropic import BatchStatus
+
+        return BatchStatus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RequestStatus(StrEnum):

@@ -82,23 +82,45 @@ def ledger_root(root: PathLike) -> ObjectStoragePath:
     return as_path(root) / "_ledger"
 
 
+def is_local(path: ObjectStoragePath) -> bool:
+    """True for ``file://`` (and protocol-less) paths."""
+    return path.protocol in ("file", "local", "")
+
+
+def open_binary(path: PathLike, mode: str = "rb") -> IO[bytes]:
+    """Open a path in binary mode; local files bypass fsspec (and Airflow's per-open lineage hook)."""
+    target = as_path(path)
+    if is_local(target):
+        return open(target.path, mode)
+    return target.open(mode)
+
+
 def _temp_sibling(path: ObjectStoragePath) -> ObjectStoragePath:
     return path.parent / f".{path.name}{TMP_MARKER}{uuid.uuid4().hex}"
 
 
 def _ensure_parent(path: ObjectStoragePath) -> None:
+    if is_local(path):
+        os.makedirs(os.path.dirname(path.path), exist_ok=True)
+        return
     # Object stores have no real directories; mkdir there is a harmless no-op or an error we ignore.
     with contextlib.suppress(FileExistsError, NotImplementedError):
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _rename_into_place(tmp: ObjectStoragePath, path: ObjectStoragePath) -> None:
-    tmp.fs.mv(tmp.path, path.path)
+    if is_local(tmp):
+        os.replace(tmp.path, path.path)  # atomic on POSIX, overwrites
+    else:
+        tmp.fs.mv(tmp.path, path.path)
 
 
 def _remove_quietly(path: ObjectStoragePath) -> None:
     try:
-        if path.exists():
+        if is_local(path):
+            if os.path.exists(path.path):
+                os.unlink(path.path)
+        elif path.exists():
             path.unlink()
     except OSError as exc:
         log.warning("could not remove temporary file %s: %s", path, exc)
@@ -111,7 +133,7 @@ def open_atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
     _ensure_parent(target)
     tmp = _temp_sibling(target)
     try:
-        with tmp.open("wb") as handle:
+        with open_binary(tmp, "wb") as handle:
             yield handle
         _rename_into_place(tmp, target)
     except BaseException:
@@ -137,7 +159,8 @@ def read_json(path: PathLike, default: Any = None) -> Any:
     """The JSON at ``path``, or ``default`` when the file does not exist."""
     target = as_path(path)
     try:
-        data = target.read_bytes()
+        with open_binary(target) as handle:
+            data = handle.read()
     except FileNotFoundError:
         return default
     return json.loads(data)
@@ -176,7 +199,7 @@ def write_parquet_atomic(
 def read_parquet(path: PathLike, columns: list[str] | None = None) -> pa.Table:
     """The Parquet file at ``path`` as an Arrow table."""
     target = as_path(path)
-    if target.protocol in ("file", "local", ""):
+    if is_local(target):
         return pq.read_table(target.path, columns=columns)
     with target.open("rb") as handle:
         return pq.read_table(handle, columns=columns)

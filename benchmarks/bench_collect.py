@@ -1,0 +1,312 @@
+"""Collecting batch results: the fast path vs a bare ``json.loads`` loop vs the SDK's objects.
+
+100,000 realistic ``succeeded`` result lines (~90 MB of JSONL: Messages with usage and a JSON
+answer validated against a pydantic output model) are written to a temp file; then, side by side
+in one run, best of ``BENCH_COLLECT_ROUNDS``:
+
+- (a) fast:  ``results.collect_lines`` -> RESULT Parquet (msgspec decode, pydantic-core validation
+          of the answer, Arrow column lists per row group, atomic write);
+- (b) bare:  ``json.loads`` of every line and nothing else (the floor for a Python parser);
+- (c) sdk:   what ``client.messages.batches.results()`` does per line (``json.loads`` then
+          ``construct_type_unchecked(MessageBatchIndividualResponse)``, see ``anthropic/_decoders``),
+          then the same row dicts, output validation and Parquet file as (a).
+
+Targets: (a) >= 7x faster than (c); (a) within 1.5x of (b); peak RSS of (a) in a fresh process
+< 200 MB. Run: ``python -m benchmarks bench_collect`` (env BENCH_COLLECT_LINES to change the size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (REPO / "plugins", REPO / "include", REPO):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow" / "bench"))
+
+N_LINES = int(os.environ.get("BENCH_COLLECT_LINES", "100000"))
+ROUNDS = int(os.environ.get("BENCH_COLLECT_ROUNDS", "3"))
+MODEL = "claude-haiku-4-5"
+WORDS = [
+    "invoice",
+    "payment",
+    "overdue",
+    "customer",
+    "account",
+    "refund",
+    "shipping",
+    "delayed",
+    "damaged",
+    "package",
+    "support",
+    "request",
+    "escalation",
+    "priority",
+    "billing",
+    "address",
+    "update",
+    "subscription",
+    "cancel",
+    "renewal",
+    "discount",
+]
+
+# The output model the answers are validated against (kept here so the child process can import it).
+OUTPUT_MODEL_SOURCE = '''
+from pydantic import BaseModel, Field
+
+
+class TicketExtraction(BaseModel):
+    """A support ticket, classified."""
+
+    category: str
+    urgency: int = Field(ge=1, le=5)
+    sentiment: str
+    summary: str
+    tags: list[str]
+    customer_id: str | None = None
+    needs_human: bool
+'''
+
+
+def _answer(rng: random.Random, i: int) -> str:
+    return json.dumps(
+        {
+            "category": rng.choice(["billing", "shipping", "account", "technical"]),
+            "urgency": rng.randint(1, 5),
+            "sentiment": rng.choice(["negative", "neutral", "positive"]),
+            "summary": " ".join(rng.choice(WORDS) for _ in range(rng.randint(25, 35))),
+            "tags": [rng.choice(WORDS) for _ in range(rng.randint(2, 5))],
+            "customer_id": f"C{i:07d}",
+            "needs_human": rng.random() < 0.2,
+        }
+    )
+
+
+def _result_line(rng: random.Random, i: int) -> bytes:
+    message = {
+        "id": f"msg_{i:024x}",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [{"type": "text", "text": _answer(rng, i)}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": rng.randint(300, 1200),
+            "output_tokens": rng.randint(80, 200),
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 1800,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "service_tier": "batch",
+            "server_tool_use": None,
+        },
+    }
+    return json.dumps(
+        {"custom_id": f"T{i:07d}", "result": {"type": "succeeded", "message": message}}
+    ).encode()
+
+
+def generate(directory: Path, n: int) -> Path:
+    """Write ``n`` result lines, the output model file and a keys file; returns the JSONL path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    path = directory / "results.jsonl"
+    with path.open("wb") as f:
+        for i in range(n):
+            f.write(_result_line(rng, i) + b"\n")
+    (directory / "schemas").mkdir(exist_ok=True)
+    (directory / "schemas" / "tickets.py").write_text(OUTPUT_MODEL_SOURCE)
+    ids = [f"T{i:07d}" for i in range(n)]
+    pq.write_table(
+        pa.table({"custom_id": ids, "ticket_id": ids, "request_fingerprint": ["0" * 64] * n}),
+        directory / "keys.parquet",
+    )
+    return path
+
+
+def _context(directory: Path):
+    import pyarrow.parquet as pq
+
+    from anthropic_batch.output_models import load_output_model
+    from anthropic_batch.pricing import load_price_table
+    from anthropic_batch.results import ParseContext
+
+    model = load_output_model("schemas/tickets.py:TicketExtraction", directory)
+    return ParseContext.from_keys_table(
+        pq.read_table(directory / "keys.parquet"),
+        ["ticket_id"],
+        output_model=model,
+        output_mode="json_schema",
+        prices=load_price_table(),
+        batch_id="msgbatch_bench",
+        attempt=1,
+        default_model=MODEL,
+    )
+
+
+def _iter_file_lines(path: Path):
+    with path.open("rb") as f:
+        yield from f
+
+
+def run_fast(path: Path, out: Path, ctx) -> int:
+    from anthropic_batch.results import collect_lines
+
+    return collect_lines(_iter_file_lines(path), str(out), ctx).n_rows
+
+
+def run_bare(path: Path) -> int:
+    n = 0
+    loads = json.loads
+    for line in _iter_file_lines(path):
+        loads(line)
+        n += 1
+    return n
+
+
+def run_sdk(path: Path, out: Path, ctx) -> int:
+    """The SDK's per-line object construction, then the same rows, validation and Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from anthropic._models import construct_type_unchecked
+    from anthropic.types.messages import MessageBatchIndividualResponse
+
+    from anthropic_batch.output_models import validate_output_json
+    from anthropic_batch.results import result_schema
+
+    schema = result_schema(ctx.key_columns)
+    rows: list[dict] = []
+    n = 0
+    with pq.ParquetWriter(str(out), schema) as writer:
+        for line in _iter_file_lines(path):
+            resp = construct_type_unchecked(value=json.loads(line), type_=MessageBatchIndividualResponse)
+            result = resp.result
+            keys, fingerprint = ctx.keys[resp.custom_id]
+            row = {"custom_id": resp.custom_id, "ticket_id": keys[0], "status": result.type}
+            if result.type == "succeeded":
+                msg = result.message
+                text = "".join(b.text for b in msg.content if b.type == "text")
+                output_json, error = validate_output_json(ctx.output_model, text)
+                u = msg.usage
+                batch_cost, sync_cost = ctx.prices.cost_pair(msg.model, u.model_dump(), cache_ttl="1h")
+                row.update(
+                    status="succeeded" if error is None else "invalid_output",
+                    error_message=error,
+                    output_text=text,
+                    output_json=output_json,
+                    stop_reason=msg.stop_reason,
+                    model=msg.model,
+                    input_tokens=u.input_tokens,
+                    output_tokens=u.output_tokens,
+                    cache_creation_input_tokens=u.cache_creation_input_tokens,
+                    cache_read_input_tokens=u.cache_read_input_tokens,
+                    cost_usd=batch_cost,
+                    sync_cost_usd=sync_cost,
+                )
+            row.update(batch_id=ctx.batch_id, attempt=ctx.attempt, request_fingerprint=fingerprint)
+            rows.append(row)
+            n += 1
+            if len(rows) >= 10_000:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                rows.clear()
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    return n
+
+
+def _best(fn, rounds: int) -> tuple[float, int]:
+    best = float("inf")
+    n = 0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        n = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, n
+
+
+def _child_peak_rss(directory: Path, path: Path) -> dict:
+    """Run (a) once in a fresh interpreter; its own peak RSS, and the RSS after imports alone."""
+    code = (
+        "import resource, sys, json\n"
+        f"sys.path[:0] = {[str(REPO / 'plugins'), str(REPO / 'include'), str(REPO)]!r}\n"
+        "from pathlib import Path\n"
+        "from benchmarks import bench_collect as b\n"
+        "import anthropic_batch.results\n"
+        f"d = Path({str(directory)!r})\n"
+        "ctx = b._context(d)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        f"n = b.run_fast(Path({str(path)!r}), d / 'child.parquet', ctx)\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({'rows': n, 'rss_after_imports_mb': before, 'peak_rss_mb': peak}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> dict:
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="bench_collect_") as tmp:
+        directory = Path(tmp)
+        t0 = time.perf_counter()
+        path = generate(directory, N_LINES)
+        size_mb = path.stat().st_size / 1e6
+        print(f"generated {N_LINES:,} result lines, {size_mb:.1f} MB, in {time.perf_counter() - t0:.1f}s")
+        ctx = _context(directory)
+
+        fast_s, fast_n = _best(lambda: run_fast(path, directory / "fast.parquet", ctx), ROUNDS)
+        bare_s, bare_n = _best(lambda: run_bare(path), ROUNDS)
+        sdk_s, sdk_n = _best(lambda: run_sdk(path, directory / "sdk.parquet", ctx), max(1, ROUNDS - 1))
+        assert fast_n == bare_n == sdk_n == N_LINES, (fast_n, bare_n, sdk_n)
+        fast_table = pq.read_table(directory / "fast.parquet")
+        sdk_table = pq.read_table(directory / "sdk.parquet")
+        assert fast_table.column("status").to_pylist() == sdk_table.column("status").to_pylist()
+        assert fast_table.column("output_json").equals(sdk_table.column("output_json"))
+        rss = _child_peak_rss(directory, path)
+        assert rss["rows"] == N_LINES
+
+    sdk_ratio = sdk_s / fast_s
+    bare_ratio = fast_s / bare_s
+    rows = [
+        ("(a) fast: collect_lines -> Parquet", fast_s, N_LINES / fast_s),
+        ("(b) bare json.loads loop", bare_s, N_LINES / bare_s),
+        ("(c) SDK objects -> rows -> Parquet", sdk_s, N_LINES / sdk_s),
+    ]
+    print(f"\n{'variant':<40} {'seconds':>9} {'lines/s':>12}")
+    for name, seconds, rate in rows:
+        print(f"{name:<40} {seconds:>9.2f} {rate:>12,.0f}")
+    checks = [
+        ("(c) / (a) speed-up", f"{sdk_ratio:.1f}x", ">= 7x", sdk_ratio >= 7),
+        ("(a) / (b) time", f"{bare_ratio:.2f}x", "<= 1.5x", bare_ratio <= 1.5),
+        ("(a) peak RSS, fresh process", f"{rss['peak_rss_mb']:.0f} MB", "< 200 MB", rss["peak_rss_mb"] < 200),
+    ]
+    print(f"\n{'measure':<32} {'value':>10} {'target':>10}  result")
+    for name, value, target, ok in checks:
+        print(f"{name:<32} {value:>10} {target:>10}  {'PASS' if ok else 'MISS'}")
+    print(f"(RSS after imports alone: {rss['rss_after_imports_mb']:.0f} MB; {size_mb:.0f} MB of input)")
+    return {
+        "lines": N_LINES,
+        "input_mb": size_mb,
+        "fast_s": fast_s,
+        "bare_s": bare_s,
+        "sdk_s": sdk_s,
+        "sdk_over_fast": sdk_ratio,
+        "fast_over_bare": bare_ratio,
+        **rss,
+        "all_targets_met": all(ok for *_, ok in checks),
+    }
+
+
+if __name__ == "__main__":
+    main()
