@@ -43,6 +43,10 @@ constraints ``anthropic.transform_schema`` moves into descriptions); with a forc
 (type tool or any) a ``tool_use`` block valid against ``input_schema`` and stop_reason ``tool_use``;
 ``max_tokens`` stop with truncated text when the answer does not fit.
 
+Other flags: ``--host`` (127.0.0.1), ``--port``, ``--max-requests`` (100000 per batch),
+``--cache-min-tokens``, ``--retry-after-ms``, ``--parent-pid`` (exit when that process is gone;
+``EmulatorProcess`` passes its own), ``--log-level`` (uvicorn, default warning).
+
 Fault flags (all seeded by ``--seed``, reproducible):
     --error-rate TYPE=RATE        errored results of that error type (repeatable)
     --expired-rate R              requests that never finish: the batch runs to expires_at
