@@ -1,0 +1,419 @@
+"""ResubmitFailuresOperator: retry what can be retried, then one final row per request.
+
+One task runs every retry round of a run:
+
+1. merge the collected attempts (latest attempt wins) into ``work_dir/results/merged.parquet``,
+   with a ``missing`` row for any prepared request no attempt returned;
+2. a fatal failure (authentication / permission / billing) fails the task at once, loudly, and
+   without retries (they would fail the same way); what was collected so far stays on storage;
+3. retriable rows (expired, canceled, missing, invalid output, overloaded / rate-limited / server
+   errors, answers cut off at ``max_tokens``) that have had fewer than ``max_attempts`` attempts go
+   into retry chunks ``work_dir/requests/retry-NN/retry-NN-chunk-NNNNN.jsonl`` made of their last
+   submitted request lines, byte for byte, except that ``max_tokens`` is multiplied by
+   ``max_tokens_growth`` for truncated answers;
+4. each retry chunk is submitted through ``ledger.submit_idempotently`` (so a retried task re-attaches
+   instead of paying twice); the task then *defers* on ``BatchPollTrigger`` (no worker slot held while
+   the batch runs) and resumes, as a fresh operator instance, in ``execute_complete`` with the attempt
+   number, the paths so far and the handles still pending carried in the deferral kwargs; it collects
+   into ``results/attempt-NN/`` and goes back to 1. In ``mode=sync`` the retry runs synchronously and
+   nothing is deferred;
+5. when nothing is left to retry: ``merged.parquet`` has exactly one row per prepared request
+   (checked) and ``work_dir/dead_letter.parquet`` holds the rows that failed permanently or ran out
+   of attempts, with the reason.
+
+The ledger key of a retry chunk is the hash of its bytes *and* its attempt number: a request that
+fails twice the same way yields an identical chunk, which must still be a new submission.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from airflow.sdk import BaseOperator, Context, ObjectStoragePath
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from anthropic_batch import storage
+from anthropic_batch.batch_requests import (
+    DEFAULT_MAX_BYTES_PER_CHUNK,
+    MAX_REQUESTS_PER_BATCH,
+    body_size,
+    canonical_json,
+    iter_chunk_lines,
+    read_manifest,
+    sha256_hex,
+    write_chunk,
+)
+from anthropic_batch.hooks import BatchHook
+from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.operators.collect import collect_batch
+from anthropic_batch.results import (
+    classify_failure,
+    custom_id_of_line,
+    dead_letter_rows,
+    has_fatal,
+    merge_attempts,
+    retry_mask,
+)
+from anthropic_batch.status import FailureClass
+from anthropic_batch.triggers import BatchPollTrigger
+
+log = logging.getLogger(__name__)
+
+#: Upper bound for a grown ``max_tokens`` (the largest output any current model accepts); beyond a
+#: model's own limit the API answers invalid_request_error, which is dead-lettered, not retried.
+MAX_TOKENS_CAP = 128_000
+
+
+def retry_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
+    """``work_dir/requests/retry-NN``: the chunks submitted as attempt NN (NN >= 2)."""
+    return storage.as_path(work_dir) / "requests" / f"retry-{attempt:02d}"
+
+
+def ledger_root_for(work_dir: storage.PathLike, storage_root: str | None = None) -> ObjectStoragePath:
+    """The storage root holding ``_ledger``: given, else from the layout ``{root}/{pipeline}/work/date=``."""
+    if storage_root:
+        return storage.storage_root(storage_root)
+    work = storage.as_path(work_dir)
+    if work.name.startswith("date=") and work.parent.name == "work":
+        return work.parent.parent.parent
+    return storage.storage_root()
+
+
+def retry_reason(status: str, error_type: str | None, stop_reason: str | None) -> str:
+    """A short label for the log: why this row is resubmitted."""
+    if stop_reason == "max_tokens":
+        return f"{status}: truncated at max_tokens"
+    return f"{status}: {error_type}" if error_type else status
+
+
+def grow_max_tokens(line: bytes, growth: float, cap: int = MAX_TOKENS_CAP) -> bytes:
+    """The request line with ``params.max_tokens`` multiplied by ``growth`` (rounded up, capped)."""
+    request = json.loads(line)
+    params = request["params"]
+    params["max_tokens"] = min(cap, max(params["max_tokens"] + 1, math.ceil(params["max_tokens"] * growth)))
+    return (
+        '{"custom_id":' + json.dumps(request["custom_id"]) + ',"params":' + canonical_json(params) + "}"
+    ).encode()
+
+
+def _chunk_groups(lines: Iterable[bytes], max_requests: int, max_bytes: int) -> Iterator[Iterator[bytes]]:
+    """Split a stream of request lines into consecutive groups within the batch limits, streamed.
+
+    Each group must be consumed before the next is asked for (``write_chunk`` does).
+    """
+    source = iter(lines)
+    carry: list[bytes | None] = [next(source, None)]  # the line that did not fit the previous group
+
+    def group() -> Iterator[bytes]:
+        n = total = 0
+        line = carry[0]
+        while line is not None:
+            if n and (n + 1 > max_requests or body_size(n + 1, total + len(line)) > max_bytes):
+                carry[0] = line
+                return
+            yield line
+            n, total = n + 1, total + len(line)
+            line = next(source, None)
+        carry[0] = None
+
+    while carry[0] is not None:
+        yield group()
+
+
+class ResubmitFailuresOperator(BaseOperator):
+    """
+    Merge the collected attempts, resubmit retriable failures (deferring while they run), finalise.
+
+    :param results_paths: the attempt-1 results Parquet paths (output of the collect tasks).
+    :param work_dir: the run's work directory (templated).
+    :param conn_id: the Anthropic connection.
+    :param max_attempts: attempts per request in all, the first one included.
+    :param max_tokens_growth: ``max_tokens`` factor for answers truncated at ``max_tokens``.
+    :param poll_interval: first seconds between polls of a retry batch (grows toward max_poll_interval).
+    :param max_poll_interval: the longest wait between polls.
+    :param deadline_hours: how long to wait for one retry batch before failing the task (a retry of
+        the task re-attaches to the same batch).
+    :param storage_root: root of the ledger; default: derived from ``work_dir``'s layout.
+    :returns: the merged results Parquet path.
+    """
+
+    template_fields: Sequence[str] = ("results_paths", "work_dir", "storage_root")
+    ui_color = "#fcf3cf"
+
+    def __init__(
+        self,
+        *,
+        results_paths: Sequence[str] | Any,
+        work_dir: str,
+        conn_id: str = BatchHook.default_conn_name,
+        max_attempts: int = 3,
+        max_tokens_growth: float = 2.0,
+        poll_interval: float = 30,
+        max_poll_interval: float = 600,
+        deadline_hours: float = 30,
+        storage_root: str | None = None,
+        max_requests_per_chunk: int = MAX_REQUESTS_PER_BATCH,
+        max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if max_tokens_growth < 1:
+            raise ValueError(f"max_tokens_growth must be >= 1, got {max_tokens_growth}")
+        self.results_paths = results_paths
+        self.work_dir = work_dir
+        self.conn_id = conn_id
+        self.max_attempts = max_attempts
+        self.max_tokens_growth = max_tokens_growth
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.deadline_hours = deadline_hours
+        self.storage_root = storage_root
+        self.max_requests_per_chunk = max_requests_per_chunk
+        self.max_bytes_per_chunk = max_bytes_per_chunk
+
+    # -- entry points ----------------------------------------------------------------------------
+    def execute(self, context: Context) -> str:
+        paths = [str(p) for p in (self.results_paths or []) if p]
+        self.log.info("Merging %d collected result file(s) of attempt 1.", len(paths))
+        return self._round(context, paths, attempt=1)
+
+    def execute_complete(
+        self,
+        context: Context,
+        event: Mapping[str, Any],
+        attempt: int,
+        results_paths: list[str],
+        handle: dict[str, Any],
+        pending: list[dict[str, Any]],
+    ) -> str:
+        """Resume after a retry batch's trigger fired: collect it, wait for the next, or go on."""
+        status = event.get("status")
+        if status != "ended":
+            raise AirflowException(
+                f"Retry batch {handle['batch_id']} (attempt {attempt}) did not end: {status}: "
+                f"{event.get('message')}. A retry of this task re-attaches to the same batch."
+            )
+        paths = [*results_paths, self._collect(handle, attempt)]
+        if pending:
+            self._defer_on(pending[0], attempt, paths, pending[1:])
+        return self._round(context, paths, attempt)
+
+    # -- one round ---------------------------------------------------------------------------------
+    def _round(self, context: Context, paths: list[str], attempt: int) -> str:
+        """Merge what is collected (attempts 1..attempt); resubmit or finalise."""
+        work = storage.as_path(self.work_dir)
+        manifest = read_manifest(work)
+        key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
+        keys = storage.read_parquet(work / "requests" / "keys.parquet")
+        merged_path = work / "results" / "merged.parquet"
+        merged = merge_attempts(paths, merged_path, key_columns, expected_keys=keys)
+        self.log.info("Merged after attempt %d: %s", attempt, _counts(merged, "status"))
+
+        if has_fatal(merged):
+            self._write_dead_letters(merged, key_columns)
+            fatal = Counter(
+                row["error_type"]
+                for row in merged.select(["status", "error_type", "stop_reason"]).to_pylist()
+                if classify_failure(row["status"], row["error_type"], row["stop_reason"])
+                is FailureClass.FATAL
+            )
+            raise AirflowFailException(
+                f"Fatal API errors {dict(fatal)}: credentials, permissions or billing must be fixed "
+                f"before anything else is sent. Nothing more was submitted. Results so far: {merged_path}; "
+                f"dead letters: {work / 'dead_letter.parquet'}."
+            )
+
+        mask = retry_mask(merged, self.max_attempts)
+        if attempt >= self.max_attempts or not any(mask):
+            return self._finalise(merged, merged_path, manifest, key_columns, attempt)
+
+        retry = merged.filter(pa.array(mask, pa.bool_()))
+        next_attempt = attempt + 1
+        reasons = Counter(
+            retry_reason(r["status"], r["error_type"], r["stop_reason"])
+            for r in retry.select(["status", "error_type", "stop_reason"]).to_pylist()
+        )
+        self.log.info(
+            "Resubmitting %d request(s) as attempt %d of %d: %s",
+            retry.num_rows,
+            next_attempt,
+            self.max_attempts,
+            dict(reasons.most_common()),
+        )
+        handles = self._submit_retry(context, manifest, keys, retry, next_attempt)
+        if handles[0]["mode"] == "sync":
+            for handle in handles:
+                paths = [*paths, self._collect(handle, next_attempt)]
+            return self._round(context, paths, next_attempt)
+        self._defer_on(handles[0], next_attempt, paths, handles[1:])
+        raise AssertionError("unreachable: defer raises")  # pragma: no cover
+
+    def _finalise(
+        self,
+        merged: pa.Table,
+        merged_path: ObjectStoragePath,
+        manifest: Mapping[str, Any],
+        key_columns: list[str],
+        attempt: int,
+    ) -> str:
+        ids = merged.column("custom_id")
+        n_expected = int(manifest["n_requests"])
+        if merged.num_rows != n_expected or pc.count_distinct(ids).as_py() != merged.num_rows:
+            raise AirflowException(
+                f"merged results have {merged.num_rows} rows ({pc.count_distinct(ids).as_py()} distinct) "
+                f"but {n_expected} requests were prepared: refusing to publish an inconsistent result"
+            )
+        dead = self._write_dead_letters(merged, key_columns)
+        self.log.info(
+            "Final after %d attempt(s): %d rows %s; %d dead letter(s) %s. -> %s",
+            attempt,
+            merged.num_rows,
+            _counts(merged, "status"),
+            dead.num_rows,
+            _counts(dead, "status"),
+            merged_path,
+        )
+        return str(merged_path)
+
+    def _write_dead_letters(self, merged: pa.Table, key_columns: list[str]) -> pa.Table:
+        dead = dead_letter_rows(merged, key_columns, max_attempts=None)
+        storage.write_parquet_atomic(storage.as_path(self.work_dir) / "dead_letter.parquet", dead)
+        return dead
+
+    # -- retry chunks and submission ----------------------------------------------------------------
+    def _source_lines(self, manifest: Mapping[str, Any], keys: pa.Table, retry: pa.Table) -> Iterator[bytes]:
+        """The last submitted request line of every row in ``retry``, max_tokens grown when truncated."""
+        wanted: dict[int, set[str]] = {}
+        truncated: set[str] = set()
+        for row in retry.select(["custom_id", "attempt", "stop_reason"]).to_pylist():
+            wanted.setdefault(int(row["attempt"] or 1), set()).add(row["custom_id"])
+            if row["stop_reason"] == "max_tokens":
+                truncated.add(row["custom_id"])
+        files: list[tuple[str, set[str]]] = []
+        for source_attempt in sorted(wanted):
+            ids = wanted[source_attempt]
+            if source_attempt == 1:
+                chunk_of = dict(
+                    zip(
+                        keys.column("custom_id").to_pylist(),
+                        keys.column("chunk_index").to_pylist(),
+                        strict=True,
+                    )
+                )
+                indices = sorted({chunk_of[cid] for cid in ids if cid in chunk_of})
+                chunks = {int(c["index"]): str(c["path"]) for c in manifest["chunks"]}
+                files += [(chunks[i], ids) for i in indices]
+            else:
+                directory = retry_dir(self.work_dir, source_attempt)
+                files += [
+                    (str(p), ids)
+                    for p in sorted(directory.iterdir(), key=lambda p: p.name)
+                    if p.name.endswith(".jsonl") and storage.TMP_MARKER not in p.name
+                ]
+        found: set[str] = set()
+        for path, ids in files:
+            for line in iter_chunk_lines(path):
+                cid = custom_id_of_line(line)
+                if cid in ids and cid not in found:
+                    found.add(cid)
+                    yield grow_max_tokens(line, self.max_tokens_growth) if cid in truncated else line
+        lost = retry.num_rows - len(found)
+        if lost:
+            raise AirflowException(f"{lost} request line(s) to resubmit were not found in their chunk files")
+
+    def _submit_retry(
+        self,
+        context: Context,
+        manifest: Mapping[str, Any],
+        keys: pa.Table,
+        retry: pa.Table,
+        attempt: int,
+    ) -> list[dict[str, Any]]:
+        spec = manifest.get("spec") or {}
+        directory = retry_dir(self.work_dir, attempt)
+        infos = []
+        groups = _chunk_groups(
+            self._source_lines(manifest, keys, retry), self.max_requests_per_chunk, self.max_bytes_per_chunk
+        )
+        for index, group in enumerate(groups):
+            infos.append(
+                write_chunk(group, directory / f"retry-{attempt:02d}-chunk-{index:05d}.jsonl", index)
+            )
+        ti = context["ti"]
+        hook = BatchHook(conn_id=self.conn_id)
+        ledger = SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root))
+        handles = []
+        for info in infos:
+            handles.append(
+                submit_idempotently(
+                    hook,
+                    ledger,
+                    chunk_path=info["path"],
+                    # Same bytes at another attempt must be a new submission (see module docstring).
+                    chunk_fingerprint=sha256_hex(f"{info['fingerprint']}:attempt-{attempt}"),
+                    n_requests=int(info["n_requests"]),
+                    n_bytes=int(info["n_bytes"]),
+                    dag_id=ti.dag_id,
+                    task_id=ti.task_id,
+                    run_id=ti.run_id,
+                    map_index=-1 if getattr(ti, "map_index", None) is None else int(ti.map_index),
+                    partition=str(spec.get("partition")),
+                    pipeline=str(spec.get("pipeline")),
+                    attempt=attempt,
+                    model=str(spec.get("model")),
+                    mode=str(manifest.get("mode") or "batch"),
+                )
+            )
+        self.log.info(
+            "Attempt %d: %s",
+            attempt,
+            ", ".join(f"{h['batch_id']} ({h['n_requests']} requests)" for h in handles),
+        )
+        return handles
+
+    def _collect(self, handle: Mapping[str, Any], attempt: int) -> str:
+        stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir, attempt=attempt)
+        self.log.info(
+            "Collected attempt %d from %s: %s, cost $%.4f.",
+            attempt,
+            stats["batch_id"],
+            stats["counts_by_status"],
+            stats["cost_usd"],
+        )
+        return stats["results_path"]
+
+    def _defer_on(
+        self, handle: dict[str, Any], attempt: int, paths: list[str], pending: list[dict[str, Any]]
+    ) -> None:
+        self.log.info(
+            "Waiting for retry batch %s (attempt %d) in the triggerer.", handle["batch_id"], attempt
+        )
+        self.defer(
+            trigger=BatchPollTrigger(
+                batch_id=handle["batch_id"],
+                conn_id=self.conn_id,
+                deadline=time.time() + self.deadline_hours * 3600,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+            ),
+            method_name="execute_complete",
+            kwargs={"attempt": attempt, "results_paths": paths, "handle": handle, "pending": pending},
+            timeout=timedelta(hours=self.deadline_hours, minutes=10),
+        )
+
+
+def _counts(table: pa.Table, column: str) -> dict[str, int]:
+    if table.num_rows == 0:
+        return {}
+    return {str(e["values"]): int(e["counts"]) for e in pc.value_counts(table[column]).to_pylist()}

@@ -1,0 +1,275 @@
+"""ResubmitFailuresOperator against the emulator with fault rates, through real deferrals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import anthropic
+import pyarrow.parquet as pq
+import pytest
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+
+from anthropic_batch.batch_requests import iter_chunk_requests
+from anthropic_batch.operators.collect import CollectResultsOperator
+from anthropic_batch.operators.resubmit import ResubmitFailuresOperator, grow_max_tokens
+from anthropic_batch.triggers import BatchPollTrigger
+from tests.plugins.anthropic_batch._operator_context import (
+    INCLUDE_DIR,
+    make_context,
+    prepare_run,
+    submit_chunks,
+    ticket_records,
+    use_emulator,
+    wait_ended,
+)
+
+STRICT_SCHEMA = '''
+from pydantic import BaseModel, field_validator
+
+
+class StrictTicket(BaseModel):
+    """Valid JSON per the schema, but a validator the model's answers never satisfy."""
+
+    category: str
+    priority: str
+    sentiment: str
+    summary: str
+    product: str | None
+
+    @field_validator("summary")
+    @classmethod
+    def must_cite_policy(cls, value: str) -> str:
+        if "POLICY-7" not in value:
+            raise ValueError("summary must cite POLICY-7")
+        return value
+'''
+
+
+def _local(url: str) -> str:
+    return url.removeprefix("file://")
+
+
+def _first_event(trigger: BatchPollTrigger) -> dict:
+    async def first():
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("trigger ended without an event")
+
+    return asyncio.run(first())
+
+
+def run_with_deferrals(make_operator, context) -> tuple[str, list[TaskDeferred]]:
+    """execute(); on each TaskDeferred run the trigger (rebuilt from its serialised form, as the
+    triggerer does) to its event and resume on a FRESH operator instance. Returns the result."""
+    deferrals: list[TaskDeferred] = []
+    try:
+        return make_operator().execute(context), deferrals
+    except TaskDeferred as deferred:
+        current = deferred
+    while True:
+        deferrals.append(current)
+        # What the scheduler stores must be plain JSON without secrets.
+        stored = json.dumps(current.kwargs)
+        classpath, trigger_kwargs = current.trigger.serialize()
+        assert classpath == "anthropic_batch.triggers.BatchPollTrigger"
+        assert "emulator-key" not in stored and "emulator-key" not in json.dumps(trigger_kwargs)
+        event = _first_event(BatchPollTrigger(**trigger_kwargs))
+        operator = make_operator()
+        try:
+            return getattr(operator, current.method_name)(
+                context, event=event, **json.loads(stored)
+            ), deferrals
+        except TaskDeferred as deferred:
+            current = deferred
+
+
+def _collect_all(run, handles) -> list[str]:
+    from anthropic_batch.hooks import BatchHook
+
+    paths = []
+    for i, handle in enumerate(handles):
+        if handle["mode"] == "batch":
+            wait_ended(BatchHook(), handle["batch_id"])
+        op = CollectResultsOperator(task_id="collect", handle=handle, work_dir=run.work_dir)
+        paths.append(op.execute(make_context(task_id="batch.collect", map_index=i)))
+    return paths
+
+
+def _operator_factory(run, paths, **kwargs):
+    def make():
+        return ResubmitFailuresOperator(
+            task_id="resubmit",
+            results_paths=paths,
+            work_dir=run.work_dir,
+            poll_interval=0.2,
+            max_poll_interval=0.5,
+            **kwargs,
+        )
+
+    return make
+
+
+def _batch_count(emu) -> int:
+    client = anthropic.Anthropic(api_key=emu.api_key, base_url=emu.base_url)
+    return sum(1 for _ in client.messages.batches.list(limit=100))
+
+
+def test_retriable_failures_recover_and_permanent_ones_are_dead_lettered(
+    tmp_path, emulator_factory, monkeypatch
+):
+    emu = emulator_factory(
+        "--processing-seconds", "0.5",
+        "--error-rate", "api_error=0.25",
+        "--error-rate", "invalid_request_error=0.1",
+        "--truncate-rate", "0.15",
+        "--seed", "11",
+    )  # fmt: skip
+    use_emulator(monkeypatch, emu)
+    records = ticket_records(40)
+    run = prepare_run(tmp_path, records, per_chunk=15, max_tokens=300)
+    paths = _collect_all(run, submit_chunks(run))
+    first_rows = [r for p in paths for r in pq.read_table(_local(p)).to_pylist()]
+    retriable_first = {
+        r["custom_id"]
+        for r in first_rows
+        if (r["status"] == "errored" and r["error_type"] == "api_error") or r["stop_reason"] == "max_tokens"
+    }
+    permanent_first = {r["custom_id"] for r in first_rows if r["error_type"] == "invalid_request_error"}
+    truncated_first = {r["custom_id"] for r in first_rows if r["stop_reason"] == "max_tokens"}
+    assert retriable_first and permanent_first and truncated_first, "the fault rates produced no mix"
+
+    context = make_context(task_id="resubmit")
+    merged_path, deferrals = run_with_deferrals(_operator_factory(run, paths, max_attempts=3), context)
+    assert deferrals, "retries must wait in the triggerer, not in the worker"
+
+    merged = pq.read_table(_local(merged_path)).to_pylist()
+    ids = [r["custom_id"] for r in merged]
+    assert sorted(ids) == sorted(r["ticket_id"] for r in records)  # exactly one row per prepared request
+    by_id = {r["custom_id"]: r for r in merged}
+    recovered = [cid for cid in retriable_first if by_id[cid]["status"] == "succeeded"]
+    assert recovered and all(by_id[cid]["attempt"] >= 2 for cid in recovered)
+    assert all(by_id[cid]["attempt"] == 1 for cid in permanent_first)
+
+    dead = pq.read_table(Path(_local(run.work_dir)) / "dead_letter.parquet").to_pylist()
+    dead_ids = {r["custom_id"] for r in dead}
+    assert permanent_first <= dead_ids
+    assert all(r["stage"] == "collect" and r["reason"] and r["attempts"] >= 1 for r in dead)
+    # Every row is either usable or dead-lettered with its reason; nothing is silently lost.
+    for row in merged:
+        if row["status"] != "succeeded":
+            assert row["custom_id"] in dead_ids
+
+    # Attempt 2's chunk holds only resubmitted requests; truncated ones got a larger max_tokens.
+    retry_chunks = sorted((Path(_local(run.work_dir)) / "requests" / "retry-02").glob("*.jsonl"))
+    retried = {r["custom_id"]: r for p in retry_chunks for r in iter_chunk_requests(f"file://{p}")}
+    assert set(retried) == retriable_first
+    for cid in truncated_first:
+        assert retried[cid]["params"]["max_tokens"] == 600
+    for cid in retriable_first - truncated_first:
+        assert retried[cid]["params"]["max_tokens"] == 300
+
+
+def test_nothing_retriable_submits_no_new_batch(tmp_path, emulator_factory, monkeypatch):
+    emu = emulator_factory("--processing-seconds", "0.5")
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(12), per_chunk=6)
+    paths = _collect_all(run, submit_chunks(run))
+    before = _batch_count(emu)
+    merged_path, deferrals = run_with_deferrals(
+        _operator_factory(run, paths), make_context(task_id="resubmit")
+    )
+    assert deferrals == []
+    assert _batch_count(emu) == before
+    merged = pq.read_table(_local(merged_path))
+    assert merged.num_rows == 12 and set(merged["status"].to_pylist()) == {"succeeded"}
+    assert pq.read_table(Path(_local(run.work_dir)) / "dead_letter.parquet").num_rows == 0
+    assert not (Path(_local(run.work_dir)) / "requests" / "retry-02").exists()
+
+
+def test_missing_results_are_resubmitted(tmp_path, emulator_factory, monkeypatch):
+    """A chunk whose collect never ran: its requests are 'missing' and get a new batch."""
+    emu = emulator_factory("--processing-seconds", "0.5")
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(10), per_chunk=5)
+    paths = _collect_all(run, submit_chunks(run))
+    merged_path, deferrals = run_with_deferrals(
+        _operator_factory(run, paths[:1]), make_context(task_id="resubmit")
+    )
+    assert len(deferrals) == 1
+    merged = pq.read_table(_local(merged_path)).to_pylist()
+    assert len(merged) == 10 and {r["status"] for r in merged} == {"succeeded"}
+    assert sorted(r["attempt"] for r in merged) == [1] * 5 + [2] * 5
+
+
+def test_a_retried_task_reattaches_instead_of_submitting_again(tmp_path, emulator_factory, monkeypatch):
+    emu = emulator_factory(
+        "--processing-seconds", "0.5", "--error-rate", "overloaded_error=0.5", "--seed", "2"
+    )
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(12), per_chunk=12)
+    paths = _collect_all(run, submit_chunks(run))
+    make = _operator_factory(run, paths, max_attempts=2)
+    context = make_context(task_id="resubmit")
+    with pytest.raises(TaskDeferred) as first:
+        make().execute(context)
+    n_batches = _batch_count(emu)
+    # The worker died while deferred; the task is retried from execute().
+    with pytest.raises(TaskDeferred) as second:
+        make().execute(make_context(task_id="resubmit", try_number=2))
+    assert second.value.kwargs["handle"]["batch_id"] == first.value.kwargs["handle"]["batch_id"]
+    assert _batch_count(emu) == n_batches
+    merged_path, _ = run_with_deferrals(make, context)
+    assert pq.read_table(_local(merged_path)).num_rows == 12
+    assert _batch_count(emu) == n_batches
+
+
+def test_fatal_errors_fail_loudly_and_keep_what_was_collected(tmp_path, emulator_factory, monkeypatch):
+    emu = emulator_factory(
+        "--processing-seconds", "0.5", "--error-rate", "authentication_error=0.3", "--seed", "4"
+    )
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(15), per_chunk=15)
+    paths = _collect_all(run, submit_chunks(run))
+    before = _batch_count(emu)
+    with pytest.raises(AirflowFailException, match="authentication_error"):
+        _operator_factory(run, paths)().execute(make_context(task_id="resubmit"))
+    assert _batch_count(emu) == before
+    work = Path(_local(run.work_dir))
+    assert pq.read_table(work / "results" / "merged.parquet").num_rows == 15
+    dead = pq.read_table(work / "dead_letter.parquet").to_pylist()
+    assert dead and {r["error_type"] for r in dead} == {"authentication_error"}
+
+
+def test_sync_mode_retries_without_deferring_and_dead_letters_exhausted_rows(tmp_path, anthropic_conn):
+    include = tmp_path / "include"
+    shutil.copytree(INCLUDE_DIR / "prompts", include / "prompts")
+    (include / "schemas").mkdir()
+    (include / "schemas" / "strict.py").write_text(STRICT_SCHEMA)
+    run = prepare_run(
+        tmp_path, ticket_records(4), per_chunk=4, mode="sync",
+        output_model="schemas/strict.py:StrictTicket", include_dir=include,
+    )  # fmt: skip
+    paths = _collect_all(run, submit_chunks(run))
+    merged_path, deferrals = run_with_deferrals(
+        _operator_factory(run, paths, max_attempts=3), make_context(task_id="resubmit")
+    )
+    assert deferrals == []
+    merged = pq.read_table(_local(merged_path)).to_pylist()
+    assert len(merged) == 4
+    assert {(r["status"], r["attempt"]) for r in merged} == {("invalid_output", 3)}
+    dead = pq.read_table(Path(_local(run.work_dir)) / "dead_letter.parquet").to_pylist()
+    assert len(dead) == 4
+    assert all("3 attempt" in r["reason"] and "POLICY-7" in r["reason"] for r in dead)
+
+
+def test_grow_max_tokens_only_touches_max_tokens():
+    line = b'{"custom_id":"a","params":{"max_tokens":300,"messages":[{"content":"hi","role":"user"}]}}'
+    grown = json.loads(grow_max_tokens(line, 2.0))
+    assert grown == {
+        "custom_id": "a",
+        "params": {"max_tokens": 600, "messages": [{"content": "hi", "role": "user"}]},
+    }
+    assert json.loads(grow_max_tokens(line, 1000.0))["params"]["max_tokens"] == 128_000
