@@ -7,11 +7,11 @@ the token formula.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
 import random
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -319,20 +319,45 @@ def _prose(rng: random.Random, params: dict[str, Any]) -> str:
     return f'Emulated answer about "{topic}": ' + " ".join(words) + "."
 
 
-_DESCRIBED = re.compile(r"(\w+):\s*([^,}]+)")
+def _split_top_level(text: str) -> list[str]:
+    """Split 'a: 1, b: [x, y]' on commas outside brackets and quotes."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
 
 
 def _constraints(schema: dict[str, Any]) -> dict[str, Any]:
     """Schema keywords, including those transform_schema moved into the description as '{k: v}'."""
     found: dict[str, Any] = {}
     description = schema.get("description")
-    if isinstance(description, str) and description.strip().endswith("}"):
-        start = description.rfind("{")
-        for key, raw in _DESCRIBED.findall(description[start:]):
-            try:
-                found[key] = json.loads(raw.strip())
-            except ValueError:
-                found[key] = raw.strip()
+    if isinstance(description, str) and description.rstrip().endswith("}"):
+        block = description.rstrip().rsplit("\n\n", 1)[-1]
+        if block.startswith("{"):
+            for item in _split_top_level(block[1:-1]):
+                key, sep, raw = item.partition(":")
+                if sep and key.strip().isidentifier():
+                    found[key.strip()] = _literal(raw.strip())
     found.update(schema)
     return found
 
@@ -401,10 +426,12 @@ def generate_instance(schema: Any, rng: random.Random, root: Any = None, depth: 
         options = c.get(key)
         if isinstance(options, list) and options:
             non_null = [o for o in options if _resolve(o, root).get("type") != "null"]
-            nulls = [o for o in options if o not in non_null]
-            if nulls and (depth > 4 or not non_null or rng.random() < 0.2):
+            if len(non_null) < len(options) and (depth > 4 or not non_null or rng.random() < 0.2):
                 return None
-            return generate_instance(rng.choice(non_null), rng, root, depth + 1)
+            # The first alternative, as a model would mostly pick (Decimal is number-or-string, say).
+            return generate_instance(non_null[0], rng, root, depth + 1)
+    if c.get("nullable") is True and rng.random() < 0.2:
+        return None
     if isinstance(c.get("allOf"), list) and c["allOf"]:
         merged: dict[str, Any] = {}
         for part in c["allOf"]:
@@ -428,7 +455,12 @@ def generate_instance(schema: Any, rng: random.Random, root: Any = None, depth: 
         high = int(c.get("maxItems", low + 3))
         count = low if depth > 3 else rng.randint(low, max(low, high))
         items = c.get("items", {})
-        values = [generate_instance(items, rng, root, depth + 1) for _ in range(count)]
+        prefix = c.get("prefixItems") if isinstance(c.get("prefixItems"), list) else []
+        count = max(count, len(prefix)) if "maxItems" not in c else count
+        values = [
+            generate_instance(prefix[k] if k < len(prefix) else items, rng, root, depth + 1)
+            for k in range(count)
+        ]
         if c.get("uniqueItems"):
             unique: list[Any] = []
             for value in values:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
 import random
+import uuid
 from typing import Literal
 
 import anthropic
@@ -27,6 +31,31 @@ class Invoice(BaseModel):
     notes: str | None = None
     parent: Invoice | None = None  # recursive: exercises $ref to the root via $defs
     tags: list[str] = []
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Event(BaseModel):
+    when: datetime.datetime
+    day: datetime.date
+    ident: uuid.UUID
+
+
+class Rich(BaseModel):
+    """Types whose constraints transform_schema moves into descriptions, or that need care."""
+
+    color: Color
+    counts: dict[str, int]
+    price: decimal.Decimal
+    events: list[Event] = Field(min_length=2, max_length=3)
+    level: int = Field(ge=0, le=3, description="How loud, 0 to 3")
+    ratio: float = Field(ge=0.0, le=1.0)
+    code: str = Field(min_length=3, max_length=3)
+    pair: tuple[int, str]
+    maybe: int | None
 
 
 SCHEMAS = [
@@ -65,13 +94,14 @@ def test_generated_instances_validate(schema):
         jsonschema.validate(instance, schema, format_checker=jsonschema.FormatChecker())
 
 
-def test_transform_schema_of_a_pydantic_model_round_trips_through_the_model():
-    schema = anthropic.transform_schema(Invoice)
-    for seed in range(50):
+@pytest.mark.parametrize("output_model", [Invoice, Rich])
+def test_transform_schema_of_a_pydantic_model_round_trips_through_the_model(output_model):
+    schema = anthropic.transform_schema(output_model)
+    for seed in range(60):
         instance = model.generate_instance(schema, random.Random(seed))
         jsonschema.validate(instance, schema)
         # The pydantic model also checks constraints transform_schema moved into descriptions.
-        Invoice.model_validate(instance)
+        output_model.model_validate(instance)
 
 
 def test_violation_breaks_the_schema():
