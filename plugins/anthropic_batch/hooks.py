@@ -21,7 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -54,6 +54,14 @@ T = TypeVar("T")
 
 class BatchCreateError(RuntimeError):
     """The batch could not be created, or whether it was created could not be decided."""
+
+
+class AmbiguousCreateError(BatchCreateError):
+    """The create request was sent but failed without an answer: the batch may or may not exist."""
+
+    def __init__(self, message: str, *, started: datetime) -> None:
+        super().__init__(message)
+        self.started = started
 
 
 class ResultsDownloadError(RuntimeError):
@@ -174,14 +182,7 @@ class BatchHook(AnthropicHook):
         return client
 
     # -- create ----------------------------------------------------------------------------------
-    def create_batch_from_chunk(
-        self,
-        chunk_path: Any,
-        *,
-        n_requests: int | None = None,
-        max_attempts: int = 5,
-        orphan_skew: timedelta = timedelta(minutes=2),
-    ) -> MessageBatch:
+    def create_batch_from_chunk(self, chunk_path: Any, *, max_attempts: int = 5) -> MessageBatch:
         """
         Create a batch whose body is streamed from a chunk file (one request per line).
 
@@ -190,16 +191,16 @@ class BatchHook(AnthropicHook):
 
         The SDK's own retries are off for this call: it would resend the body after a dropped
         connection or a 5xx, and if the first send had created a batch we would pay twice.
-        We retry ourselves: after 429/529 (the server refused before creating) directly; after
-        an ambiguous failure only when the listing shows no new batch with ``n_requests``
-        requests (if ``n_requests`` is None the ambiguous failure is raised instead).
+        We resend only after 429/529 (the server refused before creating anything). An ambiguous
+        failure (connection lost, timeout, 5xx: the batch may or may not exist) raises
+        :class:`AmbiguousCreateError`; the ledger policy then looks for the batch before any resend.
         """
         from anthropic_batch.batch_requests import iter_batch_body
 
         body = iter_batch_body(chunk_path)
         client = self.conn.with_options(max_retries=0)
         for attempt in range(max_attempts):
-            started = datetime.now().astimezone()
+            started = datetime.now(UTC)
             try:
                 return client.post(
                     "/v1/messages/batches",
@@ -216,24 +217,11 @@ class BatchHook(AnthropicHook):
                 self.log.warning("Create refused (%s); retrying in %.1fs.", type(err).__name__, delay)
                 self._sleep(delay)
             except _AMBIGUOUS_CREATE as err:
-                if n_requests is None or attempt == max_attempts - 1:
-                    raise
-                self.log.warning(
-                    "Create failed ambiguously (%s: %s); checking whether the batch exists.",
-                    type(err).__name__,
-                    err,
-                )
-                self._sleep(backoff_delay(attempt, 2.0, 30.0))
-                found = self.find_orphan_batches(started - orphan_skew, n_requests)
-                if len(found) == 1:
-                    self.log.info("The failed create did reach the API: batch %s.", found[0].id)
-                    return found[0]
-                if len(found) > 1:
-                    raise BatchCreateError(
-                        f"A create of {n_requests} requests failed ambiguously and {len(found)} batches "
-                        f"with that size appeared since {started.isoformat()}: "
-                        f"{', '.join(b.id for b in found)}. Not submitting again."
-                    ) from err
+                raise AmbiguousCreateError(
+                    f"Creating a batch from {chunk_path} failed after the request was sent "
+                    f"({type(err).__name__}: {err}); the batch may exist. Not resending blindly.",
+                    started=started,
+                ) from err
         raise BatchCreateError(f"Could not create a batch from {chunk_path} in {max_attempts} attempts.")
 
     # -- reads -----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
+from anthropic_batch.hooks import AmbiguousCreateError
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ LEDGER_DIR = "_ledger"
 ORPHAN_CLOCK_SKEW = timedelta(minutes=2)
 #: How long a new batch may take to appear in the listing; see the module docstring.
 ORPHAN_SETTLE_SECONDS = 30.0
+#: Creates that may fail ambiguously (and be found not to exist) before the task gives up.
+MAX_AMBIGUOUS_CREATES = 3
 
 
 class LedgerState(StrEnum):
@@ -335,8 +338,35 @@ def submit_idempotently(
     if mode == "sync":
         return _run_sync(hook, ledger, path, intent, concurrency=sync_concurrency)
 
-    create = submit or (lambda: hook.create_batch_from_chunk(chunk_path, n_requests=n_requests))
-    batch = create()
+    create = submit or (lambda: hook.create_batch_from_chunk(chunk_path))
+    for tries_left in range(MAX_AMBIGUOUS_CREATES - 1, -1, -1):
+        try:
+            batch = create()
+            break
+        except AmbiguousCreateError as err:
+            # The request went out and no answer came back: look before resending (same policy as
+            # for an intent left by a dead worker; other entries' batches are excluded).
+            log.warning("%s Looking for it before anything else.", err)
+            found = _recover_orphan(
+                hook,
+                ledger,
+                path,
+                intent,
+                n_requests,
+                orphan_settle_seconds,
+                reason="the create got no answer",
+            )
+            if found is not None:
+                entry = ledger.update(
+                    path,
+                    state=LedgerState.SUBMITTED.value,
+                    submitted_at=rfc3339(utc_now()),
+                    recovered=True,
+                    **batch_fields(found),
+                )
+                return handle_from_entry(entry, path)
+            if not tries_left:
+                raise
     entry = ledger.update(
         path, state=LedgerState.SUBMITTED.value, submitted_at=rfc3339(utc_now()), **batch_fields(batch)
     )
@@ -364,15 +394,16 @@ def _recover_orphan(
     entry: dict[str, Any],
     n_requests: int,
     settle_seconds: float,
+    reason: str = "the previous attempt died during submission",
 ) -> MessageBatch | None:
     """The batch the interrupted attempt created, None if it created none; raises if ambiguous."""
     intent_at = parse_rfc3339(entry["intent_at"])
     since = intent_at - ORPHAN_CLOCK_SKEW
     log.warning(
-        "Ledger %s holds only an intent from %s: the previous attempt died during submission. "
-        "Looking for a batch of %d requests it may have created.",
+        "Ledger %s holds only an intent from %s: %s. Looking for a batch of %d requests it may have created.",
         path,
         entry["intent_at"],
+        reason,
         n_requests,
     )
 
@@ -389,7 +420,7 @@ def _recover_orphan(
     if len(found) > 1:
         raise AmbiguousSubmissionError(ambiguity_message(path, found, n_requests))
     if not found:
-        log.info("No batch from the interrupted attempt exists: it never reached the API. Submitting.")
+        log.info("No batch from the interrupted attempt exists: it never took effect. Submitting.")
         return None
     return found[0]
 

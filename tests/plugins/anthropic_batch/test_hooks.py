@@ -11,6 +11,7 @@ import pytest
 
 from anthropic_batch.batch_requests import write_chunk
 from anthropic_batch.hooks import (
+    AmbiguousCreateError,
     BatchHook,
     backoff_delay,
     custom_id_of,
@@ -92,7 +93,7 @@ def test_retry_after_and_backoff():
 def test_streamed_create_sends_every_request(emulator, anthropic_conn, tmp_path):
     info = make_chunk(tmp_path, 250)
     hook = BatchHook(anthropic_conn)
-    batch = hook.create_batch_from_chunk(info["path"], n_requests=250)
+    batch = hook.create_batch_from_chunk(info["path"])
     assert batch.id.startswith("msgbatch_")
     assert total_requests(batch) == 250
     ended = wait_ended(sdk_client(emulator), batch.id)
@@ -106,21 +107,21 @@ def test_create_retries_a_429_without_duplicating(emulator_factory, monkeypatch,
     conn_id = use_emulator(monkeypatch, emu, "faulty")
     info = make_chunk(tmp_path, 5)
     for _ in range(4):
-        BatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"], n_requests=5)
+        BatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"])
     assert len(list(sdk_client(emu).messages.batches.list(limit=100))) == 4
 
 
-def test_ambiguous_create_finds_the_batch_instead_of_creating_another(
-    emulator_factory, monkeypatch, tmp_path
-):
+def test_ambiguous_create_is_never_resent_blindly(emulator_factory, monkeypatch, tmp_path):
     # create_after: the emulator creates the batch, then answers 500 (the response is "lost").
     emu = emulator_factory("--http-fault", "create_after:500:1.0", "--processing-seconds", "1")
     conn_id = use_emulator(monkeypatch, emu, "lossy")
     info = make_chunk(tmp_path, 7)
-    batch = BatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"], n_requests=7)
+    before = datetime.now(UTC)
+    with pytest.raises(AmbiguousCreateError, match="may exist") as err:
+        BatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"])
+    assert err.value.started >= before
     listed = list(sdk_client(emu).messages.batches.list(limit=100))
-    assert [b.id for b in listed] == [batch.id]
-    assert total_requests(batch) == 7
+    assert len(listed) == 1 and total_requests(listed[0]) == 7
 
 
 def test_iter_result_lines_resumes_a_dropped_stream_without_duplicates(
@@ -131,7 +132,7 @@ def test_iter_result_lines_resumes_a_dropped_stream_without_duplicates(
     info = make_chunk(tmp_path, 120)
     resumes: list[float] = []
     hook = BatchHook(conn_id, sleep=resumes.append)  # the hook sleeps once before each resume
-    batch = hook.create_batch_from_chunk(info["path"], n_requests=120)
+    batch = hook.create_batch_from_chunk(info["path"])
     wait_ended(sdk_client(emu), batch.id)
     ids = [custom_id_of(line) for line in hook.iter_result_lines(batch.id)]
     assert len(resumes) == 1  # the drop really happened, and was resumed once
@@ -146,7 +147,7 @@ def test_iter_result_lines_tolerates_early_404(emulator_factory, monkeypatch, tm
     conn_id = use_emulator(monkeypatch, emu, "early")
     info = make_chunk(tmp_path, 3)
     hook = BatchHook(conn_id)  # real sleeps: the 404 window must actually pass
-    batch = hook.create_batch_from_chunk(info["path"], n_requests=3)
+    batch = hook.create_batch_from_chunk(info["path"])
     assert hook.get_batch(batch.id).id == batch.id
     ended = hook.get_batch(batch.id)
     while ended.processing_status != "ended":

@@ -202,6 +202,18 @@ submit_idempotently(hook, SubmissionLedger({str(root)!r}), submit=create_then_di
     assert [b.id for b in batches] == [handle["batch_id"]]
 
 
+def test_ambiguous_create_is_recovered_not_resent(emulator_factory, monkeypatch, tmp_path):
+    # Every create takes effect and then answers 500: the answer is lost, the batch exists.
+    emu = emulator_factory("--http-fault", "create_after:500:1.0", "--processing-seconds", "1")
+    conn_id = use_emulator(monkeypatch, emu, "ledger_lossy")
+    info = make_chunk(tmp_path / "work", 5)
+    ledger = SubmissionLedger(str(tmp_path / "root"))
+    handle = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info))
+    assert [b.id for b in listed(emu)] == [handle["batch_id"]]
+    entry = ledger.read(handle["ledger_path"])
+    assert entry["state"] == "submitted" and entry["recovered"] is True
+
+
 def test_intent_without_batch_submits(emu, tmp_path):
     info = make_chunk(tmp_path / "work", 3)
     ledger = SubmissionLedger(str(tmp_path / "root"))
