@@ -50,8 +50,9 @@ Other flags: ``--host`` (127.0.0.1), ``--port``, ``--max-requests`` (100000 per 
 Fault flags (all seeded by ``--seed``, reproducible):
     --error-rate TYPE=RATE        errored results of that error type (repeatable)
     --expired-rate R              requests that never finish: the batch runs to expires_at
-    --invalid-output-rate R       structured/tool JSON that violates the schema
-    --truncate-rate R             stop_reason max_tokens with cut text
+    --invalid-output-rate R       structured/tool JSON that violates the schema (batch results and
+                                  POST /v1/messages)
+    --truncate-rate R             stop_reason max_tokens with cut text (batch results and messages)
     --http-fault EP:STATUS:RATE   HTTP errors per endpoint: create, create_after (created, then the
                                   error), retrieve, list, cancel, delete, results, messages,
                                   count_tokens, models; 429s carry retry-after-ms (--retry-after-ms)

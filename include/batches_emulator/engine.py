@@ -10,6 +10,7 @@ fixed in the database on first use, so timestamps stay consistent across restart
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import secrets
@@ -117,6 +118,7 @@ class Engine:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
+        self.sync_seen: dict[str, int] = {}
         row = self.db.execute("SELECT value FROM meta WHERE key='epoch0'").fetchone()
         if row is None:
             self.epoch0 = time.time()
@@ -385,7 +387,15 @@ class Engine:
     # ------------------------------------------------------------ synchronous messages
 
     def message(self, params: dict[str, Any], api_version: str) -> dict[str, Any]:
+        """A synchronous Messages call. Output faults are drawn per (prompt, n-th time asked), so
+        they do not depend on the order of concurrent calls and a retry gets a fresh draw."""
+        s = self.settings
         with self.lock:
+            key = hashlib.sha256(model.canonical(params).encode("utf-8")).hexdigest()
+            nth = self.sync_seen.get(key, 0)
+            self.sync_seen[key] = nth + 1
+            rng = random.Random(f"{s.seed}:sync:{key}:{nth}")
+            invalid_output, truncate = rng.random() < s.invalid_output_rate, rng.random() < s.truncate_rate
             cache = PrefixCache(self.db)
             msg = build_message(
                 params,
@@ -393,7 +403,9 @@ class Engine:
                 in_batch=False,
                 cache=cache,
                 at=self.now(),
-                min_cache_tokens=self.settings.cache_min_tokens,
+                min_cache_tokens=s.cache_min_tokens,
+                invalid_output=invalid_output,
+                truncate=truncate,
             )
             cache.flush()
             return msg

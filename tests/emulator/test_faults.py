@@ -259,3 +259,18 @@ def test_queued_request_limit_is_a_429_until_batches_end(emulator_factory):
     client.messages.batches.cancel(first.id)
     wait_ended(client, first.id)
     assert client.messages.batches.create(requests=[simple_request("c"), simple_request("d")]).id
+
+
+def test_output_faults_also_hit_synchronous_messages(emulator_factory):
+    emu = emulator_factory("--invalid-output-rate", "0.5", "--seed", "11")
+    client = client_for(emu)
+    kinds = collections.Counter()
+    for i in range(40):
+        params = structured(f"s{i}")["params"]
+        text = client.messages.create(**params).content[0].text
+        try:
+            jsonschema.validate(json.loads(text), SCHEMA)
+            kinds["valid"] += 1
+        except jsonschema.ValidationError:
+            kinds["invalid"] += 1
+    assert kinds["valid"] > 5 and kinds["invalid"] > 5
