@@ -24,13 +24,17 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, TypeVar
 
 import anthropic
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+_END = object()
 
 # The SDK refuses a non-streaming call it expects to take over 10 minutes (judged from max_tokens)
 # unless a timeout is given explicitly; batch requests have no such limit, so we give one.
@@ -113,6 +117,41 @@ def _encode(result: dict[str, Any]) -> bytes:
     return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], *, concurrency: int, window: int | None = None
+) -> Iterator[R]:
+    """``fn`` over ``items`` on ``concurrency`` threads, results in completion order.
+
+    ``items`` is consumed lazily: at most ``window`` (default ``2 * concurrency``) are submitted and
+    not yet handed back, so a 100k-item iterator is never queued in memory at once. Stopping early
+    cancels what has not started.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    window = window or 2 * concurrency
+    source = iter(items)
+    in_flight: set[Future[R]] = set()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sync-runner") as pool:
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(in_flight) < window:
+                    item = next(source, _END)
+                    if item is _END:
+                        exhausted = True
+                        break
+                    in_flight.add(pool.submit(fn, item))
+                if not in_flight:
+                    return
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            # A consumer that stops early (or an exception) must not leave queued calls running.
+            for future in in_flight:
+                future.cancel()
+
+
 def run_requests_sync(
     requests: Iterable[dict[str, Any]],
     client: anthropic.Anthropic,
@@ -131,25 +170,7 @@ def run_requests_sync(
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     retrying_client = client.with_options(max_retries=max_retries)
-    window = 2 * concurrency
-    source = iter(requests)
-    in_flight: set[Future[dict[str, Any]]] = set()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sync-runner") as pool:
-        try:
-            exhausted = False
-            while True:
-                while not exhausted and len(in_flight) < window:
-                    request = next(source, None)
-                    if request is None:
-                        exhausted = True
-                        break
-                    in_flight.add(pool.submit(call_one, retrying_client, request))
-                if not in_flight:
-                    return
-                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield _encode(future.result())
-        finally:
-            # A consumer that stops early (or an exception) must not leave queued calls running.
-            for future in in_flight:
-                future.cancel()
+    for result in bounded_map(
+        lambda request: call_one(retrying_client, request), requests, concurrency=concurrency
+    ):
+        yield _encode(result)
