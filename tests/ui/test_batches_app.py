@@ -230,3 +230,16 @@ def test_api_run_dead_letters_limit_and_reasons(client, make_token):
     assert body["failures"] == {"errored": 1, "invalid_output": 1}
     assert {b["batch_id"] for b in body["batches"]} == {"msgbatch_02BBBB", "msgbatch_03CCCC"}
     assert LEAKED_KEY not in str(body)
+
+
+def test_long_history_lists_the_newest_batches_only(client, make_token, monkeypatch):
+    from anthropic_batch.ui import app as ui_app
+
+    monkeypatch.setattr(ui_app, "MAX_BATCH_ROWS", 2)
+    html = client.get(f"{PREFIX}/", headers=bearer(make_token())).text
+    assert "Showing the newest 2 of 4 batches" in text_of(html)
+    table = html[html.index('<table class="batches">') :]
+    assert "msgbatch_04DDDD" in table and "msgbatch_03CCCC" in table
+    assert "msgbatch_01AAAA" not in table
+    # The run table still covers every run.
+    assert f'href="{PREFIX}/runs/{DAG_ID}/2026-11-20"' in html

@@ -37,6 +37,8 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 #: Airflow's own rule for DAG ids; anything else cannot name a run of ours.
 DAG_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,250}$")
 DEFAULT_DEAD_LETTER_LIMIT = 200
+#: Newest batches listed on the HTML page (the run table and the JSON API cover all of them).
+MAX_BATCH_ROWS = 500
 SECURITY_HEADERS = {
     # No script at all; styles and SVG are inline. Framing only by the Airflow UI (same origin).
     "Content-Security-Policy": (
@@ -149,7 +151,13 @@ def create_app(storage_root: str | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, name="batches_page")
     def batches_page(request: Request, user: UserDep) -> HTMLResponse:
         overview = _overview(request, user)
-        return _render(request, "batches.html", overview=overview, charts=_charts(overview["series"]))
+        return _render(
+            request,
+            "batches.html",
+            overview=overview,
+            charts=_charts(overview["series"]),
+            max_rows=MAX_BATCH_ROWS,
+        )
 
     @app.get("/runs/{dag_id}/{partition}", response_class=HTMLResponse, name="run_page")
     def run_page(
