@@ -2,7 +2,7 @@
 
 ``build_pipeline_dag(config)`` builds one DAG per declared pipeline::
 
-    prepare -> sample_refine -> batch[i].submit -> batch[i].wait -> batch[i].collect -> resubmit -> publish
+    prepare -> sample_refine -> batch[i](submit -> wait -> collect) -> gather_results -> resubmit -> publish
 
 ``batch`` is a *mapped task group* expanded over the chunk paths ``prepare`` returns, so the sensor
 and the collector of chunk *i* wait for the submission of chunk *i* only (index-aligned), and each
@@ -35,7 +35,7 @@ import datetime as dt
 import os
 from typing import Any
 
-from airflow.sdk import DAG, Asset, Param, task_group
+from airflow.sdk import DAG, Asset, Param, task, task_group
 
 from anthropic_batch.pipeline_config import INCLUDE_DIR, POOL_NAME, PipelineConfig
 
@@ -107,7 +107,7 @@ def add_batch_stage(
     """``batch`` mapped task group over ``chunk_paths``: submit -> wait -> collect, index-aligned.
 
     Call inside a ``with dag:`` block. ``after`` (a task) runs before every submit. Returns the
-    collected results paths (an XComArg; downstream it resolves to the list over all chunks).
+    collected results paths as a list (the XComArg of a small ``gather_results`` task).
     """
     from anthropic_batch.operators.collect import CollectResultsOperator
     from anthropic_batch.operators.submit import SubmitBatchOperator
@@ -139,7 +139,23 @@ def add_batch_stage(
         wait >> collect
         return collect.output
 
-    return batch.expand(chunk_path=chunk_paths)
+    collected = batch.expand(chunk_path=chunk_paths)
+    return gather_results(collected)
+
+
+def _as_path_list(paths: Any) -> list[str]:
+    """The collected paths as a list (Airflow hands a one-chunk run a bare string, a zero-chunk run None)."""
+    if paths is None:
+        return []
+    if isinstance(paths, str):
+        return [paths]
+    return [str(p) for p in paths if p]
+
+
+@task(task_id="gather_results", trigger_rule="none_failed")
+def gather_results(paths: Any) -> list[str]:
+    """Every chunk's collected results path, as a list (also for one chunk, or none)."""
+    return _as_path_list(paths)
 
 
 def build_pipeline_dag(config: PipelineConfig) -> DAG:
@@ -227,7 +243,15 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             max_attempts=config.resubmit.max_attempts,
             max_tokens_growth=config.resubmit.max_tokens_growth,
             poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            deadline_hours=config.deadline_hours,
+            storage_root=config.storage_root,
+            max_requests_per_chunk=config.max_requests_per_chunk,
+            max_bytes_per_chunk=config.max_bytes_per_chunk,
             pool=POOL_NAME,
+            # A day whose records were all rejected has no chunks (the batch group is skipped); it is
+            # still published, with every record in the dead-letter table.
+            trigger_rule="none_failed",
         )
         publish = PublishPartitionOperator(
             task_id="publish",
@@ -236,6 +260,7 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             extraction_dir=extraction_dir,
             pipeline=config.name,
             outlets=[Asset(config.asset_uri, extra={"pipeline": config.name})],
+            trigger_rule="none_failed",
         )
         prepare >> gate
         resubmit >> publish

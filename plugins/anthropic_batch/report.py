@@ -269,7 +269,7 @@ def column_chart(
     top = _nice_max(max((v for values in series.values() for v in values), default=0.0))
     n_series = max(1, len(series))
     slot = plot_w / max(1, len(dates))
-    bar_w = max(2.0, slot * 0.8 / n_series)
+    bar_w = min(28.0, max(2.0, slot * 0.8 / n_series))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}"><title>{_E(title)}</title>',
@@ -291,7 +291,7 @@ def column_chart(
         )
         for d_index, value in enumerate(values):
             h = plot_h * value / top if top else 0.0
-            x = left + d_index * slot + slot * 0.1 + s_index * bar_w
+            x = left + d_index * slot + (slot - n_series * bar_w) / 2 + s_index * bar_w
             parts.append(
                 f'<rect x="{x:.1f}" y="{top_pad + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
                 f'fill="{colour}"><title>{_E(dates[d_index])} {_E(name)}: '

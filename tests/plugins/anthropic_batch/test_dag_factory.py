@@ -1,0 +1,95 @@
+"""YAML pipeline -> DAG: the shape, the mapped batch group, pool, params, docs and the Asset outlet."""
+
+from __future__ import annotations
+
+import pytest
+
+from anthropic_batch.dag_factory import (
+    PARTITION_TEMPLATE,
+    build_all,
+    build_pipeline_dag,
+    ensure_pool_command,
+)
+from anthropic_batch.pipeline_config import POOL_NAME, load_pipelines
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return {c.name: c for c in load_pipelines()}
+
+
+@pytest.fixture(scope="module")
+def bulk(configs):
+    return build_pipeline_dag(configs["bulk_extraction"])
+
+
+def test_task_chain(bulk):
+    assert set(bulk.task_ids) == {
+        "prepare",
+        "sample_refine",
+        "batch.submit",
+        "batch.wait",
+        "batch.collect",
+        "gather_results",
+        "resubmit",
+        "publish",
+    }
+    assert bulk.get_task("sample_refine").upstream_task_ids == {"prepare"}
+    assert bulk.get_task("batch.submit").upstream_task_ids == {"prepare", "sample_refine"}
+    assert bulk.get_task("batch.wait").upstream_task_ids == {"batch.submit"}
+    assert bulk.get_task("batch.collect").upstream_task_ids == {"batch.submit", "batch.wait"}
+    assert bulk.get_task("gather_results").upstream_task_ids == {"batch.collect"}
+    assert bulk.get_task("resubmit").upstream_task_ids == {"gather_results"}
+    assert bulk.get_task("publish").upstream_task_ids == {"resubmit"}
+
+
+def test_batch_group_is_mapped_over_prepare_so_indices_align(bulk):
+    group = bulk.task_group_dict["batch"]
+    assert type(group).__name__ == "MappedTaskGroup"
+    (expand_input,) = [group._expand_input]
+    assert "chunk_path" in expand_input.value
+    # every task of the group is mapped through the group, not expanded on its own
+    for task_id in ("batch.submit", "batch.wait", "batch.collect"):
+        task = bulk.get_task(task_id)
+        assert task.task_group.group_id == "batch"
+
+
+def test_pool_and_deferral(bulk, configs):
+    for task_id in ("batch.submit", "batch.wait", "resubmit"):
+        assert bulk.get_task(task_id).pool == POOL_NAME
+    assert bulk.get_task("batch.wait").deferrable is True
+    assert bulk.get_task("prepare").pool != POOL_NAME
+    command = ensure_pool_command(list(configs.values()))
+    assert command[:3] == ["pools", "set", POOL_NAME] and "--include-deferred" in command
+    assert int(command[3]) == max(c.pool_slots_total for c in configs.values())
+
+
+def test_params_docs_tags_owner_schedule(bulk, configs):
+    cfg = configs["bulk_extraction"]
+    assert bulk.params["mode"] == cfg.mode
+    assert bulk.max_active_runs == cfg.max_active_runs
+    assert "anthropic-batch" in bulk.tags and set(cfg.tags) <= set(bulk.tags)
+    assert cfg.description.split()[0] in bulk.doc_md
+    assert bulk.default_args["owner"] == cfg.owner
+    assert not bulk.catchup
+
+
+def test_templated_partition_paths(bulk):
+    prepare = bulk.get_task("prepare")
+    assert prepare.partition == PARTITION_TEMPLATE
+    assert prepare.work_dir.endswith(f"/bulk_extraction/work/date={PARTITION_TEMPLATE}")
+    assert prepare.mode == "{{ params.mode }}"
+    publish = bulk.get_task("publish")
+    assert publish.extraction_dir.endswith(f"/bulk_extraction/extractions/date={PARTITION_TEMPLATE}")
+
+
+def test_publish_declares_the_pipeline_asset(bulk, configs):
+    (outlet,) = bulk.get_task("publish").outlets
+    assert outlet.uri == configs["bulk_extraction"].asset_uri
+
+
+def test_every_pipeline_builds(configs):
+    dags = build_all(list(configs.values()))
+    assert set(dags) == {c.resolved_dag_id for c in configs.values()}
+    audit = dags["weekly_code_audit"]
+    assert audit.params["mode"] == "auto"
