@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from anthropic_batch import storage
 from anthropic_batch.hooks import AmbiguousCreateError
@@ -178,6 +179,22 @@ def update_entry(path: PathLike, **fields: Any) -> dict[str, Any]:
 def ended_fields(batch: dict[str, Any]) -> dict[str, Any]:
     """Ledger fields for a batch that has ended (what the sensor records)."""
     return {**batch_fields(batch), "state": LedgerState.ENDED.value}
+
+
+def ledger_root_for(work_dir: PathLike, storage_root: str | None = None) -> ObjectStoragePath:
+    """The storage root whose ``_ledger`` a run uses: ``storage_root`` if given, else the root of
+    the layout ``{root}/{pipeline}/work/date=...`` that ``work_dir`` sits in, else the configured root.
+
+    Deriving it from ``work_dir`` keeps the ledger next to the data it describes, so a task that
+    was not told the root still finds the earlier submissions.
+    """
+    if storage_root:
+        return storage.storage_root(storage_root)
+    work = as_path(work_dir)
+    # unquote: a plain local path made into a file:// URL may carry "=" as "%3D".
+    if unquote(work.name).startswith("date=") and work.parent.name == "work":
+        return work.parent.parent.parent
+    return storage.storage_root()
 
 
 # -- the ledger files ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator
 
 from anthropic_batch import storage
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
 
 #: Rough bytes per input token for the projection (JSON-escaped English text runs at ~4).
@@ -63,7 +63,8 @@ class SubmitBatchOperator(BaseOperator):
 
     :param chunk_path: the chunk file (templated; map over prepare's output).
     :param work_dir: the run's work directory holding ``requests/manifest.json`` (templated).
-    :param storage_root: root for the ledger; default: the configured storage root.
+    :param storage_root: root for the ledger; default: the root ``work_dir`` sits in
+        (``{root}/{pipeline}/work/date=...``), else the configured storage root.
     :param conn_id: the Anthropic connection.
     :param attempt: submission attempt number (1 for the first submission).
     """
@@ -108,7 +109,7 @@ class SubmitBatchOperator(BaseOperator):
         ti = context["ti"]
         handle = submit_idempotently(
             BatchHook(conn_id=self.conn_id),
-            SubmissionLedger(storage.storage_root(self.storage_root)),
+            SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root)),
             chunk_path=str(chunk["path"]),
             chunk_fingerprint=chunk["fingerprint"],
             n_requests=int(chunk["n_requests"]),

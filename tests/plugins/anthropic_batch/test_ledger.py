@@ -22,6 +22,7 @@ from anthropic_batch.ledger import (
     SubmitAction,
     decide_action,
     is_fully_canceled,
+    ledger_root_for,
     resolve_orphans,
     rfc3339,
     submit_idempotently,
@@ -124,6 +125,14 @@ def test_ledger_files_round_trip(tmp_path):
     assert not any(".tmp-" in p.name for p in Path(tmp_path).rglob("*"))
     with pytest.raises(FileNotFoundError):
         ledger.update(ledger.entry_path("d", "p", "t", "missing"), state="x")
+
+
+def test_ledger_root_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_BATCH_STORAGE_ROOT", str(tmp_path / "configured"))
+    work = tmp_path / "root" / "pipe" / "work" / "date=2026-11-01"
+    assert str(ledger_root_for(str(work))) == (tmp_path / "root").as_uri()
+    assert str(ledger_root_for(str(work), str(tmp_path / "given"))) == (tmp_path / "given").as_uri()
+    assert str(ledger_root_for(str(tmp_path / "elsewhere"))) == (tmp_path / "configured").as_uri()
 
 
 # -- against the emulator ------------------------------------------------------------------------
