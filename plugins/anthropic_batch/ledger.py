@@ -491,8 +491,15 @@ def _run_sync(
 
     results_path = sync_results_path(entry["chunk_path"])
     partial = results_path.parent / f"{results_path.name}.partial"
-    done = _complete_lines(partial)
-    done_ids = {custom_id_of(line) for line in done}
+    # A crash can come after the final file was written but before the ledger said so: its lines
+    # count as answered too (then the partial file's), each custom_id once.
+    done: list[bytes] = []
+    done_ids: set[str] = set()
+    for line in [*_complete_lines(results_path), *_complete_lines(partial)]:
+        cid = custom_id_of(line)
+        if cid not in done_ids:
+            done_ids.add(cid)
+            done.append(line)
     if done:
         log.info(
             "Resuming a synchronous run: %d of %d requests already answered.", len(done), entry["n_requests"]

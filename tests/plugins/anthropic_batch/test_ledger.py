@@ -318,6 +318,23 @@ def test_sync_mode_resumes_from_a_partial_run(emulator_factory, monkeypatch, tmp
     assert not partial.exists()
 
 
+def test_sync_mode_crash_after_results_before_ledger_does_not_pay_again(
+    emulator_factory, monkeypatch, tmp_path
+):
+    emu = emulator_factory("--processing-seconds", "1")
+    conn_id = use_emulator(monkeypatch, emu, "sync_late_crash")
+    info = make_chunk(tmp_path / "work", 3)
+    ledger = SubmissionLedger(str(tmp_path / "root"))
+    handle = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
+    results = Path(handle["results_path"].removeprefix("file://"))
+    before = results.read_bytes()
+    write_intent(ledger, info, mode="sync")  # the ledger update was lost in the crash
+    emu.stop()  # every request is answered already: no API call may be needed
+    again = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
+    assert again["batch_id"] == handle["batch_id"]
+    assert sorted(results.read_bytes().splitlines()) == sorted(before.splitlines())
+
+
 def test_fatal_error_leaves_the_intent_for_a_retry(emulator, tmp_path, monkeypatch):
     conn = {"conn_type": "anthropic", "password": "wrong", "host": emulator.base_url}
     monkeypatch.setenv("AIRFLOW_CONN_LEDGER_BAD", json.dumps(conn))
