@@ -1,0 +1,387 @@
+"""SampleRefineOperator: try a seeded sample synchronously before paying for the whole run.
+
+A batch takes up to 24 hours; finding out at the end that the prompt or the output model is wrong
+wastes a day and the money. This gate sends ``sample_size`` requests, drawn with a fixed seed from
+across all chunk files, through the synchronous Messages API (``sync_runner``, full price, seconds),
+parses them exactly as the batch results will be parsed, and reports:
+
+- pass rate (succeeded, valid structured output, not cut off at ``max_tokens``), stop reasons,
+  token use, and every failure with its reason;
+- the projected cost of the *full* run: the mean batch-price cost of a sampled request times the
+  number of requests, and the synchronous-price equivalent. With ``use_count_tokens`` the input side
+  is exact instead: ``messages.count_tokens`` over every request (free, but one API call per request,
+  bounded by ``concurrency``; it ignores prompt caching, so it is an upper bound), plus the sampled
+  mean output tokens per request. In ``mode=sync`` the run is paid at the synchronous price, so that
+  is the projection the budget is checked against.
+
+It writes ``work_dir/sample/report.json``, ``report.md`` and ``report.html`` (everything from the
+data or the model is escaped), each atomically, and fails the task (no retry: the outcome would not
+change, and each try pays for the sample again) with the Markdown report in the log when the pass
+rate is below ``min_pass_rate`` or the projection exceeds ``max_cost_usd``. A run with no request
+passes trivially.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anthropic
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
+
+from anthropic_batch import storage
+from anthropic_batch.batch_requests import iter_chunk_lines, iter_chunk_requests, read_manifest
+from anthropic_batch.hooks import BatchHook
+from anthropic_batch.pricing import load_price_table
+from anthropic_batch.results import ParseContext, classify_failure, parse_result_line
+from anthropic_batch.sync_runner import bounded_map, run_requests_sync
+
+log = logging.getLogger(__name__)
+
+#: Request params that ``messages.count_tokens`` takes (the rest do not change the input count).
+COUNT_TOKENS_PARAMS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")
+_MAX_FAILURES_LISTED = 50
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+def sample_positions(n_requests: int, sample_size: int, seed: int) -> list[int]:
+    """Seeded positions (0-based, over all chunks in order) of the sampled requests, sorted."""
+    k = max(0, min(sample_size, n_requests))
+    return sorted(random.Random(seed).sample(range(n_requests), k))
+
+
+def sample_requests(manifest: Mapping[str, Any], sample_size: int, seed: int) -> list[dict[str, Any]]:
+    """The sampled requests, read from the chunk files (only the chunks that hold one are opened)."""
+    chunks = sorted(manifest.get("chunks") or [], key=lambda c: int(c["index"]))
+    positions = sample_positions(sum(int(c["n_requests"]) for c in chunks), sample_size, seed)
+    picked: list[dict[str, Any]] = []
+    start = 0
+    remaining = iter(positions)
+    wanted = next(remaining, None)
+    for chunk in chunks:
+        end = start + int(chunk["n_requests"])
+        if wanted is not None and wanted < end:
+            for offset, request in enumerate(iter_chunk_requests(chunk["path"]), start=start):
+                if offset == wanted:
+                    picked.append(request)
+                    wanted = next(remaining, None)
+                    if wanted is None or wanted >= end:
+                        break
+        start = end
+    return picked
+
+
+# -- token counting ---------------------------------------------------------------------------------
+def _count_one(client: anthropic.Anthropic, line: bytes) -> int:
+    params = json.loads(line)["params"]
+    kwargs = {k: params[k] for k in COUNT_TOKENS_PARAMS if k in params}
+    return int(client.messages.count_tokens(**kwargs).input_tokens)
+
+
+def count_input_tokens(manifest: Mapping[str, Any], client: anthropic.Anthropic, *, concurrency: int) -> int:
+    """Exact input tokens of every request of the run (one count_tokens call each)."""
+
+    def lines() -> Iterator[bytes]:
+        for chunk in sorted(manifest.get("chunks") or [], key=lambda c: int(c["index"])):
+            yield from iter_chunk_lines(chunk["path"])
+
+    return sum(bounded_map(lambda line: _count_one(client, line), lines(), concurrency=concurrency))
+
+
+# -- the report -------------------------------------------------------------------------------------
+def _passed(row: Mapping[str, Any]) -> bool:
+    return (
+        row["status"] == "succeeded"
+        and classify_failure(row["status"], row.get("error_type"), row.get("stop_reason")) is None
+    )
+
+
+def _failure_reason(row: Mapping[str, Any]) -> str:
+    if row["status"] == "succeeded" and row.get("stop_reason") == "max_tokens":
+        return "answer cut off at max_tokens (raise max_tokens)"
+    parts = [p for p in (row.get("error_type"), row.get("error_message")) if p]
+    return ": ".join(parts) or row["status"]
+
+
+def build_report(
+    manifest: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    sample_size: int,
+    seed: int,
+    min_pass_rate: float,
+    max_cost_usd: float | None,
+    input_tokens_all: int | None = None,
+) -> dict[str, Any]:
+    """The sample report (JSON-able) including the gate decision; see the module docstring."""
+    spec = manifest.get("spec") or {}
+    mode = manifest.get("mode") or "batch"
+    n_requests = int(manifest.get("n_requests") or 0)
+    n = len(rows)
+    passed = sum(1 for r in rows if _passed(r))
+    pass_rate = passed / n if n else None
+    tokens = {
+        name: sum(int(r.get(col) or 0) for r in rows)
+        for name, col in (
+            ("input", "input_tokens"),
+            ("output", "output_tokens"),
+            ("cache_creation", "cache_creation_input_tokens"),
+            ("cache_read", "cache_read_input_tokens"),
+        )
+    }
+    batch_cost = sum(float(r.get("cost_usd") or 0) for r in rows)
+    sync_cost = sum(float(r.get("sync_cost_usd") or 0) for r in rows)
+    projection_method = "sample_mean"
+    projected_batch = batch_cost / n * n_requests if n else 0.0
+    projected_sync = sync_cost / n * n_requests if n else 0.0
+    if input_tokens_all is not None and n:
+        prices = load_price_table()
+        usage = {"input_tokens": input_tokens_all, "output_tokens": round(tokens["output"] / n * n_requests)}
+        projected_batch = prices.cost(spec["model"], usage, batch=True)
+        projected_sync = prices.cost(spec["model"], usage, batch=False)
+        projection_method = "count_tokens_input_plus_sampled_output"
+    projected = projected_sync if mode == "sync" else projected_batch
+
+    failures = [
+        {
+            "custom_id": r["custom_id"],
+            "keys": {k: r.get(k) for k in spec.get("key_columns") or []},
+            "status": r["status"],
+            "error_type": r.get("error_type"),
+            "stop_reason": r.get("stop_reason"),
+            "reason": _failure_reason(r),
+        }
+        for r in sorted(rows, key=lambda r: r["custom_id"])
+        if not _passed(r)
+    ]
+    reasons = []
+    if pass_rate is not None and pass_rate < min_pass_rate:
+        reasons.append(f"pass rate {pass_rate:.0%} is below the minimum {min_pass_rate:.0%}")
+    if max_cost_usd is not None and projected > max_cost_usd:
+        reasons.append(f"projected cost ${projected:,.4f} exceeds the budget ${max_cost_usd:,.4f}")
+    return {
+        "pipeline": spec.get("pipeline"),
+        "partition": spec.get("partition"),
+        "model": spec.get("model"),
+        "mode": mode,
+        "n_requests": n_requests,
+        "sample_size": sample_size,
+        "seed": seed,
+        "n_sampled": n,
+        "n_passed": passed,
+        "pass_rate": pass_rate,
+        "min_pass_rate": min_pass_rate,
+        "counts_by_status": dict(sorted(Counter(r["status"] for r in rows).items())),
+        "stop_reasons": dict(sorted(Counter(str(r.get("stop_reason")) for r in rows).items())),
+        "tokens": tokens,
+        "mean_tokens_per_request": {k: (v / n if n else 0.0) for k, v in tokens.items()},
+        "sample_cost_usd": round(sync_cost, 6),
+        "mean_batch_cost_per_request_usd": batch_cost / n if n else 0.0,
+        "projection_method": projection_method,
+        "input_tokens_all_requests": input_tokens_all,
+        "projected_batch_cost_usd": round(projected_batch, 6),
+        "projected_sync_cost_usd": round(projected_sync, 6),
+        "projected_cost_usd": round(projected, 6),
+        "max_cost_usd": max_cost_usd,
+        "failures": failures,
+        "passed": not reasons,
+        "gate_failures": reasons,
+        "price_table_as_of": load_price_table().as_of,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
+def _md(text: Any) -> str:
+    """Table-cell-safe Markdown text (no pipes or newlines breaking the table)."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+def _money(value: float | None) -> str:
+    return "none" if value is None else f"${value:,.4f}"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown (for the task log and report.md)."""
+    verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["gate_failures"])
+    rate = "n/a" if report["pass_rate"] is None else f"{report['pass_rate']:.0%}"
+    lines = [
+        f"# Sample check: {_md(report['pipeline'])} {_md(report['partition'])}",
+        "",
+        f"**{_md(verdict)}**",
+        "",
+        f"- model `{_md(report['model'])}`, mode {_md(report['mode'])}, {report['n_requests']} requests",
+        f"- sample: {report['n_sampled']} (seed {report['seed']}), passed {report['n_passed']} = {rate} "
+        f"(minimum {report['min_pass_rate']:.0%})",
+        f"- status: {_md(report['counts_by_status'])}; stop reasons: {_md(report['stop_reasons'])}",
+        f"- tokens: {_md(report['tokens'])}",
+        f"- projected cost of the run: {_money(report['projected_cost_usd'])} "
+        f"(batch {_money(report['projected_batch_cost_usd'])}, synchronous "
+        f"{_money(report['projected_sync_cost_usd'])}; {report['projection_method']}); "
+        f"budget {_money(report['max_cost_usd'])}",
+        f"- this sample cost {_money(report['sample_cost_usd'])} (synchronous price); "
+        f"prices as of {report['price_table_as_of']}",
+    ]
+    if report["failures"]:
+        lines += ["", "| custom_id | status | stop reason | reason |", "|---|---|---|---|"]
+        for f in report["failures"][:_MAX_FAILURES_LISTED]:
+            cells = (f["custom_id"], f["status"], f["stop_reason"], f["reason"])
+            lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        if len(report["failures"]) > _MAX_FAILURES_LISTED:
+            lines.append(f"\n... and {len(report['failures']) - _MAX_FAILURES_LISTED} more in report.json")
+    return "\n".join(lines) + "\n"
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The report as a standalone HTML page; every value is escaped."""
+
+    def e(value: Any) -> str:
+        return html.escape(str(value), quote=True)
+
+    verdict = "Passed" if report["passed"] else "Failed: " + "; ".join(report["gate_failures"])
+    rate = "n/a" if report["pass_rate"] is None else f"{report['pass_rate']:.0%}"
+    facts = [
+        ("Model", report["model"]),
+        ("Mode", report["mode"]),
+        ("Requests in the run", report["n_requests"]),
+        ("Sampled (seed)", f"{report['n_sampled']} ({report['seed']})"),
+        ("Pass rate (minimum)", f"{rate} ({report['min_pass_rate']:.0%})"),
+        ("Status counts", report["counts_by_status"]),
+        ("Stop reasons", report["stop_reasons"]),
+        ("Tokens", report["tokens"]),
+        ("Projected cost", _money(report["projected_cost_usd"])),
+        (
+            "Projected batch / synchronous",
+            f"{_money(report['projected_batch_cost_usd'])} / {_money(report['projected_sync_cost_usd'])}",
+        ),
+        ("Budget", _money(report["max_cost_usd"])),
+        ("Sample cost", _money(report["sample_cost_usd"])),
+        ("Prices as of", report["price_table_as_of"]),
+    ]
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts)
+    failure_rows = "".join(
+        f"<tr><td>{e(f['custom_id'])}</td><td>{e(f['status'])}</td><td>{e(f['stop_reason'])}</td>"
+        f"<td>{e(f['reason'])}</td></tr>"
+        for f in report["failures"][:_MAX_FAILURES_LISTED]
+    )
+    failures = (
+        "<h2>Failures</h2><table><tr><th>custom_id</th><th>status</th><th>stop reason</th>"
+        f"<th>reason</th></tr>{failure_rows}</table>"
+        if failure_rows
+        else ""
+    )
+    css = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+        "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
+        ".ok{color:#1e7e34}.bad{color:#b02a37}"
+    )
+    title = f"Sample check: {report['pipeline']} {report['partition']}"
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+        f"<style>{css}</style></head><body><h1>{e(title)}</h1>"
+        f'<p class="{"ok" if report["passed"] else "bad"}"><strong>{e(verdict)}</strong></p>'
+        f"<table>{rows}</table>{failures}</body></html>\n"
+    )
+
+
+def write_report(sample_dir: storage.PathLike, report: Mapping[str, Any]) -> dict[str, str]:
+    """report.json, report.md and report.html under ``sample_dir``, each written atomically."""
+    directory = storage.as_path(sample_dir)
+    paths = {
+        "json": storage.atomic_write_json(directory / "report.json", report),
+        "md": storage.atomic_write_bytes(directory / "report.md", render_markdown(report).encode("utf-8")),
+        "html": storage.atomic_write_bytes(directory / "report.html", render_html(report).encode("utf-8")),
+    }
+    return {k: str(v) for k, v in paths.items()}
+
+
+class SampleRefineOperator(BaseOperator):
+    """
+    Gate a run on a synchronous sample: pass rate and projected cost.
+
+    :param work_dir: the run's work directory (templated).
+    :param sample_size: requests to try.
+    :param seed: sampling seed (same seed, same sample).
+    :param min_pass_rate: fail below this fraction of passing answers.
+    :param max_cost_usd: fail when the projected cost of the run exceeds this (None: no budget).
+    :param use_count_tokens: project input cost from ``count_tokens`` over every request.
+    :param concurrency: parallel synchronous calls.
+    :param conn_id: the Anthropic connection.
+    :returns: a small dict: passed, pass_rate, n_sampled, projected costs, report path.
+    """
+
+    template_fields: Sequence[str] = ("work_dir",)
+    ui_color = "#ebdef0"
+
+    def __init__(
+        self,
+        *,
+        work_dir: str,
+        sample_size: int = 20,
+        seed: int = 0,
+        min_pass_rate: float = 0.9,
+        max_cost_usd: float | None = None,
+        use_count_tokens: bool = False,
+        concurrency: int = 4,
+        conn_id: str = BatchHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= min_pass_rate <= 1:
+            raise ValueError(f"min_pass_rate must be within [0, 1], got {min_pass_rate}")
+        self.work_dir = work_dir
+        self.sample_size = sample_size
+        self.seed = seed
+        self.min_pass_rate = min_pass_rate
+        self.max_cost_usd = max_cost_usd
+        self.use_count_tokens = use_count_tokens
+        self.concurrency = concurrency
+        self.conn_id = conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        work = storage.as_path(self.work_dir)
+        manifest = read_manifest(work)
+        requests = sample_requests(manifest, self.sample_size, self.seed)
+        rows: list[dict[str, Any]] = []
+        input_tokens_all = None
+        if requests:
+            client = BatchHook(conn_id=self.conn_id).get_conn()
+            ctx = ParseContext.from_work_dir(work, batch_id="sample", attempt=0, manifest=manifest)
+            self.log.info("Sampling %d of %d requests synchronously.", len(requests), manifest["n_requests"])
+            for line in run_requests_sync(requests, client, concurrency=self.concurrency):
+                rows.append(parse_result_line(line, ctx))
+            if self.use_count_tokens:
+                input_tokens_all = count_input_tokens(manifest, client, concurrency=self.concurrency)
+        report = build_report(
+            manifest,
+            rows,
+            sample_size=self.sample_size,
+            seed=self.seed,
+            min_pass_rate=self.min_pass_rate,
+            max_cost_usd=self.max_cost_usd,
+            input_tokens_all=input_tokens_all,
+        )
+        paths = write_report(work / "sample", report)
+        markdown = render_markdown(report)
+        if not report["passed"]:
+            self.log.error("Sample check failed; nothing was submitted.\n%s", markdown)
+            raise AirflowFailException(
+                "Sample check failed: " + "; ".join(report["gate_failures"]) + f". Report: {paths['html']}"
+            )
+        self.log.info("Sample check passed.\n%s", markdown)
+        return {
+            "passed": True,
+            "pass_rate": report["pass_rate"],
+            "n_sampled": report["n_sampled"],
+            "projected_cost_usd": report["projected_cost_usd"],
+            "projected_batch_cost_usd": report["projected_batch_cost_usd"],
+            "projected_sync_cost_usd": report["projected_sync_cost_usd"],
+            "sample_cost_usd": report["sample_cost_usd"],
+            "report_path": paths["html"],
+        }

@@ -1,0 +1,184 @@
+"""SampleRefineOperator: the gate passes and fails for real, against the emulator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anthropic
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from anthropic_batch.batch_requests import iter_chunk_requests
+from anthropic_batch.operators.sample_refine import (
+    SampleRefineOperator,
+    render_html,
+    render_markdown,
+    sample_requests,
+)
+from anthropic_batch.pricing import load_price_table
+from tests.plugins.anthropic_batch._operator_context import (
+    MODEL,
+    make_context,
+    prepare_run,
+    ticket_records,
+    use_emulator,
+)
+
+
+def _local(url: str) -> Path:
+    return Path(url.removeprefix("file://"))
+
+
+def _gate(run, **kwargs) -> SampleRefineOperator:
+    return SampleRefineOperator(task_id="sample_refine", work_dir=run.work_dir, **kwargs)
+
+
+def _report(run) -> dict:
+    return json.loads((_local(run.work_dir) / "sample" / "report.json").read_text())
+
+
+def test_gate_passes_and_projects_the_full_run(tmp_path, anthropic_conn):
+    run = prepare_run(tmp_path, ticket_records(30), per_chunk=10)
+    result = _gate(run, sample_size=8, seed=1, min_pass_rate=0.9, max_cost_usd=10.0).execute(
+        make_context(task_id="sample_refine")
+    )
+    report = _report(run)
+    assert result["passed"] and report["passed"]
+    assert report["n_sampled"] == 8 and report["n_requests"] == 30
+    assert report["pass_rate"] == pytest.approx(report["n_passed"] / 8) and report["pass_rate"] >= 0.9
+    assert sum(report["counts_by_status"].values()) == 8
+    assert sum(report["stop_reasons"].values()) == 8
+    assert report["tokens"]["input"] > 0 and report["tokens"]["output"] > 0
+    # Projection: mean batch cost per sampled request x all requests; sync price is double.
+    assert report["projected_batch_cost_usd"] == pytest.approx(
+        report["mean_batch_cost_per_request_usd"] * 30, abs=1e-6
+    )
+    assert report["projected_sync_cost_usd"] == pytest.approx(
+        2 * report["projected_batch_cost_usd"], rel=1e-4
+    )
+    assert report["projected_cost_usd"] == report["projected_batch_cost_usd"]
+    # The sample itself was paid at the synchronous price.
+    assert report["sample_cost_usd"] == pytest.approx(report["projected_sync_cost_usd"] * 8 / 30, abs=2e-6)
+    sample_dir = _local(run.work_dir) / "sample"
+    assert sorted(p.name for p in sample_dir.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert "PASSED" in (sample_dir / "report.md").read_text()
+
+
+def test_sample_is_seeded_and_spans_chunks(tmp_path):
+    run = prepare_run(tmp_path, ticket_records(40), per_chunk=10)
+    manifest = json.loads((_local(run.work_dir) / "requests" / "manifest.json").read_text())
+    chunk_of = {
+        r["custom_id"]: c["index"] for c in manifest["chunks"] for r in iter_chunk_requests(c["path"])
+    }
+    first = [r["custom_id"] for r in sample_requests(manifest, 12, seed=5)]
+    again = [r["custom_id"] for r in sample_requests(manifest, 12, seed=5)]
+    other = [r["custom_id"] for r in sample_requests(manifest, 12, seed=6)]
+    assert first == again and first != other
+    assert len(set(first)) == 12
+    assert len({chunk_of[cid] for cid in first}) >= 3
+    assert len(sample_requests(manifest, 1000, seed=0)) == 40
+
+
+def test_gate_fails_on_pass_rate_with_invalid_outputs(tmp_path, emulator_factory, monkeypatch):
+    emu = emulator_factory("--invalid-output-rate", "0.7", "--seed", "9")
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(20), per_chunk=10)
+    with pytest.raises(AirflowFailException, match="pass rate"):
+        _gate(run, sample_size=10, min_pass_rate=0.9).execute(make_context(task_id="sample_refine"))
+    report = _report(run)
+    assert not report["passed"] and report["pass_rate"] < 0.9
+    invalid = [f for f in report["failures"] if f["status"] == "invalid_output"]
+    assert invalid and all(f["reason"] for f in invalid)
+    assert len(report["failures"]) == report["n_sampled"] - report["n_passed"]
+    assert "FAILED" in (_local(run.work_dir) / "sample" / "report.md").read_text()
+
+
+def test_gate_fails_when_the_projection_exceeds_the_budget(tmp_path, anthropic_conn):
+    run = prepare_run(tmp_path, ticket_records(10), per_chunk=10)
+    with pytest.raises(AirflowFailException, match="exceeds the budget"):
+        _gate(run, sample_size=3, min_pass_rate=0.0, max_cost_usd=0.000001).execute(make_context())
+    assert _report(run)["gate_failures"] == [
+        f"projected cost ${_report(run)['projected_cost_usd']:,.4f} exceeds the budget $0.0000"
+    ]
+
+
+def test_count_tokens_projection_uses_exact_input_of_every_request(tmp_path, anthropic_conn, emulator):
+    run = prepare_run(tmp_path, ticket_records(12), per_chunk=5)
+    _gate(run, sample_size=4, min_pass_rate=0.0, use_count_tokens=True).execute(make_context())
+    report = _report(run)
+    assert report["projection_method"] == "count_tokens_input_plus_sampled_output"
+    # Independent count through the SDK over every chunk line.
+    client = anthropic.Anthropic(api_key=emulator.api_key, base_url=emulator.base_url)
+    manifest = json.loads((_local(run.work_dir) / "requests" / "manifest.json").read_text())
+    expected_input = 0
+    for chunk in manifest["chunks"]:
+        for request in iter_chunk_requests(chunk["path"]):
+            p = request["params"]
+            expected_input += client.messages.count_tokens(
+                model=p["model"], messages=p["messages"], output_config=p["output_config"]
+            ).input_tokens
+    assert report["input_tokens_all_requests"] == expected_input
+    usage = {"input_tokens": expected_input, "output_tokens": round(report["tokens"]["output"] / 4 * 12)}
+    assert report["projected_batch_cost_usd"] == pytest.approx(
+        load_price_table().cost(MODEL, usage, batch=True), abs=1e-6
+    )
+
+
+def test_sync_mode_is_gated_on_the_synchronous_price(tmp_path, anthropic_conn):
+    run = prepare_run(tmp_path, ticket_records(6), per_chunk=6, mode="sync")
+    result = _gate(run, sample_size=3, min_pass_rate=0.5).execute(make_context())
+    report = _report(run)
+    assert report["mode"] == "sync"
+    assert (
+        result["projected_cost_usd"] == report["projected_sync_cost_usd"] > report["projected_batch_cost_usd"]
+    )
+
+
+def test_a_run_without_requests_passes_without_calls(tmp_path):
+    bad = [{"ticket_id": None, "channel": "", "customer_tier": "", "subject": "", "body": "x"}]
+    run = prepare_run(tmp_path, bad)
+    # No connection is configured here: the gate must not need one when there is nothing to sample.
+    result = _gate(run, sample_size=5).execute(make_context())
+    assert result["passed"] and result["n_sampled"] == 0 and result["projected_cost_usd"] == 0
+
+
+def test_reports_escape_data_and_model_text():
+    report = {
+        "pipeline": "<script>alert(1)</script>",
+        "partition": "2026-11-01",
+        "model": MODEL,
+        "mode": "batch",
+        "n_requests": 1,
+        "seed": 0,
+        "n_sampled": 1,
+        "n_passed": 0,
+        "pass_rate": 0.0,
+        "min_pass_rate": 0.9,
+        "counts_by_status": {"invalid_output": 1},
+        "stop_reasons": {"end_turn": 1},
+        "tokens": {"input": 1, "output": 1},
+        "projected_cost_usd": 0.1,
+        "projected_batch_cost_usd": 0.1,
+        "projected_sync_cost_usd": 0.2,
+        "projection_method": "sample_mean",
+        "max_cost_usd": None,
+        "sample_cost_usd": 0.2,
+        "price_table_as_of": "2026-10-21",
+        "passed": False,
+        "gate_failures": ["pass rate 0% is below the minimum 90%"],
+        "failures": [
+            {
+                "custom_id": "a",
+                "status": "invalid_output",
+                "stop_reason": "end_turn",
+                "reason": 'summary: "<img src=x onerror=alert(2)>" | broken\nrow',
+            }
+        ],
+    }
+    page = render_html(report)
+    assert "<script>" not in page and "<img" not in page
+    assert "&lt;script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    md = render_markdown(report)
+    failure_line = next(line for line in md.splitlines() if line.startswith("| a |"))
+    assert failure_line.count(" | ") == 3  # the pipe and newline in the reason did not break the table
