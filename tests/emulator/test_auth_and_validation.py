@@ -186,3 +186,10 @@ def test_unknown_route_is_a_json_404(emulator):
     )
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_max_requests_flag(emulator_factory):
+    client = client_for(emulator_factory("--max-requests", "3"))
+    with pytest.raises(anthropic.BadRequestError, match="1 to 3"):
+        client.messages.batches.create(requests=[simple_request(f"m{i}") for i in range(4)])
+    assert client.messages.batches.create(requests=[simple_request(f"m{i}") for i in range(3)]).id

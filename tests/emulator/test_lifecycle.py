@@ -164,6 +164,18 @@ async def test_async_client_full_cycle(emulator):
         model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
     )
     assert message.role == "assistant"
+    count = await client.messages.count_tokens(
+        model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert count.input_tokens == message.usage.input_tokens
+    assert (await client.models.retrieve("claude-opus-4-8")).id == "claude-opus-4-8"
+    model_ids = [m.id async for m in client.models.list()]
+    assert model_ids[0] == "claude-opus-5-5" and len(model_ids) == 12
+    deleted = await client.messages.batches.delete(batch.id)
+    assert deleted.type == "message_batch_deleted"
+    other = await client.messages.batches.create(requests=[simple_request("later")])
+    canceling = await client.messages.batches.cancel(other.id)
+    assert canceling.processing_status in ("canceling", "ended")
     await client.close()
 
 

@@ -227,3 +227,22 @@ def test_provider_hook_through_the_anthropic_conn_fixture(anthropic_conn, emulat
     assert ended.request_counts.succeeded == 1
     (result,) = list(hook.stream_batch_results(batch.id))
     assert result.custom_id == "hook-1"
+
+
+def test_cache_min_tokens_flag_lowers_the_threshold(emulator_factory):
+    emu = emulator_factory("--cache-min-tokens", "10")
+    client = client_for(emu)
+    system = [
+        {
+            "type": "text",
+            "text": "Forty bytes of shared instructions here.",
+            "cache_control": {"type": "ephemeral"},
+        }
+    ]
+    usages = [
+        client.messages.create(
+            model=MODEL, max_tokens=100, system=system, messages=[{"role": "user", "content": q}]
+        ).usage
+        for q in ("a", "b")
+    ]
+    assert usages[0].cache_creation_input_tokens == 13 and usages[1].cache_read_input_tokens == 13
