@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,8 +72,12 @@ def _work_dir(tmp_path: Path, *, rejected: int = 1, dead: int = 1) -> Path:
     (work / "requests" / "manifest.json").write_text(json.dumps(manifest))
     # Attempt 1: a, b succeed, c errored (retriable), d invalid output (billed, retried).
     attempt1 = _rows(
-        [("a", "succeeded", 1, "b1"), ("b", "succeeded", 1, "b1"), ("c", "errored", 1, "b1"),
-         ("d", "invalid_output", 1, "b1")]
+        [
+            ("a", "succeeded", 1, "b1"),
+            ("b", "succeeded", 1, "b1"),
+            ("c", "errored", 1, "b1"),
+            ("d", "invalid_output", 1, "b1"),
+        ]
     )
     attempt2 = _rows([("c", "succeeded", 2, "b2"), ("d", "invalid_output", 2, "b2")])
     for name, table in (("attempt-01/b1.parquet", attempt1), ("attempt-02/b2.parquet", attempt2)):
@@ -80,16 +85,30 @@ def _work_dir(tmp_path: Path, *, rejected: int = 1, dead: int = 1) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
     merged = _rows(
-        [("a", "succeeded", 1, "b1"), ("b", "succeeded", 1, "b1"), ("c", "succeeded", 2, "b2"),
-         ("d", "invalid_output", 2, "b2")]
+        [
+            ("a", "succeeded", 1, "b1"),
+            ("b", "succeeded", 1, "b1"),
+            ("c", "succeeded", 2, "b2"),
+            ("d", "invalid_output", 2, "b2"),
+        ]
     )
     pq.write_table(merged, work / "results" / "merged.parquet")
     dl_schema = dead_letter_schema(KEYS)
     if rejected:
         pq.write_table(
             pa.Table.from_pylist(
-                [{"ticket_id": None, "stage": "prepare", "status": "rejected", "error_type": "null_key",
-                  "reason": "key is null", "attempts": 0, "record_json": "{}"}] * rejected,
+                [
+                    {
+                        "ticket_id": None,
+                        "stage": "prepare",
+                        "status": "rejected",
+                        "error_type": "null_key",
+                        "reason": "key is null",
+                        "attempts": 0,
+                        "record_json": "{}",
+                    }
+                ]
+                * rejected,
                 schema=dl_schema,
             ),
             work / "rejected.parquet",
@@ -97,9 +116,19 @@ def _work_dir(tmp_path: Path, *, rejected: int = 1, dead: int = 1) -> Path:
     if dead:
         pq.write_table(
             pa.Table.from_pylist(
-                [{"ticket_id": "d", "custom_id": "d", "stage": "collect", "status": "invalid_output",
-                  "error_type": "invalid_output", "reason": "exhausted 2 attempts", "attempts": 2,
-                  "last_batch_id": "b2"}] * dead,
+                [
+                    {
+                        "ticket_id": "d",
+                        "custom_id": "d",
+                        "stage": "collect",
+                        "status": "invalid_output",
+                        "error_type": "invalid_output",
+                        "reason": "exhausted 2 attempts",
+                        "attempts": 2,
+                        "last_batch_id": "b2",
+                    }
+                ]
+                * dead,
                 schema=dl_schema,
             ),
             work / "dead_letter.parquet",
@@ -182,3 +211,56 @@ def test_failed_write_leaves_the_previous_partition_intact(tmp_path):
     assert json.loads((target / SUMMARY_FILE).read_text()) == before
     assert pq.read_table(target / DATA_FILE).num_rows == 4
     assert sorted(os.listdir(target.parent)) == ["date=2026-11-01"]
+
+
+def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_factory, monkeypatch):
+    """prepare -> sample gate -> submit -> collect -> resubmit (deferred) -> publish, with faults."""
+    from anthropic_batch.operators.sample_refine import SampleRefineOperator
+    from tests.plugins.anthropic_batch._operator_context import (
+        prepare_run,
+        submit_chunks,
+        ticket_records,
+        use_emulator,
+    )
+    from tests.plugins.anthropic_batch.test_resubmit import (
+        _collect_all,
+        _operator_factory,
+        run_with_deferrals,
+    )
+
+    emu = emulator_factory(
+        "--processing-seconds", "0.5", "--error-rate", "overloaded_error=0.2",
+        "--error-rate", "invalid_request_error=0.1", "--seed", "21",
+    )  # fmt: skip
+    use_emulator(monkeypatch, emu)
+    records = [*ticket_records(24), {"ticket_id": None, "subject": "no key", "body": "x"}]
+    run = prepare_run(tmp_path, records, per_chunk=10)
+    SampleRefineOperator(
+        task_id="sample_refine", work_dir=run.work_dir, sample_size=4, min_pass_rate=0.0
+    ).execute(make_context(task_id="sample_refine"))
+    paths = _collect_all(run, submit_chunks(run))
+    merged_path, _ = run_with_deferrals(_operator_factory(run, paths), make_context(task_id="resubmit"))
+    target = run.root / "tickets" / "extractions" / "date=2026-11-01"
+    op = PublishPartitionOperator(
+        task_id="publish",
+        work_dir=run.work_dir,
+        merged_path=merged_path,
+        extraction_dir=url(target),
+        pipeline="tickets",
+    )
+    summary = op.execute(make_context(task_id="publish"))
+
+    data = pq.read_table(target / DATA_FILE)
+    assert sorted(data["custom_id"].to_pylist()) == sorted(r["ticket_id"] for r in records[:24])
+    dead = pq.read_table(target / DEAD_LETTER_FILE).to_pylist()
+    stages = Counter(r["stage"] for r in dead)
+    assert stages["prepare"] == 1 and stages["collect"] >= 1
+    not_ok = {r["custom_id"] for r in data.to_pylist() if r["status"] != "succeeded"}
+    assert not_ok == {r["custom_id"] for r in dead if r["stage"] == "collect"}
+    assert summary["n_rows"] == 24 and summary["n_input_records"] == 25
+    assert summary["n_dead_letters"] == len(dead)
+    assert sum(summary["counts_by_status"].values()) == 24
+    assert summary["attempts"] >= 2 and len(summary["batch_ids"]) >= 4  # 3 chunks + at least one retry
+    assert 0 < summary["cost_usd"] < summary["sync_cost_usd"]
+    assert summary["savings_usd"] == pytest.approx(summary["sync_cost_usd"] - summary["cost_usd"], abs=1e-6)
+    assert summary["sample_cost_usd"] > 0
