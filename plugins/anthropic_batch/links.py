@@ -3,9 +3,9 @@
 In Airflow 3 the worker calls ``get_link`` at the end of each segment (including a deferral) and
 stores the URL in XCom; the UI reads that. So ``get_link`` may only use what the worker can see:
 
-- the batch id from the XCom key ``batch_id`` that SubmitBatchOperator pushes *as soon as* the batch
-  exists (so the link is there even if the task fails later in the segment), else from the rendered
-  ``handle`` of the operator (sensor, collect: the BatchHandle or a bare id);
+- the batch id from the rendered ``handle`` of the operator (sensor, collect: the BatchHandle or a
+  bare id), else from the XCom key ``batch_id`` that SubmitBatchOperator pushes *as soon as* the
+  batch exists (so the link is there even if the task fails later in the segment);
 - the results path from the task's return value (a path string, a dict with ``data_path`` /
   ``results_path``), else from the rendered handle's ``results_path``.
 
@@ -73,9 +73,11 @@ class AnthropicConsoleBatchLink(BaseOperatorLink):
     name = "Anthropic Console"
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        batch_id = batch_id_from(_xcom(ti_key, BATCH_ID_XCOM_KEY))
+        # An operator given a handle (sensor, collect) knows its batch without an XCom lookup (which
+        # would log a not-found error for every such task); submit pushes "batch_id".
+        batch_id = batch_id_from(getattr(operator, "handle", None))
         if not batch_id:
-            batch_id = batch_id_from(getattr(operator, "handle", None))
+            batch_id = batch_id_from(_xcom(ti_key, BATCH_ID_XCOM_KEY))
         return console_url(batch_id)
 
 

@@ -53,9 +53,10 @@ def test_console_link_reads_the_pushed_batch_id(xcoms):
     assert xcoms["_calls"] == [(TI_KEY, BATCH_ID_XCOM_KEY)]
 
 
-def test_console_link_falls_back_to_the_rendered_handle(xcoms):
+def test_console_link_uses_the_rendered_handle_without_xcom(xcoms):
     sensor = BatchSensor(task_id="wait", handle={"batch_id": "msgbatch_h", "mode": "batch"})
     assert AnthropicConsoleBatchLink().get_link(sensor, ti_key=TI_KEY).endswith("/batches/msgbatch_h")
+    assert xcoms["_calls"] == []  # no lookup: it would log "XCom not found" on every sensor
     assert AnthropicConsoleBatchLink().get_link(SimpleNamespace(), ti_key=TI_KEY) == ""
 
 
