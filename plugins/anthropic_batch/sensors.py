@@ -11,6 +11,10 @@ canceled (best effort) and the task fails: the user asked to stop waiting, and r
 processing after that would be paid for but never collected. A retry of the sensor then waits for
 the cancellation to finish, and collect/resubmit treat the canceled requests as retriable.
 
+Killing the task cancels the batch only in deferrable mode (the trigger's ``on_kill``, which
+Airflow 3.3 calls for user actions only). In poke mode the operator's ``on_kill`` also fires when a
+worker shuts down, so it deliberately does not cancel: a deploy must not cancel running batches.
+
 On ``ended`` the ledger entry is updated (status, counts, ended_at, expires_at) and the batch JSON
 is returned (XCom).
 """
