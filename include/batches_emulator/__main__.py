@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 
 import uvicorn
 
-from batches_emulator.app import create_app
+from batches_emulator.app import EmulatedConnectionDrop, create_app
 from batches_emulator.config import parse_settings
 
 
@@ -33,14 +34,21 @@ def main(argv: list[str] | None = None) -> None:
     if settings.parent_pid:
         exit_with_parent(settings.parent_pid)
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        # Long keep-alive: an idle pooled connection closed under the client causes spurious errors.
+        timeout_keep_alive=120,
         timeout_graceful_shutdown=2,
     )
+    # Injected connection drops are intended; keep their tracebacks out of the log.
+    logging.getLogger("uvicorn.error").addFilter(
+        lambda record: not (record.exc_info and isinstance(record.exc_info[1], EmulatedConnectionDrop))
+    )
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ ERROR_TYPE_BY_STATUS = {
 }
 
 
+class EmulatedConnectionDrop(ConnectionAbortedError):
+    """Raised inside the results stream to cut the connection (--drop-results-after-lines)."""
+
+
 class ApiError(Exception):
     def __init__(
         self, status: int, message: str, error_type: str | None = None, headers: dict[str, str] | None = None
@@ -241,7 +245,7 @@ def create_app(settings: Settings) -> FastAPI:
                 cut += max(0, next_end - cut) // 2
                 yield part[:cut]
                 # Abort mid-body: the server closes the connection without ending the chunked body.
-                raise ConnectionAbortedError("emulated connection drop")
+                raise EmulatedConnectionDrop(f"emulated connection drop after {drop_after} lines")
             sent += part.count(b"\n")
             yield part
 
