@@ -180,3 +180,15 @@ def test_resolve_mode_and_template_loading():
     assert resolve_mode("SYNC", 10**6, 200) is RunMode.SYNC
     assert load_prompt_template("Hello {{ x }}.txt and more\nlines", None).startswith("Hello")
     assert "support ticket" in load_prompt_template("prompts/support_ticket.j2", INCLUDE_DIR)
+
+
+def test_operators_package_exports_every_operator():
+    from airflow.sdk import BaseOperator
+
+    import anthropic_batch.operators as ops
+
+    for name in ops.__all__:
+        cls = getattr(ops, name)
+        assert issubclass(cls, BaseOperator) and cls.__name__ == name
+    with pytest.raises(AttributeError):
+        _ = ops.NoSuchOperator
