@@ -198,6 +198,9 @@ class BatchHook(AnthropicHook):
         from anthropic_batch.batch_requests import iter_batch_body
 
         body = iter_batch_body(chunk_path)
+        # A declared length (one cheap pass over the file) instead of chunked transfer encoding:
+        # proxies handle it better and an oversized body is refused before it is uploaded.
+        headers = {"content-type": "application/json", "content-length": str(body.n_bytes)}
         client = self.conn.with_options(max_retries=0)
         for attempt in range(max_attempts):
             started = datetime.now(UTC)
@@ -206,7 +209,7 @@ class BatchHook(AnthropicHook):
                     "/v1/messages/batches",
                     content=body,
                     cast_to=MessageBatch,
-                    options={"headers": {"content-type": "application/json"}},
+                    options={"headers": headers},
                 )
             except FATAL_ERRORS:
                 raise
