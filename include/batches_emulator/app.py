@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -72,7 +73,19 @@ def json_response(body: Any) -> Response:
 
 def create_app(settings: Settings) -> FastAPI:
     engine = Engine(settings)
-    app = FastAPI(title="Message Batches API emulator", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()  # checkpoints the WAL so the database is one tidy file at rest
+
+    app = FastAPI(
+        title="Message Batches API emulator",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
     app.state.engine = engine
     fault_rngs = {
         f.endpoint: random.Random(f"{settings.seed}:http:{f.endpoint}") for f in settings.http_faults

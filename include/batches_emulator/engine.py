@@ -126,6 +126,10 @@ class Engine:
         else:
             self.epoch0 = float(row[0])
 
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
     # ------------------------------------------------------------ time
 
     def now(self) -> float:
