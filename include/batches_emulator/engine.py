@@ -163,7 +163,8 @@ class Engine:
         with self.lock:
             now, real = self.now(), time.time()
             batch_id = random_id("msgbatch_")
-            processing = self.emulated(s.processing_seconds)
+            # Never ended at birth: create always answers in_progress, as the real API does.
+            processing = max(self.emulated(s.processing_seconds), 1e-3)
             cur = self.db.execute("BEGIN")
             cur.execute(
                 "INSERT INTO batches (id, created_at, created_real, natural_end, n_requests, api_version)"

@@ -117,3 +117,16 @@ def test_emulator_exits_when_its_parent_dies(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child_pid, signal.SIGKILL)
     parent.stdout.close()
+
+
+def test_create_answers_in_progress_even_with_zero_processing_time(tmp_path):
+    engine = make_engine(tmp_path, "--processing-seconds", "0")
+    view = engine.create_batch(body(2), 2, "2023-06-01")
+    assert view["processing_status"] == "in_progress" and view["results_url"] is None
+    from tests.emulator.conftest import wait_until
+
+    ended = wait_until(
+        lambda: (v := engine.retrieve(view["id"], "http://h"))["processing_status"] == "ended" and v
+    )
+    assert ended["request_counts"]["succeeded"] == 2
+    assert ended["results_url"] == f"http://h/v1/messages/batches/{view['id']}/results"
