@@ -11,6 +11,7 @@ import batches_emulator
 from batches_emulator.config import build_parser, parse_settings
 from batches_emulator.engine import Engine
 from batches_emulator.testing import INCLUDE_DIR
+from tests.emulator.conftest import wait_until
 
 
 def make_engine(tmp_path, *flags):
@@ -88,8 +89,6 @@ def test_emulator_exits_when_its_parent_dies(tmp_path):
     import os
     import signal
 
-    from tests.emulator.conftest import wait_until
-
     script = (
         "import sys, time; sys.path.insert(0, {!r})\n"
         "from batches_emulator.testing import EmulatorProcess\n"
@@ -123,8 +122,6 @@ def test_create_answers_in_progress_even_with_zero_processing_time(tmp_path):
     engine = make_engine(tmp_path, "--processing-seconds", "0")
     view = engine.create_batch(body(2), 2, "2023-06-01")
     assert view["processing_status"] == "in_progress" and view["results_url"] is None
-    from tests.emulator.conftest import wait_until
-
     ended = wait_until(
         lambda: (v := engine.retrieve(view["id"], "http://h"))["processing_status"] == "ended" and v
     )
