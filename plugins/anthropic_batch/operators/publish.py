@@ -51,10 +51,6 @@ _TOKEN_COLUMNS = {
 }
 
 
-def _is_local(path: ObjectStoragePath) -> bool:
-    return path.protocol in ("file", "local", "")
-
-
 def _sum(table: pa.Table, column: str) -> float:
     if column not in table.column_names or table.num_rows == 0:
         return 0
@@ -159,7 +155,7 @@ def publish_partition(
     target: ObjectStoragePath, merged: pa.Table, dead_letters: pa.Table, summary: dict[str, Any]
 ) -> None:
     """Write the partition at ``target``, replacing an earlier one without exposing a mix."""
-    if _is_local(target):
+    if storage.is_local(target):
         staging = target.parent / f".{target.name}{storage.TMP_MARKER}{uuid.uuid4().hex}"
         final, trash = target.path, f"{staging.path}.old"
         os.makedirs(target.parent.path, exist_ok=True)

@@ -264,3 +264,26 @@ def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_facto
     assert 0 < summary["cost_usd"] < summary["sync_cost_usd"]
     assert summary["savings_usd"] == pytest.approx(summary["sync_cost_usd"] - summary["cost_usd"], abs=1e-6)
     assert summary["sample_cost_usd"] > 0
+
+
+def test_object_store_partition_is_marked_complete_only_by_success_written_last():
+    """On an object store (fsspec memory here) there is no directory rename: _SUCCESS is the signal."""
+    from airflow.sdk.io import attach
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    attach(protocol="memory", fs=MemoryFileSystem())
+    target = storage.as_path("memory://bucket/tickets/extractions/date=2026-11-01")
+    merged = _rows([("a", "succeeded", 1, "b1")])
+    empty_dead = dead_letter_schema(KEYS).empty_table()
+    publish_partition(target, merged, empty_dead, {"n_rows": 1})
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        [DATA_FILE, DEAD_LETTER_FILE, SUMMARY_FILE, SUCCESS_MARKER]
+    )
+    # A republish that fails midway leaves no _SUCCESS: readers know the partition is incomplete.
+    with pytest.raises(ValueError):
+        publish_partition(target, merged, [], {"n_rows": 1})
+    assert not (target / SUCCESS_MARKER).exists()
+    publish_partition(target, merged, empty_dead, {"n_rows": 2})
+    assert (target / SUCCESS_MARKER).exists()
+    assert storage.read_json(target / SUMMARY_FILE) == {"n_rows": 2}
+    assert not [p.name for p in target.iterdir() if storage.TMP_MARKER in p.name]
