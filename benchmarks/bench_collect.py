@@ -136,15 +136,14 @@ def generate(directory: Path, n: int) -> Path:
 
 
 def _context(directory: Path):
-    import pyarrow.parquet as pq
-
     from anthropic_batch.output_models import load_output_model
     from anthropic_batch.pricing import load_price_table
     from anthropic_batch.results import ParseContext
+    from anthropic_batch.storage import read_parquet
 
     model = load_output_model("schemas/tickets.py:TicketExtraction", directory)
     return ParseContext.from_keys_table(
-        pq.read_table(directory / "keys.parquet"),
+        read_parquet(directory / "keys.parquet"),
         ["ticket_id"],
         output_model=model,
         output_mode="json_schema",
@@ -225,30 +224,52 @@ def run_sdk(path: Path, out: Path, ctx) -> int:
     return n
 
 
-def _best(fn, rounds: int) -> tuple[float, int]:
-    best = float("inf")
-    n = 0
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        n = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, n
+def _interleaved_best(variants: dict, rounds: dict) -> dict[str, tuple[float, int]]:
+    """Best time per variant, running the variants in turn each round (fair under changing load)."""
+    best = {name: (float("inf"), 0) for name in variants}
+    for round_index in range(max(rounds.values())):
+        for name, fn in variants.items():
+            if round_index >= rounds[name]:
+                continue
+            t0 = time.perf_counter()
+            n = fn()
+            elapsed = time.perf_counter() - t0
+            if elapsed < best[name][0]:
+                best[name] = (elapsed, n)
+    return best
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB.
+
+    ``VmHWM`` from /proc (Linux): it belongs to the process image, whereas ``ru_maxrss`` is carried
+    over from the parent across fork+exec and would report the benchmark's own peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child_peak_rss(directory: Path, path: Path) -> dict:
-    """Run (a) once in a fresh interpreter; its own peak RSS, and the RSS after imports alone."""
+    """Run (a) once in a fresh interpreter; its own peak RSS, and the peak before collecting."""
     code = (
-        "import resource, sys, json\n"
+        "import sys, json\n"
         f"sys.path[:0] = {[str(REPO / 'plugins'), str(REPO / 'include'), str(REPO)]!r}\n"
         "from pathlib import Path\n"
         "from benchmarks import bench_collect as b\n"
         "import anthropic_batch.results\n"
         f"d = Path({str(directory)!r})\n"
         "ctx = b._context(d)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "before = b.peak_rss_mb()\n"
         f"n = b.run_fast(Path({str(path)!r}), d / 'child.parquet', ctx)\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print(json.dumps({'rows': n, 'rss_after_imports_mb': before, 'peak_rss_mb': peak}))\n"
+        "print(json.dumps({'rows': n, 'rss_after_imports_mb': before, 'peak_rss_mb': b.peak_rss_mb()}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -265,9 +286,15 @@ def main() -> dict:
         print(f"generated {N_LINES:,} result lines, {size_mb:.1f} MB, in {time.perf_counter() - t0:.1f}s")
         ctx = _context(directory)
 
-        fast_s, fast_n = _best(lambda: run_fast(path, directory / "fast.parquet", ctx), ROUNDS)
-        bare_s, bare_n = _best(lambda: run_bare(path), ROUNDS)
-        sdk_s, sdk_n = _best(lambda: run_sdk(path, directory / "sdk.parquet", ctx), max(1, ROUNDS - 1))
+        best = _interleaved_best(
+            {
+                "fast": lambda: run_fast(path, directory / "fast.parquet", ctx),
+                "bare": lambda: run_bare(path),
+                "sdk": lambda: run_sdk(path, directory / "sdk.parquet", ctx),
+            },
+            {"fast": ROUNDS, "bare": ROUNDS, "sdk": max(1, ROUNDS - 1)},
+        )
+        (fast_s, fast_n), (bare_s, bare_n), (sdk_s, sdk_n) = best["fast"], best["bare"], best["sdk"]
         assert fast_n == bare_n == sdk_n == N_LINES, (fast_n, bare_n, sdk_n)
         fast_table = pq.read_table(directory / "fast.parquet")
         sdk_table = pq.read_table(directory / "sdk.parquet")
