@@ -24,6 +24,11 @@ XSS = "<script>alert('pwned')</script>"
 LEAKED_KEY = "sk-ant-api03-THISMUSTNEVERSHOW"
 
 
+def run_id_of(partition: str) -> str:
+    """A manually triggered run's id (the e2e test creates this DagRun through the REST API)."""
+    return f"manual__{partition}T00:00:00+00:00"
+
+
 def ledger_entry(
     *,
     partition: str,
@@ -43,7 +48,7 @@ def ledger_entry(
     mode: str = "batch",
     dag_id: str = DAG_ID,
 ) -> dict[str, Any]:
-    run_id = f"scheduled__{partition}T00:00:00+00:00"
+    run_id = run_id_of(partition)
     return {
         "ledger_key": f"{dag_id}/{partition}/{task_id}/{fingerprint}",
         "dag_id": dag_id,
@@ -92,7 +97,7 @@ def summary(
     return {
         "pipeline": PIPELINE,
         "dag_id": DAG_ID,
-        "run_id": f"scheduled__{partition}T00:00:00+00:00",
+        "run_id": run_id_of(partition),
         "partition": partition,
         "mode": "batch",
         "n_input_records": n_rows + 1,

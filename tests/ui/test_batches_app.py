@@ -12,7 +12,7 @@ PREFIX = "/anthropic-batches"
 PAGES = [
     f"{PREFIX}/",
     f"{PREFIX}/runs/{DAG_ID}/2026-11-21",
-    f"{PREFIX}/dag-runs/{DAG_ID}/scheduled__2026-11-21T00:00:00+00:00",
+    f"{PREFIX}/dag-runs/{DAG_ID}/manual__2026-11-21T00:00:00+00:00",
 ]
 APIS = [f"{PREFIX}/api/batches", f"{PREFIX}/api/runs/{DAG_ID}/2026-11-21"]
 
@@ -172,7 +172,7 @@ def test_dag_run_tab_finds_the_run_by_run_id(client, make_token):
     by_partition = client.get(f"{PREFIX}/runs/{DAG_ID}/2026-11-21", headers=bearer(token)).text
     # The Airflow UI URL-encodes the run id into the tab's URL.
     resp = client.get(
-        f"{PREFIX}/dag-runs/{DAG_ID}/scheduled__2026-11-21T00%3A00%3A00%2B00%3A00", headers=bearer(token)
+        f"{PREFIX}/dag-runs/{DAG_ID}/manual__2026-11-21T00%3A00%3A00%2B00%3A00", headers=bearer(token)
     )
     assert resp.status_code == 200
     assert resp.text == by_partition
@@ -223,7 +223,7 @@ def test_api_batches_numbers(client, make_token, seeded_root):
 def test_api_run_dead_letters_limit_and_reasons(client, make_token):
     url = f"{PREFIX}/api/runs/{DAG_ID}/2026-11-21"
     body = client.get(url, params={"limit": 2}, headers=bearer(make_token())).json()
-    assert body["run"]["run_id"] == "scheduled__2026-11-21T00:00:00+00:00"
+    assert body["run"]["run_id"] == "manual__2026-11-21T00:00:00+00:00"
     assert body["dead_letters"]["total"] == 3
     assert len(body["dead_letters"]["rows"]) == 2
     assert sum(r["count"] for r in body["dead_letters"]["by_reason"]) == 3

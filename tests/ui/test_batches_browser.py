@@ -8,6 +8,10 @@ its dead letters. An unauthenticated browser is refused. Screenshots go to ``tes
 Data: the storage root is filled by ``tests/ui/seed.py`` with the project's own writers (ledger,
 atomic JSON, Parquet with the dead-letter schema), so every number on the page is known exactly.
 ``test_pipeline_browser.py`` does the same over the artefacts of a real pipeline run.
+
+The plugins folder is the project's. The DAGs folder holds one stand-in DAG with the seeded dag id,
+kept paused: it exists only so Airflow has a DagRun to show the DAG-run tab for, and so this test
+does not depend on the pipeline DAGs importing.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import json
 import re
 import socket
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
 
-from tests.ui.seed import DAG_ID, XSS, seed
+from tests.ui.seed import DAG_ID, XSS, run_id_of, seed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -38,7 +43,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 RUN_DAY = "2026-11-21"
-RUN_ID = f"scheduled__{RUN_DAY}T00:00:00+00:00"
+RUN_ID = run_id_of(RUN_DAY)
+STAND_IN_DAG = f'''
+from airflow.sdk import DAG
+from airflow.providers.standard.operators.empty import EmptyOperator
+
+with DAG("{DAG_ID}", schedule=None):
+    EmptyOperator(task_id="noop")
+'''
 
 
 def free_port() -> int:
@@ -63,7 +75,10 @@ def airflow(tmp_path_factory):
         "ANTHROPIC_BATCH_STORAGE_ROOT": root.as_uri(),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
     }
-    with StandaloneAirflow(base / "airflow", port=free_port(), env=env) as af:
+    dags = base / "dags"
+    dags.mkdir()
+    (dags / "stand_in.py").write_text(STAND_IN_DAG)
+    with StandaloneAirflow(base / "airflow", port=free_port(), env=env, dags_folder=dags) as af:
         yield af
 
 
@@ -157,6 +172,36 @@ def test_user_logs_in_and_reads_batches_costs_and_dead_letters(airflow, browser)
         frame.locator("table.batches").wait_for(timeout=60_000)
         assert frame.locator("table.batches tbody tr").count() == 4
         page.screenshot(path=str(ARTIFACTS / "airflow-nav.png"))
+    finally:
+        context.close()
+
+
+def test_dag_run_tab_shows_the_runs_batches_and_dead_letters(airflow, browser):
+    """The dag_run destination view: Airflow's UI fills {DAG_ID}/{RUN_ID} and frames our page."""
+    airflow.wait_for_dag(DAG_ID, timeout=180)
+    airflow.api(
+        "POST",
+        f"/api/v2/dags/{DAG_ID}/dagRuns",
+        json={"dag_run_id": RUN_ID, "logical_date": f"{RUN_DAY}T00:00:00Z"},
+    )
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    try:
+        # Logged in with the token the simple auth manager issues (POST /auth/token), as its cookie.
+        context.add_cookies([{"name": "_token", "value": airflow.token(), "url": airflow.base_url}])
+        page = context.new_page()
+        page.goto(
+            f"{airflow.base_url}/dags/{DAG_ID}/runs/{quote(RUN_ID, safe='')}/plugin/anthropic-batches-run"
+        )
+        frame = page.frame_locator("iframe[title='Batches']")
+        frame.locator("table.dead-letters").wait_for(timeout=60_000)
+        assert frame.locator("table.dead-letters tbody tr").count() == 3
+        assert frame.locator("table.batches tbody tr").count() == 2
+        assert frame.get_by_test_id("run-cost").inner_text() == "$0.0500"
+        page.screenshot(path=str(ARTIFACTS / "dag-run-tab.png"))
+        # Links inside the (sandboxed) frame keep the login: back to the overview.
+        frame.get_by_role("link", name="All batches").click()
+        frame.locator("table.runs").wait_for()
+        assert frame.locator("table.batches tbody tr").count() == 4
     finally:
         context.close()
 
