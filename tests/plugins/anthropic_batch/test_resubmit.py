@@ -128,8 +128,8 @@ def test_retriable_failures_recover_and_permanent_ones_are_dead_lettered(
         "--seed", "11",
     )  # fmt: skip
     use_emulator(monkeypatch, emu)
-    records = ticket_records(40)
-    run = prepare_run(tmp_path, records, per_chunk=15, max_tokens=300)
+    records = ticket_records(60)
+    run = prepare_run(tmp_path, records, per_chunk=25, max_tokens=300)
     paths = _collect_all(run, submit_chunks(run))
     first_rows = [r for p in paths for r in pq.read_table(_local(p)).to_pylist()]
     retriable_first = {
