@@ -364,6 +364,9 @@ def submit_idempotently(
             # The request went out and no answer came back: look before resending (same policy as
             # for an intent left by a dead worker; other entries' batches are excluded).
             log.warning("%s Looking for it before anything else.", err)
+            # A short pause first: the new batch needs a moment to be listed, and a sibling task that
+            # created a same-sized batch at the same time needs a moment to record its id.
+            time.sleep(min(orphan_settle_seconds, 10.0))
             found = _recover_orphan(
                 hook,
                 ledger,
