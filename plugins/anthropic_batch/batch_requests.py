@@ -316,7 +316,7 @@ def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: s
         raise BatchRequestError(f"input file not found: {path}")
     with open_binary(path) as handle:
         if fmt == "parquet":
-            return pq.read_table(handle)
+            return pq.ParquetFile(handle).read()
         if fmt == "csv":
             return _read_csv_as_strings(handle)
         if fmt in ("jsonl", "json", "ndjson"):

@@ -100,3 +100,16 @@ def test_parquet_error_midstream_keeps_old_file(root, tmp_path):
         storage.write_parquet_atomic(root / "t.parquet", failing(), schema)
     assert storage.read_parquet(root / "t.parquet").column("n").to_pylist() == [7]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+
+
+def test_open_binary_local_and_is_local(root, tmp_path):
+    target = root / "f.bin"
+    storage.atomic_write_bytes(target, b"abc")
+    assert storage.is_local(target)
+    assert not storage.is_local(ObjectStoragePath("s3://bucket/key", conn_id="aws_default"))
+    with storage.open_binary(target) as handle:
+        assert handle.read() == b"abc"
+    with storage.open_binary(str(tmp_path / "f.bin")) as handle:
+        assert handle.read() == b"abc"
+    with pytest.raises(FileNotFoundError):
+        storage.open_binary(root / "missing.bin")
