@@ -69,8 +69,19 @@ def _read_optional(path: ObjectStoragePath) -> pa.Table | None:
     return storage.read_parquet(path) if path.exists() else None
 
 
-def attempt_tables(work_dir: ObjectStoragePath) -> list[pa.Table]:
-    """Every collected results file of the run (all attempts): what was actually billed."""
+def attempt_tables(
+    work_dir: ObjectStoragePath, merged_path: storage.PathLike | None = None
+) -> list[pa.Table]:
+    """Every collected results file of the run (all attempts): what was actually billed.
+
+    The files are those the resubmit step merged (its ``merged.json`` record) when it exists;
+    otherwise every ``results/attempt-NN/*.parquet`` of the work dir.
+    """
+    from anthropic_batch.operators.resubmit import merge_record_path
+
+    record = storage.read_json(merge_record_path(merged_path)) if merged_path else None
+    if record and record.get("results_paths") is not None:
+        return [storage.read_parquet(p) for p in record["results_paths"]]
     results = work_dir / "results"
     if not results.exists():
         return []
@@ -223,7 +234,7 @@ class PublishPartitionOperator(BaseOperator):
             manifest=manifest,
             merged=merged,
             dead_letters=dead_letters,
-            billed=attempt_tables(work_dir),
+            billed=attempt_tables(work_dir, self.merged_path),
             dag_id=ti.dag_id,
             run_id=ti.run_id,
             data_path=str(target / DATA_FILE),

@@ -88,6 +88,21 @@ def ledger_root_for(work_dir: storage.PathLike, storage_root: str | None = None)
     return storage.storage_root()
 
 
+def merge_record_path(merged_path: storage.PathLike) -> ObjectStoragePath:
+    """``results/merged.json`` beside ``results/merged.parquet``: which files the merge used."""
+    merged = storage.as_path(merged_path)
+    return merged.parent / (merged.name.removesuffix(".parquet") + ".json")
+
+
+def write_merge_record(merged_path: storage.PathLike, paths: Sequence[str], attempt: int) -> None:
+    """Record the attempt files behind the merge, so the summary bills exactly this run's files
+    (an earlier run of the same partition may have left other attempt files in the work dir)."""
+    storage.atomic_write_json(
+        merge_record_path(merged_path),
+        {"merged_path": str(merged_path), "results_paths": list(paths), "attempts": attempt},
+    )
+
+
 def retry_reason(status: str, error_type: str | None, stop_reason: str | None) -> str:
     """A short label for the log: why this row is resubmitted."""
     if stop_reason == "max_tokens":
@@ -222,6 +237,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
         if has_fatal(merged):
             self._write_dead_letters(merged, key_columns)
+            write_merge_record(merged_path, paths, attempt)
             fatal = Counter(
                 row["error_type"]
                 for row in merged.select(["status", "error_type", "stop_reason"]).to_pylist()
@@ -236,6 +252,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
         mask = retry_mask(merged, self.max_attempts)
         if attempt >= self.max_attempts or not any(mask):
+            write_merge_record(merged_path, paths, attempt)
             return self._finalise(merged, merged_path, manifest, key_columns, attempt)
 
         retry = merged.filter(pa.array(mask, pa.bool_()))

@@ -240,6 +240,14 @@ def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_facto
     ).execute(make_context(task_id="sample_refine"))
     paths = _collect_all(run, submit_chunks(run))
     merged_path, _ = run_with_deferrals(_operator_factory(run, paths), make_context(task_id="resubmit"))
+    # A stale attempt file from an earlier run of this partition must not be billed again.
+    record = json.loads(
+        (run.root / "tickets" / "work" / "date=2026-11-01" / "results" / "merged.json").read_text()
+    )
+    billed = [pq.read_table(p.removeprefix("file://")) for p in record["results_paths"]]
+    expected_cost = sum(sum(t["cost_usd"].to_pylist()) for t in billed)
+    stale = Path(record["results_paths"][0].removeprefix("file://"))
+    (stale.parent / "msgbatch_from_an_earlier_run.parquet").write_bytes(stale.read_bytes())
     target = run.root / "tickets" / "extractions" / "date=2026-11-01"
     op = PublishPartitionOperator(
         task_id="publish",
@@ -262,6 +270,8 @@ def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_facto
     assert sum(summary["counts_by_status"].values()) == 24
     assert summary["attempts"] >= 2 and len(summary["batch_ids"]) >= 4  # 3 chunks + at least one retry
     assert 0 < summary["cost_usd"] < summary["sync_cost_usd"]
+    assert summary["cost_usd"] == pytest.approx(expected_cost, abs=1e-6)
+    assert record["attempts"] == summary["attempts"]
     assert summary["savings_usd"] == pytest.approx(summary["sync_cost_usd"] - summary["cost_usd"], abs=1e-6)
     assert summary["sample_cost_usd"] > 0
 
