@@ -40,7 +40,8 @@ def as_path(path: PathLike) -> ObjectStoragePath:
         return path
     text = os.fspath(path)
     if "://" not in text:
-        text = Path(text).expanduser().resolve().as_uri()
+        # Not Path.as_uri(): it percent-encodes "=" and a Hive partition "date=..." would become "date%3D...".
+        text = "file://" + str(Path(text).expanduser().resolve())
     return ObjectStoragePath(text)
 
 
