@@ -43,12 +43,11 @@ def _module_name(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _load(path: Path, class_name: str) -> type[BaseModel]:
-    if not path.is_file():
-        raise OutputModelError(f"output model file not found: {path}")
+def _load_module(path: Path, mtime_ns: int):
+    # Keyed by modification time: an edited schema file is imported afresh in long-lived processes.
     name = _module_name(path)
     module = sys.modules.get(name)
-    if module is None:
+    if module is None or getattr(module, "__anthropic_batch_mtime_ns__", None) != mtime_ns:
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise OutputModelError(f"cannot import output model file {path}")
@@ -60,6 +59,18 @@ def _load(path: Path, class_name: str) -> type[BaseModel]:
         except Exception as exc:
             del sys.modules[name]
             raise OutputModelError(f"error importing output model file {path}: {exc}") from exc
+        module.__anthropic_batch_mtime_ns__ = mtime_ns
+    return module
+
+
+def _load(path: Path, class_name: str) -> type[BaseModel]:
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise OutputModelError(f"output model file not found: {path}") from None
+    if not path.is_file():
+        raise OutputModelError(f"output model reference is not a file: {path}")
+    module = _load_module(path, mtime_ns)
     cls = getattr(module, class_name, None)
     if cls is None:
         raise OutputModelError(f"{path} has no class {class_name!r}")

@@ -153,3 +153,18 @@ def test_validate_output_json():
     assert json_text is None
     assert "JSON" in error
     assert validate_output_json(Ticket, "  ")[1] == "empty answer where JSON was expected"
+
+
+def test_edited_schema_file_is_reloaded(tmp_path):
+    import os
+
+    path = tmp_path / "m.py"
+    path.write_text("from pydantic import BaseModel\n\nclass M(BaseModel):\n    a: int\n")
+    first = load_output_model("m.py:M", tmp_path)
+    assert load_output_model("m.py:M", tmp_path) is first
+    path.write_text("from pydantic import BaseModel\n\nclass M(BaseModel):\n    a: int\n    b: str\n")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    second = load_output_model("m.py:M", tmp_path)
+    assert second is not first
+    assert set(second.model_fields) == {"a", "b"}
