@@ -9,7 +9,8 @@ submit tasks.
 
 Mode: ``batch`` and ``sync`` are taken as given; ``auto`` becomes ``sync`` when the run has at most
 ``auto_sync_max_requests`` requests (waiting for a batch is not worth it for a handful; the sync
-price is double but the absolute amount is small), else ``batch``.
+price is double but the absolute amount is small) or when the optional ``deadline`` hint is less
+than 24 hours away (a batch may take that long), else ``batch``.
 
 A source with no valid record is not an error: the task succeeds with an empty chunk list, so the
 mapped batch tasks (and what depends on them) are skipped, and every record sits in
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +41,51 @@ from anthropic_batch.status import RunMode
 
 log = logging.getLogger(__name__)
 
+#: How long a batch may take before its unfinished requests expire.
+BATCH_MAX_HOURS = 24
+
 #: A ``prompt_template`` ending in one of these is a file under ``include_dir``; anything else is Jinja.
 TEMPLATE_FILE_SUFFIXES = (".j2", ".jinja", ".jinja2", ".txt")
 
 
-def resolve_mode(mode: str | RunMode, n_requests: int, auto_sync_max_requests: int) -> RunMode:
-    """``auto`` -> ``sync`` for small runs (``n_requests <= auto_sync_max_requests``), else ``batch``."""
+def parse_deadline(deadline: str | datetime | None) -> datetime | None:
+    """An aware datetime from an RFC 3339 / ISO text (``Z`` allowed); None for None or blank."""
+    if deadline is None or isinstance(deadline, datetime):
+        return deadline
+    text = str(deadline).strip()
+    if not text or text.lower() == "none":
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BatchRequestError(f"deadline must be an ISO 8601 / RFC 3339 time, got {deadline!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def resolve_mode(
+    mode: str | RunMode,
+    n_requests: int,
+    auto_sync_max_requests: int,
+    *,
+    deadline: datetime | None = None,
+    now: datetime | None = None,
+) -> RunMode:
+    """``auto`` -> ``sync`` for small runs or a deadline sooner than a batch may take, else ``batch``.
+
+    A batch may take up to ``BATCH_MAX_HOURS`` (24 h) before its requests expire; when ``deadline``
+    is closer than that, only the synchronous API can promise to meet it.
+    """
     try:
         requested = RunMode(str(mode).strip().lower())
     except ValueError:
         raise BatchRequestError(f"mode must be one of batch, sync, auto; got {mode!r}") from None
-    if requested is RunMode.AUTO:
-        return RunMode.SYNC if n_requests <= auto_sync_max_requests else RunMode.BATCH
-    return requested
+    if requested is not RunMode.AUTO:
+        return requested
+    if n_requests <= auto_sync_max_requests:
+        return RunMode.SYNC
+    if deadline is not None and deadline - (now or datetime.now(UTC)) < timedelta(hours=BATCH_MAX_HOURS):
+        return RunMode.SYNC
+    return RunMode.BATCH
 
 
 def load_prompt_template(prompt_template: str, include_dir: str | Path | None) -> str:
@@ -87,13 +121,15 @@ class PrepareRequestsOperator(BaseOperator):
     :param pipeline: the pipeline name (recorded in the manifest).
     :param partition: ``YYYY-MM-DD`` of the run. Templated.
     :param mode: ``batch`` / ``sync`` / ``auto``. Templated (a DAG param usually).
+    :param deadline: when the results are needed (RFC 3339, templated, e.g. from ``dag_run.conf``);
+        ``auto`` picks ``sync`` when it is less than 24 hours away (a batch may take that long).
     :param auto_sync_max_requests: ``auto`` picks ``sync`` up to this many requests.
     :param max_requests_per_chunk: requests per chunk (= per batch), at most 100,000.
     :param max_bytes_per_chunk: bytes of a batch body, at most 256 MB.
     :returns: the chunk paths (possibly empty).
     """
 
-    template_fields: Sequence[str] = ("source", "work_dir", "partition", "mode")
+    template_fields: Sequence[str] = ("source", "work_dir", "partition", "mode", "deadline")
     ui_color = "#e8f4fd"
 
     def __init__(
@@ -114,6 +150,7 @@ class PrepareRequestsOperator(BaseOperator):
         output_mode: str | None = "json_schema",
         extra_params: dict[str, Any] | None = None,
         mode: str = "batch",
+        deadline: str | None = None,
         auto_sync_max_requests: int = 200,
         max_requests_per_chunk: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
@@ -135,6 +172,7 @@ class PrepareRequestsOperator(BaseOperator):
         self.pipeline = pipeline
         self.partition = partition
         self.mode = mode
+        self.deadline = deadline
         self.auto_sync_max_requests = auto_sync_max_requests
         self.max_requests_per_chunk = max_requests_per_chunk
         self.max_bytes_per_chunk = max_bytes_per_chunk
@@ -154,7 +192,8 @@ class PrepareRequestsOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[str]:
         spec = self.build_spec()
-        # A bad mode fails before any file is written.
+        # A bad mode or deadline fails before any file is written.
+        deadline = parse_deadline(self.deadline)
         resolve_mode(self.mode, 0, self.auto_sync_max_requests)
         table = load_table(self.source, self.source_format)
         log.info("Loaded %d records (%d columns) from %s.", table.num_rows, table.num_columns, self.source)
@@ -174,9 +213,10 @@ class PrepareRequestsOperator(BaseOperator):
                 },
                 "source": str(self.source),
                 "requested_mode": str(self.mode),
+                "deadline": deadline.isoformat() if deadline else None,
             },
         )
-        mode = resolve_mode(self.mode, manifest["n_requests"], self.auto_sync_max_requests)
+        mode = resolve_mode(self.mode, manifest["n_requests"], self.auto_sync_max_requests, deadline=deadline)
         if manifest.get("mode") != mode.value:
             manifest["mode"] = mode.value
             storage.atomic_write_json(work / "requests" / "manifest.json", manifest)
@@ -193,7 +233,9 @@ class PrepareRequestsOperator(BaseOperator):
             manifest["n_input_records"],
             f" (see {manifest['rejected_path']})" if manifest["n_rejected"] else "",
             mode.value,
-            f" (auto, threshold {self.auto_sync_max_requests})" if str(self.mode).lower() == "auto" else "",
+            f" (auto: threshold {self.auto_sync_max_requests} requests, deadline {deadline})"
+            if str(self.mode).strip().lower() == "auto"
+            else "",
         )
         if not chunks:
             log.warning(

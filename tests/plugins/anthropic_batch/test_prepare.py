@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -174,10 +175,30 @@ def test_bad_mode_and_missing_template_fail_clearly(tmp_path):
     assert not (tmp_path / "work" / "requests" / "manifest.json").exists()
 
 
+def test_auto_mode_takes_sync_when_the_deadline_is_nearer_than_a_batch_may_take(tmp_path):
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS)
+    soon = (datetime.now(UTC) + timedelta(hours=3)).isoformat()
+    _operator(tmp_path, source, mode="auto", auto_sync_max_requests=1, deadline=soon).execute(make_context())
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert manifest["mode"] == "sync" and manifest["deadline"]
+
+    later = (datetime.now(UTC) + timedelta(days=3)).isoformat().replace("+00:00", "Z")
+    _operator(tmp_path, source, mode="auto", auto_sync_max_requests=1, deadline=later).execute(make_context())
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert manifest["mode"] == "batch"
+
+    with pytest.raises(BatchRequestError, match="deadline"):
+        _operator(tmp_path, source, mode="auto", deadline="tomorrow-ish").execute(make_context())
+
+
 def test_resolve_mode_and_template_loading():
     assert resolve_mode("auto", 200, 200) is RunMode.SYNC
     assert resolve_mode("auto", 201, 200) is RunMode.BATCH
     assert resolve_mode("SYNC", 10**6, 200) is RunMode.SYNC
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    assert resolve_mode("auto", 500, 200, deadline=now + timedelta(hours=23), now=now) is RunMode.SYNC
+    assert resolve_mode("auto", 500, 200, deadline=now + timedelta(hours=25), now=now) is RunMode.BATCH
+    assert resolve_mode("batch", 5, 200, deadline=now, now=now) is RunMode.BATCH  # explicit wins
     assert load_prompt_template("Hello {{ x }}.txt and more\nlines", None).startswith("Hello")
     assert "support ticket" in load_prompt_template("prompts/support_ticket.j2", INCLUDE_DIR)
 
