@@ -321,14 +321,9 @@ class ResubmitFailuresOperator(BaseOperator):
         for source_attempt in sorted(wanted):
             ids = wanted[source_attempt]
             if source_attempt == 1:
-                chunk_of = dict(
-                    zip(
-                        keys.column("custom_id").to_pylist(),
-                        keys.column("chunk_index").to_pylist(),
-                        strict=True,
-                    )
-                )
-                indices = sorted({chunk_of[cid] for cid in ids if cid in chunk_of})
+                # Only the chunks that hold a request to retry are read (vectorised lookup).
+                in_retry = pc.is_in(keys.column("custom_id"), pa.array(sorted(ids), pa.string()))
+                indices = sorted(set(keys.filter(in_retry).column("chunk_index").to_pylist()))
                 chunks = {int(c["index"]): str(c["path"]) for c in manifest["chunks"]}
                 files += [(chunks[i], ids) for i in indices]
             else:
