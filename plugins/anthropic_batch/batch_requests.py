@@ -459,6 +459,28 @@ def iter_batch_body(chunk_path: PathLike, block_size: int = 1 << 20) -> BatchBod
 # -- prepare ----------------------------------------------------------------------------------------
 
 
+def _params_serializer(base_params: Mapping[str, Any]):
+    """prompt -> canonical JSON of ``{**base_params, "messages": [user prompt]}``.
+
+    The shared part (model, system, schema...) is serialised once; per record only the message is.
+    Canonical JSON sorts keys, so "messages" is spliced in at its sorted place: byte-identical to
+    ``canonical_json`` of the whole dict, at a fraction of the cost.
+    """
+    parts = [
+        (k, json.dumps(k, ensure_ascii=False) + ":" + canonical_json(v))
+        for k, v in sorted(base_params.items())
+    ]
+    before = ",".join(p for k, p in parts if k < "messages")
+    after = ",".join(p for k, p in parts if k > "messages")
+    head = "{" + before + ("," if before else "") + '"messages":'
+    tail = ("," + after if after else "") + "}"
+
+    def serialise(prompt: str) -> str:
+        return head + canonical_json([{"content": prompt, "role": "user"}]) + tail
+
+    return serialise
+
+
 def _record_json(record: Mapping[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
 
@@ -510,7 +532,7 @@ def prepare_requests(
     work = as_path(out_dir)
     requests_dir = work / "requests"
     template = _jinja_env().from_string(spec.prompt_template)
-    base_params = spec.base_params()
+    params_json_for = _params_serializer(spec.base_params())
 
     # Pass 1 (keys only): custom ids and how often each occurs, to reject whole duplicate groups.
     key_counts: Counter[tuple[str | None, ...]] = Counter()
@@ -590,9 +612,7 @@ def prepare_requests(
                     if not prompt.strip():
                         reject(record, keys, custom_id, REJECT_EMPTY_PROMPT, "the rendered prompt is empty")
                         continue
-                    params_json = canonical_json(
-                        {**base_params, "messages": [{"role": "user", "content": prompt}]}
-                    )
+                    params_json = params_json_for(prompt)
                     line = (
                         '{"custom_id":' + json.dumps(custom_id) + ',"params":' + params_json + "}"
                     ).encode()

@@ -379,3 +379,21 @@ def test_multi_key_columns_and_non_string_keys(work):
         ("acme-2", "acme", "2"),
         ("globex-1", "globex", "1"),
     ]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"output_mode": "tool", "extra_params": {"metadata": {"user_id": "u"}, "stop_sequences": ["Ω"]}},
+        {"output_model": None, "system_prompt": None},
+        {"cache_system_prompt": False, "extra_params": {"service_tier": "auto"}},
+    ],
+)
+def test_spliced_params_json_is_exactly_canonical(kw):
+    from anthropic_batch.batch_requests import _params_serializer
+
+    s = spec(**kw)
+    serialise = _params_serializer(s.base_params())
+    for prompt in ("hello", 'quotes " and \\ and ünïcode\n', ""):
+        assert serialise(prompt) == canonical_json(s.build_params(prompt))
