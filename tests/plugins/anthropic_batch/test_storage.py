@@ -113,3 +113,10 @@ def test_open_binary_local_and_is_local(root, tmp_path):
         assert handle.read() == b"abc"
     with pytest.raises(FileNotFoundError):
         storage.open_binary(root / "missing.bin")
+
+
+def test_as_path_keeps_hive_partition_names(tmp_path):
+    p = storage.as_path(str(tmp_path / "work" / "date=2026-11-01"))
+    assert str(p).endswith("/work/date=2026-11-01")
+    storage.atomic_write_bytes(p / "x.bin", b"1")
+    assert (tmp_path / "work" / "date=2026-11-01" / "x.bin").read_bytes() == b"1"
