@@ -30,12 +30,10 @@ for _path in (CHECKOUT_DIR / "plugins", CHECKOUT_DIR / "include", CHECKOUT_DIR):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-#: Emulator settings for the demo: quick batches, a little of every retriable failure.
-EMULATOR_FLAGS = (
-    "--processing-seconds",
-    "3",
-    "--seed",
-    "7",
+#: Emulator settings for the demo: quick batches.
+EMULATOR_FLAGS = ("--processing-seconds", "3", "--seed", "7")
+#: ``--faults``: a little of every retriable failure, so the resubmit rounds show.
+FAULT_FLAGS = (
     "--error-rate",
     "overloaded_error=0.04",
     "--invalid-output-rate",
@@ -136,9 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--per-day", type=int, default=40)
     parser.add_argument("--mode", choices=["batch", "sync", "auto"], default="batch")
+    parser.add_argument("--verbose", action="store_true", help="show Airflow's task logs")
     parser.add_argument("--storage-root", default=None)
+    parser.add_argument(
+        "--faults",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="emulator only: inject retriable failures so resubmit rounds show",
+    )
     args = parser.parse_args(argv)
 
+    if not args.verbose:
+        os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
     env = configure_environment(args.storage_root)
     root = env["ANTHROPIC_BATCH_STORAGE_ROOT"]
     started = time.monotonic()
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Using the real Anthropic API (ANTHROPIC_API_KEY is set); batches may take a while.")
         use_connection(None, real_key)
     else:
-        emulator = EmulatorProcess(*EMULATOR_FLAGS).start()
+        emulator = EmulatorProcess(*EMULATOR_FLAGS, *(FAULT_FLAGS if args.faults else ())).start()
         print(f"ANTHROPIC_API_KEY not set: using the Message Batches emulator at {emulator.base_url}")
         use_connection(emulator.base_url, emulator.api_key)
         os.environ.setdefault("ANTHROPIC_BATCH_POLL_INTERVAL", "1")
