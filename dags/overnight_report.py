@@ -120,7 +120,12 @@ with DAG(
         mode="{{ params.mode }}",
     )
     collected = add_batch_stage(
-        prepare.output, work_dir=_plan_value("work_dir"), storage_root=None, after=prepare, poll_interval=10.0
+        prepare.output,
+        work_dir=_plan_value("work_dir"),
+        storage_root=None,
+        after=prepare,
+        poll_interval=10.0,
+        skip_if_no_chunks=True,  # a skipped plan (no partition) skips the whole report
     )
     merged = ResubmitFailuresOperator(
         task_id="resubmit",

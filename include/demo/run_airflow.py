@@ -28,7 +28,7 @@ for _path in (CHECKOUT_DIR / "plugins", CHECKOUT_DIR / "include", CHECKOUT_DIR):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--days", type=int, default=7, help="demo partitions to generate (ending yesterday)")
+    parser.add_argument("--days", type=int, default=7, help="days of demo data before today (and today)")
     parser.add_argument("--per-day", type=int, default=30)
     parser.add_argument(
         "--processing-seconds", default="20", help="emulator: seconds a batch stays in progress"
@@ -41,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
 
     airflow_home = Path(os.environ.get("AIRFLOW_HOME") or CHECKOUT_DIR / ".airflow")
     root = os.environ.get("ANTHROPIC_BATCH_STORAGE_ROOT") or f"file://{CHECKOUT_DIR / 'data'}"
-    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
-    for offset in range(args.days):
-        write_tickets(root, yesterday - dt.timedelta(days=offset), per_day=args.per_day)
-    write_code_files(root, yesterday)
-    print(
-        f"Demo tickets for {yesterday - dt.timedelta(days=args.days - 1)} .. {yesterday} under {root}/sources"
-    )
+    today = dt.datetime.now(dt.UTC).date()
+    yesterday = today - dt.timedelta(days=1)
+    first = today - dt.timedelta(days=args.days)
+    # Through today: an unpaused DAG starts with its latest scheduled run, which reads today's partition.
+    for offset in range(args.days + 1):
+        day = today - dt.timedelta(days=offset)
+        write_tickets(root, day, per_day=args.per_day)
+        write_code_files(root, day)
+    print(f"Demo data for {first} .. {today} under {root}/sources")
 
     emulator = None
     real_key = os.environ.get("ANTHROPIC_API_KEY")
@@ -87,11 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         airflow.airflow_cli(*ensure_pool_command(load_pipelines()))
         print(f"\nAirflow UI: {airflow.base_url}")
         print(f"Login: {airflow.username} / {airflow.password}")
-        print("Backfill the demo week:")
-        print(
-            f"  airflow backfill create --dag-id bulk_extraction "
-            f"--from-date {yesterday - dt.timedelta(days=args.days - 1)} --to-date {yesterday}"
-        )
+        print(f"Backfill the demo week (with AIRFLOW_HOME={airflow_home}):")
+        print(f"  airflow backfill create --dag-id bulk_extraction --from-date {first} --to-date {yesterday}")
         print("Ctrl-C stops everything.")
         stop.wait()
     except KeyboardInterrupt:

@@ -103,11 +103,14 @@ def add_batch_stage(
     poll_interval: float = 30.0,
     max_poll_interval: float = 600.0,
     deadline_hours: float = 30.0,
+    skip_if_no_chunks: bool = False,
 ) -> Any:
     """``batch`` mapped task group over ``chunk_paths``: submit -> wait -> collect, index-aligned.
 
     Call inside a ``with dag:`` block. ``after`` (a task) runs before every submit. Returns the
-    collected results paths as a list (the XComArg of a small ``gather_results`` task).
+    collected results paths as a list (the XComArg of a small ``gather_results`` task). With no chunks
+    the group is skipped; ``gather_results`` still runs (an empty list, so the run can publish its
+    rejects) unless ``skip_if_no_chunks``, which lets the skip flow downstream.
     """
     from anthropic_batch.operators.collect import CollectResultsOperator
     from anthropic_batch.operators.submit import SubmitBatchOperator
@@ -140,6 +143,8 @@ def add_batch_stage(
         return collect.output
 
     collected = batch.expand(chunk_path=chunk_paths)
+    if skip_if_no_chunks:
+        return gather_results.override(trigger_rule="all_success")(collected)
     return gather_results(collected)
 
 

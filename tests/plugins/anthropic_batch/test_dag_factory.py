@@ -6,6 +6,7 @@ import pytest
 
 from anthropic_batch.dag_factory import (
     PARTITION_TEMPLATE,
+    _as_path_list,
     build_all,
     build_pipeline_dag,
     ensure_pool_command,
@@ -93,3 +94,24 @@ def test_every_pipeline_builds(configs):
     assert set(dags) == {c.resolved_dag_id for c in configs.values()}
     audit = dags["weekly_code_audit"]
     assert audit.params["mode"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("xcom", "expected"),
+    [(None, []), ("file:///a.parquet", ["file:///a.parquet"]), (["x", "", None, "y"], ["x", "y"])],
+)
+def test_collected_paths_are_always_a_list(xcom, expected):
+    # Airflow resolves a one-chunk mapped group's output to a bare value and a zero-chunk one to None.
+    assert _as_path_list(xcom) == expected
+
+
+def test_empty_day_still_publishes_but_the_report_skips(bulk):
+    # No chunks: the batch group is skipped, gather_results still runs so the rejects get published.
+    assert bulk.get_task("gather_results").trigger_rule == "none_failed"
+    assert bulk.get_task("publish").trigger_rule == "none_failed"
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.dags.conftest import DAGS_DIR
+
+    report = DagBag(dag_folder=str(DAGS_DIR / "overnight_report.py")).dags["overnight_report"]
+    assert report.get_task("gather_results").trigger_rule == "all_success"
