@@ -161,16 +161,42 @@ def test_clearing_a_finished_submit_creates_no_second_batch(airflow, storage_roo
     _assert_published(storage_root, date)
 
 
+def _create_backfill(af: StandaloneAirflow, start: dt.date, end: dt.date) -> None:
+    """``airflow backfill create``; retried while SQLite is locked by the running scheduler.
+
+    The command runs in one transaction, so a locked attempt leaves nothing behind (checked below
+    through the runs it creates: exactly one per date).
+    """
+    args = (
+        "backfill",
+        "create",
+        "--dag-id",
+        DAG_ID,
+        "--from-date",
+        start.isoformat(),
+        "--to-date",
+        end.isoformat(),
+    )
+    outcome: dict[str, str] = {}
+
+    def created() -> bool:
+        proc = af.airflow_cli(*args, check=False)
+        outcome["output"] = proc.stdout[-1500:] + proc.stderr[-1500:]
+        if proc.returncode == 0:
+            return True
+        assert "database is locked" in outcome["output"], outcome["output"]
+        return False
+
+    poll_until(created, timeout=120, interval=2.0, message=lambda: f"backfill create kept failing: {outcome}")
+
+
 def test_backfill_three_dates_one_batch_per_chunk(airflow, storage_root, batches_client):
     dates = [dt.date(2026, 10, 20) + dt.timedelta(days=i) for i in range(3)]
     root = airflow.env["ANTHROPIC_BATCH_STORAGE_ROOT"]
     for date in dates:
         write_tickets(root, date, per_day=PER_DAY, seed=7)
     before = _batch_ids(batches_client)
-    airflow.airflow_cli(
-        "backfill", "create", "--dag-id", DAG_ID,
-        "--from-date", dates[0].isoformat(), "--to-date", dates[-1].isoformat(),
-    )  # fmt: skip
+    _create_backfill(airflow, dates[0], dates[-1])
     wanted = {d.isoformat() for d in dates}
     runs: dict[str, str] = {}
 
@@ -183,6 +209,8 @@ def test_backfill_three_dates_one_batch_per_chunk(airflow, storage_root, batches
         return set(runs) == wanted
 
     poll_until(created, timeout=60, message=lambda: f"backfill runs not created: {runs}")
+    backfills = airflow.api("GET", "/api/v2/backfills", params={"dag_id": DAG_ID})["backfills"]
+    assert len(backfills) == 1, backfills  # a retried, locked `backfill create` left nothing behind
     for day in sorted(runs):
         _wait_success(airflow, runs[day])
     new = _batch_ids(batches_client) - before
