@@ -204,6 +204,8 @@ def write_code_files(
     records = []
     for file in files:
         text = file.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            continue  # nothing to audit in an empty file
         records.append(
             {
                 "path": file.relative_to(source_dir.parent).as_posix(),

@@ -1,0 +1,36 @@
+"""The demo data generator: deterministic, messy on purpose, written where the pipelines read."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from demo.generate_data import OVERSIZED_CHARS, generate_tickets, write_code_files, write_tickets
+
+DAY = dt.date(2026, 11, 3)
+
+
+def test_same_seed_same_day_same_tickets_other_day_differs():
+    assert generate_tickets(DAY, 20, seed=1) == generate_tickets(DAY, 20, seed=1)
+    assert generate_tickets(DAY, 20, seed=1) != generate_tickets(DAY + dt.timedelta(days=1), 20, seed=1)
+
+
+def test_tickets_are_messy_on_purpose():
+    records = generate_tickets(DAY, 40, seed=7)
+    ids = [r["ticket_id"] for r in records]
+    assert len(records) == 41  # one duplicate appended
+    assert None in ids
+    assert len([i for i in ids if i is not None]) - len({i for i in ids if i is not None}) == 1
+    assert any(r["body"] == "" for r in records)
+    assert any(len(r["body"]) >= OVERSIZED_CHARS for r in records)
+    assert any(not r["body"].isascii() for r in records)
+
+
+def test_written_partition_layout(tmp_path):
+    path = write_tickets(tmp_path, DAY, per_day=12, seed=7)
+    assert path == tmp_path / "sources" / "support_tickets" / "date=2026-11-03" / "tickets.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == generate_tickets(DAY, 12, seed=7)
+    files = write_code_files(f"file://{tmp_path}", DAY)
+    rows = [json.loads(line) for line in files.read_text().splitlines()]
+    assert rows and all(r["path"].endswith(".py") and r["text"] for r in rows)
