@@ -243,3 +243,24 @@ def test_long_history_lists_the_newest_batches_only(client, make_token, monkeypa
     assert "msgbatch_01AAAA" not in table
     # The run table still covers every run.
     assert f'href="{PREFIX}/runs/{DAG_ID}/2026-11-20"' in html
+
+
+def test_dags_the_user_may_not_read_are_hidden_and_forbidden(client, make_token, auth_manager, monkeypatch):
+    """Per-DAG read access comes from the auth manager: a denied DAG vanishes from the overview."""
+    allowed = auth_manager.is_authorized_dag
+
+    def deny_bulk_extraction(*, method, user, access_entity=None, details=None):
+        if details is not None and details.id == DAG_ID:
+            return False
+        return allowed(method=method, user=user, access_entity=access_entity, details=details)
+
+    monkeypatch.setattr(auth_manager, "is_authorized_dag", deny_bulk_extraction)
+    token = make_token(role="viewer", username="viewer")
+    body = client.get(f"{PREFIX}/api/batches", headers=bearer(token)).json()
+    assert body["batches"] == [] and body["runs"] == [] and body["totals"]["cost_usd"] is None
+    html = client.get(f"{PREFIX}/", headers=bearer(token)).text
+    assert "msgbatch_" not in html
+    for path in (f"{PREFIX}/runs/{DAG_ID}/2026-11-21", f"{PREFIX}/api/runs/{DAG_ID}/2026-11-21"):
+        resp = client.get(path, headers=bearer(token))
+        assert resp.status_code == 403
+        assert "doc-17" not in resp.text

@@ -117,7 +117,9 @@ def batch_badge(status: str, counts: dict[str, int]) -> str:
     if status == "ended":
         total = sum(counts.values())
         failed = sum(counts[k] for k in FAILED_COUNT_KEYS)
-        if total and failed == total:
+        if not total:
+            return "muted"  # no counts recorded: nothing to judge by
+        if failed == total:
             return "failed"
         return "partial" if failed else "ok"
     return "muted"
