@@ -85,3 +85,67 @@ def test_bulk_extraction_publishes_one_row_per_valid_record(airflow_db, anthropi
     )
     assert summary["cost_usd"] == pytest.approx(billed, abs=1e-6)
     assert len(summary["batch_ids"]) >= 3  # one per chunk, plus any resubmit batches
+
+
+def _run(dag_file: str, dag_id: str, logical: dt.datetime, conf: dict) -> str:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_DIR / dag_file))
+    assert bag.import_errors == {}
+    run = bag.dags[dag_id].test(logical_date=logical, run_conf=conf)
+    return str(getattr(run.state, "value", run.state))
+
+
+def _batch_ids(emulator) -> set[str]:
+    import anthropic
+
+    client = anthropic.Anthropic(api_key=emulator.api_key, base_url=emulator.base_url)
+    return {b.id for b in client.messages.batches.list(limit=100)}
+
+
+def test_mode_sync_sends_no_batch(airflow_db, anthropic_conn, emulator, storage_root):
+    date = dt.date(2026, 11, 2)
+    write_tickets(storage_root, date, per_day=12, seed=7)
+    valid, _ = _valid_ticket_ids(generate_tickets(date, 12, seed=7))
+    before = _batch_ids(emulator)
+    logical = dt.datetime.combine(date, dt.time(), tzinfo=dt.UTC)
+    assert _run("pipelines.py", "bulk_extraction", logical, {"mode": "sync"}) == "success"
+    assert _batch_ids(emulator) == before  # the Messages API only
+    partition = storage_root / "bulk_extraction" / "extractions" / f"date={date}"
+    summary = json.loads((partition / "summary.json").read_text())
+    assert summary["mode"] == "sync"
+    assert summary["n_rows"] == len(valid)
+    assert summary["cost_usd"] == pytest.approx(summary["sync_cost_usd"], abs=1e-9)  # no discount
+
+
+def test_overnight_report_renders_the_published_day(airflow_db, anthropic_conn, storage_root):
+    date = dt.date(2026, 11, 3)
+    write_tickets(storage_root, date, per_day=20, seed=7)
+    logical = dt.datetime.combine(date, dt.time(), tzinfo=dt.UTC)
+    assert _run("pipelines.py", "bulk_extraction", logical, {"mode": "batch"}) == "success"
+    state = _run(
+        "overnight_report.py",
+        "overnight_report",
+        logical + dt.timedelta(hours=6, minutes=30),
+        {"date": date.isoformat(), "mode": "batch"},
+    )
+    assert state == "success"
+    report_dir = storage_root / "reports" / f"date={date}"
+    report = json.loads((report_dir / "report.json").read_text())
+    data = pq.read_table(
+        storage_root / "bulk_extraction" / "extractions" / f"date={date}" / "data.parquet"
+    ).to_pylist()
+    succeeded = [json.loads(r["output_json"]) for r in data if r["status"] == "succeeded"]
+    assert sum(g["n"] for g in report["groups"]) == len(succeeded)
+    assert {g["name"] for g in report["groups"]} == {s["category"] for s in succeeded}
+    # One narrative per category, from one batch (the report's own work dir has a single chunk).
+    assert all(g["narrative_status"] == "succeeded" and g["narrative"] for g in report["groups"])
+    manifest = json.loads(
+        (
+            storage_root / "overnight_report" / "work" / f"date={date}" / "requests" / "manifest.json"
+        ).read_text()
+    )
+    assert len(manifest["chunks"]) == 1 and manifest["n_requests"] == len(report["groups"])
+    page = (report_dir / "report.html").read_text()
+    assert page.count("<svg") == 4 and "<script" not in page
+    assert (report_dir / "report.md").read_text().startswith("# Overnight report")
