@@ -264,3 +264,23 @@ def test_dags_the_user_may_not_read_are_hidden_and_forbidden(client, make_token,
         resp = client.get(path, headers=bearer(token))
         assert resp.status_code == 403
         assert "doc-17" not in resp.text
+
+
+def test_damaged_files_do_not_break_the_pages(client, make_token, seeded_root):
+    root, _ = seeded_root
+    ext = root / "bulk_extraction" / "extractions"
+    (ext / "date=2026-11-21" / "dead_letter.parquet").write_bytes(b"PAR1 not really parquet")
+    summary = ext / "date=2026-11-20" / "summary.json"
+    summary.write_text(
+        '{"dag_id": "bulk_extraction", "counts_by_status": [1, 2], "tokens": "many",'
+        ' "cost_usd": "a lot", "n_rows": "100"}'
+    )
+    (root / "_ledger" / DAG_ID / "2026-11-22" / "submit" / "broken.json").write_text("{not json")
+    token = make_token()
+    overview = client.get(f"{PREFIX}/", headers=bearer(token))
+    assert overview.status_code == 200 and "msgbatch_04DDDD" in overview.text
+    run = client.get(f"{PREFIX}/runs/{DAG_ID}/2026-11-21", headers=bearer(token))
+    assert run.status_code == 200
+    assert "The dead-letter file could not be read" in run.text
+    assert "msgbatch_02BBBB" in run.text  # the rest of the run still shows
+    assert client.get(f"{PREFIX}/runs/{DAG_ID}/2026-11-20", headers=bearer(token)).status_code == 200

@@ -248,7 +248,7 @@ def _run_detail(request: Request, user: Any, dag_id: str, partition: str, limit:
     if run["pipeline"]:
         dead = data.read_dead_letters(data.dead_letter_path(root, run["pipeline"], partition), limit)
     else:
-        dead = {"exists": False, "total": 0, "columns": [], "rows": [], "by_reason": []}
+        dead = {"exists": False, "total": 0, "columns": [], "rows": [], "by_reason": [], "error": None}
     failures = {k: v for k, v in run["counts_by_status"].items() if k != "succeeded" and v}
     return {"run": run, "batches": overview["batches"], "dead_letters": dead, "failures": failures}
 

@@ -62,6 +62,11 @@ def _num(value: Any) -> float | None:
         return None
 
 
+def _int(value: Any) -> int | None:
+    number = _num(value)
+    return None if number is None else int(number)
+
+
 def _savings(cost: float | None, sync_cost: float | None) -> float | None:
     if cost is None or sync_cost is None:
         return None
@@ -202,22 +207,25 @@ def run_row(
         "tokens": {},
     }
     if summary is not None:
-        counts = {str(k): int(_num(v) or 0) for k, v in (summary.get("counts_by_status") or {}).items()}
+        raw_counts = summary.get("counts_by_status")
+        counts = (
+            {str(k): int(_num(v) or 0) for k, v in raw_counts.items()} if isinstance(raw_counts, dict) else {}
+        )
         run.update(
             pipeline=summary.get("pipeline") or run["pipeline"],
             run_id=summary.get("run_id") or run["run_id"],
             mode=summary.get("mode") or run["mode"],
             attempts=summary.get("attempts") or run["attempts"],
-            n_input_records=summary.get("n_input_records"),
-            n_rows=summary.get("n_rows"),
+            n_input_records=_int(summary.get("n_input_records")),
+            n_rows=_int(summary.get("n_rows")),
             counts_by_status=counts,
             n_succeeded=counts.get("succeeded", 0),
-            n_dead_letters=summary.get("n_dead_letters"),
+            n_dead_letters=_int(summary.get("n_dead_letters")),
             cost_usd=_num(summary.get("cost_usd")),
             sync_cost_usd=_num(summary.get("sync_cost_usd")),
             finished_at=summary.get("finished_at"),
             price_table_as_of=summary.get("price_table_as_of"),
-            tokens=summary.get("tokens") or {},
+            tokens=summary.get("tokens") if isinstance(summary.get("tokens"), dict) else {},
         )
         if summary.get("savings_usd") is not None:
             run["savings_usd"] = _num(summary.get("savings_usd"))
@@ -329,12 +337,30 @@ def dead_letter_path(root: ObjectStoragePath, pipeline: str, partition: str) -> 
 
 
 def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, Any]:
-    """The first ``limit`` dead-letter rows and the failure counts by reason over all of them."""
+    """The first ``limit`` dead-letter rows and the failure counts by reason over all of them.
+
+    An unreadable file is reported in ``error`` (the rest of the run page still renders).
+    """
+    import pyarrow as pa
+
+    empty = {"exists": False, "total": 0, "columns": [], "rows": [], "by_reason": [], "error": None}
+    if not path.exists():
+        return empty
+    try:
+        return _read_dead_letters(path, limit)
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("Unreadable dead-letter file %s: %s", path, exc)
+        return {
+            **empty,
+            "exists": True,
+            "error": f"The dead-letter file could not be read: {redact(str(exc))}",
+        }
+
+
+def _read_dead_letters(path: ObjectStoragePath, limit: int) -> dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if not path.exists():
-        return {"exists": False, "total": 0, "columns": [], "rows": [], "by_reason": []}
     with path.open("rb") as handle:
         parquet = pq.ParquetFile(handle)
         total = parquet.metadata.num_rows
@@ -360,4 +386,11 @@ def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, An
             for row in by_reason:
                 row["count"] = row.pop("count_all")
             by_reason.sort(key=lambda r: (-r["count"], str(r.get("reason"))))
-    return {"exists": True, "total": total, "columns": columns, "rows": rows, "by_reason": by_reason}
+    return {
+        "exists": True,
+        "total": total,
+        "columns": columns,
+        "rows": rows,
+        "by_reason": by_reason,
+        "error": None,
+    }
