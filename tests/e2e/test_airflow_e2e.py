@@ -239,6 +239,9 @@ def test_run_survives_a_killed_triggerer(airflow, storage_root, batches_client):
     assert killed, "no triggerer process found"
     poll_until(lambda: not airflow.pids_of("triggerer"), timeout=15, message="triggerer still alive")
     # The batch is still in progress at the emulator (processing takes PROCESSING_SECONDS).
+    pending = _batch_ids(batches_client) - before
+    statuses = {b: batches_client.messages.batches.retrieve(b).processing_status for b in pending}
+    assert "in_progress" in statuses.values(), statuses
     assert airflow.dag_run(DAG_ID, run_id)["state"] == "running"
     airflow.start_component("triggerer")
     _wait_success(airflow, run_id)
