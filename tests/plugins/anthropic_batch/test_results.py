@@ -1,6 +1,7 @@
 """Result lines -> rows: every result type, costs, dedupe, missing rows, merge, classification."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -339,6 +340,127 @@ def test_from_work_dir_loads_the_output_model_by_reference(tmp_path):
     assert c.output_model is model
     assert c.output_mode == "tool"
     assert c.tool_name == "Out"
+
+
+def test_valid_answer_is_stored_as_written_and_validates():
+    # output_json is the model's JSON text itself (validated, not re-serialised by pydantic)
+    answer = '{ "urgency": 2,\n  "category": "billing" }'
+    row = parse_result_line(succeeded("a", text(answer)), ctx())
+    assert row["output_json"] == answer
+    assert Ticket.model_validate_json(row["output_json"]) == Ticket(category="billing", urgency=2)
+    tool = succeeded(
+        "b",
+        [{"type": "tool_use", "id": "t", "name": "Ticket", "input": {"urgency": 3, "category": "c"}}],
+        stop_reason="tool_use",
+    )
+    tool_row = parse_result_line(tool, ctx(mode="tool"))
+    assert json.loads(tool_row["output_json"]) == {"urgency": 3, "category": "c"}
+    assert isinstance(tool_row["output_json"], str)
+
+
+def test_collect_output_json_per_row_in_a_mixed_row_group(tmp_path):
+    # valid, invalid, errored (no text), valid again, empty text: one conversion batch
+    lines = [
+        succeeded("a", text('{"category": "x", "urgency": 1}')),
+        succeeded("b", text('{"category": "x", "urgency": 7}')),
+        errored("c", "api_error"),
+        succeeded("d", text('{"category": "é✓", "urgency": 5}')),
+        succeeded("e", text("")),
+    ]
+    for mode, c in (("json_schema", ctx()), ("plain", ctx(output_model=None))):
+        out = tmp_path / f"{mode}.parquet"
+        collect_lines(lines, out, c)
+        table = pq.read_table(out)
+        table.validate(full=True)
+        texts = table.column("output_text").to_pylist()
+        assert texts == ['{"category": "x", "urgency": 1}', '{"category": "x", "urgency": 7}', None,
+                         '{"category": "é✓", "urgency": 5}', ""]  # fmt: skip
+        expected = [texts[0], None, None, texts[3], None] if mode == "json_schema" else [None] * 5
+        assert table.column("output_json").to_pylist() == expected
+    tool_out = tmp_path / "tool.parquet"
+    tool_line = succeeded(
+        "a",
+        [{"type": "tool_use", "id": "t", "name": "Ticket", "input": {"category": "c", "urgency": 1}}],
+        stop_reason="tool_use",
+    )
+    collect_lines([tool_line, errored("b", "api_error")], tool_out, ctx(mode="tool"))
+    assert [json.loads(v) if v else v for v in pq.read_table(tool_out).column("output_json").to_pylist()] == [
+        {"category": "c", "urgency": 1},
+        None,
+    ]
+
+
+def test_parse_context_keys_is_a_compact_mapping():
+    c = ctx(ids=("a", "b"))
+    assert dict(c.keys) == {"a": (("T-a",), "fp-a"), "b": (("T-b",), "fp-b")}
+    assert "a" in c.keys and "zzz" not in c.keys and len(c.keys) == 2
+    # a plain mapping is accepted and turned into the same index
+    plain = ParseContext(
+        key_columns=["ticket_id"], keys={"x": (("T-x",), None)}, prices=builtin_price_table()
+    )
+    assert plain.keys["x"] == (("T-x",), None)
+    assert parse_result_line(simple("x", "expired"), plain)["ticket_id"] == "T-x"
+
+
+def test_expected_ids_outside_the_keys_get_missing_rows_with_null_keys(tmp_path):
+    out = tmp_path / "r.parquet"
+    stats = collect_lines(
+        [simple("a", "expired")], out, ctx(ids=("a", "b")), expected_custom_ids={"a", "b", "q"}
+    )
+    rows = pq.read_table(out).to_pylist()
+    assert [(r["custom_id"], r["ticket_id"], r["status"]) for r in rows] == [
+        ("a", "T-a", "expired"),
+        ("b", "T-b", "missing"),
+        ("q", None, "missing"),
+    ]
+    assert stats.n_missing == 2
+
+
+def test_collect_to_a_local_file_does_not_import_airflow(tmp_path):
+    lines = tmp_path / "results.jsonl"
+    lines.write_bytes(
+        succeeded("a", text('{"category": "x", "urgency": 1}')) + b"\n" + simple("b", "expired")
+    )
+    code = f"""
+import sys
+import pyarrow as pa
+from anthropic_batch.pricing import builtin_price_table
+from anthropic_batch.results import ParseContext, collect_lines
+keys = pa.table({{"custom_id": ["a", "b"], "k": ["1", "2"]}})
+ctx = ParseContext.from_keys_table(keys, ["k"], prices=builtin_price_table(), default_model={MODEL!r})
+with open({str(lines)!r}, "rb") as f:
+    stats = collect_lines(f, {str(tmp_path / "out" / "r.parquet")!r}, ctx)
+assert stats.n_rows == 2, stats
+print(sorted(m for m in sys.modules if m == "airflow" or m.startswith("airflow.")))
+"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(repo / d) for d in ("plugins", "include", "."))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert pq.read_table(tmp_path / "out" / "r.parquet").num_rows == 2
+
+
+def test_local_temp_files_are_named_like_storage():
+    from anthropic_batch import results, storage
+
+    assert results._TMP_MARKER == storage.TMP_MARKER
+
+
+def test_collect_to_an_object_store_url_goes_through_storage():
+    from airflow.sdk.io import attach
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    attach(protocol="memory", fs=MemoryFileSystem())
+    out = ObjectStoragePath("memory://bucket/results/r.parquet")
+    stats = collect_lines([simple("a", "expired")], out, ctx())
+    assert stats.out_path == str(out)
+    with out.open("rb") as handle:
+        assert pq.ParquetFile(handle).read().column("status").to_pylist() == ["expired"]
 
 
 # -- classification ---------------------------------------------------------------------------------
