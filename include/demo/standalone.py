@@ -46,7 +46,8 @@ class StandaloneAirflow:
     """``airflow standalone`` as a context manager, with a REST v2 client.
 
     ``env`` entries override the computed environment (e.g. ``AIRFLOW_CONN_ANTHROPIC_DEFAULT``,
-    ``ANTHROPIC_BATCH_STORAGE_ROOT``). The log of every component goes to ``<airflow_home>/standalone.log``.
+    ``ANTHROPIC_BATCH_STORAGE_ROOT``); a ``None`` value removes an inherited variable. The log of
+    every component goes to ``<airflow_home>/standalone.log``.
     """
 
     def __init__(
@@ -54,7 +55,7 @@ class StandaloneAirflow:
         airflow_home: Path,
         *,
         port: int,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | None] | None = None,
         dags_folder: Path | None = None,
         plugins_folder: Path | None = None,
         startup_timeout: float = 240.0,
@@ -74,7 +75,7 @@ class StandaloneAirflow:
         self._client = httpx.Client(base_url=self.base_url, timeout=30.0)
 
     # ------------------------------------------------------------------ lifecycle
-    def _build_env(self, overrides: Mapping[str, str]) -> dict[str, str]:
+    def _build_env(self, overrides: Mapping[str, str | None]) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
@@ -98,7 +99,11 @@ class StandaloneAirflow:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        env.update(overrides)
+        for key, value in overrides.items():
+            if value is None:
+                env.pop(key, None)  # e.g. drop an inherited AIRFLOW_CONN_* so the DB connection is used
+            else:
+                env[key] = value
         return env
 
     def __enter__(self) -> StandaloneAirflow:

@@ -43,9 +43,9 @@ def storage_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory, emulator, storage_root) -> Iterator[StandaloneAirflow]:
-    conn = {"conn_type": "anthropic", "password": emulator.api_key, "host": emulator.base_url}
     env = {
-        "AIRFLOW_CONN_ANTHROPIC_DEFAULT": json.dumps(conn),
+        # The connection lives in the metadata DB (created below) so a test can repoint it.
+        "AIRFLOW_CONN_ANTHROPIC_DEFAULT": None,
         "ANTHROPIC_BATCH_STORAGE_ROOT": f"file://{storage_root}",
         "ANTHROPIC_BATCH_POLL_INTERVAL": "1",
         # Only the runs the tests create: no periodic or asset-triggered runs.
@@ -60,14 +60,28 @@ def airflow(tmp_path_factory, emulator, storage_root) -> Iterator[StandaloneAirf
         from anthropic_batch.pipeline_config import load_pipelines
 
         af.airflow_cli(*ensure_pool_command(load_pipelines()))
+        af.api("POST", "/api/v2/connections", json=_connection(emulator))
         af.wait_for_dag(DAG_ID, timeout=180)
         af.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
         yield af
 
 
+def _connection(emu: EmulatorProcess) -> dict:
+    return {
+        "connection_id": "anthropic_default",
+        "conn_type": "anthropic",
+        "host": emu.base_url,
+        "password": emu.api_key,
+    }
+
+
 @pytest.fixture(scope="module")
 def batches_client(emulator) -> anthropic.Anthropic:
-    return anthropic.Anthropic(api_key=emulator.api_key, base_url=emulator.base_url, max_retries=5)
+    return _client(emulator)
+
+
+def _client(emu: EmulatorProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key=emu.api_key, base_url=emu.base_url, max_retries=5)
 
 
 def _batch_ids(client: anthropic.Anthropic) -> set[str]:
@@ -249,3 +263,24 @@ def test_run_survives_a_killed_triggerer(airflow, storage_root, batches_client):
     new = _batch_ids(batches_client) - before
     assert new == set(summary["batch_ids"])
     assert len(new) == _n_chunks(storage_root, date)
+
+
+def test_retriable_failures_are_resubmitted_through_the_real_triggerer(airflow, storage_root, emulator):
+    # dag.test() cannot show this (it drops defer() kwargs); a real triggerer must resume resubmit.
+    date = dt.date(2026, 10, 14)
+    with EmulatorProcess(
+        "--processing-seconds", "2", "--seed", "11", "--error-rate", "overloaded_error=0.3"
+    ) as faulty:  # fmt: skip
+        airflow.api("PATCH", "/api/v2/connections/anthropic_default", json=_connection(faulty))
+        try:
+            run_id = _trigger(airflow, date)
+            _wait_success(airflow, run_id)
+            summary = _assert_published(storage_root, date)
+            created = _batch_ids(_client(faulty))
+        finally:
+            airflow.api("PATCH", "/api/v2/connections/anthropic_default", json=_connection(emulator))
+    assert summary["attempts"] >= 2, summary  # a resubmit round ran, and came back through the trigger
+    assert created == set(summary["batch_ids"])
+    # One batch per chunk for attempt 1, then one per retry round (a handful of requests each).
+    assert len(created) == _n_chunks(storage_root, date) + summary["attempts"] - 1
+    assert sum(summary["counts_by_status"].values()) == summary["n_rows"]
