@@ -21,12 +21,14 @@ from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, P
 from anthropic_batch.dag_factory import add_batch_stage, storage_root_url
 from anthropic_batch.operators.prepare import PrepareRequestsOperator
 from anthropic_batch.operators.resubmit import ResubmitFailuresOperator
-from anthropic_batch.pipeline_config import INCLUDE_DIR, POOL_NAME
+from anthropic_batch.pipeline_config import INCLUDE_DIR, PIPELINES_DIR, POOL_NAME, load_pipeline
 
 SOURCE_PIPELINE = "bulk_extraction"
 REPORT_PIPELINE = "overnight_report"
 SOURCE_ASSET = Asset(f"anthropic-batch://{SOURCE_PIPELINE}/extractions")
 REPORT_MODEL = "claude-haiku-4-5"
+# The report reads and writes under the source pipeline's storage root (its YAML override, if any).
+SOURCE_STORAGE_ROOT = load_pipeline(PIPELINES_DIR / f"{SOURCE_PIPELINE}.yaml").storage_root
 
 
 def _plan_value(key: str) -> str:
@@ -78,7 +80,7 @@ with DAG(
         from anthropic_batch import report, storage
 
         date = _report_date(params, context)
-        root = storage.storage_root()
+        root = storage.storage_root(SOURCE_STORAGE_ROOT)
         extraction = storage.extraction_dir(root, SOURCE_PIPELINE, date)
         if not (extraction / "summary.json").exists():
             raise AirflowSkipException(f"no published {SOURCE_PIPELINE} partition for {date} at {extraction}")
@@ -122,7 +124,7 @@ with DAG(
     collected = add_batch_stage(
         prepare.output,
         work_dir=_plan_value("work_dir"),
-        storage_root=None,
+        storage_root=SOURCE_STORAGE_ROOT,
         after=prepare,
         poll_interval=10.0,
         skip_if_no_chunks=True,  # a skipped plan (no partition) skips the whole report
@@ -133,6 +135,7 @@ with DAG(
         work_dir=_plan_value("work_dir"),
         max_attempts=2,
         poll_interval=10.0,
+        storage_root=SOURCE_STORAGE_ROOT,
         pool=POOL_NAME,
     )
 
