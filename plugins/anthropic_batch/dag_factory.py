@@ -52,10 +52,6 @@ def storage_root_url(override: str | None = None) -> str:
     return str(storage.storage_root(override)).rstrip("/")
 
 
-def pool_slots_total(config: PipelineConfig) -> int:
-    return config.pool_slots_total
-
-
 def ensure_pool_command(configs: list[PipelineConfig]) -> list[str]:
     """``airflow pools set`` arguments for the shared pool, sized for the largest pipeline budget."""
     slots = max((c.pool_slots_total for c in configs), default=1)
