@@ -13,10 +13,16 @@ One task runs every retry round of a run:
    ``max_tokens_growth`` for truncated answers;
 4. each retry chunk is submitted through ``ledger.submit_idempotently`` (so a retried task re-attaches
    instead of paying twice); the task then *defers* on ``BatchPollTrigger`` (no worker slot held while
-   the batch runs) and resumes, as a fresh operator instance, in ``execute_complete`` with the attempt
-   number, the paths so far and the handles still pending carried in the deferral kwargs; it collects
+   the batch runs) and resumes, as a fresh operator instance, in ``execute_complete``; it collects
    into ``results/attempt-NN/`` and goes back to 1. In ``mode=sync`` the retry runs synchronously and
    nothing is deferred;
+
+   The loop's state (attempt number, result files so far, the awaited and pending handles, the
+   rounds so far) lives in ``work_dir/results/resubmit-state.json``, written atomically before each
+   deferral; ``execute_complete`` restores it from there and only needs the trigger's event. The
+   deferral kwargs are not used: ``dag.test()`` drops them (it resumes with ``{"event": ...}``
+   only), and storage is one place to look. ``execute()`` always starts a new state, so a state
+   file left by an earlier run of the partition is never resumed;
 5. when nothing is left to retry: ``merged.parquet`` has exactly one row per prepared request
    (checked) and ``work_dir/dead_letter.parquet`` holds the rows that failed permanently or ran out
    of attempts, with the reason.
@@ -34,10 +40,8 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
@@ -52,25 +56,25 @@ from anthropic_batch.batch_requests import (
     sha256_hex,
     write_chunk,
 )
-from anthropic_batch.hooks import BatchHook
 from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
 from anthropic_batch.operators.collect import collect_batch
-from anthropic_batch.results import (
-    classify_failure,
-    custom_id_of_line,
-    dead_letter_rows,
-    has_fatal,
-    merge_attempts,
-    retry_mask,
-)
-from anthropic_batch.status import FailureClass
+from anthropic_batch.status import DEFAULT_CONN_ID, FailureClass
 from anthropic_batch.triggers import BatchPollTrigger
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow, results (pyarrow) and hooks (the anthropic SDK) are imported inside the methods that use
+# them: DAG files import this module at parse time.
 
 log = logging.getLogger(__name__)
 
 #: Upper bound for a grown ``max_tokens`` (the largest output any current model accepts); beyond a
 #: model's own limit the API answers invalid_request_error, which is dead-lettered, not retried.
 MAX_TOKENS_CAP = 128_000
+
+#: The resubmit loop's state file under ``work_dir/results/`` (see module docstring).
+RESUBMIT_STATE_FILE = "resubmit-state.json"
 
 
 def retry_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
@@ -94,13 +98,41 @@ def merge_record_path(merged_path: storage.PathLike) -> ObjectStoragePath:
     return merged.parent / (merged.name.removesuffix(".parquet") + ".json")
 
 
-def write_merge_record(merged_path: storage.PathLike, paths: Sequence[str], attempt: int) -> None:
+def write_merge_record(
+    merged_path: storage.PathLike,
+    paths: Sequence[str],
+    attempt: int,
+    rounds: Sequence[Mapping[str, Any]] = (),
+) -> None:
     """Record the attempt files behind the merge, so the summary bills exactly this run's files
-    (an earlier run of the same partition may have left other attempt files in the work dir)."""
+    (an earlier run of the same partition may have left other attempt files in the work dir), and
+    the resubmit rounds (attempt, how many requests, why, which batches)."""
     storage.atomic_write_json(
         merge_record_path(merged_path),
-        {"merged_path": str(merged_path), "results_paths": list(paths), "attempts": attempt},
+        {
+            "merged_path": str(merged_path),
+            "results_paths": list(paths),
+            "attempts": attempt,
+            "rounds": [dict(r) for r in rounds],
+        },
     )
+
+
+def resubmit_state_path(work_dir: storage.PathLike) -> ObjectStoragePath:
+    """``work_dir/results/resubmit-state.json``: the resubmit loop's state across deferrals."""
+    return storage.as_path(work_dir) / "results" / RESUBMIT_STATE_FILE
+
+
+def task_identity(context: Context) -> dict[str, Any]:
+    """The task instance a resubmit state belongs to (a state is resumed only by the same one)."""
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", None)
+    return {
+        "dag_id": ti.dag_id,
+        "task_id": ti.task_id,
+        "run_id": ti.run_id,
+        "map_index": -1 if map_index is None else int(map_index),
+    }
 
 
 def retry_reason(status: str, error_type: str | None, stop_reason: str | None) -> str:
@@ -169,7 +201,7 @@ class ResubmitFailuresOperator(BaseOperator):
         *,
         results_paths: Sequence[str] | Any,
         work_dir: str,
-        conn_id: str = BatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         max_attempts: int = 3,
         max_tokens_growth: float = 2.0,
         poll_interval: float = 30,
@@ -200,33 +232,96 @@ class ResubmitFailuresOperator(BaseOperator):
     # -- entry points ----------------------------------------------------------------------------
     def execute(self, context: Context) -> str:
         paths = [str(p) for p in (self.results_paths or []) if p]
+        # A new loop: overwrite whatever state an earlier run of this partition left behind, so it
+        # can never be resumed by mistake (the ledger, not this file, makes re-attaching safe).
+        self._save_state(context, "started", attempt=1, results_paths=paths, rounds=[])
         self.log.info("Merging %d collected result file(s) of attempt 1.", len(paths))
-        return self._round(context, paths, attempt=1)
+        return self._round(context, paths, attempt=1, rounds=[])
 
-    def execute_complete(
-        self,
-        context: Context,
-        event: Mapping[str, Any],
-        attempt: int,
-        results_paths: list[str],
-        handle: dict[str, Any],
-        pending: list[dict[str, Any]],
-    ) -> str:
-        """Resume after a retry batch's trigger fired: collect it, wait for the next, or go on."""
+    def execute_complete(self, context: Context, event: Mapping[str, Any], **_deferral_kwargs: Any) -> str:
+        """Resume after a retry batch's trigger fired: collect it, wait for the next, or go on.
+
+        The loop's state comes from ``resubmit-state.json``, not from the deferral kwargs (which
+        ``dag.test()`` drops); any kwargs given are ignored.
+        """
+        state = self._load_state(context)
+        handle = state["handle"]
+        attempt = int(state["attempt"])
+        if event.get("batch_id") != handle["batch_id"]:
+            raise AirflowException(
+                f"The trigger reported on batch {event.get('batch_id')} but the resubmit state "
+                f"({resubmit_state_path(self.work_dir)}) awaits {handle['batch_id']} (attempt {attempt}). "
+                f"Clear this task to start the resubmit loop again; the ledger re-attaches to "
+                f"batches already submitted."
+            )
         status = event.get("status")
         if status != "ended":
             raise AirflowException(
                 f"Retry batch {handle['batch_id']} (attempt {attempt}) did not end: {status}: "
                 f"{event.get('message')}. A retry of this task re-attaches to the same batch."
             )
-        paths = [*results_paths, self._collect(handle, attempt)]
+        rounds = list(state.get("rounds") or [])
+        paths = [*state["results_paths"], self._collect(handle, attempt)]
+        pending = list(state.get("pending") or [])
         if pending:
-            self._defer_on(pending[0], attempt, paths, pending[1:])
-        return self._round(context, paths, attempt)
+            self._defer_on(context, pending[0], attempt, paths, pending[1:], rounds)
+        return self._round(context, paths, attempt, rounds)
+
+    # -- the loop's state on storage -----------------------------------------------------------------
+    def _save_state(
+        self,
+        context: Context,
+        phase: str,
+        *,
+        attempt: int,
+        results_paths: Sequence[str],
+        rounds: Sequence[Mapping[str, Any]],
+        handle: Mapping[str, Any] | None = None,
+        pending: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        storage.atomic_write_json(
+            resubmit_state_path(self.work_dir),
+            {
+                **task_identity(context),
+                "phase": phase,
+                "attempt": attempt,
+                "results_paths": list(results_paths),
+                "handle": dict(handle) if handle is not None else None,
+                "pending": [dict(h) for h in pending],
+                "rounds": [dict(r) for r in rounds],
+                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+
+    def _load_state(self, context: Context) -> dict[str, Any]:
+        """The state saved before the deferral this resume answers; a clear error if it is not there."""
+        path = resubmit_state_path(self.work_dir)
+        state = storage.read_json(path)
+        if not isinstance(state, dict):
+            raise AirflowException(
+                f"No resubmit state at {path}: cannot resume the resubmit loop. Clear this task to "
+                f"start it again; the ledger re-attaches to batches already submitted."
+            )
+        identity = task_identity(context)
+        theirs = {k: state.get(k) for k in identity}
+        if theirs != identity or state.get("phase") != "waiting" or not state.get("handle"):
+            raise AirflowException(
+                f"The resubmit state at {path} ({state.get('phase')}, {theirs}) is not a deferral of "
+                f"this task instance ({identity}); another run of the partition may have replaced it. "
+                f"Clear this task to start the resubmit loop again."
+            )
+        return state
 
     # -- one round ---------------------------------------------------------------------------------
-    def _round(self, context: Context, paths: list[str], attempt: int) -> str:
-        """Merge what is collected (attempts 1..attempt); resubmit or finalise."""
+    def _round(self, context: Context, paths: list[str], attempt: int, rounds: list[dict[str, Any]]) -> str:
+        """Merge what is collected (attempts 1..attempt); resubmit or finalise.
+
+        ``rounds`` lists the resubmit rounds so far (recorded in ``merged.json`` at the end).
+        """
+        import pyarrow as pa
+
+        from anthropic_batch.results import classify_failure, has_fatal, merge_attempts, retry_mask
+
         work = storage.as_path(self.work_dir)
         manifest = read_manifest(work)
         key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
@@ -237,7 +332,8 @@ class ResubmitFailuresOperator(BaseOperator):
 
         if has_fatal(merged):
             self._write_dead_letters(merged, key_columns)
-            write_merge_record(merged_path, paths, attempt)
+            write_merge_record(merged_path, paths, attempt, rounds)
+            self._save_state(context, "failed", attempt=attempt, results_paths=paths, rounds=rounds)
             fatal = Counter(
                 row["error_type"]
                 for row in merged.select(["status", "error_type", "stop_reason"]).to_pylist()
@@ -252,8 +348,10 @@ class ResubmitFailuresOperator(BaseOperator):
 
         mask = retry_mask(merged, self.max_attempts)
         if attempt >= self.max_attempts or not any(mask):
-            write_merge_record(merged_path, paths, attempt)
-            return self._finalise(merged, merged_path, manifest, key_columns, attempt)
+            write_merge_record(merged_path, paths, attempt, rounds)
+            result = self._finalise(merged, merged_path, manifest, key_columns, attempt)
+            self._save_state(context, "finished", attempt=attempt, results_paths=paths, rounds=rounds)
+            return result
 
         retry = merged.filter(pa.array(mask, pa.bool_()))
         next_attempt = attempt + 1
@@ -269,11 +367,20 @@ class ResubmitFailuresOperator(BaseOperator):
             dict(reasons.most_common()),
         )
         handles = self._submit_retry(context, manifest, keys, retry, next_attempt)
+        rounds = [
+            *rounds,
+            {
+                "attempt": next_attempt,
+                "n_requests": retry.num_rows,
+                "reasons": dict(reasons.most_common()),
+                "batch_ids": [h["batch_id"] for h in handles],
+            },
+        ]
         if handles[0]["mode"] == "sync":
             for handle in handles:
                 paths = [*paths, self._collect(handle, next_attempt)]
-            return self._round(context, paths, next_attempt)
-        self._defer_on(handles[0], next_attempt, paths, handles[1:])
+            return self._round(context, paths, next_attempt, rounds)
+        self._defer_on(context, handles[0], next_attempt, paths, handles[1:], rounds)
         raise AssertionError("unreachable: defer raises")  # pragma: no cover
 
     def _finalise(
@@ -284,6 +391,8 @@ class ResubmitFailuresOperator(BaseOperator):
         key_columns: list[str],
         attempt: int,
     ) -> str:
+        import pyarrow.compute as pc
+
         ids = merged.column("custom_id")
         n_expected = int(manifest["n_requests"])
         if merged.num_rows != n_expected or pc.count_distinct(ids).as_py() != merged.num_rows:
@@ -304,6 +413,8 @@ class ResubmitFailuresOperator(BaseOperator):
         return str(merged_path)
 
     def _write_dead_letters(self, merged: pa.Table, key_columns: list[str]) -> pa.Table:
+        from anthropic_batch.results import dead_letter_rows
+
         dead = dead_letter_rows(merged, key_columns, max_attempts=None)
         storage.write_parquet_atomic(storage.as_path(self.work_dir) / "dead_letter.parquet", dead)
         return dead
@@ -311,6 +422,11 @@ class ResubmitFailuresOperator(BaseOperator):
     # -- retry chunks and submission ----------------------------------------------------------------
     def _source_lines(self, manifest: Mapping[str, Any], keys: pa.Table, retry: pa.Table) -> Iterator[bytes]:
         """The last submitted request line of every row in ``retry``, max_tokens grown when truncated."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from anthropic_batch.results import custom_id_of_line
+
         wanted: dict[int, set[str]] = {}
         truncated: set[str] = set()
         for row in retry.select(["custom_id", "attempt", "stop_reason"]).to_pylist():
@@ -362,6 +478,8 @@ class ResubmitFailuresOperator(BaseOperator):
             infos.append(
                 write_chunk(group, directory / f"retry-{attempt:02d}-chunk-{index:05d}.jsonl", index)
             )
+        from anthropic_batch.hooks import BatchHook
+
         ti = context["ti"]
         hook = BatchHook(conn_id=self.conn_id)
         ledger = SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root))
@@ -395,6 +513,8 @@ class ResubmitFailuresOperator(BaseOperator):
         return handles
 
     def _collect(self, handle: Mapping[str, Any], attempt: int) -> str:
+        from anthropic_batch.hooks import BatchHook
+
         stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir, attempt=attempt)
         self.log.info(
             "Collected attempt %d from %s: %s, cost $%.4f.",
@@ -406,8 +526,24 @@ class ResubmitFailuresOperator(BaseOperator):
         return stats["results_path"]
 
     def _defer_on(
-        self, handle: dict[str, Any], attempt: int, paths: list[str], pending: list[dict[str, Any]]
+        self,
+        context: Context,
+        handle: dict[str, Any],
+        attempt: int,
+        paths: list[str],
+        pending: list[dict[str, Any]],
+        rounds: list[dict[str, Any]],
     ) -> None:
+        """Save the loop's state, then defer until ``handle``'s batch has ended."""
+        self._save_state(
+            context,
+            "waiting",
+            attempt=attempt,
+            results_paths=paths,
+            rounds=rounds,
+            handle=handle,
+            pending=pending,
+        )
         self.log.info(
             "Waiting for retry batch %s (attempt %d) in the triggerer.", handle["batch_id"], attempt
         )
@@ -420,7 +556,6 @@ class ResubmitFailuresOperator(BaseOperator):
                 max_poll_interval=self.max_poll_interval,
             ),
             method_name="execute_complete",
-            kwargs={"attempt": attempt, "results_paths": paths, "handle": handle, "pending": pending},
             timeout=timedelta(hours=self.deadline_hours, minutes=10),
         )
 
@@ -428,4 +563,6 @@ class ResubmitFailuresOperator(BaseOperator):
 def _counts(table: pa.Table, column: str) -> dict[str, int]:
     if table.num_rows == 0:
         return {}
+    import pyarrow.compute as pc
+
     return {str(e["values"]): int(e["counts"]) for e in pc.value_counts(table[column]).to_pylist()}

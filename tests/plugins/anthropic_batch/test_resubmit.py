@@ -10,11 +10,16 @@ from pathlib import Path
 import anthropic
 import pyarrow.parquet as pq
 import pytest
-from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
 from anthropic_batch.batch_requests import iter_chunk_requests
 from anthropic_batch.operators.collect import CollectResultsOperator
-from anthropic_batch.operators.resubmit import ResubmitFailuresOperator, grow_max_tokens
+from anthropic_batch.operators.resubmit import (
+    ResubmitFailuresOperator,
+    grow_max_tokens,
+    merge_record_path,
+    resubmit_state_path,
+)
 from anthropic_batch.triggers import BatchPollTrigger
 from tests.plugins.anthropic_batch._operator_context import (
     INCLUDE_DIR,
@@ -63,7 +68,8 @@ def _first_event(trigger: BatchPollTrigger) -> dict:
 
 def run_with_deferrals(make_operator, context) -> tuple[str, list[TaskDeferred]]:
     """execute(); on each TaskDeferred run the trigger (rebuilt from its serialised form, as the
-    triggerer does) to its event and resume on a FRESH operator instance. Returns the result."""
+    triggerer does) to its event and resume on a FRESH operator instance with the event only (as
+    ``dag.test()`` does: it drops the deferral kwargs). Returns the result."""
     deferrals: list[TaskDeferred] = []
     try:
         return make_operator().execute(context), deferrals
@@ -71,17 +77,17 @@ def run_with_deferrals(make_operator, context) -> tuple[str, list[TaskDeferred]]
         current = deferred
     while True:
         deferrals.append(current)
-        # What the scheduler stores must be plain JSON without secrets.
-        stored = json.dumps(current.kwargs)
+        # The loop's state is on storage, not in the deferral; neither holds a secret.
+        assert not current.kwargs
         classpath, trigger_kwargs = current.trigger.serialize()
         assert classpath == "anthropic_batch.triggers.BatchPollTrigger"
-        assert "emulator-key" not in stored and "emulator-key" not in json.dumps(trigger_kwargs)
-        event = _first_event(BatchPollTrigger(**trigger_kwargs))
+        assert "emulator-key" not in json.dumps(trigger_kwargs)
         operator = make_operator()
+        state_path = Path(_local(str(resubmit_state_path(operator.work_dir))))
+        assert "emulator-key" not in state_path.read_text()
+        event = _first_event(BatchPollTrigger(**trigger_kwargs))
         try:
-            return getattr(operator, current.method_name)(
-                context, event=event, **json.loads(stored)
-            ), deferrals
+            return getattr(operator, current.method_name)(context, event=event), deferrals
         except TaskDeferred as deferred:
             current = deferred
 
@@ -219,7 +225,7 @@ def test_a_retried_task_reattaches_instead_of_submitting_again(tmp_path, emulato
     # The worker died while deferred; the task is retried from execute().
     with pytest.raises(TaskDeferred) as second:
         make().execute(make_context(task_id="resubmit", try_number=2))
-    assert second.value.kwargs["handle"]["batch_id"] == first.value.kwargs["handle"]["batch_id"]
+    assert second.value.trigger.batch_id == first.value.trigger.batch_id
     assert _batch_count(emu) == n_batches
     merged_path, _ = run_with_deferrals(make, context)
     assert pq.read_table(_local(merged_path)).num_rows == 12
@@ -273,3 +279,79 @@ def test_grow_max_tokens_only_touches_max_tokens():
         "params": {"max_tokens": 600, "messages": [{"content": "hi", "role": "user"}]},
     }
     assert json.loads(grow_max_tokens(line, 1000.0))["params"]["max_tokens"] == 128_000
+
+
+def _state(run) -> dict:
+    return json.loads(Path(_local(str(resubmit_state_path(run.work_dir)))).read_text())
+
+
+def test_a_fresh_instance_resumes_from_storage_with_the_event_only(tmp_path, emulator_factory, monkeypatch):
+    """dag.test() resumes with ``{"event": ...}`` only: the loop's state must come from storage."""
+    emu = emulator_factory(
+        "--processing-seconds", "0.5", "--error-rate", "overloaded_error=0.5", "--seed", "2"
+    )  # fmt: skip
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(12), per_chunk=12)
+    paths = _collect_all(run, submit_chunks(run))
+    make = _operator_factory(run, paths, max_attempts=2)
+    context = make_context(task_id="resubmit")
+    with pytest.raises(TaskDeferred) as deferred:
+        make().execute(context)
+    assert not deferred.value.kwargs  # nothing rides in the deferral
+    state = _state(run)
+    assert state["phase"] == "waiting" and state["attempt"] == 2
+    assert state["handle"]["batch_id"] == deferred.value.trigger.batch_id
+    assert state["results_paths"] == paths
+    assert state["run_id"] == context["ti"].run_id and state["task_id"] == "resubmit"
+
+    event = _first_event(BatchPollTrigger(**deferred.value.trigger.serialize()[1]))
+    merged_path = make().execute_complete(context, event=event)  # a fresh instance, no kwargs
+
+    merged = pq.read_table(_local(merged_path)).to_pylist()
+    assert sorted(r["custom_id"] for r in merged) == [f"T{i:04d}" for i in range(12)]
+    assert any(r["attempt"] == 2 for r in merged)
+    assert _state(run)["phase"] == "finished"
+    record = json.loads(Path(_local(str(merge_record_path(merged_path)))).read_text())
+    assert record["attempts"] == 2
+    [round_2] = record["rounds"]
+    assert round_2["attempt"] == 2 and round_2["batch_ids"] == [event["batch_id"]]
+    assert round_2["n_requests"] == sum(round_2["reasons"].values()) > 0
+    assert set(round_2["reasons"]) == {"errored: overloaded_error"}
+    assert len(record["results_paths"]) == len(paths) + 1
+
+
+def test_resume_refuses_a_state_that_is_not_its_own(tmp_path, emulator_factory, monkeypatch):
+    emu = emulator_factory(
+        "--processing-seconds", "0.5", "--error-rate", "overloaded_error=0.5", "--seed", "2"
+    )  # fmt: skip
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(12), per_chunk=12)
+    paths = _collect_all(run, submit_chunks(run))
+    make = _operator_factory(run, paths, max_attempts=2)
+    context = make_context(task_id="resubmit")
+    with pytest.raises(TaskDeferred) as deferred:
+        make().execute(context)
+    batch_id = deferred.value.trigger.batch_id
+
+    # An event about another batch than the one awaited.
+    with pytest.raises(AirflowException, match=f"awaits {batch_id}"):
+        make().execute_complete(context, event={"status": "ended", "batch_id": "msgbatch_other"})
+    # Another run of the same partition replaced the state: resuming the first run must not use it.
+    other_run = make_context(task_id="resubmit", run_id="manual__2026-11-02T00:00:00+00:00")
+    with pytest.raises(AirflowException, match="not a deferral of this task instance"):
+        make().execute_complete(other_run, event={"status": "ended", "batch_id": batch_id})
+
+    # A fresh execute() of the other run starts a new state (the stale one is never resumed) and,
+    # being a new run, it can only finish its own loop.
+    n_batches = _batch_count(emu)
+    with pytest.raises(TaskDeferred):
+        make().execute(other_run)
+    assert _state(run)["run_id"] == other_run["ti"].run_id
+    with pytest.raises(AirflowException, match="not a deferral of this task instance"):
+        make().execute_complete(context, event={"status": "ended", "batch_id": batch_id})
+    assert _batch_count(emu) == n_batches  # the ledger (per partition) re-attached, nothing paid twice
+
+    # No state at all: a clear error, not a TypeError.
+    Path(_local(str(resubmit_state_path(run.work_dir)))).unlink()
+    with pytest.raises(AirflowException, match="No resubmit state"):
+        make().execute_complete(context, event={"status": "ended", "batch_id": batch_id})
