@@ -87,6 +87,50 @@ def test_bulk_extraction_publishes_one_row_per_valid_record(airflow_db, anthropi
     assert len(summary["batch_ids"]) >= 3  # one per chunk, plus any resubmit batches
 
 
+def test_bulk_extraction_resubmits_retriable_failures_under_dag_test(
+    airflow_db, emulator_factory, storage_root, monkeypatch
+):
+    """dag.test() resumes a deferred task with the trigger event only; the resubmit loop must still
+    run its rounds (its state is on storage) and end with one final row per valid record."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    emu = emulator_factory(
+        "--processing-seconds", "1",
+        "--error-rate", "overloaded_error=0.2",
+        "--invalid-output-rate", "0.1",
+        "--truncate-rate", "0.05",
+        "--seed", "5",
+    )  # fmt: skip
+    conn = {"conn_type": "anthropic", "password": emu.api_key, "host": emu.base_url}
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DEFAULT", json.dumps(conn))
+    date = dt.date(2026, 11, 4)
+    records = generate_tickets(date, PER_DAY, seed=7)
+    write_tickets(storage_root, date, per_day=PER_DAY, seed=7)
+    valid, _ = _valid_ticket_ids(records)
+
+    bag = DagBag(dag_folder=str(DAGS_DIR / "pipelines.py"))
+    assert bag.import_errors == {}
+    run = bag.dags["bulk_extraction"].test(
+        logical_date=dt.datetime.combine(date, dt.time(), tzinfo=dt.UTC), run_conf={"mode": "batch"}
+    )
+    assert str(getattr(run.state, "value", run.state)) == "success"
+
+    partition = storage_root / "bulk_extraction" / "extractions" / f"date={date}"
+    summary = json.loads((partition / "summary.json").read_text())
+    assert summary["attempts"] >= 2  # resubmit rounds ran (and resumed) under dag.test()
+    data = pq.read_table(partition / "data.parquet").to_pylist()
+    assert sorted(r["ticket_id"] for r in data) == sorted(valid)  # exactly one final row each
+    assert any(r["attempt"] >= 2 and r["status"] == "succeeded" for r in data)
+    # Whatever did not succeed in the end is dead-lettered with its reason, never lost.
+    dead = pq.read_table(partition / "dead_letter.parquet").to_pylist()
+    collect_dead = {d["ticket_id"] for d in dead if d["stage"] == "collect"}
+    assert {r["ticket_id"] for r in data if r["status"] != "succeeded"} == collect_dead
+    work = storage_root / "bulk_extraction" / "work" / f"date={date}"
+    state = json.loads((work / "results" / "resubmit-state.json").read_text())
+    assert state["phase"] == "finished" and state["attempt"] == summary["attempts"]
+    assert [r["attempt"] for r in state["rounds"]] == list(range(2, summary["attempts"] + 1))
+
+
 def _run(dag_file: str, dag_id: str, logical: dt.datetime, conf: dict) -> str:
     from airflow.dag_processing.dagbag import DagBag
 
