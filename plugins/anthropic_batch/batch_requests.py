@@ -18,24 +18,26 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 from airflow.sdk import ObjectStoragePath
 from pydantic import BaseModel
 
 from anthropic_batch.output_models import OUTPUT_MODES, output_params
-from anthropic_batch.results import dead_letter_schema
 from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer, open_binary
+
+if TYPE_CHECKING:
+    import jinja2
+    import pandas as pd
+    import pyarrow as pa
+
+# pyarrow, pandas, jinja2 and results (pyarrow) are imported inside the functions that use them:
+# DAG files import this module (through the prepare operator) at parse time.
 
 API_VERSION = "2026-10-21"
 MAX_REQUESTS_PER_BATCH = 100_000
@@ -101,6 +103,8 @@ def _finalize(value: Any) -> Any:
 
 
 def _jinja_env() -> jinja2.Environment:
+    import jinja2
+
     return jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False, finalize=_finalize
     )
@@ -192,6 +196,8 @@ class RequestSpec:
         if not self.prompt_template or not self.prompt_template.strip():
             errors.append("prompt_template is empty")
         else:
+            import jinja2
+
             try:
                 _jinja_env().parse(self.prompt_template)
             except jinja2.TemplateSyntaxError as exc:
@@ -243,7 +249,9 @@ def _key_str(value: object) -> str | None:
         return None
     if isinstance(value, float) and math.isnan(value):
         return None
-    if value is pd.NaT:
+    # pandas' NaT can only reach here if pandas is loaded; looked up, not imported, to stay light.
+    pd = sys.modules.get("pandas")
+    if pd is not None and value is pd.NaT:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
@@ -293,6 +301,9 @@ def _format_of(name: str) -> str:
 
 
 def _read_csv_as_strings(handle) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
     # CSV is text: read every column as a string so keys like "007" survive; empty cells are null.
     header = pa_csv.open_csv(handle).schema.names
     handle.seek(0)
@@ -306,9 +317,14 @@ def _read_csv_as_strings(handle) -> pa.Table:
 
 def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: str | None = None) -> pa.Table:
     """An Arrow table from a DataFrame, a table, or a Parquet / CSV / JSONL file (by suffix or ``fmt``)."""
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
     if isinstance(source, pa.Table):
         return source
-    if isinstance(source, pd.DataFrame):
+    pd = sys.modules.get("pandas")  # a DataFrame implies pandas is loaded; no import needed to test
+    if pd is not None and isinstance(source, pd.DataFrame):
         return pa.Table.from_pandas(source, preserve_index=False)
     path = as_path(source)
     fmt = (fmt or _format_of(path.name)).lower()
@@ -516,6 +532,11 @@ def prepare_requests(
     Returns the manifest (also written to ``requests/manifest.json``). Raises ``BatchRequestError``
     for a bad spec or missing key columns; bad *records* are rejected into ``rejected.parquet``.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anthropic_batch.results import dead_letter_schema
+
     warnings = spec.validate()
     key_columns = list(key_columns)
     if not key_columns:

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from anthropic_batch import storage
-from anthropic_batch.hooks import AmbiguousCreateError
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -277,6 +276,9 @@ def submit_idempotently(
 
     ``submit`` overrides how the batch is created (default: ``hook.create_batch_from_chunk``).
     """
+    # Imported here: the hooks module loads the anthropic SDK, and DAG files import this module.
+    from anthropic_batch.hooks import AmbiguousCreateError
+
     path = ledger.entry_path(dag_id, partition, task_id, chunk_fingerprint)
     entry = ledger.read(path)
     action = decide_action(entry)

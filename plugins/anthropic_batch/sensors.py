@@ -24,18 +24,34 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from anthropic_batch.hooks import FATAL_ERRORS, BatchHook
 from anthropic_batch.ledger import ended_fields, update_entry
 from anthropic_batch.links import AnthropicConsoleBatchLink
+from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.triggers import BatchPollTrigger, describe
 
-#: Trigger error types after which retrying the task cannot help.
-FATAL_ERROR_TYPES = frozenset(cls.__name__ for cls in FATAL_ERRORS)
+if TYPE_CHECKING:
+    from anthropic_batch.hooks import BatchHook
+
+# The hook (and with it the anthropic SDK) is imported where it is used: DAG files import this module.
+
+
+def fatal_error_types() -> frozenset[str]:
+    """Trigger error types after which retrying the task cannot help."""
+    from anthropic_batch.hooks import FATAL_ERRORS
+
+    return frozenset(cls.__name__ for cls in FATAL_ERRORS)
+
+
+def __getattr__(name: str) -> Any:
+    # FATAL_ERROR_TYPES stays importable without loading the SDK at module import.
+    if name == "FATAL_ERROR_TYPES":
+        return fatal_error_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def batch_id_of(handle: dict[str, Any] | str) -> str:
@@ -74,7 +90,7 @@ class BatchSensor(BaseSensorOperator):
         self,
         *,
         handle: dict[str, Any] | str,
-        conn_id: str = BatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         deferrable: bool = True,
         poll_interval: float = 30,
         max_poll_interval: float = 600,
@@ -101,6 +117,8 @@ class BatchSensor(BaseSensorOperator):
         return batch_id_of(self.handle)
 
     def _hook(self) -> BatchHook:
+        from anthropic_batch.hooks import BatchHook
+
         return BatchHook(conn_id=self.conn_id)
 
     def _is_sync(self) -> bool:
@@ -162,6 +180,8 @@ class BatchSensor(BaseSensorOperator):
             return self._sync_result()
         if not self.deferrable:
             return super().execute(context)
+        from anthropic_batch.hooks import FATAL_ERRORS
+
         batch = None
         try:
             batch = self._hook().get_batch(self.batch_id)
@@ -194,6 +214,8 @@ class BatchSensor(BaseSensorOperator):
         )
 
     def poke(self, context: Any) -> bool | PokeReturnValue:
+        from anthropic_batch.hooks import FATAL_ERRORS
+
         try:
             batch = self._hook().get_batch(self.batch_id)
         except FATAL_ERRORS as err:
@@ -220,6 +242,6 @@ class BatchSensor(BaseSensorOperator):
             self._cancel_quietly()
             raise AirflowException(f"{event.get('message')} Cancel requested; clear the task to wait again.")
         message = f"Waiting for batch {event.get('batch_id')} failed: {event.get('message')}"
-        if event.get("error_type") in FATAL_ERROR_TYPES:
+        if event.get("error_type") in fatal_error_types():
             raise AirflowFailException(message + " (fix the connection's key, permissions or billing)")
         raise AirflowException(message)

@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from airflow.providers.anthropic.hooks.anthropic import BatchStatus
 
-__all__ = ["BatchStatus", "FailureClass", "RequestStatus", "RunMode"]
+__all__ = ["DEFAULT_CONN_ID", "BatchStatus", "FailureClass", "RequestStatus", "RunMode"]
+
+#: The Anthropic connection id (= ``AnthropicHook.default_conn_name``), here so operator signatures
+#: need not import the hook (and the SDK) when a DAG file is parsed.
+DEFAULT_CONN_ID = "anthropic_default"
 
 
 def __getattr__(name: str) -> Any:

@@ -18,11 +18,14 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from airflow.sdk import ObjectStoragePath
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow is imported inside the Parquet helpers: DAG files import this module at parse time.
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,9 @@ def write_parquet_atomic(
 
     ``schema`` is required for an iterable of batches (it may be empty); tables are cast to it.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     target = as_path(path)
     if isinstance(table_or_batches, pa.Table | pa.RecordBatch):
         parts: Iterable[pa.Table | pa.RecordBatch] = [table_or_batches]
@@ -199,6 +205,8 @@ def write_parquet_atomic(
 
 def read_parquet(path: PathLike, columns: list[str] | None = None) -> pa.Table:
     """The Parquet file at ``path`` as an Arrow table."""
+    import pyarrow.parquet as pq
+
     # ParquetFile, not pq.read_table: the latter loads pyarrow.dataset (~50 MB of RSS) for nothing.
     with open_binary(path) as handle:
         return pq.ParquetFile(handle).read(columns=columns)

@@ -23,12 +23,17 @@ import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from anthropic_batch.hooks import FATAL_ERRORS, BatchHook
+from anthropic_batch.status import DEFAULT_CONN_ID
+
+if TYPE_CHECKING:
+    import anthropic
+
+# The hook (and with it the anthropic SDK) is imported where it is used: sensors import this module
+# when a DAG file is parsed.
 
 CLASSPATH = "anthropic_batch.triggers.BatchPollTrigger"
 #: Growth factor of the poll interval while nothing changes.
@@ -51,6 +56,8 @@ def jittered(interval: float, remaining: float) -> float:
 
 def is_transient(error: BaseException) -> bool:
     """Errors worth another poll: rate limits, overload, server errors, network, early 404."""
+    import anthropic
+
     return isinstance(
         error,
         anthropic.RateLimitError
@@ -109,7 +116,7 @@ class BatchPollTrigger(BaseTrigger):
     def __init__(
         self,
         batch_id: str,
-        conn_id: str = BatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         deadline: float | None = None,
         poll_interval: float = 30.0,
         max_poll_interval: float = 600.0,
@@ -140,6 +147,8 @@ class BatchPollTrigger(BaseTrigger):
         return TriggerEvent({"status": status, "batch_id": self.batch_id, **fields})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from anthropic_batch.hooks import BatchHook
+
         hook = BatchHook(conn_id=self.conn_id)
         try:
             # On the loop's shared HTTP pool: hundreds of triggers, one pool, no per-trigger TLS setup.
@@ -153,6 +162,8 @@ class BatchPollTrigger(BaseTrigger):
         yield await self._poll(client)
 
     async def _poll(self, client: anthropic.AsyncAnthropic) -> TriggerEvent:
+        from anthropic_batch.hooks import FATAL_ERRORS
+
         interval = self.poll_interval
         last_snapshot: tuple[Any, ...] | None = None
         last_batch: Any = None
@@ -219,6 +230,8 @@ class BatchPollTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Cancel the batch: the user stopped the task, so its requests should stop costing money."""
+        from anthropic_batch.hooks import BatchHook
+
         hook = BatchHook(conn_id=self.conn_id)
         try:
             batch = await asyncio.wait_for(hook.acancel_batch(self.batch_id), timeout=ON_KILL_TIMEOUT_S)

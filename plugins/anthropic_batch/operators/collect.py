@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
-from anthropic_batch.batch_requests import iter_chunk_lines, read_manifest
-from anthropic_batch.hooks import BatchHook
 from anthropic_batch.ledger import LedgerState, batch_fields, rfc3339, update_entry, utc_now
 from anthropic_batch.pricing import PriceTable, load_price_table
-from anthropic_batch.results import ParseContext, collect_lines, expected_ids_from_chunk
+from anthropic_batch.status import DEFAULT_CONN_ID
+
+if TYPE_CHECKING:
+    from anthropic_batch.hooks import BatchHook
+
+# batch_requests, results (pyarrow) and hooks (the anthropic SDK) are imported inside the functions
+# that use them: DAG files import this module at parse time.
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,9 @@ def collect_batch(
     :returns: collection stats (``CollectStats`` as a dict) plus ``results_path``, ``batch_id``,
         ``attempt``, ``mode`` and ``request_counts`` (the API's, batch mode only).
     """
+    from anthropic_batch.batch_requests import iter_chunk_lines, read_manifest
+    from anthropic_batch.results import ParseContext, collect_lines, expected_ids_from_chunk
+
     work = storage.as_path(work_dir)
     manifest = read_manifest(work)
     batch_id = str(handle["batch_id"])
@@ -205,7 +212,7 @@ class CollectResultsOperator(BaseOperator):
         *,
         handle: Mapping[str, Any] | Any,
         work_dir: str,
-        conn_id: str = BatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -214,6 +221,8 @@ class CollectResultsOperator(BaseOperator):
         self.conn_id = conn_id
 
     def execute(self, context: Context) -> str:
+        from anthropic_batch.hooks import BatchHook
+
         handle = dict(self.handle)
         stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir)
         savings = stats["sync_cost_usd"] - stats["cost_usd"]

@@ -26,15 +26,18 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
 from anthropic_batch.pricing import load_price_table
-from anthropic_batch.results import dead_letter_schema
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow and results (pyarrow) are imported inside the functions that use them: DAG files import
+# this module at parse time.
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ _TOKEN_COLUMNS = {
 def _sum(table: pa.Table, column: str) -> float:
     if column not in table.column_names or table.num_rows == 0:
         return 0
+    import pyarrow.compute as pc
+
     value = pc.sum(table[column]).as_py()
     return value or 0
 
@@ -61,6 +66,8 @@ def _sum(table: pa.Table, column: str) -> float:
 def _counts(table: pa.Table, column: str) -> dict[str, int]:
     if column not in table.column_names or table.num_rows == 0:
         return {}
+    import pyarrow.compute as pc
+
     pairs = ((str(e["values"]), int(e["counts"])) for e in pc.value_counts(table[column]).to_pylist())
     return dict(sorted(pairs))
 
@@ -97,6 +104,10 @@ def attempt_tables(
 
 def combine_dead_letters(tables: Sequence[pa.Table | None], key_columns: Sequence[str]) -> pa.Table:
     """Prepare rejections and collection dead letters in one DEAD_LETTER table (empty if none)."""
+    import pyarrow as pa
+
+    from anthropic_batch.results import dead_letter_schema
+
     schema = dead_letter_schema(key_columns)
     present = [t.select(schema.names).cast(schema) for t in tables if t is not None]
     return pa.concat_tables(present) if present else schema.empty_table()
@@ -116,6 +127,9 @@ def build_summary(
     sample_cost_usd: float | None = None,
 ) -> dict[str, Any]:
     """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     spec = manifest.get("spec") or {}
     spend = pa.concat_tables(billed, promote_options="permissive") if billed else merged
     cost = float(_sum(spend, "cost_usd"))

@@ -30,18 +30,21 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from anthropic_batch import storage
 from anthropic_batch.batch_requests import iter_chunk_lines, iter_chunk_requests, read_manifest
-from anthropic_batch.hooks import BatchHook
 from anthropic_batch.pricing import load_price_table
-from anthropic_batch.results import ParseContext, classify_failure, parse_result_line
-from anthropic_batch.sync_runner import bounded_map, run_requests_sync
+from anthropic_batch.status import DEFAULT_CONN_ID
+
+if TYPE_CHECKING:
+    import anthropic
+
+# results (pyarrow), hooks and sync_runner (the anthropic SDK) are imported inside the functions that
+# use them: DAG files import this module at parse time.
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def _count_one(client: anthropic.Anthropic, line: bytes) -> int:
 
 def count_input_tokens(manifest: Mapping[str, Any], client: anthropic.Anthropic, *, concurrency: int) -> int:
     """Exact input tokens of every request of the run (one count_tokens call each)."""
+    from anthropic_batch.sync_runner import bounded_map
 
     def lines() -> Iterator[bytes]:
         for chunk in sorted(manifest.get("chunks") or [], key=lambda c: int(c["index"])):
@@ -97,6 +101,8 @@ def count_input_tokens(manifest: Mapping[str, Any], client: anthropic.Anthropic,
 
 # -- the report -------------------------------------------------------------------------------------
 def _passed(row: Mapping[str, Any]) -> bool:
+    from anthropic_batch.results import classify_failure
+
     return (
         row["status"] == "succeeded"
         and classify_failure(row["status"], row.get("error_type"), row.get("stop_reason")) is None
@@ -329,7 +335,7 @@ class SampleRefineOperator(BaseOperator):
         max_cost_usd: float | None = None,
         use_count_tokens: bool = False,
         concurrency: int = 4,
-        conn_id: str = BatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -345,6 +351,10 @@ class SampleRefineOperator(BaseOperator):
         self.conn_id = conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.results import ParseContext, parse_result_line
+        from anthropic_batch.sync_runner import run_requests_sync
+
         work = storage.as_path(self.work_dir)
         manifest = read_manifest(work)
         requests = sample_requests(manifest, self.sample_size, self.seed)

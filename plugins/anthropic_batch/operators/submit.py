@@ -15,9 +15,9 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from anthropic_batch import storage
-from anthropic_batch.hooks import BatchHook
 from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
+from anthropic_batch.status import DEFAULT_CONN_ID
 
 #: Rough bytes per input token for the projection (JSON-escaped English text runs at ~4).
 BYTES_PER_TOKEN = 4
@@ -79,7 +79,7 @@ class SubmitBatchOperator(BaseOperator):
         chunk_path: str,
         work_dir: str,
         storage_root: str | None = None,
-        conn_id: str = BatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         attempt: int = 1,
         **kwargs: Any,
     ) -> None:
@@ -91,6 +91,8 @@ class SubmitBatchOperator(BaseOperator):
         self.attempt = attempt
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from anthropic_batch.hooks import BatchHook  # the SDK: not at DAG parse time
+
         manifest = load_manifest(self.work_dir)
         spec = manifest.get("spec") or {}
         chunk = find_chunk(manifest, self.chunk_path)
