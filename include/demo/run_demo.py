@@ -1,17 +1,18 @@
 """`make demo`: bulk_extraction then overnight_report, end to end, in one process.
 
 Without ``ANTHROPIC_API_KEY`` the Message Batches API emulator is started (a few seconds of batch
-processing and small fault rates, so resubmits show); with it, the real API is used. The key only
+processing and, unless ``--no-faults``, small rates of every retriable per-request failure, so the
+resubmit rounds show); with it, the real API is used. The key only
 ever travels in the ``anthropic_default`` connection (env ``AIRFLOW_CONN_ANTHROPIC_DEFAULT``); it is
 never printed.
 
 Steps: migrate the project-local ``AIRFLOW_HOME`` (``.airflow/``), create the batch pool, generate a
 day of messy support tickets, run ``bulk_extraction`` for that date with ``dag.test()``, then
 ``overnight_report`` for the same date; check both DagRuns succeeded and print where the results
-and the report are, the counts by status, the cost, and what the same work would have cost
-synchronously.
+and the report are, the counts by status, the resubmit rounds (what was retried, and why), the
+cost, and what the same work would have cost synchronously.
 
-    python include/demo/run_demo.py [--date 2026-11-01] [--per-day 40] [--mode batch]
+    python include/demo/run_demo.py [--date 2026-11-01] [--per-day 40] [--mode batch] [--no-faults]
 """
 
 from __future__ import annotations
@@ -32,15 +33,20 @@ for _path in (CHECKOUT_DIR / "plugins", CHECKOUT_DIR / "include", CHECKOUT_DIR):
 
 #: Emulator settings for the demo: quick batches.
 EMULATOR_FLAGS = ("--processing-seconds", "3", "--seed", "7")
-#: ``--faults``: a little of every retriable failure, so the resubmit rounds show.
+#: Default (``--no-faults`` turns it off): a little of every retriable per-request failure the
+#: emulator can inject quickly, so the resubmit rounds show. (Expired requests are left out: the
+#: emulator can only expire a batch by fast-forwarding its clock, which would skew every timestamp.)
 FAULT_FLAGS = (
-    "--error-rate",
-    "overloaded_error=0.04",
-    "--invalid-output-rate",
-    "0.04",
-    "--truncate-rate",
-    "0.03",
-)
+    "--error-rate", "overloaded_error=0.04",
+    "--error-rate", "api_error=0.03",
+    "--error-rate", "rate_limit_error=0.02",
+    "--invalid-output-rate", "0.04",
+    "--truncate-rate", "0.03",
+)  # fmt: skip
+
+
+#: The DAGs the demo runs.
+DEMO_DAG_IDS = ("bulk_extraction", "overnight_report")
 
 
 def configure_environment(storage_root: str | None = None) -> dict[str, str]:
@@ -85,6 +91,23 @@ def use_connection(base_url: str | None, api_key: str) -> None:
     os.environ["AIRFLOW_CONN_ANTHROPIC_DEFAULT"] = json.dumps(conn)
 
 
+def forget_emulator_submissions(root: str, date: str) -> None:
+    """Drop the date's ledger entries when the demo's emulator starts with a new database.
+
+    The emulator keeps its batches in ``.airflow/demo-emulator.sqlite`` so that a re-run of the
+    demo re-attaches to them through the ledger, as with the real API. When that database is new,
+    ledger entries left by an earlier demo point at batches no emulator knows (nothing was paid
+    for them); without this, the run would wait for them in vain.
+    """
+    from anthropic_batch import storage
+
+    for dag_id in DEMO_DAG_IDS:
+        directory = storage.ledger_root(root) / dag_id / date
+        if directory.exists():
+            print(f"New emulator database: forgetting the emulated submissions in {directory}")
+            directory.rmdir(recursive=True)
+
+
 def load_dags() -> dict[str, object]:
     from airflow.dag_processing.dagbag import DagBag
 
@@ -120,11 +143,40 @@ def print_results(root: str, date: str) -> None:
     print(f"  report     : {report_dir}/report.html (and report.md)")
     print(f"  input records {summary.get('n_input_records')}, by status: {summary.get('counts_by_status')}")
     print(f"  batches {len(summary.get('batch_ids') or [])}, attempts {summary.get('attempts')}")
+    print_resubmit_rounds(root, date, summary)
     print(
         f"  cost ${summary.get('cost_usd', 0):.4f} with batches; "
         f"synchronously ${summary.get('sync_cost_usd', 0):.4f} "
         f"(saved ${summary.get('savings_usd', 0):.4f}; prices as of {summary.get('price_table_as_of')})"
     )
+
+
+def print_resubmit_rounds(root: str, date: str, summary: dict) -> None:
+    """The resubmit rounds of the run: how many requests each retried and why (``merged.json``)."""
+    from anthropic_batch import storage
+    from anthropic_batch.operators.resubmit import merge_record_path
+
+    merged_path = storage.work_dir(root, "bulk_extraction", date) / "results" / "merged.parquet"
+    rounds = (storage.read_json(merge_record_path(merged_path)) or {}).get("rounds") or []
+    if not rounds:
+        print("  resubmit rounds: none (nothing retriable failed)")
+        return
+    print(f"  resubmit rounds ({len(rounds)}; attempt 1 is the first submission):")
+    for r in rounds:
+        reasons = ", ".join(f"{n} {why}" for why, n in r.get("reasons", {}).items())
+        print(
+            f"    attempt {r['attempt']}: {r['n_requests']} request(s) resubmitted ({reasons}) "
+            f"in {len(r.get('batch_ids') or [])} batch(es)"
+        )
+    data_path = summary.get("data_path")
+    if data_path:
+        rows = storage.read_parquet(data_path, columns=["status", "attempt"]).to_pylist()
+        recovered = sum(1 for row in rows if row["status"] == "succeeded" and (row["attempt"] or 1) > 1)
+        collect_dead = (summary.get("n_dead_letters_by_stage") or {}).get("collect", 0)
+        print(
+            f"    -> {recovered} request(s) recovered by a resubmit; {collect_dead} dead-lettered after "
+            "collect (permanent errors, or out of attempts)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--faults",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="emulator only: inject retriable failures so resubmit rounds show",
+        default=True,
+        help="emulator only: inject a few retriable failures so resubmit rounds show (default: on)",
     )
     args = parser.parse_args(argv)
 
@@ -159,8 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         print("Using the real Anthropic API (ANTHROPIC_API_KEY is set); batches may take a while.")
         use_connection(None, real_key)
     else:
-        emulator = EmulatorProcess(*EMULATOR_FLAGS, *(FAULT_FLAGS if args.faults else ())).start()
+        db_path = Path(env["AIRFLOW_HOME"]) / "demo-emulator.sqlite"
+        if not db_path.exists():
+            forget_emulator_submissions(root, args.date.isoformat())
+        emulator = EmulatorProcess(
+            *EMULATOR_FLAGS, *(FAULT_FLAGS if args.faults else ()), db_path=db_path
+        ).start()
         print(f"ANTHROPIC_API_KEY not set: using the Message Batches emulator at {emulator.base_url}")
+        if args.faults:
+            print(
+                "Emulator faults on (--no-faults to turn off): a few overloaded/api/rate-limit errors, "
+                "invalid JSON answers and max_tokens truncations, which the resubmit step retries."
+            )
         use_connection(emulator.base_url, emulator.api_key)
         os.environ.setdefault("ANTHROPIC_BATCH_POLL_INTERVAL", "1")
     try:
