@@ -216,6 +216,7 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             auto_sync_max_requests=config.auto_sync_max_requests,
             max_requests_per_chunk=config.max_requests_per_chunk,
             max_bytes_per_chunk=config.max_bytes_per_chunk,
+            max_request_bytes=config.max_request_bytes,
         )
         gate = SampleRefineOperator(
             task_id="sample_refine",

@@ -96,6 +96,13 @@ class PipelineConfig(_Section):
     auto_sync_max_requests: int = Field(200, ge=0)
     max_requests_per_chunk: int = Field(100_000, ge=1, le=100_000)
     max_bytes_per_chunk: int = Field(200 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_request_bytes: int | None = Field(
+        None,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="largest single request in bytes; bigger records are dead-lettered before any "
+        "spend (default: whatever fits in a chunk)",
+    )
     queue_budget_requests: int = Field(
         100_000, ge=1, description="requests this pipeline may have queued at once; sizes the pool"
     )
@@ -149,6 +156,10 @@ class PipelineConfig(_Section):
         if self.queue_budget_requests < self.max_requests_per_chunk:
             raise ValueError(
                 "queue_budget_requests must be >= max_requests_per_chunk (one chunk must fit in the queue)"
+            )
+        if self.max_request_bytes is not None and self.max_request_bytes > self.max_bytes_per_chunk:
+            raise ValueError(
+                "max_request_bytes must be <= max_bytes_per_chunk (a request must fit in a chunk)"
             )
         return self
 

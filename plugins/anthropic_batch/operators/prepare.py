@@ -126,6 +126,8 @@ class PrepareRequestsOperator(BaseOperator):
     :param auto_sync_max_requests: ``auto`` picks ``sync`` up to this many requests.
     :param max_requests_per_chunk: requests per chunk (= per batch), at most 100,000.
     :param max_bytes_per_chunk: bytes of a batch body, at most 256 MB.
+    :param max_request_bytes: the largest single request (its JSON line) in bytes; a bigger one is
+        rejected into ``rejected.parquet`` before any spend. Default: whatever fits in a chunk.
     :returns: the chunk paths (possibly empty).
     """
 
@@ -154,9 +156,15 @@ class PrepareRequestsOperator(BaseOperator):
         auto_sync_max_requests: int = 200,
         max_requests_per_chunk: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
+        max_request_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if max_request_bytes is not None and not 1 <= max_request_bytes <= max_bytes_per_chunk:
+            raise ValueError(
+                f"max_request_bytes must be 1..max_bytes_per_chunk ({max_bytes_per_chunk}), "
+                f"got {max_request_bytes}"
+            )
         self.source = source
         self.source_format = source_format
         self.key_columns = list(key_columns)
@@ -176,6 +184,7 @@ class PrepareRequestsOperator(BaseOperator):
         self.auto_sync_max_requests = auto_sync_max_requests
         self.max_requests_per_chunk = max_requests_per_chunk
         self.max_bytes_per_chunk = max_bytes_per_chunk
+        self.max_request_bytes = max_request_bytes
 
     def build_spec(self) -> RequestSpec:
         model_cls = load_output_model(self.output_model, self.include_dir) if self.output_model else None
@@ -205,6 +214,7 @@ class PrepareRequestsOperator(BaseOperator):
             work,
             max_requests_per_chunk=self.max_requests_per_chunk,
             max_bytes_per_chunk=self.max_bytes_per_chunk,
+            max_request_bytes=self.max_request_bytes,
             extra_manifest={
                 "spec": {
                     "pipeline": self.pipeline,

@@ -39,6 +39,9 @@ def test_shipped_pipelines_load():
     assert bulk.output_model == "schemas/support_ticket.py:SupportTicketExtraction"
     assert "{{ ds }}" in bulk.source
     assert bulk.pool_slots_total == bulk.queue_budget_requests // bulk.max_requests_per_chunk
+    # A per-request ceiling, separate from the chunk size (which keeps its 200 MiB default).
+    assert bulk.max_request_bytes == 262_144
+    assert bulk.max_bytes_per_chunk == 200 * 1024 * 1024
 
 
 def test_defaults_and_derived_values(tmp_path):
@@ -47,6 +50,7 @@ def test_defaults_and_derived_values(tmp_path):
     assert cfg.mode == "batch"
     assert cfg.sample.size == 20 and cfg.resubmit.max_attempts == 3
     assert cfg.pool_slots_total == 1
+    assert cfg.max_request_bytes is None and cfg.max_bytes_per_chunk == 200 * 1024 * 1024
     assert cfg.asset_uri == "anthropic-batch://tiny/extractions"
 
 
@@ -68,6 +72,8 @@ def test_name_defaults_to_file_stem(tmp_path):
         ({"sample": {"min_pass_rate": 1.5}}, "sample.min_pass_rate"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"max_requests_per_chunk": 500, "queue_budget_requests": 100}, "queue_budget_requests"),
+        ({"max_request_bytes": 10}, "max_request_bytes"),
+        ({"max_request_bytes": 4096, "max_bytes_per_chunk": 2048}, "max_request_bytes"),
     ],
 )
 def test_invalid_fields_are_named(tmp_path, change, field):

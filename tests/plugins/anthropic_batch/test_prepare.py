@@ -128,6 +128,31 @@ def test_oversized_records_are_rejected_not_dropped(tmp_path):
     assert requests == VALID - {"T6"}
 
 
+def test_the_request_ceiling_is_separate_from_the_chunk_size(tmp_path):
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS)
+    op = _operator(tmp_path, source, max_request_bytes=3000, max_requests_per_chunk=100)
+    paths = op.execute(make_context())
+    requests = {r["custom_id"] for p in paths for r in iter_chunk_requests(p)}
+    rejected = pq.read_table(tmp_path / "work" / "rejected.parquet").to_pylist()
+    too_large = [r for r in rejected if r["error_type"] == "request_too_large"]
+    assert [r["ticket_id"] for r in too_large] == ["T6"]
+    assert "limit per request" in too_large[0]["reason"]
+    assert requests == VALID - {"T6"}
+    # The remaining requests all share one chunk bigger than the per-request ceiling.
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    [chunk] = manifest["chunks"]
+    assert chunk["n_requests"] == len(VALID) - 1 and chunk["n_bytes"] > 3000
+
+    # Without the ceiling the same record fits the (default) chunk size and is prepared.
+    paths = _operator(tmp_path, source, max_requests_per_chunk=100).execute(make_context())
+    assert {r["custom_id"] for p in paths for r in iter_chunk_requests(p)} == VALID
+
+
+def test_a_request_ceiling_above_the_chunk_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        _operator(tmp_path, tmp_path / "t.jsonl", max_bytes_per_chunk=4096, max_request_bytes=8192)
+
+
 def test_auto_mode_resolves_by_request_count(tmp_path):
     source = _write_jsonl(tmp_path / "t.jsonl", TICKETS)
     _operator(tmp_path, source, mode="auto", auto_sync_max_requests=10).execute(make_context())
