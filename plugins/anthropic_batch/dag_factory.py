@@ -190,8 +190,15 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             "mode": Param(
                 config.mode,
                 enum=["batch", "sync", "auto"],
-                description="batch: Message Batches (50% price); sync: Messages API now; auto: by size",
-            )
+                description="batch: Message Batches (50% price); sync: Messages API now; "
+                "auto: sync for small runs or a near deadline, else batch",
+            ),
+            "deadline": Param(
+                None,
+                type=["null", "string"],
+                description="When the results are needed (RFC 3339, e.g. 2026-11-25T06:00:00Z). "
+                "With mode=auto, a deadline less than 24 h away picks sync.",
+            ),
         },
         user_defined_macros={"batch_storage_root": storage_root_url},
     )
@@ -213,6 +220,7 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             pipeline=config.name,
             partition=PARTITION_TEMPLATE,
             mode="{{ params.mode }}",
+            deadline="{{ params.deadline or '' }}",
             auto_sync_max_requests=config.auto_sync_max_requests,
             max_requests_per_chunk=config.max_requests_per_chunk,
             max_bytes_per_chunk=config.max_bytes_per_chunk,

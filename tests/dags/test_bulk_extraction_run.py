@@ -162,6 +162,26 @@ def test_mode_sync_sends_no_batch(airflow_db, anthropic_conn, emulator, storage_
     assert summary["cost_usd"] == pytest.approx(summary["sync_cost_usd"], abs=1e-9)  # no discount
 
 
+def test_mode_auto_with_a_near_deadline_runs_sync(airflow_db, anthropic_conn, emulator, storage_root):
+    from anthropic_batch.pipeline_config import PIPELINES_DIR, load_pipeline
+
+    date = dt.date(2026, 11, 4)
+    write_tickets(storage_root, date, per_day=80, seed=7)
+    valid, _ = _valid_ticket_ids(generate_tickets(date, 80, seed=7))
+    # Too many requests for auto's size rule alone: only the deadline can pick sync here.
+    assert len(valid) > load_pipeline(PIPELINES_DIR / "bulk_extraction.yaml").auto_sync_max_requests
+    deadline = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).isoformat()
+    before = _batch_ids(emulator)
+    logical = dt.datetime.combine(date, dt.time(), tzinfo=dt.UTC)
+    conf = {"mode": "auto", "deadline": deadline}
+    assert _run("pipelines.py", "bulk_extraction", logical, conf) == "success"
+    assert _batch_ids(emulator) == before
+    partition = storage_root / "bulk_extraction" / "extractions" / f"date={date}"
+    summary = json.loads((partition / "summary.json").read_text())
+    assert summary["mode"] == "sync"
+    assert summary["n_rows"] == len(valid)
+
+
 def test_overnight_report_renders_the_published_day(airflow_db, anthropic_conn, storage_root):
     date = dt.date(2026, 11, 3)
     write_tickets(storage_root, date, per_day=20, seed=7)

@@ -266,7 +266,7 @@ def test_run_survives_a_killed_triggerer(airflow, storage_root, batches_client):
 
 
 def test_retriable_failures_are_resubmitted_through_the_real_triggerer(airflow, storage_root, emulator):
-    # dag.test() cannot show this (it drops defer() kwargs); a real triggerer must resume resubmit.
+    # The resubmit loop defers between rounds: a real triggerer must resume it from its stored state.
     date = dt.date(2026, 10, 14)
     with EmulatorProcess(
         "--processing-seconds", "2", "--seed", "11", "--error-rate", "overloaded_error=0.3"

@@ -80,6 +80,9 @@ def test_templated_partition_paths(bulk):
     assert prepare.partition == PARTITION_TEMPLATE
     assert prepare.work_dir.endswith(f"/bulk_extraction/work/date={PARTITION_TEMPLATE}")
     assert prepare.mode == "{{ params.mode }}"
+    # The run's deadline reaches prepare, where mode=auto turns a near deadline into sync.
+    assert bulk.params["deadline"] is None
+    assert prepare.deadline == "{{ params.deadline or '' }}"
     assert prepare.max_request_bytes == 262_144  # the YAML's per-request ceiling reaches the operator
     publish = bulk.get_task("publish")
     assert publish.extraction_dir.endswith(f"/bulk_extraction/extractions/date={PARTITION_TEMPLATE}")
