@@ -16,6 +16,9 @@ os.environ.setdefault("AIRFLOW_HOME", str(REPO_ROOT / ".airflow" / "pytest"))
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO_ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO_ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# A test-only JWT signing secret of proper length: Airflow otherwise generates a short one per
+# process, and PyJWT warns on every token the UI tests issue.
+os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", "pytest-only-jwt-secret-" + "0" * 48)
 Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
 
 # The emulator fixtures live with their owner; loaded here for every test package.
