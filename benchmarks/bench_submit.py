@@ -46,9 +46,16 @@ def _request_line(i: int) -> bytes:
 
 
 def _rss_mb() -> float:
-    import resource
+    """Peak RSS of this process so far, in MB.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child of a
+    parent that already grew (``make bench`` runs bench_collect first) would report the parent's peak.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _child(variant: str, chunk: str, base_url: str, api_key: str) -> None:

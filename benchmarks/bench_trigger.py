@@ -85,14 +85,14 @@ def main() -> None:
             }
         ).encode()
         info = write_chunk([line], str(chunk), 0)
+        # The triggerer logs each poll at INFO; keep that cost in, but not the console output.
+        logging.getLogger("airflow").setLevel(logging.WARNING)
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         hook = BatchHook("bench_trigger")
         t0 = time.perf_counter()
         batch_ids = [hook.create_batch_from_chunk(info["path"]).id for _ in range(N_TRIGGERS)]
         print(f"created {N_TRIGGERS} batches in {time.perf_counter() - t0:.1f}s")
 
-        # The triggerer logs each poll at INFO; keep that cost in, but not the console output.
-        logging.getLogger("airflow").setLevel(logging.WARNING)
-        logging.getLogger("httpx2").setLevel(logging.WARNING)
         deadline = time.time() + 600
         triggers = [
             CountingTrigger(
