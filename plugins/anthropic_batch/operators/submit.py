@@ -119,7 +119,7 @@ class SubmitBatchOperator(BaseOperator):
             dag_id=ti.dag_id,
             task_id=ti.task_id,
             run_id=ti.run_id,
-            map_index=int(getattr(ti, "map_index", -1) if getattr(ti, "map_index", None) is not None else -1),
+            map_index=-1 if getattr(ti, "map_index", None) is None else int(ti.map_index),
             partition=str(spec.get("partition")),
             pipeline=str(spec.get("pipeline")),
             attempt=self.attempt,
