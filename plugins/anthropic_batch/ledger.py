@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from anthropic_batch import storage
 from anthropic_batch.storage import PathLike, as_path
@@ -190,8 +189,7 @@ def ledger_root_for(work_dir: PathLike, storage_root: str | None = None) -> Obje
     if storage_root:
         return storage.storage_root(storage_root)
     work = as_path(work_dir)
-    # unquote: a plain local path made into a file:// URL may carry "=" as "%3D".
-    if unquote(work.name).startswith("date=") and work.parent.name == "work":
+    if work.name.startswith("date=") and work.parent.name == "work":
         return work.parent.parent.parent
     return storage.storage_root()
 

@@ -56,8 +56,9 @@ from anthropic_batch.batch_requests import (
     sha256_hex,
     write_chunk,
 )
-from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
 from anthropic_batch.operators.collect import collect_batch
+from anthropic_batch.operators.submit import submission_identity
 from anthropic_batch.status import DEFAULT_CONN_ID, FailureClass
 from anthropic_batch.triggers import BatchPollTrigger
 
@@ -80,16 +81,6 @@ RESUBMIT_STATE_FILE = "resubmit-state.json"
 def retry_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
     """``work_dir/requests/retry-NN``: the chunks submitted as attempt NN (NN >= 2)."""
     return storage.as_path(work_dir) / "requests" / f"retry-{attempt:02d}"
-
-
-def ledger_root_for(work_dir: storage.PathLike, storage_root: str | None = None) -> ObjectStoragePath:
-    """The storage root holding ``_ledger``: given, else from the layout ``{root}/{pipeline}/work/date=``."""
-    if storage_root:
-        return storage.storage_root(storage_root)
-    work = storage.as_path(work_dir)
-    if work.name.startswith("date=") and work.parent.name == "work":
-        return work.parent.parent.parent
-    return storage.storage_root()
 
 
 def merge_record_path(merged_path: storage.PathLike) -> ObjectStoragePath:
@@ -494,15 +485,9 @@ class ResubmitFailuresOperator(BaseOperator):
                     chunk_fingerprint=sha256_hex(f"{info['fingerprint']}:attempt-{attempt}"),
                     n_requests=int(info["n_requests"]),
                     n_bytes=int(info["n_bytes"]),
-                    dag_id=ti.dag_id,
-                    task_id=ti.task_id,
-                    run_id=ti.run_id,
-                    map_index=-1 if getattr(ti, "map_index", None) is None else int(ti.map_index),
-                    partition=str(spec.get("partition")),
-                    pipeline=str(spec.get("pipeline")),
+                    **submission_identity(ti, manifest),
                     attempt=attempt,
                     model=str(spec.get("model")),
-                    mode=str(manifest.get("mode") or "batch"),
                 )
             )
         self.log.info(

@@ -45,6 +45,20 @@ def find_chunk(manifest: dict[str, Any], chunk_path: str) -> dict[str, Any]:
     raise ValueError(f"Chunk {chunk_path} is not in the manifest ({len(chunks)} chunks listed).")
 
 
+def submission_identity(ti: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Who submits what, as the ledger keys it: the task instance and the run in ``manifest``."""
+    spec = manifest.get("spec") or {}
+    return {
+        "dag_id": ti.dag_id,
+        "task_id": ti.task_id,
+        "run_id": ti.run_id,
+        "map_index": -1 if getattr(ti, "map_index", None) is None else int(ti.map_index),
+        "partition": str(spec.get("partition")),
+        "pipeline": str(spec.get("pipeline")),
+        "mode": str(manifest.get("mode") or "batch"),
+    }
+
+
 def projected_cost_usd(model: str, n_requests: int, n_bytes: int, max_tokens: int | None) -> float | None:
     """Upper-bound batch cost: input ~ bytes/4 tokens, every answer using its full max_tokens."""
     from anthropic_batch.pricing import load_price_table
@@ -116,15 +130,9 @@ class SubmitBatchOperator(BaseOperator):
             chunk_fingerprint=chunk["fingerprint"],
             n_requests=int(chunk["n_requests"]),
             n_bytes=int(chunk["n_bytes"]),
-            dag_id=ti.dag_id,
-            task_id=ti.task_id,
-            run_id=ti.run_id,
-            map_index=-1 if getattr(ti, "map_index", None) is None else int(ti.map_index),
-            partition=str(spec.get("partition")),
-            pipeline=str(spec.get("pipeline")),
+            **submission_identity(ti, manifest),
             attempt=self.attempt,
             model=model,
-            mode=mode,
             projected_cost_usd=cost,
         )
         # Pushed at once (not only as the return value) so the Console link works even if the
