@@ -25,13 +25,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pyarrow as pa
@@ -39,91 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
+from anthropic_batch import storage
 from anthropic_batch.output_models import format_validation_error, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
 from anthropic_batch.status import FailureClass, RequestStatus
 
 if TYPE_CHECKING:
     from anthropic_batch.storage import PathLike
-
-# anthropic_batch.storage imports Airflow (~85 MB of RSS) for ObjectStoragePath. Collecting into a
-# local file needs none of it, so local targets are handled here and storage is imported lazily
-# for object-store URLs only.
-
-# -- local files without Airflow --------------------------------------------------------------------
-
-_TMP_MARKER = ".tmp-"  # = storage.TMP_MARKER: temp siblings are named like storage's (a test checks)
-
-
-def _local_file(path: PathLike) -> tuple[str, str] | None:
-    """``(filesystem path, URL string)`` when ``path`` is a local file, else ``None``.
-
-    Plain paths and ``file:///`` URLs are resolved without importing Airflow; an ``ObjectStoragePath``
-    counts as local when its protocol is ``file``. The URL string is what ``str(storage.as_path(path))``
-    gives, so callers see the same ``out_path`` either way.
-    """
-    protocol = getattr(path, "protocol", None)
-    if protocol is not None:  # an ObjectStoragePath (or another fsspec-style path)
-        return (path.path, str(path)) if protocol in ("file", "local", "") else None
-    text = os.fspath(path)
-    if "://" not in text:
-        resolved = str(Path(text).expanduser().resolve())
-        return resolved, "file://" + resolved
-    if text.startswith("file:///") and "%" not in text:  # percent-escapes: leave them to storage
-        return text[len("file://") :], text
-    return None
-
-
-@contextlib.contextmanager
-def _open_atomic_writer(path: PathLike) -> Iterator[tuple[IO[bytes], str]]:
-    """``storage.open_atomic_writer`` (temp sibling, rename into place), local files without Airflow.
-
-    Yields ``(handle, URL string of the target)``.
-    """
-    local = _local_file(path)
-    if local is None:
-        from anthropic_batch import storage
-
-        target = storage.as_path(path)
-        with storage.open_atomic_writer(target) as handle:
-            yield handle, str(target)
-        return
-    fs_path, url = local
-    directory, name = os.path.split(fs_path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}{_TMP_MARKER}{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as handle:
-            yield handle, url
-        os.replace(tmp, fs_path)  # atomic on POSIX, overwrites
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _join(base: PathLike, *parts: str) -> PathLike:
-    """``base / part / ...``: a plain path for a local ``base``, else an ``ObjectStoragePath``."""
-    local = _local_file(base)
-    if local is None:
-        from anthropic_batch.storage import as_path
-
-        return as_path(base).joinpath(*parts)
-    return os.path.join(local[0], *parts)
-
-
-def _read_json(path: PathLike) -> Any:
-    """``storage.read_json`` (``None`` when absent), local files without Airflow."""
-    local = _local_file(path)
-    if local is None:
-        from anthropic_batch.storage import read_json
-
-        return read_json(path)
-    try:
-        with open(local[0], "rb") as handle:
-            return json.loads(handle.read())
-    except FileNotFoundError:
-        return None
 
 
 @contextlib.contextmanager
@@ -144,19 +63,6 @@ def _system_allocator() -> Iterator[None]:
         yield
     finally:
         pa.set_memory_pool(previous)
-
-
-def _read_parquet(path: PathLike, columns: list[str] | None = None) -> pa.Table:
-    """``storage.read_parquet``, local files without Airflow."""
-    local = _local_file(path)
-    if local is None:
-        from anthropic_batch.storage import read_parquet
-
-        return read_parquet(path, columns=columns)
-    # ParquetFile, not pq.read_table: the latter loads pyarrow.dataset (~50 MB of RSS) for nothing.
-    # One thread: these files are small, and each reader thread grows its own malloc arena.
-    with open(local[0], "rb") as handle:
-        return pq.ParquetFile(handle).read(columns=columns, use_threads=False)
 
 
 # -- schemas ----------------------------------------------------------------------------------------
@@ -457,7 +363,7 @@ class ParseContext:
         from anthropic_batch.output_models import load_output_model
 
         if manifest is None:
-            manifest = _read_json(_join(work_dir, "requests", "manifest.json"))
+            manifest = storage.read_json(storage.joinpath(work_dir, "requests", "manifest.json"))
             if manifest is None:
                 raise FileNotFoundError(f"no requests/manifest.json under {work_dir}: run prepare first")
         spec = manifest.get("spec") or {}
@@ -465,7 +371,9 @@ class ParseContext:
         ref = spec.get("output_model")
         output_model = load_output_model(ref, include_dir or spec.get("include_dir")) if ref else None
         with _system_allocator():
-            keys = _read_parquet(_join(work_dir, "requests", "keys.parquet"))
+            keys = storage.read_parquet(
+                storage.joinpath(work_dir, "requests", "keys.parquet"), use_threads=False
+            )
             if chunk_indices is not None:
                 mask = pc.is_in(keys.column("chunk_index"), pa.array(list(chunk_indices), pa.int32()))
                 if pc.sum(mask).as_py() != keys.num_rows:  # (a single-chunk run keeps every row)
@@ -821,8 +729,8 @@ def collect_lines(
     decode_errors = (msgspec.DecodeError, msgspec.ValidationError)
     build = _row_builder(ctx)
     n_lines = 0
-    with _gc_paused(), _system_allocator(), _open_atomic_writer(out_path) as (handle, out_url):
-        stats.out_path = out_url
+    with _gc_paused(), _system_allocator(), storage.open_atomic_writer(out_path) as handle:
+        stats.out_path = storage.path_url(out_path)
         with pq.ParquetWriter(handle, schema, **_WRITER_OPTIONS) as writer:
             for line in lines:
                 if len(positions) >= convert_every:
@@ -937,7 +845,11 @@ def merge_attempts(
     schema = result_schema(key_columns)
     winner: dict[str, tuple[int, int]] = {}
     for file_index, path in enumerate(paths_in_attempt_order):
-        ids = _read_parquet(path, columns=["custom_id"]).column("custom_id").to_pylist()
+        ids = (
+            storage.read_parquet(path, columns=["custom_id"], use_threads=False)
+            .column("custom_id")
+            .to_pylist()
+        )
         for row_index, cid in enumerate(ids):
             winner[cid] = (file_index, row_index)  # later files (and later rows) win
     position = {cid: pos for pos, cid in enumerate(winner)}
@@ -946,7 +858,9 @@ def merge_attempts(
         rows = [(r, position[cid]) for cid, (f, r) in winner.items() if f == file_index]
         if not rows:
             continue
-        table = _conform(_read_parquet(path), schema).take(pa.array([r for r, _ in rows], pa.int64()))
+        table = _conform(storage.read_parquet(path, use_threads=False), schema).take(
+            pa.array([r for r, _ in rows], pa.int64())
+        )
         pieces.append(table.append_column("_pos", pa.array([p for _, p in rows], pa.int64())))
     merged = pa.concat_tables(pieces).sort_by("_pos").drop(["_pos"]) if pieces else schema.empty_table()
     if expected_keys is not None:
@@ -967,9 +881,8 @@ def merge_attempts(
             data["cost_usd"] = pa.array([0.0] * n)
             data["sync_cost_usd"] = pa.array([0.0] * n)
             merged = pa.concat_tables([merged, pa.table(data, schema=schema)])
-    from anthropic_batch.storage import write_parquet_atomic
 
-    write_parquet_atomic(out_path, merged, schema)
+    storage.write_parquet_atomic(out_path, merged, schema)
     return merged
 
 

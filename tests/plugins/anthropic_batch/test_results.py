@@ -445,12 +445,6 @@ print(sorted(m for m in sys.modules if m == "airflow" or m.startswith("airflow."
     assert pq.read_table(tmp_path / "out" / "r.parquet").num_rows == 2
 
 
-def test_local_temp_files_are_named_like_storage():
-    from anthropic_batch import results, storage
-
-    assert results._TMP_MARKER == storage.TMP_MARKER
-
-
 def test_collect_to_an_object_store_url_goes_through_storage():
     from airflow.sdk.io import attach
     from fsspec.implementations.memory import MemoryFileSystem
