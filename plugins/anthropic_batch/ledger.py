@@ -1,23 +1,35 @@
 """The submission ledger: never pay for the same chunk twice.
 
 One JSON file per submission at ``_ledger/{dag_id}/{partition}/{task_id}/{chunk_fingerprint}.json``
-(the ``LedgerEntry`` of ARCHITECTURE.md), written atomically. :func:`submit_idempotently` is the
-policy every submitting operator goes through:
+(the ``LedgerEntry`` of ARCHITECTURE.md). :func:`submit_idempotently` is the policy every
+submitting operator goes through. Every write to an entry is conditional (``storage``'s
+``create_if_absent`` / ``replace_if_version``), never read-then-overwrite:
 
-1. The entry has a ``batch_id``: re-attach to that batch (no API create). Exception: a batch that
-   ended fully canceled (a user killed the wait) processed nothing and cost nothing, so a retry
-   submits a fresh one (the old id is kept in ``previous_batch_ids``).
-2. The entry is only an ``intent``: a worker died between writing the intent and recording the
-   batch id. Its create may or may not have reached the API, so the listing decides
-   (:func:`resolve_orphans`): batches created since ``intent_at`` (minus a clock skew) with the
-   same request count, not already recorded by another ledger entry of the partition.
-   Exactly one -> record it and re-attach. More than one -> fail loudly and let a human choose
-   (never a silent second submission). None -> submit; but a batch can take a moment to show up
-   in the listing, so if the intent is younger than ``orphan_settle_seconds`` we wait out that
-   window and list once more before deciding. The trade-off, chosen deliberately: after that
-   window, "not listed" is taken as "never created"; the residual risk is a create that took
-   effect but stays unlisted longer than the window, which would be paid twice.
-3. No entry: write the intent (atomically) *before* calling the API, then the batch id right after.
+1. **Claim.** The intent is created with create-if-absent: of any number of concurrent submitters
+   of one chunk (threads, processes, two runs of one date, a zombie beside its retry) exactly one
+   creates it and goes on to submit.
+2. **Lose.** The others read the entry. It has a ``batch_id``: re-attach (no API create; exception:
+   a batch that ended fully canceled cost nothing and is replaced, its id kept in
+   ``previous_batch_ids``). It is an intent whose owner is alive: poll (``claim_wait_seconds``)
+   for the batch id, never submit. Whether the owner is alive is decided by :class:`OwnerWatch`:
+   the owner rewrites ``heartbeat_at`` every ``lease_seconds / 4``; an entry that did not change for
+   a whole lease on the observer's monotonic clock (or whose heartbeat is older than a lease plus
+   :data:`CLOCK_SKEW` on its wall clock) belongs to a dead worker.
+3. **Take over** a dead worker's intent by compare-and-swap on the version read (``generation`` +1),
+   so of two retries only one wins. If the dead worker had marked ``create_started_at`` its create
+   may have reached the API, and the listing decides (:func:`_recover_orphan`): batches created
+   since then (minus :data:`CLOCK_SKEW`) with the same request count that *no* ledger entry records
+   (any DAG, date, task, chunk). Ended candidates are verified at once: every result line must
+   answer a request of this chunk (custom_ids carry a digest of their request); a batch that is
+   not ours is never taken. One left -> record it and re-attach (unverified if still running:
+   collect verifies it before writing anything). Several -> fail loudly, a human picks. None ->
+   submit; a batch can take a moment to be listed, so within ``orphan_settle_seconds`` of the create
+   we list once more. After that window "not listed" is taken as "never created".
+4. **Fence and record.** The owner marks ``create_started_at`` by compare-and-swap just before the
+   create (a worker that lost its claim stops there), and records the batch id by compare-and-swap
+   after it. First recorded wins: a batch created by a worker that was taken over although alive
+   (paused longer than a lease) is canceled at once and kept in ``duplicate_batch_ids``. The
+   residual window: a worker paused between its fence and its create, for longer than a lease.
 
 ``mode="sync"`` runs the chunk through the synchronous Messages API instead
 (:func:`sync_runner.run_requests_sync`) and writes the batch-format result lines to
@@ -30,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -48,9 +62,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEDGER_DIR = "_ledger"
-#: How far before ``intent_at`` a dead worker's batch may claim to have been created (clock skew
-#: between our workers and the API).
-ORPHAN_CLOCK_SKEW = timedelta(minutes=2)
+#: How far apart the clocks of our workers and the API may be. Orphan search looks this far before
+#: the create started (a worker clock up to this much fast still finds its own orphan), and a
+#: heartbeat older than a lease plus this much is dead without waiting out a lease.
+CLOCK_SKEW = timedelta(minutes=10)
+#: An intent whose entry did not change for this long (its owner heartbeats 4 times per lease) is
+#: a dead worker's; see :class:`OwnerWatch`.
+LEASE_SECONDS = 60.0
+#: How long a submitter waits for a live worker to record the batch of the same chunk.
+CLAIM_WAIT_SECONDS = 3600.0
 #: How long a new batch may take to appear in the listing; see the module docstring.
 ORPHAN_SETTLE_SECONDS = 30.0
 #: Creates that may fail ambiguously (and be found not to exist) before the task gives up.
@@ -164,16 +184,6 @@ def sync_results_path(chunk_path: PathLike) -> ObjectStoragePath:
     return chunk.parent.parent / "sync" / f"{stem}.results.jsonl"
 
 
-def update_entry(path: PathLike, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into the ledger entry at ``path`` (atomic rewrite); returns the new entry."""
-    entry = storage.read_json(path)
-    if entry is None:
-        raise FileNotFoundError(f"No ledger entry at {path}")
-    entry.update(fields)
-    storage.atomic_write_json(path, entry)
-    return entry
-
-
 def ended_fields(batch: dict[str, Any]) -> dict[str, Any]:
     """Ledger fields for a batch that has ended (what the sensor records)."""
     return {**batch_fields(batch), "state": LedgerState.ENDED.value}
@@ -243,10 +253,215 @@ class SubmissionLedger:
             if entry.get("batch_id"):
                 ids.add(entry["batch_id"])
             ids.update(entry.get("previous_batch_ids") or [])
+            ids.update(entry.get("duplicate_batch_ids") or [])
         return ids
 
 
+# -- claims: compare-and-swap on the entry ---------------------------------------------------------
+class LostClaimError(RuntimeError):
+    """Another worker took this chunk's entry over (or it was deleted) while we held it."""
+
+
+class ClaimTimeoutError(RuntimeError):
+    """A live worker kept this chunk's intent longer than we were willing to wait for its batch id."""
+
+
+class ForeignBatchError(RuntimeError):
+    """A batch's results answer requests that are not this chunk's: it is not ours to publish."""
+
+
+def encode_entry(entry: dict[str, Any]) -> bytes:
+    """The bytes of a ledger entry (as ``storage.atomic_write_json`` writes JSON)."""
+    text = json.dumps(entry, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    return (text + "\n").encode("utf-8")
+
+
+def cas_update(
+    path: PathLike, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+) -> tuple[dict[str, Any], bool]:
+    """Apply ``change`` to the entry at ``path`` by compare-and-swap, retrying on a conflict.
+
+    ``change`` gets the current entry and returns the new one, or None to leave it as it is.
+    Returns ``(entry, True)`` when written, ``(current entry, False)`` when ``change`` declined.
+    Raises FileNotFoundError when there is no entry.
+    """
+    while True:
+        current = storage.read_with_version(path)
+        if current is None:
+            raise FileNotFoundError(f"No ledger entry at {path}")
+        entry = json.loads(current[0])
+        new = change(dict(entry))
+        if new is None:
+            return entry, False
+        if storage.replace_if_version(path, encode_entry(new), current[1]):
+            return new, True
+
+
+def update_entry(path: PathLike, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the ledger entry at ``path`` (compare-and-swap); returns the new entry."""
+    return cas_update(path, lambda entry: {**entry, **fields})[0]
+
+
+def _add_ids(entry: dict[str, Any], field: str, *ids: str) -> dict[str, Any]:
+    return {**entry, field: sorted({*(entry.get(field) or []), *ids})}
+
+
+class OwnerWatch:
+    """Tells a dead worker's intent from a live one's.
+
+    The owner of an intent rewrites ``heartbeat_at`` every ``lease_seconds / 4`` (:class:`_Heartbeat`),
+    which changes the entry's version. The owner is dead when the entry has not changed for a whole
+    lease as measured on *our* monotonic clock, so a clock difference between workers cannot make a
+    live owner look dead. Shortcut: an entry whose ``heartbeat_at`` is older than a lease plus
+    :data:`CLOCK_SKEW` by our wall clock is dead at once (a worker whose clock runs more than that
+    ahead of ours would be taken over early). An intent without ``owner``/``heartbeat_at`` (written
+    by hand or by an older version) has no live owner.
+    """
+
+    def __init__(self) -> None:
+        self.version: str | None = None
+        self.since = 0.0
+
+    def owner_is_dead(self, entry: dict[str, Any], version: str) -> bool:
+        if not entry.get("owner") or not entry.get("heartbeat_at"):
+            return True
+        lease = float(entry.get("lease_seconds") or LEASE_SECONDS)
+        if utc_now() - parse_rfc3339(entry["heartbeat_at"]) > timedelta(seconds=lease) + CLOCK_SKEW:
+            return True
+        now = time.monotonic()
+        if version != self.version:
+            self.version, self.since = version, now
+            return False
+        return now - self.since >= lease
+
+
+class _Heartbeat:
+    """Keeps an owned intent alive (``heartbeat_at``) until its batch id is recorded or we exit."""
+
+    def __init__(self, path: PathLike, owner: str, lease_seconds: float) -> None:
+        self.path, self.owner = path, owner
+        self.interval = max(lease_seconds / 4, 0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ledger-heartbeat", daemon=True)
+
+    def _beat(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        if entry.get("owner") != self.owner or entry.get("batch_id"):
+            return None
+        return {**entry, "heartbeat_at": rfc3339(utc_now())}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not cas_update(self.path, self._beat)[1]:
+                    return  # recorded, taken over or deleted: nothing left to keep alive
+            except FileNotFoundError:
+                return
+            except Exception as exc:  # a storage hiccup: the next beat may succeed
+                log.warning("Ledger heartbeat on %s failed: %s", self.path, exc)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _owned_update(path: PathLike, owner: str, **fields: Any) -> dict[str, Any]:
+    """Update an intent we own; LostClaimError if another worker took it over or recorded a batch."""
+
+    def change(entry: dict[str, Any]) -> dict[str, Any] | None:
+        if entry.get("owner") != owner or entry.get("batch_id"):
+            return None
+        return {**entry, **fields}
+
+    try:
+        entry, written = cas_update(path, change)
+    except FileNotFoundError as err:
+        raise LostClaimError(f"Ledger entry {path} was deleted while this worker held it.") from err
+    if not written:
+        raise LostClaimError(
+            f"Ledger entry {path} was taken over by {entry.get('owner')} (run {entry.get('run_id')})."
+        )
+    return entry
+
+
+# -- identity: a batch's results must answer this chunk's requests -------------------------------------
+def iter_verified_lines(
+    lines: Iterable[bytes], expected_custom_ids: set[str], *, batch_id: str, chunk_path: str
+) -> Iterator[bytes]:
+    """Pass result lines through, raising :class:`ForeignBatchError` at the first one whose
+    ``custom_id`` is not a request of the chunk.
+
+    custom_ids carry a digest of their request (``batch_requests.make_custom_id``), so a batch of
+    another date or pipeline with the same keys but other text does not match.
+    """
+    from anthropic_batch.hooks import custom_id_of
+
+    for line in lines:
+        for part in line.splitlines() if b"\n" in line else (line,):
+            if not part.strip():
+                continue
+            try:
+                cid = custom_id_of(part)
+            except (ValueError, KeyError, TypeError):
+                continue  # malformed lines are counted by the collector
+            if cid not in expected_custom_ids:
+                raise ForeignBatchError(
+                    f"Batch {batch_id} is not the batch of chunk {chunk_path}: its result line for "
+                    f"custom_id {cid!r} answers a request that is not in the chunk."
+                )
+        yield line
+
+
+def _is_ours(hook: BatchHook, batch_id: str, chunk_path: str) -> bool:
+    """Whether every result line of an ended batch answers a request of the chunk."""
+    from anthropic_batch.results import expected_ids_from_chunk
+
+    lines = hook.iter_result_lines(batch_id)
+    try:
+        for _ in iter_verified_lines(
+            lines, expected_ids_from_chunk(chunk_path), batch_id=batch_id, chunk_path=chunk_path
+        ):
+            pass
+    except ForeignBatchError as err:
+        log.warning("%s Not taking it.", err)
+        return False
+    finally:
+        close = getattr(lines, "close", None)
+        if close:
+            close()
+    return True
+
+
 # -- the policy --------------------------------------------------------------------------------------
+def _new_intent(**fields: Any) -> dict[str, Any]:
+    now = rfc3339(utc_now())
+    return {
+        "ledger_key": "/".join(
+            (fields["dag_id"], fields["partition"], fields["task_id"], fields["chunk_fingerprint"])
+        ),
+        **fields,
+        "state": LedgerState.INTENT.value,
+        "intent_at": now,
+        "heartbeat_at": now,
+        "generation": 1,
+        "create_started_at": None,
+        "submitted_at": None,
+        "batch_id": None,
+        "processing_status": None,
+        "request_counts": None,
+        "created_at": None,
+        "expires_at": None,
+        "ended_at": None,
+        "results_path": None,
+        "cost_usd": None,
+        "sync_cost_usd": None,
+        "previous_batch_ids": [],
+    }
+
+
 def submit_idempotently(
     hook: BatchHook,
     ledger: SubmissionLedger,
@@ -268,93 +483,165 @@ def submit_idempotently(
     submit: Callable[[], MessageBatch] | None = None,
     orphan_settle_seconds: float = ORPHAN_SETTLE_SECONDS,
     sync_concurrency: int = 8,
+    lease_seconds: float = LEASE_SECONDS,
+    claim_wait_seconds: float = CLAIM_WAIT_SECONDS,
 ) -> dict[str, Any]:
     """
     Submit one chunk at most once and return its BatchHandle; see the module docstring.
 
     ``submit`` overrides how the batch is created (default: ``hook.create_batch_from_chunk``).
+    ``lease_seconds``: how long our intent may go without a heartbeat before another worker may
+    take it over. ``claim_wait_seconds``: how long to wait for a live worker's batch id.
     """
+    path = ledger.entry_path(dag_id, partition, task_id, chunk_fingerprint)
+    owner = uuid.uuid4().hex
+    worker = {"owner": owner, "lease_seconds": lease_seconds, "run_id": run_id, "map_index": map_index}
+    watch = OwnerWatch()
+    deadline = time.monotonic() + claim_wait_seconds
+    poll = min(1.0, lease_seconds / 4)
+    waiting_logged = False
+    while True:
+        intent = _new_intent(
+            dag_id=dag_id,
+            task_id=task_id,
+            partition=partition,
+            chunk_fingerprint=chunk_fingerprint,
+            pipeline=pipeline,
+            attempt=attempt,
+            chunk_path=chunk_path,
+            n_requests=n_requests,
+            n_bytes=n_bytes,
+            model=model,
+            mode=mode,
+            projected_cost_usd=projected_cost_usd,
+            **worker,
+        )
+        previous: dict[str, Any] | None = None
+        # The claim: exactly one of any number of concurrent submitters creates the entry.
+        if not storage.create_if_absent(path, encode_entry(intent)):
+            current = storage.read_with_version(path)
+            if current is None:
+                continue  # deleted in between: claim again
+            found, version = json.loads(current[0]), current[1]
+            if found.get("batch_id"):
+                if mode == "sync" or found.get("mode") == "sync" or not _was_fully_canceled(hook, found):
+                    return _reattach(path, found, chunk_path)
+                log.warning(
+                    "Batch %s of this chunk ended fully canceled (nothing processed or billed); "
+                    "submitting anew.",
+                    found["batch_id"],
+                )
+                intent = {
+                    **_add_ids(intent, "previous_batch_ids", *found.get("previous_batch_ids") or []),
+                    "generation": int(found.get("generation") or 1) + 1,
+                }
+                intent = _add_ids(intent, "previous_batch_ids", found["batch_id"])
+            elif watch.owner_is_dead(found, version):
+                # Take the intent over: the compare-and-swap lets only one of several retries win.
+                previous = found
+                mine = ("attempt", "chunk_path", "n_requests", "n_bytes", "model", "mode", "pipeline")
+                intent = {
+                    **intent,
+                    **found,
+                    **worker,
+                    **{key: intent[key] for key in mine},
+                    "generation": int(found.get("generation") or 1) + 1,
+                    "heartbeat_at": rfc3339(utc_now()),
+                    "create_started_at": None,
+                    "taken_over_from": found.get("owner"),
+                }
+            else:
+                if time.monotonic() > deadline:
+                    raise ClaimTimeoutError(_claim_timeout_message(path, found, claim_wait_seconds))
+                if not waiting_logged:
+                    log.info(
+                        "Another worker (run %s, map index %s) is submitting this chunk (%s, heartbeat %s); "
+                        "waiting for its batch id instead of submitting.",
+                        found.get("run_id"),
+                        found.get("map_index"),
+                        path,
+                        found.get("heartbeat_at"),
+                    )
+                    waiting_logged = True
+                time.sleep(poll)
+                continue
+            if not storage.replace_if_version(path, encode_entry(intent), version):
+                continue  # another worker changed it first: look again
+        try:
+            with _Heartbeat(path, owner, lease_seconds):
+                return _submit_owned(
+                    hook,
+                    ledger,
+                    path,
+                    intent,
+                    previous,
+                    submit=submit,
+                    orphan_settle_seconds=orphan_settle_seconds,
+                    sync_concurrency=sync_concurrency,
+                )
+        except LostClaimError as err:
+            log.warning("%s Looking at the entry again.", err)
+
+
+def _claim_timeout_message(path: PathLike, entry: dict[str, Any], waited: float) -> str:
+    return (
+        f"Waited {waited:.0f}s for another worker (run {entry.get('run_id')}, map index "
+        f"{entry.get('map_index')}, owner {entry.get('owner')}) to record the batch of this chunk in "
+        f"{path}; its heartbeat ({entry.get('heartbeat_at')}) is still fresh, so it is alive and was "
+        "not taken over. Check that task; clear this one when it has finished."
+    )
+
+
+def _reattach(path: ObjectStoragePath, entry: dict[str, Any], chunk_path: str) -> dict[str, Any]:
+    log.info(
+        "Re-attaching to %s %s recorded in %s (submitted %s); nothing is submitted again.",
+        entry.get("mode") or "batch",
+        entry["batch_id"],
+        path,
+        entry.get("submitted_at"),
+    )
+    if entry.get("chunk_path") != chunk_path:
+        entry = update_entry(path, chunk_path=chunk_path)
+    return handle_from_entry(entry, path)
+
+
+def _may_have_created(entry: dict[str, Any]) -> bool:
+    """Whether a dead owner may have sent its create: it marks ``create_started_at`` first.
+    An entry without that field (hand-written, older version) may have."""
+    return "create_started_at" not in entry or entry["create_started_at"] is not None
+
+
+def _submit_owned(
+    hook: BatchHook,
+    ledger: SubmissionLedger,
+    path: ObjectStoragePath,
+    entry: dict[str, Any],
+    previous: dict[str, Any] | None,
+    *,
+    submit: Callable[[], MessageBatch] | None,
+    orphan_settle_seconds: float,
+    sync_concurrency: int,
+) -> dict[str, Any]:
+    """Submit the chunk of an entry this worker has claimed."""
     # Imported here: the hooks module loads the anthropic SDK, and DAG files import this module.
     from anthropic_batch.hooks import AmbiguousCreateError
 
-    path = ledger.entry_path(dag_id, partition, task_id, chunk_fingerprint)
-    entry = ledger.read(path)
-    action = decide_action(entry)
-    previous_ids: list[str] = list((entry or {}).get("previous_batch_ids") or [])
+    owner = entry["owner"]
+    chunk_path = entry["chunk_path"]
+    n_requests = int(entry["n_requests"])
+    if entry.get("mode") == "sync":
+        return _run_sync(hook, ledger, path, entry, concurrency=sync_concurrency)
 
-    if action is SubmitAction.REATTACH:
-        assert entry is not None
-        if mode == "sync" or entry.get("mode") == "sync" or not _was_fully_canceled(hook, entry):
-            log.info(
-                "Re-attaching to %s %s recorded in %s (submitted %s); nothing is submitted again.",
-                entry.get("mode") or "batch",
-                entry["batch_id"],
-                path,
-                entry.get("submitted_at"),
-            )
-            if entry.get("chunk_path") != chunk_path:
-                entry = ledger.update(path, chunk_path=chunk_path)
-            return handle_from_entry(entry, path)
-        log.warning(
-            "Batch %s of this chunk ended fully canceled (nothing processed or billed); submitting anew.",
-            entry["batch_id"],
-        )
-        previous_ids.append(entry["batch_id"])
-
-    if action is SubmitAction.RECOVER and mode != "sync":
-        assert entry is not None
-        found = _recover_orphan(hook, ledger, path, entry, n_requests, orphan_settle_seconds)
+    if previous is not None and _may_have_created(previous):
+        found, verified = _recover_orphan(hook, ledger, path, previous, n_requests, orphan_settle_seconds)
         if found is not None:
-            entry = ledger.update(
-                path,
-                state=LedgerState.SUBMITTED.value,
-                submitted_at=entry.get("submitted_at") or rfc3339(utc_now()),
-                recovered=True,
-                **batch_fields(found),
-            )
             log.info("Recovered batch %s created by an interrupted attempt; re-attaching.", found.id)
-            return handle_from_entry(entry, path)
+            return _record(
+                hook, path, entry, found, created_here=False, recovered=True, identity_verified=verified
+            )
 
-    if action is SubmitAction.RECOVER and mode == "sync":
-        assert entry is not None
-        intent = entry  # keep the intent: the partial results file is what resumes
-    else:
-        intent = {
-            "ledger_key": f"{dag_id}/{partition}/{task_id}/{chunk_fingerprint}",
-            "dag_id": dag_id,
-            "task_id": task_id,
-            "run_id": run_id,
-            "map_index": map_index,
-            "partition": partition,
-            "pipeline": pipeline,
-            "attempt": attempt,
-            "chunk_path": chunk_path,
-            "chunk_fingerprint": chunk_fingerprint,
-            "n_requests": n_requests,
-            "n_bytes": n_bytes,
-            "model": model,
-            "mode": mode,
-            "state": LedgerState.INTENT.value,
-            "intent_at": rfc3339(utc_now()),
-            "submitted_at": None,
-            "batch_id": None,
-            "processing_status": None,
-            "request_counts": None,
-            "created_at": None,
-            "expires_at": None,
-            "ended_at": None,
-            "results_path": None,
-            "projected_cost_usd": projected_cost_usd,
-            "cost_usd": None,
-            "sync_cost_usd": None,
-            "previous_batch_ids": previous_ids,
-        }
-        # The intent is on storage before any request leaves: a crash after this point is recoverable.
-        ledger.write(path, intent)
-
-    if mode == "sync":
-        return _run_sync(hook, ledger, path, intent, concurrency=sync_concurrency)
-
+    # Fencing: only a worker that still owns the intent marks it and sends the create.
+    entry = _owned_update(path, owner, create_started_at=rfc3339(utc_now()))
     create = submit or (lambda: hook.create_batch_from_chunk(chunk_path))
     for tries_left in range(MAX_AMBIGUOUS_CREATES - 1, -1, -1):
         try:
@@ -367,31 +654,81 @@ def submit_idempotently(
             # A short pause first: the new batch needs a moment to be listed, and a sibling task that
             # created a same-sized batch at the same time needs a moment to record its id.
             time.sleep(min(orphan_settle_seconds, 10.0))
-            found = _recover_orphan(
+            found, verified = _recover_orphan(
                 hook,
                 ledger,
                 path,
-                intent,
+                entry,
                 n_requests,
                 orphan_settle_seconds,
                 reason="the create got no answer",
             )
             if found is not None:
-                entry = ledger.update(
-                    path,
-                    state=LedgerState.SUBMITTED.value,
-                    submitted_at=rfc3339(utc_now()),
-                    recovered=True,
-                    **batch_fields(found),
+                return _record(
+                    hook, path, entry, found, created_here=True, recovered=True, identity_verified=verified
                 )
-                return handle_from_entry(entry, path)
             if not tries_left:
                 raise
-    entry = ledger.update(
-        path, state=LedgerState.SUBMITTED.value, submitted_at=rfc3339(utc_now()), **batch_fields(batch)
+            entry = _owned_update(path, owner, create_started_at=rfc3339(utc_now()))
+    handle = _record(hook, path, entry, batch, created_here=True)
+    log.info(
+        "Submitted batch %s (%d requests, %d bytes) from %s.",
+        batch.id,
+        n_requests,
+        entry["n_bytes"],
+        chunk_path,
     )
-    log.info("Submitted batch %s (%d requests, %d bytes) from %s.", batch.id, n_requests, n_bytes, chunk_path)
-    return handle_from_entry(entry, path)
+    return handle
+
+
+def _record(
+    hook: BatchHook,
+    path: ObjectStoragePath,
+    entry: dict[str, Any],
+    batch: MessageBatch,
+    *,
+    created_here: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Record ``batch`` as the chunk's, unless another worker recorded one first.
+
+    First recorded wins. A batch we created that lost (only possible after a takeover of a worker
+    that was not dead after all) is canceled at once and listed in ``duplicate_batch_ids``.
+    """
+    fields = {
+        "state": LedgerState.SUBMITTED.value,
+        "submitted_at": rfc3339(utc_now()),
+        **batch_fields(batch),
+        **extra,
+    }
+
+    def change(current: dict[str, Any]) -> dict[str, Any] | None:
+        if current.get("batch_id") and current["batch_id"] != batch.id:
+            return None
+        return {**current, **fields}
+
+    try:
+        recorded, written = cas_update(path, change)
+    except FileNotFoundError:
+        # Deleted by hand while we submitted: the batch exists, so it must be on record.
+        storage.create_if_absent(path, encode_entry({**entry, **fields}))
+        recorded, written = cas_update(path, change)
+    if written:
+        return handle_from_entry(recorded, path)
+    log.error(
+        "Batch %s was recorded for this chunk by another worker (%s) while this one submitted %s.",
+        recorded["batch_id"],
+        recorded.get("owner"),
+        batch.id,
+    )
+    if created_here:
+        try:
+            hook.cancel_batch(batch.id)
+            log.warning("Canceled the duplicate batch %s.", batch.id)
+        except Exception as exc:
+            log.error("Could not cancel the duplicate batch %s: %s; cancel it in the Console.", batch.id, exc)
+        recorded = cas_update(path, lambda e: _add_ids(e, "duplicate_batch_ids", batch.id))[0]
+    return handle_from_entry(recorded, path)
 
 
 def _was_fully_canceled(hook: BatchHook, entry: dict[str, Any]) -> bool:
@@ -415,34 +752,59 @@ def _recover_orphan(
     n_requests: int,
     settle_seconds: float,
     reason: str = "the previous attempt died during submission",
-) -> MessageBatch | None:
-    """The batch the interrupted attempt created, None if it created none; raises if ambiguous."""
-    intent_at = parse_rfc3339(entry["intent_at"])
-    since = intent_at - ORPHAN_CLOCK_SKEW
+) -> tuple[MessageBatch | None, bool]:
+    """The batch an interrupted create made and whether its identity is verified; (None, False) if
+    it made none; raises if ambiguous.
+
+    Candidates: batches created since the create started (minus :data:`CLOCK_SKEW`) with the same
+    request count that no ledger entry (any DAG, date, task or chunk) has recorded. Ended candidates
+    are verified at once (every result line must answer a request of this chunk); an unended one can
+    only be verified when it ends, which collect does before anything is written.
+    """
+    started = parse_rfc3339(entry.get("create_started_at") or entry["intent_at"])
+    since = started - CLOCK_SKEW
+    chunk_path = entry["chunk_path"]
     log.warning(
-        "Ledger %s holds only an intent from %s: %s. Looking for a batch of %d requests it may have created.",
+        "Ledger %s holds only an intent (create started %s): %s. Looking for a batch of %d requests "
+        "created since %s.",
         path,
-        entry["intent_at"],
+        entry.get("create_started_at") or entry["intent_at"],
         reason,
         n_requests,
+        rfc3339(since),
     )
 
     def candidates() -> list[MessageBatch]:
-        known = ledger.known_batch_ids(partition=entry.get("partition"))
+        known = ledger.known_batch_ids()
+        current = ledger.read(path) or {}
+        known.update(current.get("foreign_batch_ids") or [])
         return resolve_orphans(hook.find_orphan_batches(since, n_requests), known)
 
     found = candidates()
-    wait = (intent_at + timedelta(seconds=settle_seconds) - utc_now()).total_seconds()
+    wait = (started + timedelta(seconds=settle_seconds) - utc_now()).total_seconds()
     if not found and wait > 0:
-        log.info("No batch listed yet; the intent is recent, listing again in %.0fs.", wait)
+        log.info("No batch listed yet; the create is recent, listing again in %.0fs.", wait)
         time.sleep(wait)
         found = candidates()
-    if len(found) > 1:
-        raise AmbiguousSubmissionError(ambiguity_message(path, found, n_requests))
-    if not found:
-        log.info("No batch from the interrupted attempt exists: it never took effect. Submitting.")
-        return None
-    return found[0]
+    verified: list[MessageBatch] = []
+    pending: list[MessageBatch] = []
+    for batch in found:
+        if batch.processing_status != "ended":
+            pending.append(batch)
+        elif batch.archived_at is not None:
+            log.info("Batch %s is archived; its results cannot prove it is ours. Skipping it.", batch.id)
+        elif _is_ours(hook, batch.id, chunk_path):
+            verified.append(batch)
+        else:
+            cas_update(path, lambda e, batch_id=batch.id: _add_ids(e, "foreign_batch_ids", batch_id))
+    if len(verified) == 1:
+        return verified[0], True
+    if len(verified) > 1 or len(pending) > 1:
+        raise AmbiguousSubmissionError(ambiguity_message(path, verified or pending, n_requests))
+    if pending:
+        return pending[0], False
+    log.info("No batch from the interrupted attempt exists: it never took effect. Submitting.")
+    return None, False
 
 
 # -- sync mode ---------------------------------------------------------------------------------------

@@ -257,3 +257,101 @@ def read_parquet(path: PathLike, columns: list[str] | None = None, *, use_thread
     # ParquetFile, not pq.read_table: the latter loads pyarrow.dataset (~50 MB of RSS) for nothing.
     with open_binary(path) as handle:
         return pq.ParquetFile(handle).read(columns=columns, use_threads=use_threads)
+
+
+# -- conditional writes (claims and compare-and-swap) -------------------------------------------
+# One block, used by the ledger to claim a chunk: a create that fails when the file exists, and a
+# replace that fails when the file changed since it was read. Local files are handled here; any
+# other protocol goes to ``object_store`` (conditional puts: If-None-Match / If-Match on S3).
+#
+# Local version tokens are a SHA-256 of the content: a writer that rewrites identical bytes does
+# not invalidate a reader's token, which is harmless (the content it decided on is unchanged).
+# Every compare-and-swap on one file holds an exclusive ``flock`` on a sibling lock file
+# (``.{name}.lock``) between the compare and the rename, so it is atomic across threads and
+# processes on one host (flock locks belong to the open file, so two threads conflict too).
+# Plain readers need no lock: the new content appears by ``os.replace``, old or new, never torn.
+
+
+def _content_version(data: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _write_local_temp(directory: str, name: str, data: bytes) -> str:
+    """A fully written (and flushed) temporary sibling of ``name``; returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    tmp_name = os.path.join(directory, f".{name}{TMP_MARKER}{uuid.uuid4().hex}")
+    with open(tmp_name, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return tmp_name
+
+
+def create_if_absent(path: PathLike, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists; True if this call created it.
+
+    Local: ``os.link`` of a fully written temporary file, which fails with ``FileExistsError`` when
+    the name is taken, so the file never appears half-written and exactly one creator wins.
+    """
+    local = _local(path)
+    if not local:
+        from anthropic_batch import object_store
+
+        return object_store.create_if_absent(as_path(path), data)
+    directory, name = os.path.split(local[0])
+    tmp_name = _write_local_temp(directory, name, data)
+    try:
+        os.link(tmp_name, local[0])
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+
+
+def read_with_version(path: PathLike) -> tuple[bytes, str] | None:
+    """``(content, version token)`` of ``path``, or None when it does not exist."""
+    local = _local(path)
+    if not local:
+        from anthropic_batch import object_store
+
+        return object_store.read_with_version(as_path(path))
+    try:
+        with open(local[0], "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    return data, _content_version(data)
+
+
+def replace_if_version(path: PathLike, data: bytes, version: str) -> bool:
+    """Replace ``path`` with ``data`` only if it still has ``version``; True if replaced.
+
+    False when the file changed since ``version`` was read, or no longer exists.
+    """
+    local = _local(path)
+    if not local:
+        from anthropic_batch import object_store
+
+        return object_store.replace_if_version(as_path(path), data, version)
+    import fcntl
+
+    directory, name = os.path.split(local[0])
+    tmp_name = _write_local_temp(directory, name, data)
+    try:
+        with open(os.path.join(directory, f".{name}.lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                current = read_with_version(local[0])
+                if current is None or current[1] != version:
+                    return False
+                os.replace(tmp_name, local[0])
+                return True
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)

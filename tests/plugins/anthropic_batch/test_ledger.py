@@ -49,6 +49,7 @@ def submit_kwargs(info: dict, **overrides) -> dict:
         "model": "claude-haiku-4-5",
         "mode": "batch",
         "orphan_settle_seconds": 0,
+        "lease_seconds": 1.0,
     }
     kwargs.update(overrides)
     return kwargs
