@@ -102,15 +102,22 @@ def test_dropped_results_stream_is_resumed_without_duplicates(tmp_path, emulator
     table = pq.read_table(_local(stats["results_path"]))
     ids = table["custom_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 15
-    assert stats["counts_by_status"].get("succeeded", 0) + stats["counts_by_status"].get(
-        "invalid_output", 0
-    ) == batch["request_counts"]["succeeded"]
+    assert (
+        stats["counts_by_status"].get("succeeded", 0) + stats["counts_by_status"].get("invalid_output", 0)
+        == batch["request_counts"]["succeeded"]
+    )
 
 
 def test_errored_and_expired_requests_become_rows_with_their_status(tmp_path, emulator_factory, monkeypatch):
     emu = emulator_factory(
-        "--processing-seconds", "1", "--error-rate", "api_error=0.3", "--error-rate",
-        "invalid_request_error=0.1", "--seed", "3",
+        "--processing-seconds",
+        "1",
+        "--error-rate",
+        "api_error=0.3",
+        "--error-rate",
+        "invalid_request_error=0.1",
+        "--seed",
+        "3",
     )
     use_emulator(monkeypatch, emu)
     run = prepare_run(tmp_path, ticket_records(30), per_chunk=30)

@@ -1,5 +1,7 @@
 """Storage: root resolution, layout, atomic writes and Parquet round trips on file:// paths."""
 
+import json
+
 import pyarrow as pa
 import pytest
 from airflow.sdk import ObjectStoragePath
@@ -120,3 +122,107 @@ def test_as_path_keeps_hive_partition_names(tmp_path):
     assert str(p).endswith("/work/date=2026-11-01")
     storage.atomic_write_bytes(p / "x.bin", b"1")
     assert (tmp_path / "work" / "date=2026-11-01" / "x.bin").read_bytes() == b"1"
+
+
+# -- conditional writes ----------------------------------------------------------------------------
+def _claim_in_child(path: str, marker: bytes, start: float, out) -> None:
+    import time as _time
+
+    while _time.time() < start:  # all children try at (about) the same instant
+        pass
+    out.put(storage.create_if_absent(path, marker))
+
+
+def _increment_in_child(path: str, times: int) -> None:
+    import json as _json
+
+    for _ in range(times):
+        while True:
+            data, version = storage.read_with_version(path)
+            value = _json.loads(data)["n"] + 1
+            if storage.replace_if_version(path, _json.dumps({"n": value}).encode(), version):
+                break
+
+
+def test_create_if_absent_has_exactly_one_winner_across_processes(tmp_path):
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    target = str(tmp_path / "claims" / "entry.json")
+    (tmp_path / "claims").mkdir()
+    start = time.time() + 0.5
+    procs = [ctx.Process(target=_claim_in_child, args=(target, b"p%d" % i, start, out)) for i in range(6)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=30) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert sorted(results) == [False] * 5 + [True]
+    content = (tmp_path / "claims" / "entry.json").read_bytes()
+    assert content in {b"p%d" % i for i in range(6)}  # one complete file, never a torn one
+    assert [p.name for p in (tmp_path / "claims").iterdir()] == ["entry.json"]  # no temp files left
+
+
+def test_create_if_absent_has_exactly_one_winner_across_threads(tmp_path):
+    import threading
+
+    target = str(tmp_path / "entry.json")
+    barrier = threading.Barrier(8)
+    results: list[bool] = []
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results.append(storage.create_if_absent(target, b"t%d" % i))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_replace_if_version_is_a_compare_and_swap(tmp_path):
+    target = str(tmp_path / "e.json")
+    assert storage.read_with_version(target) is None
+    assert not storage.replace_if_version(target, b"x", "sha256:none")  # absent: nothing to replace
+    assert storage.create_if_absent(target, b"one")
+    data, version = storage.read_with_version(target)
+    assert data == b"one"
+    assert storage.replace_if_version(target, b"two", version)
+    assert not storage.replace_if_version(target, b"three", version)  # stale version
+    assert storage.read_with_version(target)[0] == b"two"
+
+
+def test_replace_if_version_loses_no_update_across_processes(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    target = str(tmp_path / "counter.json")
+    storage.create_if_absent(target, b'{"n": 0}')
+    procs = [ctx.Process(target=_increment_in_child, args=(target, 25)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert json.loads(storage.read_with_version(target)[0]) == {"n": 100}
+
+
+def test_conditional_writes_elsewhere_go_to_object_store(monkeypatch):
+    from anthropic_batch import object_store
+
+    calls = []
+    for name in ("create_if_absent", "read_with_version", "replace_if_version"):
+        monkeypatch.setattr(object_store, name, lambda *args, name=name: calls.append((name, *args)))
+    path = ObjectStoragePath("memory://bucket/_ledger/e.json")
+    storage.create_if_absent(path, b"x")
+    storage.read_with_version(str(path))
+    storage.replace_if_version(path, b"y", "v1")
+    assert [(c[0], str(c[1]), *c[2:]) for c in calls] == [
+        ("create_if_absent", str(path), b"x"),
+        ("read_with_version", str(path)),
+        ("replace_if_version", str(path), b"y", "v1"),
+    ]
