@@ -46,6 +46,8 @@ DEFAULT_MAX_BYTES_PER_CHUNK = 200 * 1024 * 1024
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _CUSTOM_ID_BAD_CHARS = re.compile(r"[^a-zA-Z0-9_-]+")
 _HASH_SUFFIX_LEN = 16
+#: Hex digits of the request fingerprint at the end of every custom_id (see make_custom_id).
+REQUEST_DIGEST_LEN = 8
 
 BODY_PREFIX = b'{"requests":['
 BODY_SUFFIX = b"]}"
@@ -259,27 +261,45 @@ def _key_str(value: object) -> str | None:
     return text if text.strip() else None
 
 
-def make_custom_id(key_values: Sequence[object]) -> str:
-    """A deterministic custom_id matching ``^[a-zA-Z0-9_-]{1,64}$`` for a record's key values.
+def custom_id_base(key_values: Sequence[object]) -> str:
+    """The readable part of a record's custom_id: what identifies the record, at most
+    ``64 - REQUEST_DIGEST_LEN - 1`` characters of ``[a-zA-Z0-9_-]``.
 
-    Readable when possible: one key that already fits the pattern is used as-is; several keys
-    that fit and contain no ``-`` are joined with ``-`` (still reversible). Otherwise a sanitised
-    prefix plus ``-`` and a 16-hex-digit hash of all key values.
+    Readable when possible: one key that already fits is used as-is; several keys that fit and
+    contain no ``-`` are joined with ``-`` (still reversible). Otherwise a sanitised prefix plus
+    ``-`` and a 16-hex-digit hash of all key values. Two records with equal bases are refused
+    (duplicate keys or a collision), so custom_ids are unique whatever their request digests.
     """
     if not key_values:
-        raise ValueError("make_custom_id needs at least one key value")
+        raise ValueError("custom_id_base needs at least one key value")
     parts = [_key_str(v) for v in key_values]
     if any(p is None for p in parts):
         raise ValueError(f"key values must not be null or blank: {list(key_values)!r}")
-    if len(parts) == 1 and CUSTOM_ID_RE.match(parts[0]):
+    limit = 64 - REQUEST_DIGEST_LEN - 1
+    if len(parts) == 1 and CUSTOM_ID_RE.match(parts[0]) and len(parts[0]) <= limit:
         return parts[0]
     if len(parts) > 1 and all(CUSTOM_ID_RE.match(p) and "-" not in p for p in parts):
         joined = "-".join(parts)
-        if len(joined) <= 64:
+        if len(joined) <= limit:
             return joined
     suffix = sha256_hex(canonical_json(parts))[:_HASH_SUFFIX_LEN]
-    prefix = _CUSTOM_ID_BAD_CHARS.sub("_", "-".join(parts)).strip("_-")[: 64 - _HASH_SUFFIX_LEN - 1]
+    prefix = _CUSTOM_ID_BAD_CHARS.sub("_", "-".join(parts)).strip("_-")[: limit - _HASH_SUFFIX_LEN - 1]
     return f"{prefix}-{suffix}" if prefix else suffix
+
+
+def make_custom_id(key_values: Sequence[object], request_fingerprint: str) -> str:
+    """A record's custom_id, ``^[a-zA-Z0-9_-]{1,64}$``: :func:`custom_id_base` of its keys, ``-``,
+    and the first :data:`REQUEST_DIGEST_LEN` hex digits of its request's fingerprint.
+
+    The digest ties every result line to the exact request it answers: a batch of another date,
+    pipeline or chunk with the same keys but another prompt, model or parameters has other
+    custom_ids, so its results are never taken for this chunk's (``ledger.iter_verified_lines``).
+    The suffix has a fixed length, so distinct bases give distinct custom_ids.
+    """
+    digest = request_fingerprint[:REQUEST_DIGEST_LEN]
+    if len(digest) != REQUEST_DIGEST_LEN or not digest.isalnum():
+        raise ValueError(f"request_fingerprint must be a hex digest, got {request_fingerprint!r}")
+    return f"{custom_id_base(key_values)}-{digest}"
 
 
 # -- input tables -----------------------------------------------------------------------------------
@@ -562,7 +582,7 @@ def prepare_requests(
         if None in keys:
             continue
         key_counts[keys] += 1
-        id_counts[make_custom_id(keys)] += 1
+        id_counts[custom_id_base(keys)] += 1
 
     keys_schema = pa.schema(
         [("custom_id", pa.string())]
@@ -606,7 +626,8 @@ def prepare_requests(
                             record, keys, None, REJECT_NULL_KEY, f"key column(s) {nulls} are null or blank"
                         )
                         continue
-                    custom_id = make_custom_id(keys)
+                    # The base until the request is rendered: rejects before that have no request.
+                    custom_id = custom_id_base(keys)
                     if id_counts[custom_id] > 1:
                         if key_counts[keys] > 1:
                             reject(
@@ -634,6 +655,8 @@ def prepare_requests(
                         reject(record, keys, custom_id, REJECT_EMPTY_PROMPT, "the rendered prompt is empty")
                         continue
                     params_json = params_json_for(prompt)
+                    request_fingerprint = sha256_hex(params_json)
+                    custom_id = make_custom_id(keys, request_fingerprint)
                     line = (
                         '{"custom_id":' + json.dumps(custom_id) + ',"params":' + params_json + "}"
                     ).encode()
@@ -658,7 +681,7 @@ def prepare_requests(
                     keys_rows["custom_id"].append(custom_id)
                     for k, v in zip(key_columns, keys, strict=True):
                         keys_rows[k].append(v)
-                    keys_rows["request_fingerprint"].append(sha256_hex(params_json))
+                    keys_rows["request_fingerprint"].append(request_fingerprint)
                     keys_rows["chunk_index"].append(writer.index)
 
                 keys_writer.write_table(pa.table(keys_rows, schema=keys_schema))

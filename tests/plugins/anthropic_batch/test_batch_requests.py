@@ -15,6 +15,7 @@ from anthropic_batch.batch_requests import (
     BatchRequestError,
     RequestSpec,
     canonical_json,
+    custom_id_base,
     iter_batch_body,
     iter_chunk_lines,
     iter_chunk_requests,
@@ -153,6 +154,8 @@ def test_prepare_refuses_bad_spec_before_writing(work):
 # -- custom ids -------------------------------------------------------------------------------------
 
 
+FP = "0123456789abcdef" * 4
+
 @pytest.mark.parametrize(
     "keys",
     [
@@ -168,35 +171,48 @@ def test_prepare_refuses_bad_spec_before_writing(work):
     ],
 )
 def test_custom_id_pattern_and_determinism(keys):
-    cid = make_custom_id(keys)
+    cid = make_custom_id(keys, FP)
     assert ID_RE.match(cid), cid
-    assert make_custom_id(list(keys)) == cid
+    assert make_custom_id(list(keys), FP) == cid
+    assert cid == custom_id_base(keys) + "-" + FP[:8]
 
 
 def test_custom_id_readable_when_possible():
-    assert make_custom_id(["T00001"]) == "T00001"
-    assert make_custom_id([42]) == "42"
-    assert make_custom_id(["acme", 7]) == "acme-7"
-    hashed = make_custom_id(["hello world"])
-    assert hashed.startswith("hello_world-")
+    assert custom_id_base(["T00001"]) == "T00001"
+    assert make_custom_id(["T00001"], FP) == "T00001-01234567"
+    assert custom_id_base([42]) == "42"
+    assert custom_id_base(["acme", 7]) == "acme-7"
+    assert custom_id_base(["hello world"]).startswith("hello_world-")
+    # A key that fits the pattern but leaves no room for the digest is hashed, still readable.
+    long_key = "k" * 60
+    assert custom_id_base([long_key]).startswith("k" * 20) and len(make_custom_id([long_key], FP)) <= 64
+
+
+def test_custom_id_carries_a_digest_of_its_request():
+    """Same keys, another request (edited text, model, params): another custom_id."""
+    other = sha256_hex("other request")
+    assert make_custom_id(["T1"], FP) != make_custom_id(["T1"], other)
+    assert make_custom_id(["T1"], other) == "T1-" + other[:8]
+    with pytest.raises(ValueError):
+        make_custom_id(["T1"], "")
 
 
 def test_custom_id_distinguishes_ambiguous_joins():
     ids = {
-        make_custom_id(["a-b", "c"]),
-        make_custom_id(["a", "b-c"]),
-        make_custom_id(["a b"]),
-        make_custom_id(["a_b"]),
-        make_custom_id(["a/b"]),
+        custom_id_base(["a-b", "c"]),
+        custom_id_base(["a", "b-c"]),
+        custom_id_base(["a b"]),
+        custom_id_base(["a_b"]),
+        custom_id_base(["a/b"]),
     }
     assert len(ids) == 5
 
 
 def test_custom_id_rejects_null():
     with pytest.raises(ValueError):
-        make_custom_id([None])
+        custom_id_base([None])
     with pytest.raises(ValueError):
-        make_custom_id([])
+        custom_id_base([])
 
 
 # -- load_table -------------------------------------------------------------------------------------
@@ -245,14 +261,15 @@ def test_prepare_writes_chunks_keys_and_manifest(work):
     for line in lines:
         assert line == canonical_json(json.loads(line)).encode()
     first = json.loads(lines[0])
-    assert first["custom_id"] == "T00000"
+    assert first["custom_id"] == "T00000-" + sha256_hex(canonical_json(first["params"]))[:8]
     assert (
         first["params"]["messages"][0]["content"] == "Classify this ticket:\nsubject 0\n" + "body text 0 " * 5
     )
 
     keys = pq.read_table((work / "requests" / "keys.parquet").path)
     assert keys.column_names == ["custom_id", "ticket_id", "request_fingerprint", "chunk_index"]
-    assert keys.column("custom_id").to_pylist() == [f"T{i:05d}" for i in range(10)]
+    fingerprints = keys.column("request_fingerprint").to_pylist()
+    assert keys.column("custom_id").to_pylist() == [f"T{i:05d}-{fingerprints[i][:8]}" for i in range(10)]
     assert keys.column("request_fingerprint")[0].as_py() == sha256_hex(canonical_json(first["params"]))
     assert pq.read_table((work / "rejected.parquet").path).num_rows == 0
 
@@ -341,7 +358,7 @@ def test_rejects_lose_nothing(work):
         "empty_prompt": ["E"],
     }
     prepared = [r["custom_id"] for r in iter_chunk_requests(manifest["chunks"][0]["path"])]
-    assert prepared == ["A", "C", "F"]
+    assert [cid.rsplit("-", 1)[0] for cid in prepared] == ["A", "C", "F"]
 
 
 def test_template_errors_are_rejected_per_record(work):
@@ -360,7 +377,7 @@ def test_custom_id_collisions_are_detected(work, monkeypatch):
     import anthropic_batch.batch_requests as br
 
     # Force a collision the hash would practically never produce: every key maps to one id.
-    monkeypatch.setattr(br, "make_custom_id", lambda keys: "same")
+    monkeypatch.setattr(br, "custom_id_base", lambda keys: "same")
     manifest = prepare_requests(tickets(3), ["ticket_id"], spec(), work)
     assert manifest["n_requests"] == 0
     rejected = pq.read_table((work / "rejected.parquet").path).to_pylist()
@@ -374,7 +391,7 @@ def test_multi_key_columns_and_non_string_keys(work):
     )
     prepare_requests(table, ["shop", "n"], spec(), work)
     keys = pq.read_table((work / "requests" / "keys.parquet").path).to_pylist()
-    assert [(k["custom_id"], k["shop"], k["n"]) for k in keys] == [
+    assert [(k["custom_id"].rsplit("-", 1)[0], k["shop"], k["n"]) for k in keys] == [
         ("acme-1", "acme", "1"),
         ("acme-2", "acme", "2"),
         ("globex-1", "globex", "1"),
