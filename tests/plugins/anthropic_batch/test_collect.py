@@ -62,7 +62,7 @@ def test_collect_matches_request_counts_and_updates_the_ledger(tmp_path, anthrop
         }
         assert counts["missing"] == 0
         rows = table.to_pylist()
-        assert all(r["ticket_id"] == r["custom_id"] and r["attempt"] == 1 for r in rows)
+        assert all(r["custom_id"].startswith(r["ticket_id"] + "-") and r["attempt"] == 1 for r in rows)
         succeeded = [r for r in rows if r["status"] == "succeeded"]
         assert succeeded and all(json.loads(r["output_json"])["category"] for r in succeeded)
         # Batch price is half the synchronous price.

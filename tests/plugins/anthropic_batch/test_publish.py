@@ -259,7 +259,9 @@ def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_facto
     summary = op.execute(make_context(task_id="publish"))
 
     data = pq.read_table(target / DATA_FILE)
-    assert sorted(data["custom_id"].to_pylist()) == sorted(r["ticket_id"] for r in records[:24])
+    # custom_id = key + "-" + request digest (batch_requests.make_custom_id)
+    assert [c.rsplit("-", 1)[0] for c in data["custom_id"].to_pylist()] == data["ticket_id"].to_pylist()
+    assert sorted(data["ticket_id"].to_pylist()) == sorted(r["ticket_id"] for r in records[:24])
     dead = pq.read_table(target / DEAD_LETTER_FILE).to_pylist()
     stages = Counter(r["stage"] for r in dead)
     assert stages["prepare"] == 1 and stages["collect"] >= 1

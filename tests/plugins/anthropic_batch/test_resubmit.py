@@ -153,7 +153,8 @@ def test_retriable_failures_recover_and_permanent_ones_are_dead_lettered(
 
     merged = pq.read_table(_local(merged_path)).to_pylist()
     ids = [r["custom_id"] for r in merged]
-    assert sorted(ids) == sorted(r["ticket_id"] for r in records)  # exactly one row per prepared request
+    # exactly one row per prepared request (custom_id = key + "-" + request digest)
+    assert sorted(cid.rsplit("-", 1)[0] for cid in ids) == sorted(r["ticket_id"] for r in records)
     by_id = {r["custom_id"]: r for r in merged}
     recovered = [cid for cid in retriable_first if by_id[cid]["status"] == "succeeded"]
     assert recovered and all(by_id[cid]["attempt"] >= 2 for cid in recovered)
@@ -308,7 +309,7 @@ def test_a_fresh_instance_resumes_from_storage_with_the_event_only(tmp_path, emu
     merged_path = make().execute_complete(context, event=event)  # a fresh instance, no kwargs
 
     merged = pq.read_table(_local(merged_path)).to_pylist()
-    assert sorted(r["custom_id"] for r in merged) == [f"T{i:04d}" for i in range(12)]
+    assert sorted(r["ticket_id"] for r in merged) == [f"T{i:04d}" for i in range(12)]
     assert any(r["attempt"] == 2 for r in merged)
     assert _state(run)["phase"] == "finished"
     record = json.loads(Path(_local(str(merge_record_path(merged_path)))).read_text())

@@ -299,9 +299,11 @@ def test_collect_from_a_prepared_work_dir(tmp_path):
     manifest = prepare_requests(table, ["ticket_id"], spec, work, max_requests_per_chunk=2)
     chunk0 = manifest["chunks"][0]["path"]
     c = ParseContext.from_work_dir(work, batch_id="b1", attempt=1, chunk_indices=[0], manifest=manifest)
-    assert set(c.keys) == expected_ids_from_chunk(chunk0) == {"T1", "T2"}
+    assert set(c.keys) == expected_ids_from_chunk(chunk0)
+    assert {cid.rsplit("-", 1)[0] for cid in c.keys} == {"T1", "T2"}  # key + "-" + request digest
+    t1 = next(cid for cid in c.keys if cid.startswith("T1-"))
     stats = collect_lines(
-        [succeeded("T1", text('{"category":"a","urgency":1}'))],
+        [succeeded(t1, text('{"category":"a","urgency":1}'))],
         work / "results" / "attempt-01" / "b1.parquet",
         c,
         expected_custom_ids=expected_ids_from_chunk(chunk0),
