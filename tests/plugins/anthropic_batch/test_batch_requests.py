@@ -156,6 +156,7 @@ def test_prepare_refuses_bad_spec_before_writing(work):
 
 FP = "0123456789abcdef" * 4
 
+
 @pytest.mark.parametrize(
     "keys",
     [
