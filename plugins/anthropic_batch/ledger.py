@@ -415,6 +415,31 @@ def iter_verified_lines(
         yield line
 
 
+def reset_foreign_batch(path: PathLike, batch_id: str) -> dict[str, Any]:
+    """Un-record a batch found not to be the entry's (collect verified its results): the entry
+    becomes an intent without owner or create, so the next submit of the chunk submits anew, and
+    ``foreign_batch_ids`` keeps recovery from taking that batch again."""
+
+    def change(entry: dict[str, Any]) -> dict[str, Any] | None:
+        if entry.get("batch_id") != batch_id:
+            return None  # already reset, or another batch recorded since
+        return {
+            **_add_ids(entry, "foreign_batch_ids", batch_id),
+            "state": LedgerState.INTENT.value,
+            "owner": None,
+            "heartbeat_at": None,
+            "create_started_at": None,
+            "recovered": False,
+            "identity_verified": None,
+            **dict.fromkeys(
+                ("batch_id", "processing_status", "request_counts", "created_at", "expires_at", "ended_at"),
+            ),
+            **dict.fromkeys(("submitted_at", "results_path", "collected_path")),
+        }
+
+    return cas_update(path, change)[0]
+
+
 def _is_ours(hook: BatchHook, batch_id: str, chunk_path: str) -> bool:
     """Whether every result line of an ended batch answers a request of the chunk."""
     from anthropic_batch.results import expected_ids_from_chunk

@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
-from anthropic_batch.ledger import LedgerState, batch_fields, rfc3339, update_entry, utc_now
+from anthropic_batch.ledger import (
+    ForeignBatchError,
+    LedgerState,
+    batch_fields,
+    iter_verified_lines,
+    reset_foreign_batch,
+    rfc3339,
+    update_entry,
+    utc_now,
+)
 from anthropic_batch.pricing import PriceTable, load_price_table
 from anthropic_batch.status import DEFAULT_CONN_ID
 
@@ -48,6 +57,87 @@ _COUNT_BUCKET = {
 
 class BatchNotEndedError(RuntimeError):
     """Results were asked for before the batch ended."""
+
+
+class ResultsArchivedError(RuntimeError):
+    """The API archived a batch's results and no collected file of it is in storage."""
+
+
+def _archived_message(
+    batch_id: str, archived_at: str, out: ObjectStoragePath, ledger_path: str | None, chunk_path: str
+) -> str:
+    return (
+        f"Cannot collect batch {batch_id}: the API archived its results at {archived_at} (they can be "
+        f"downloaded for 29 days after the batch was created), and the collected file {out} is not in "
+        f"storage. Restore {out} from a backup and clear this task; or, to pay for the chunk "
+        f"{chunk_path} again, delete its ledger entry {ledger_path or '(none recorded)'} and clear the "
+        "submit task."
+    )
+
+
+def _foreign_message(err: ForeignBatchError, batch_id: str, ledger_path: str | None) -> str:
+    """Why the batch was refused, after resetting its ledger entry so the chunk is submitted anew."""
+    reset = ""
+    if ledger_path:
+        try:
+            reset_foreign_batch(ledger_path, batch_id)
+            reset = (
+                f" The ledger entry {ledger_path} no longer names it (kept in foreign_batch_ids): clear "
+                "this chunk's submit task to submit the chunk anew."
+            )
+        except FileNotFoundError:
+            reset = f" Its ledger entry {ledger_path} is gone: clear the submit task to submit anew."
+    return (
+        f"{err} Nothing of it was collected or published.{reset} Look the batch up in the Anthropic "
+        "Console: it belongs to some other submission."
+    )
+
+
+def stored_stats(path: ObjectStoragePath) -> dict[str, Any]:
+    """Collection stats of a RESULT file already in storage (what ``collect_lines`` reported)."""
+    import pyarrow.compute as pc
+
+    table = storage.read_parquet(
+        path,
+        columns=[
+            "status",
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "cost_usd",
+            "sync_cost_usd",
+        ],
+        use_threads=False,
+    )
+
+    def total(column: str) -> float:
+        return pc.sum(table[column]).as_py() or 0
+
+    counts = {row["values"]: row["counts"] for row in pc.value_counts(table["status"]).to_pylist()}
+    return {
+        "out_path": str(path),
+        "results_path": str(path),
+        "n_lines": 0,
+        "n_rows": table.num_rows,
+        "n_duplicates": 0,
+        "n_unknown": 0,
+        "n_malformed": 0,
+        "n_missing": int(counts.get("missing", 0)),
+        "counts_by_status": counts,
+        "tokens": {
+            "input": int(total("input_tokens")),
+            "output": int(total("output_tokens")),
+            "cache_creation": int(total("cache_creation_input_tokens")),
+            "cache_read": int(total("cache_read_input_tokens")),
+        },
+        "cost_usd": float(total("cost_usd")),
+        "sync_cost_usd": float(total("sync_cost_usd")),
+        "unknown_custom_ids": [],
+        "malformed_samples": [],
+        "request_counts": None,
+        "reused": True,
+    }
 
 
 def attempt_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
@@ -101,6 +191,8 @@ def collect_batch(
     :returns: collection stats (``CollectStats`` as a dict) plus ``results_path``, ``batch_id``,
         ``attempt``, ``mode`` and ``request_counts`` (the API's, batch mode only).
     """
+    import anthropic
+
     from anthropic_batch.batch_requests import iter_chunk_lines, read_manifest
     from anthropic_batch.results import ParseContext, collect_lines, expected_ids_from_chunk
 
@@ -110,6 +202,18 @@ def collect_batch(
     mode = str(handle.get("mode") or "batch")
     attempt = int(attempt if attempt is not None else handle.get("attempt") or 1)
     chunk_path = str(handle["chunk_path"])
+    ledger_path = str(handle["ledger_path"]) if handle.get("ledger_path") else None
+    out = results_file(work, attempt, batch_id)
+
+    # Stored results are the source of truth: a batch collected once (the file appears atomically,
+    # only after every line was verified to be this chunk's) is never downloaded again, so a rerun
+    # after the API archived the batch (29 days) still works and costs nothing.
+    if out.exists():
+        result = {**stored_stats(out), "batch_id": batch_id, "attempt": attempt, "mode": mode}
+        log.info("Batch %s was collected before (%s); using the stored file, not the API.", batch_id, out)
+        if ledger_path:
+            _record_in_ledger(ledger_path, None, result)
+        return result
 
     batch: dict[str, Any] | None = None
     if mode == "sync":
@@ -122,6 +226,10 @@ def collect_batch(
             raise BatchNotEndedError(
                 f"Batch {batch_id} is {batch['processing_status']}, not ended: wait for it first."
             )
+        if batch.get("archived_at"):
+            raise ResultsArchivedError(
+                _archived_message(batch_id, batch["archived_at"], out, ledger_path, chunk_path)
+            )
         lines = hook.iter_result_lines(batch_id)
 
     index = chunk_index_of(manifest, chunk_path)
@@ -133,8 +241,20 @@ def collect_batch(
         prices=price_table_for_mode(mode, prices),
         manifest=manifest,
     )
-    out = results_file(work, attempt, batch_id)
-    stats = collect_lines(lines, out, ctx, expected_custom_ids=expected_ids_from_chunk(chunk_path))
+    expected = expected_ids_from_chunk(chunk_path)
+    # Every line must answer a request of this chunk before anything is written: a batch that is
+    # not ours (e.g. an orphan recovered while it still ran) is never collected, hence never published.
+    verified = iter_verified_lines(lines, expected, batch_id=batch_id, chunk_path=chunk_path)
+    try:
+        stats = collect_lines(verified, out, ctx, expected_custom_ids=expected)
+    except ForeignBatchError as err:
+        raise ForeignBatchError(_foreign_message(err, batch_id, ledger_path)) from err
+    except anthropic.NotFoundError as err:
+        if mode == "sync":
+            raise
+        raise ResultsArchivedError(
+            _archived_message(batch_id, "(results answer 404)", out, ledger_path, chunk_path)
+        ) from err
     result = {
         **stats.to_dict(),
         "results_path": str(out),
@@ -154,8 +274,8 @@ def collect_batch(
             stats.n_malformed,
             stats.malformed_samples[:1],
         )
-    if handle.get("ledger_path"):
-        _record_in_ledger(str(handle["ledger_path"]), batch, result)
+    if ledger_path:
+        _record_in_ledger(ledger_path, batch, result)
     return result
 
 
