@@ -525,6 +525,7 @@ def submit_idempotently(
     deadline = time.monotonic() + claim_wait_seconds
     poll = min(1.0, lease_seconds / 4)
     waiting_logged = False
+    may_create = True
     while True:
         intent = _new_intent(
             dag_id=dag_id,
@@ -542,10 +543,12 @@ def submit_idempotently(
             **worker,
         )
         previous: dict[str, Any] | None = None
-        # The claim: exactly one of any number of concurrent submitters creates the entry.
-        if not storage.create_if_absent(path, encode_entry(intent)):
+        # The claim: exactly one of any number of concurrent submitters creates the entry. A loser
+        # that is waiting only re-reads (no create attempt per poll) until the entry is gone.
+        if not (may_create and storage.create_if_absent(path, encode_entry(intent))):
             current = storage.read_with_version(path)
             if current is None:
+                may_create = True
                 continue  # deleted in between: claim again
             found, version = json.loads(current[0]), current[1]
             if found.get("batch_id"):
@@ -556,10 +559,9 @@ def submit_idempotently(
                     "submitting anew.",
                     found["batch_id"],
                 )
-                intent = {
-                    **_add_ids(intent, "previous_batch_ids", *found.get("previous_batch_ids") or []),
-                    "generation": int(found.get("generation") or 1) + 1,
-                }
+                intent = {**intent, "generation": int(found.get("generation") or 1) + 1}
+                for field in ("previous_batch_ids", "duplicate_batch_ids", "foreign_batch_ids"):
+                    intent = _add_ids(intent, field, *found.get(field) or [])
                 intent = _add_ids(intent, "previous_batch_ids", found["batch_id"])
             elif watch.owner_is_dead(found, version):
                 # Take the intent over: the compare-and-swap lets only one of several retries win.
@@ -588,6 +590,7 @@ def submit_idempotently(
                         found.get("heartbeat_at"),
                     )
                     waiting_logged = True
+                may_create = False
                 time.sleep(poll)
                 continue
             if not storage.replace_if_version(path, encode_entry(intent), version):
@@ -689,8 +692,15 @@ def _submit_owned(
                 reason="the create got no answer",
             )
             if found is not None:
+                # Cancel it on losing the record only if its results proved it ours.
                 return _record(
-                    hook, path, entry, found, created_here=True, recovered=True, identity_verified=verified
+                    hook,
+                    path,
+                    entry,
+                    found,
+                    created_here=verified,
+                    recovered=True,
+                    identity_verified=verified,
                 )
             if not tries_left:
                 raise

@@ -2,8 +2,9 @@
 
 Mapped over the chunk paths that prepare returns. Everything else comes from the run's manifest
 (``{work_dir}/requests/manifest.json``): model, pipeline, partition, mode and the chunk's fingerprint.
-The submission goes through :func:`anthropic_batch.ledger.submit_idempotently`, so a retried or
-re-run task re-attaches to its batch instead of paying again. The batch id is pushed to XCom
+The submission goes through :func:`anthropic_batch.ledger.submit_idempotently`, so concurrent,
+retried or re-run tasks of one chunk (two runs of a date, a zombie beside its retry) make one batch
+and all re-attach to it instead of paying again. The batch id is pushed to XCom
 (key ``batch_id``) the moment it is known, for the Console link; the BatchHandle is returned.
 """
 

@@ -16,18 +16,7 @@ import pytest
 from anthropic_batch.hooks import BatchHook
 from anthropic_batch.ledger import SubmissionLedger, rfc3339, submit_idempotently
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
-from tests.plugins.anthropic_batch.test_ledger import REPO, listed
-
-BASE = {
-    "dag_id": "dag",
-    "task_id": "submit",
-    "partition": "2026-11-01",
-    "pipeline": "pipe",
-    "attempt": 1,
-    "model": "claude-haiku-4-5",
-    "mode": "batch",
-    "orphan_settle_seconds": 0,
-}
+from tests.plugins.anthropic_batch.test_ledger import REPO, listed, submit_kwargs
 
 
 @pytest.fixture
@@ -38,17 +27,11 @@ def emu(emulator_factory, monkeypatch):
 
 
 def kwargs_for(info: dict, **overrides) -> dict:
-    """Only arguments the old ledger had too, so each test also shows how the old code behaves."""
-    return {
-        "chunk_path": info["path"],
-        "chunk_fingerprint": info["fingerprint"],
-        "n_requests": info["n_requests"],
-        "n_bytes": info["n_bytes"],
-        "run_id": "scheduled__1",
-        "map_index": info["index"],
-        **BASE,
-        **overrides,
-    }
+    """Only arguments the old ledger had too (no lease_seconds), so each test also shows how the
+    old code behaves."""
+    kwargs = submit_kwargs(info, **{"run_id": "scheduled__1", **overrides})
+    kwargs.pop("lease_seconds")
+    return kwargs
 
 
 def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
@@ -147,53 +130,58 @@ print(json.dumps(handle))
     assert ids == {batches[0].id}
 
 
-def test_retry_beside_a_live_zombie_waits_for_its_batch(emu, tmp_path):
-    """A zombie (alive, still submitting) holds the intent; its retry must not submit a second batch."""
+def slow_owner_and_second(emu, tmp_path, while_blocked, **owner_kwargs) -> tuple[dict, bool, list]:
+    """The owner's create blocks until ``while_blocked(path, first_entry)`` returns; meanwhile a
+    second submitter of the same chunk starts. Returns both handles, whether the second one called
+    create, and the batches listed."""
     info = make_chunk(tmp_path / "work", 3)
     ledger = SubmissionLedger(str(tmp_path / "root"))
     path = ledger.entry_path("dag", "2026-11-01", "submit", info["fingerprint"])
     release = threading.Event()
-    retry_created = threading.Event()
+    second_created = threading.Event()
 
     def slow_create():
         release.wait(timeout=60)
         return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
 
-    def retry_create():
-        retry_created.set()
+    def second_create():
+        second_created.set()
         return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
 
     results: dict = {}
-    zombie = threading.Thread(
-        target=lambda: results.__setitem__(
-            "zombie",
-            submit_idempotently(BatchHook(emu.conn_id), ledger, **kwargs_for(info), submit=slow_create),
+
+    def run(name: str, **kwargs) -> threading.Thread:
+        thread = threading.Thread(
+            target=lambda: results.__setitem__(
+                name, submit_idempotently(BatchHook(emu.conn_id), ledger, **kwargs)
+            )
         )
-    )
-    zombie.start()
-    wait_for(lambda: ledger.read(path), what="the zombie's intent")
-    retry = threading.Thread(
-        target=lambda: results.__setitem__(
-            "retry",
-            submit_idempotently(
-                BatchHook(emu.conn_id),
-                ledger,
-                **kwargs_for(info, run_id="scheduled__1_try2"),
-                submit=retry_create,
-            ),
-        )
-    )
-    retry.start()
-    # Give the retry time to decide (the old ledger submitted at once); then let the zombie finish.
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and not retry_created.is_set():
-        time.sleep(0.05)
+        thread.start()
+        return thread
+
+    owner = run("owner", **kwargs_for(info), submit=slow_create, **owner_kwargs)
+    first = wait_for(lambda: ledger.read(path), what="the owner's intent")
+    second = run("second", **kwargs_for(info, run_id="scheduled__1_try2"), submit=second_create)
+    while_blocked(ledger, path, first, second_created)
     release.set()
-    zombie.join(timeout=60)
-    retry.join(timeout=60)
-    assert not retry_created.is_set(), "the retry submitted beside a live zombie"
-    assert results["retry"]["batch_id"] == results["zombie"]["batch_id"]
-    assert [b.id for b in listed(emu)] == [results["zombie"]["batch_id"]]
+    owner.join(timeout=60)
+    second.join(timeout=60)
+    return results, second_created.is_set(), listed(emu)
+
+
+def test_retry_beside_a_live_zombie_waits_for_its_batch(emu, tmp_path):
+    """A zombie (alive, still submitting) holds the intent; its retry must not submit a second batch."""
+
+    def give_the_retry_time_to_decide(ledger, path, first, second_created):
+        # The old ledger submitted at once; two seconds are plenty to see that.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not second_created.is_set():
+            time.sleep(0.05)
+
+    results, second_created, batches = slow_owner_and_second(emu, tmp_path, give_the_retry_time_to_decide)
+    assert not second_created, "the retry submitted beside a live zombie"
+    assert results["second"]["batch_id"] == results["owner"]["batch_id"]
+    assert [b.id for b in batches] == [results["owner"]["batch_id"]]
 
 
 def test_two_retries_taking_over_a_dead_intent_submit_once(emu, tmp_path):
@@ -263,53 +251,22 @@ def test_an_intent_whose_heartbeat_stopped_is_taken_over_after_its_lease(emu, tm
 
 def test_the_owner_heartbeat_keeps_a_slow_create_alive(emu, tmp_path):
     """A create slower than the lease is not taken over: the owner's heartbeat keeps the intent alive."""
-    info = make_chunk(tmp_path / "work", 2)
-    ledger = SubmissionLedger(str(tmp_path / "root"))
-    path = ledger.entry_path("dag", "2026-11-01", "submit", info["fingerprint"])
-    release = threading.Event()
-    second_created = threading.Event()
 
-    def slow_create():
-        release.wait(timeout=60)
-        return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
-
-    def second_create():
-        second_created.set()
-        return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
-
-    results: dict = {}
-    owner = threading.Thread(
-        target=lambda: results.__setitem__(
-            "owner",
-            submit_idempotently(
-                BatchHook(emu.conn_id), ledger, **kwargs_for(info), submit=slow_create, lease_seconds=0.4
+    def three_leases_of_heartbeats(ledger, path, first, second_created):
+        t0 = time.monotonic()
+        wait_for(
+            lambda: (
+                time.monotonic() - t0 > 1.2 and ledger.read(path)["heartbeat_at"] != first["heartbeat_at"]
             ),
+            what="three leases of heartbeats",
         )
+
+    results, second_created, batches = slow_owner_and_second(
+        emu, tmp_path, three_leases_of_heartbeats, lease_seconds=0.4
     )
-    owner.start()
-    first = wait_for(lambda: ledger.read(path), what="the owner's intent")
-    other = threading.Thread(
-        target=lambda: results.__setitem__(
-            "other",
-            submit_idempotently(
-                BatchHook(emu.conn_id), ledger, **kwargs_for(info, run_id="manual__2"), submit=second_create
-            ),
-        )
-    )
-    other.start()
-    # Three leases pass with the create still blocked; the owner's heartbeats change the entry.
-    t0 = time.monotonic()
-    wait_for(
-        lambda: time.monotonic() - t0 > 1.2 and ledger.read(path)["heartbeat_at"] != first["heartbeat_at"],
-        what="three leases of heartbeats",
-    )
-    assert ledger.read(path)["heartbeat_at"] != first["heartbeat_at"]
-    release.set()
-    owner.join(timeout=60)
-    other.join(timeout=60)
-    assert not second_created.is_set()
-    assert results["other"]["batch_id"] == results["owner"]["batch_id"]
-    assert len(listed(emu)) == 1
+    assert not second_created
+    assert results["second"]["batch_id"] == results["owner"]["batch_id"]
+    assert len(batches) == 1
 
 
 def test_a_batch_created_after_losing_the_claim_is_canceled(emu, tmp_path):
