@@ -85,14 +85,6 @@ class LedgerState(StrEnum):
     ENDED = "ended"
 
 
-class SubmitAction(StrEnum):
-    """What :func:`submit_idempotently` does for an existing (or missing) entry."""
-
-    SUBMIT = "submit"
-    REATTACH = "reattach"
-    RECOVER = "recover"
-
-
 class AmbiguousSubmissionError(RuntimeError):
     """Several batches could be the one a dead worker created; a human has to pick."""
 
@@ -113,17 +105,6 @@ def parse_rfc3339(value: str) -> datetime:
 
 
 # -- pure policy -----------------------------------------------------------------------------------
-def decide_action(entry: dict[str, Any] | None) -> SubmitAction:
-    """The action for an entry: nothing or nothing usable -> submit; an id -> re-attach; intent -> recover."""
-    if not entry:
-        return SubmitAction.SUBMIT
-    if entry.get("batch_id"):
-        return SubmitAction.REATTACH
-    if entry.get("state") == LedgerState.INTENT and entry.get("intent_at"):
-        return SubmitAction.RECOVER
-    return SubmitAction.SUBMIT
-
-
 def resolve_orphans(candidates: Iterable[MessageBatch], known_batch_ids: set[str]) -> list[MessageBatch]:
     """Candidates a dead worker may have created: those no other ledger entry has claimed."""
     return [batch for batch in candidates if batch.id not in known_batch_ids]

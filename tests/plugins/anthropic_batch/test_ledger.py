@@ -19,8 +19,6 @@ from anthropic_batch.ledger import (
     AmbiguousSubmissionError,
     LedgerState,
     SubmissionLedger,
-    SubmitAction,
-    decide_action,
     is_fully_canceled,
     ledger_root_for,
     resolve_orphans,
@@ -83,15 +81,6 @@ def write_intent(ledger: SubmissionLedger, info: dict, intent_at: datetime | Non
 
 
 # -- pure policy ---------------------------------------------------------------------------------
-def test_decide_action():
-    assert decide_action(None) is SubmitAction.SUBMIT
-    assert decide_action({}) is SubmitAction.SUBMIT
-    assert decide_action({"state": "intent", "intent_at": "2026-11-01T00:00:00Z"}) is SubmitAction.RECOVER
-    assert decide_action({"state": "submitted", "batch_id": "msgbatch_1"}) is SubmitAction.REATTACH
-    assert decide_action({"state": "ended", "batch_id": "sync_abc"}) is SubmitAction.REATTACH
-    assert decide_action({"state": "intent"}) is SubmitAction.SUBMIT  # no time: nothing to search by
-
-
 def test_resolve_orphans_drops_batches_other_entries_claimed():
     a, b = SimpleNamespace(id="msgbatch_a"), SimpleNamespace(id="msgbatch_b")
     assert resolve_orphans([a, b], {"msgbatch_a"}) == [b]
