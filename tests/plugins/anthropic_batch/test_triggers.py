@@ -155,7 +155,11 @@ async def test_patience_is_time_not_polls(emulator_factory, monkeypatch, tmp_pat
     conn_id = no_sdk_retries(monkeypatch, emu, "early_fast")
     batch_id = create(conn_id, tmp_path)
     classpath, kwargs = BatchPollTrigger(
-        batch_id=batch_id, conn_id=conn_id, deadline=time.time() + 60, poll_interval=0.05, max_poll_interval=0.05
+        batch_id=batch_id,
+        conn_id=conn_id,
+        deadline=time.time() + 60,
+        poll_interval=0.05,
+        max_poll_interval=0.05,
     ).serialize()
     assert classpath == CLASSPATH
     event = await first_event(BatchPollTrigger(**kwargs))
