@@ -1,0 +1,58 @@
+"""Who canceled a batch, and why: the one place that writes (and reads) it in the ledger entry.
+
+Two kinds of cancel exist, and they mean opposite things for the canceled requests:
+
+- ``deadline``: the sensor gave up waiting (``deadline_hours``). That was our decision, the
+  requests are still wanted: collect keeps what was processed and resubmit sends the rest again.
+- ``user``: someone with edit rights on the DAG pressed **Cancel** on the Batches page (or called
+  its JSON route). The canceled requests must not be paid for again: they are dead-lettered with
+  the reason ``canceled by <user>``.
+
+Clearing, retrying or marking a task never cancels (see :mod:`anthropic_batch.triggers`).
+The fields live in the submission's ledger entry: ``cancel_reason``, ``canceled_by``,
+``cancel_requested_at``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from anthropic_batch.ledger import batch_fields, rfc3339, update_entry, utc_now
+from anthropic_batch.storage import PathLike
+
+
+class CancelReason(StrEnum):
+    """Why a batch was canceled."""
+
+    DEADLINE = "deadline"  # the sensor's deadline passed: canceled requests are retriable
+    USER = "user"  # an explicit user decision: canceled requests are dead-lettered
+
+
+def record_cancel(
+    ledger_path: PathLike,
+    reason: CancelReason,
+    *,
+    by: str | None = None,
+    batch: Any = None,
+) -> dict[str, Any]:
+    """Write who canceled the batch of ``ledger_path``, when and why (plus its new status)."""
+    fields: dict[str, Any] = {
+        "cancel_reason": reason.value,
+        "canceled_by": by,
+        "cancel_requested_at": rfc3339(utc_now()),
+    }
+    if batch is not None:
+        fields.update(batch_fields(batch))
+    return update_entry(ledger_path, **fields)
+
+
+def user_cancel_reason(entry: dict[str, Any] | None) -> str | None:
+    """``"canceled by <user>"`` when a user canceled this entry's batch, else None.
+
+    This is what resubmit puts in the dead-letter table for the canceled requests of such a batch
+    instead of resubmitting them.
+    """
+    if not entry or entry.get("cancel_reason") != CancelReason.USER:
+        return None
+    return f"canceled by {entry.get('canceled_by') or 'an unknown user'}"
