@@ -132,7 +132,7 @@ def await_resume(deferred: TaskDeferred, handle: dict, conn_id: str) -> dict:
     """Run the trigger like a triggerer (after a serialize round trip) and resume a fresh sensor."""
     import asyncio
 
-    classpath, kwargs = deferred.trigger.serialize()
+    _, kwargs = deferred.trigger.serialize()
     event = asyncio.run(first_event(BatchPollTrigger(**kwargs)))
     fresh = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1)
     return getattr(fresh, deferred.method_name)(
@@ -170,7 +170,7 @@ def test_a_try_after_the_deadline_waits_for_the_cancellation(
 def test_a_batch_that_never_finishes_canceling_fails_the_task():
     sensor = BatchSensor(task_id="wait", handle="msgbatch_1", cancel_wait_hours=0.5)
     event = {"status": "deadline", "batch_id": "msgbatch_1", "message": "not ended", "batch": None}
-    with pytest.raises(AirflowException, match="did not finish canceling within 0.5 h"):
+    with pytest.raises(AirflowException, match=r"did not finish canceling within 0\.5 h"):
         sensor.execute_complete({}, event, canceling=True)
 
 
