@@ -18,8 +18,13 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from anthropic_batch.ledger import batch_fields, rfc3339, update_entry, utc_now
+from anthropic_batch.ledger import LedgerState, batch_fields, rfc3339, update_entry, utc_now
+from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.storage import PathLike
+
+
+class NotCancelable(Exception):
+    """The batch cannot be canceled (already ended, never submitted, or run synchronously)."""
 
 
 class CancelReason(StrEnum):
@@ -56,3 +61,30 @@ def user_cancel_reason(entry: dict[str, Any] | None) -> str | None:
     if not entry or entry.get("cancel_reason") != CancelReason.USER:
         return None
     return f"canceled by {entry.get('canceled_by') or 'an unknown user'}"
+
+
+def cancel_by_user(entry: dict[str, Any], user: str, *, conn_id: str = DEFAULT_CONN_ID) -> dict[str, Any]:
+    """Cancel the batch of a ledger entry (with ``ledger_path``) on a user's explicit request.
+
+    Records ``canceled_by`` / ``cancel_requested_at`` / ``cancel_reason: user`` and the batch's new
+    status in the entry, and returns the updated entry. Raises :class:`NotCancelable` when there is
+    nothing to cancel (the cancel fields are not written then).
+    """
+    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.status import BatchStatus
+
+    batch_id = entry.get("batch_id")
+    if not batch_id or entry.get("mode") == "sync":
+        raise NotCancelable(f"{batch_id or 'This submission'} is not a Message Batch; nothing to cancel.")
+    if entry.get("state") == LedgerState.ENDED or entry.get("processing_status") == BatchStatus.ENDED:
+        raise NotCancelable(f"Batch {batch_id} has already ended; nothing to cancel.")
+    hook = BatchHook(conn_id=entry.get("conn_id") or conn_id)
+    current = hook.get_batch(batch_id)
+    if current.processing_status != BatchStatus.IN_PROGRESS:
+        # Ended, or already canceling (by the deadline, the Console or another user): nothing to do,
+        # and the ledger keeps whoever asked first.
+        update_entry(entry["ledger_path"], **batch_fields(current))
+        done = "ended" if current.processing_status == BatchStatus.ENDED else "been asked to cancel"
+        raise NotCancelable(f"Batch {batch_id} has already {done}; nothing to cancel.")
+    batch = hook.cancel_batch(batch_id)
+    return record_cancel(entry["ledger_path"], CancelReason.USER, by=user, batch=batch)
