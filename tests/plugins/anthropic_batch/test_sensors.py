@@ -172,6 +172,10 @@ def test_a_batch_that_never_finishes_canceling_fails_the_task():
     event = {"status": "deadline", "batch_id": "msgbatch_1", "message": "not ended", "batch": None}
     with pytest.raises(AirflowException, match=r"did not finish canceling within 0\.5 h"):
         sensor.execute_complete({}, event, canceling=True)
+    # Without the deferral kwargs (dag.test drops them) the last seen batch tells the same.
+    seen = {**event, "batch": {"id": "msgbatch_1", "cancel_initiated_at": "2026-11-01T00:00:00Z"}}
+    with pytest.raises(AirflowException, match="did not finish canceling"):
+        sensor.execute_complete({}, seen)
 
 
 def test_poke_mode_past_the_deadline_cancels_and_keeps_poking(emulator_factory, monkeypatch, tmp_path):
