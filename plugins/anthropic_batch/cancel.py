@@ -18,13 +18,17 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from anthropic_batch.ledger import LedgerState, batch_fields, rfc3339, update_entry, utc_now
+from anthropic_batch.ledger import LedgerState, SubmissionLedger, batch_fields, rfc3339, update_entry, utc_now
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.storage import PathLike
 
 
 class NotCancelable(Exception):
     """The batch cannot be canceled (already ended, never submitted, or run synchronously)."""
+
+
+#: ``error_type`` for the canceled rows of a batch a user canceled (permanent: not resubmitted).
+USER_CANCELED_ERROR_TYPE = "user_canceled"
 
 
 class CancelReason(StrEnum):
@@ -61,6 +65,19 @@ def user_cancel_reason(entry: dict[str, Any] | None) -> str | None:
     if not entry or entry.get("cancel_reason") != CancelReason.USER:
         return None
     return f"canceled by {entry.get('canceled_by') or 'an unknown user'}"
+
+
+def user_canceled_batches(ledger_root: PathLike, dag_id: str, partition: str) -> dict[str, str]:
+    """``{batch_id: "canceled by <user>"}`` for the batches of a run that a user canceled.
+
+    What resubmit needs to dead-letter those batches' canceled rows instead of retrying them.
+    """
+    found = {}
+    for entry in SubmissionLedger(ledger_root).iter_entries(dag_id=dag_id, partition=partition):
+        reason = user_cancel_reason(entry)
+        if reason and entry.get("batch_id"):
+            found[entry["batch_id"]] = reason
+    return found
 
 
 def cancel_by_user(entry: dict[str, Any], user: str, *, conn_id: str = DEFAULT_CONN_ID) -> dict[str, Any]:

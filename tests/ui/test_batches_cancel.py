@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from anthropic_batch.cancel import user_canceled_batches
 from anthropic_batch.hooks import BatchHook
 from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
@@ -86,6 +87,10 @@ def test_user_with_edit_rights_cancels_through_the_json_route(live, make_token):
     entry = live["ledger"].read(handle["ledger_path"])
     assert entry["canceled_by"] == "alice" and entry["cancel_reason"] == "user"
     assert entry["cancel_requested_at"] == body["cancel_requested_at"]
+    # What resubmit reads to dead-letter (not retry) this batch's canceled requests.
+    assert user_canceled_batches(live["ledger"].root, DAG_ID, PARTITION) == {
+        handle["batch_id"]: "canceled by alice"
+    }
 
     after = client.get(f"{PREFIX}/runs/{DAG_ID}/{PARTITION}", headers=bearer(token)).text
     assert "canceled by alice" in after

@@ -7,6 +7,7 @@ import time
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
+from anthropic_batch.cancel import user_canceled_batches
 from anthropic_batch.hooks import BatchHook
 from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
 from anthropic_batch.sensors import BatchSensor, batch_id_of, deadline_epoch
@@ -126,6 +127,7 @@ def test_deadline_cancels_then_waits_for_the_cancellation_and_succeeds(
     assert batch["request_counts"]["canceled"] == 3
     entry = ledger.read(handle["ledger_path"])
     assert entry["state"] == "ended" and entry["cancel_reason"] == "deadline"
+    assert user_canceled_batches(ledger.root, "dag", "2026-11-01") == {}  # ours: retriable, not a user's
 
 
 def await_resume(deferred: TaskDeferred, handle: dict, conn_id: str) -> dict:
