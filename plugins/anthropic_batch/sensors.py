@@ -7,13 +7,17 @@ with the sync client. ``mode="sync"`` handles are complete already and return at
 
 The wait is bounded by ``deadline_hours`` counted from the batch's ``created_at`` (30 h by default:
 beyond the API's 24 h expiry, so a healthy batch always ends first). On the deadline the batch is
-canceled (best effort) and the task fails: the user asked to stop waiting, and requests still
-processing after that would be paid for but never collected. A retry of the sensor then waits for
-the cancellation to finish, and collect/resubmit treat the canceled requests as retriable.
+canceled (best effort, recorded in the ledger entry as a ``deadline`` cancel) and the sensor keeps
+waiting, deferred, up to ``cancel_wait_hours`` more, for the batch to reach ``ended``; then it
+succeeds, so collect keeps what was processed and resubmit sends the canceled requests again (a
+deadline cancel is ours: those requests are still wanted). A sensor (re)tried after its deadline
+does the same: it cancels if the batch is still ``in_progress`` and waits while it is
+``canceling``. Only a batch that does not finish canceling in time fails the task.
 
-Killing the task cancels the batch only in deferrable mode (the trigger's ``on_kill``, which
-Airflow 3.3 calls for user actions only). In poke mode the operator's ``on_kill`` also fires when a
-worker shuts down, so it deliberately does not cancel: a deploy must not cancel running batches.
+Clearing, retrying or marking the task never cancels the batch: a new try re-attaches to it (the
+trigger's ``on_kill`` deliberately leaves it running, see :mod:`anthropic_batch.triggers`). An
+explicit Cancel on the Batches page is the way to stop paying (:mod:`anthropic_batch.cancel`); the
+sensor then sees the batch end and succeeds, and the canceled requests are dead-lettered.
 
 On ``ended`` the ledger entry is updated (status, counts, ended_at, expires_at) and the batch JSON
 is returned (XCom).
@@ -29,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from anthropic_batch.cancel import CancelReason, record_cancel
 from anthropic_batch.ledger import ended_fields, update_entry
 from anthropic_batch.links import AnthropicConsoleBatchLink
 from anthropic_batch.status import DEFAULT_CONN_ID
-from anthropic_batch.triggers import BatchPollTrigger, describe
+from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS, BatchPollTrigger, describe
 
 if TYPE_CHECKING:
     from anthropic_batch.hooks import BatchHook
@@ -79,7 +84,10 @@ class BatchSensor(BaseSensorOperator):
     :param deferrable: wait in the triggerer (default) instead of occupying a worker slot.
     :param poll_interval: first seconds between polls (grows while nothing changes).
     :param max_poll_interval: upper bound of the poll interval.
-    :param deadline_hours: stop waiting this long after the batch was created.
+    :param deadline_hours: cancel the batch this long after it was created.
+    :param cancel_wait_hours: after that cancel, how long to wait for the batch to end.
+    :param max_transient_seconds: how long polls may keep failing transiently (429, 5xx, 529,
+        connection errors, early 404) before the try fails.
     """
 
     template_fields: Sequence[str] = ("handle",)
@@ -95,11 +103,12 @@ class BatchSensor(BaseSensorOperator):
         poll_interval: float = 30,
         max_poll_interval: float = 600,
         deadline_hours: float = 30,
-        max_transient_errors: int = 10,
+        cancel_wait_hours: float = 2,
+        max_transient_seconds: float = DEFAULT_MAX_TRANSIENT_SECONDS,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
-        kwargs.setdefault("timeout", deadline_hours * 3600)
+        kwargs.setdefault("timeout", (deadline_hours + cancel_wait_hours) * 3600)
         kwargs.setdefault("exponential_backoff", True)
         kwargs.setdefault("max_wait", max_poll_interval)
         super().__init__(**kwargs)
@@ -109,7 +118,8 @@ class BatchSensor(BaseSensorOperator):
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self.deadline_hours = deadline_hours
-        self.max_transient_errors = max_transient_errors
+        self.cancel_wait_hours = cancel_wait_hours
+        self.max_transient_seconds = max_transient_seconds
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -143,9 +153,13 @@ class BatchSensor(BaseSensorOperator):
             "results_path": self.handle.get("results_path") if isinstance(self.handle, dict) else None,
         }
 
+    @property
+    def ledger_path(self) -> str | None:
+        return self.handle.get("ledger_path") if isinstance(self.handle, dict) else None
+
     def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record the ended batch in the ledger and return it."""
-        ledger_path = self.handle.get("ledger_path") if isinstance(self.handle, dict) else None
+        ledger_path = self.ledger_path
         if ledger_path:
             try:
                 update_entry(ledger_path, **ended_fields(batch))
@@ -164,12 +178,52 @@ class BatchSensor(BaseSensorOperator):
         )
         return batch
 
-    def _cancel_quietly(self) -> None:
+    def _cancel_for_deadline(self) -> None:
+        """Cancel the batch (best effort) and record it in the ledger as a deadline cancel."""
         try:
-            self._hook().cancel_batch(self.batch_id)
-            self.log.warning("Deadline passed: cancel requested for batch %s.", self.batch_id)
+            batch = self._hook().cancel_batch(self.batch_id)
         except Exception as err:
             self.log.warning("Deadline passed; cancelling batch %s failed: %s", self.batch_id, err)
+            return
+        self.log.warning(
+            "Deadline passed (%s h after creation): cancel requested for batch %s (%s). Waiting for "
+            "the cancellation to finish; the canceled requests will be resubmitted.",
+            self.deadline_hours,
+            self.batch_id,
+            batch.processing_status,
+        )
+        if self.ledger_path:
+            try:
+                record_cancel(self.ledger_path, CancelReason.DEADLINE, batch=batch)
+            except FileNotFoundError:
+                self.log.warning("Ledger entry %s is gone; cancel not recorded.", self.ledger_path)
+
+    def _defer(self, deadline: float, *, canceling: bool) -> None:
+        """Hand the wait to the trigger until ``deadline`` (epoch seconds)."""
+        self.log.info(
+            "Deferring until batch %s ends (%s %s).",
+            self.batch_id,
+            "cancellation deadline" if canceling else "deadline",
+            datetime.fromtimestamp(deadline, UTC).isoformat(),
+        )
+        self.defer(
+            trigger=BatchPollTrigger(
+                batch_id=self.batch_id,
+                conn_id=self.conn_id,
+                deadline=deadline,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+                max_transient_seconds=self.max_transient_seconds,
+            ),
+            method_name="execute_complete",
+            kwargs={"canceling": canceling},
+            # A margin past the trigger's own deadline: the trigger reports it, not a bare timeout.
+            timeout=timedelta(seconds=max(60.0, deadline - time.time()) + 600),
+        )
+
+    def _cancel_wait_deadline(self, deadline: float, now: float) -> float:
+        """Until when a batch canceled at ``deadline`` may take to finish canceling."""
+        return max(deadline, now) + self.cancel_wait_hours * 3600
 
     # -- execution -------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:
@@ -181,6 +235,7 @@ class BatchSensor(BaseSensorOperator):
         if not self.deferrable:
             return super().execute(context)
         from anthropic_batch.hooks import FATAL_ERRORS
+        from anthropic_batch.status import BatchStatus
 
         batch = None
         try:
@@ -193,28 +248,19 @@ class BatchSensor(BaseSensorOperator):
             self.log.info("%s", describe(batch, datetime.now(UTC)))
             if batch.processing_status == "ended":
                 return self._finish(batch.model_dump(mode="json"))
-        deadline = deadline_epoch(batch.created_at if batch else None, self.deadline_hours, time.time())
-        self.log.info(
-            "Deferring until batch %s ends (deadline %s).",
-            self.batch_id,
-            datetime.fromtimestamp(deadline, UTC).isoformat(),
-        )
-        self.defer(
-            trigger=BatchPollTrigger(
-                batch_id=self.batch_id,
-                conn_id=self.conn_id,
-                deadline=deadline,
-                poll_interval=self.poll_interval,
-                max_poll_interval=self.max_poll_interval,
-                max_transient_errors=self.max_transient_errors,
-            ),
-            method_name="execute_complete",
-            # A margin past the trigger's own deadline: the trigger reports it, not a bare timeout.
-            timeout=timedelta(seconds=max(60.0, deadline - time.time()) + 600),
-        )
+        now = time.time()
+        deadline = deadline_epoch(batch.created_at if batch else None, self.deadline_hours, now)
+        if batch is not None and now >= deadline:
+            # A try that starts past the deadline (a retry, a cleared task): make sure the batch is
+            # being canceled, then wait for the cancellation instead of failing while it is canceling.
+            if batch.processing_status == BatchStatus.IN_PROGRESS:
+                self._cancel_for_deadline()
+            self._defer(self._cancel_wait_deadline(deadline, now), canceling=True)
+        self._defer(deadline, canceling=False)
 
     def poke(self, context: Any) -> bool | PokeReturnValue:
         from anthropic_batch.hooks import FATAL_ERRORS
+        from anthropic_batch.status import BatchStatus
 
         try:
             batch = self._hook().get_batch(self.batch_id)
@@ -223,24 +269,39 @@ class BatchSensor(BaseSensorOperator):
         self.log.info("%s", describe(batch, datetime.now(UTC)))
         if batch.processing_status == "ended":
             return PokeReturnValue(is_done=True, xcom_value=self._finish(batch.model_dump(mode="json")))
-        if time.time() > deadline_epoch(batch.created_at, self.deadline_hours, time.time()):
-            self._cancel_quietly()
-            raise AirflowException(
-                f"Batch {self.batch_id} had not ended {self.deadline_hours} h after creation; "
-                "cancel requested."
-            )
+        now = time.time()
+        deadline = deadline_epoch(batch.created_at, self.deadline_hours, now)
+        if now > deadline:
+            if now > self._cancel_wait_deadline(deadline, deadline):
+                raise AirflowException(
+                    f"Batch {self.batch_id} did not end within {self.cancel_wait_hours} h of the "
+                    f"deadline ({self.deadline_hours} h after creation) although a cancel was requested."
+                )
+            if batch.processing_status == BatchStatus.IN_PROGRESS:
+                self._cancel_for_deadline()
         return False
 
-    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Resume after the trigger: ended -> record and return; deadline/error -> fail clearly."""
+    def execute_complete(
+        self, context: Any, event: dict[str, Any] | None = None, canceling: bool = False
+    ) -> dict[str, Any]:
+        """Resume after the trigger: ended -> record and return; deadline -> cancel and wait for the
+        cancellation (once); a deadline while canceling or an error -> fail clearly."""
         if not event or "status" not in event:
             raise AirflowException(f"BatchPollTrigger returned no usable event: {event!r}")
         status = event["status"]
         if status == "ended":
             return self._finish(event["batch"])
         if status == "deadline":
-            self._cancel_quietly()
-            raise AirflowException(f"{event.get('message')} Cancel requested; clear the task to wait again.")
+            # ``canceling`` comes from the deferral kwargs; the last seen batch says it too (dag.test
+            # resumes without the kwargs).
+            if canceling or (event.get("batch") or {}).get("cancel_initiated_at"):
+                raise AirflowException(
+                    f"Batch {self.batch_id} did not finish canceling within {self.cancel_wait_hours} h "
+                    "of its deadline. Clear the task to wait again."
+                )
+            self._cancel_for_deadline()
+            now = time.time()
+            self._defer(self._cancel_wait_deadline(now, now), canceling=True)
         message = f"Waiting for batch {event.get('batch_id')} failed: {event.get('message')}"
         if event.get("error_type") in fatal_error_types():
             raise AirflowFailException(message + " (fix the connection's key, permissions or billing)")

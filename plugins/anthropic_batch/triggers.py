@@ -4,14 +4,20 @@ Runs in the triggerer's event loop, so every call uses the async client (never a
 Polls start at ``poll_interval`` and grow by half (with jitter) toward ``max_poll_interval`` while
 nothing changes; when the request counts or status move, the interval drops back to
 ``poll_interval`` (a moving batch is often close to done). Transient trouble (429, 5xx, 529,
-connection errors, the 404 just after create) is tolerated up to ``max_transient_errors``
-consecutive failures; 401/402/403 are fatal at once. Exactly one event is yielded:
+connection errors, the 404 just after create) is tolerated for ``max_transient_seconds`` of
+uninterrupted failure (wall time, so the patience does not shrink with a short poll interval);
+401/402/403 are fatal at once. Exactly one event is yielded:
 
 - ``{"status": "ended", "batch_id", "batch": <MessageBatch JSON>}``
 - ``{"status": "deadline", "batch_id", "message", "batch": <last seen JSON or None>}``
 - ``{"status": "error", "batch_id", "message", "error_type"}``
 
-``on_kill`` (Airflow 3.3: the user marked the task failed/success or cleared it) cancels the batch.
+``on_kill`` does NOT cancel the batch. Airflow 3.3 calls it for clear, mark-failed and mark-success
+alike (the triggerer only learns that its trigger row went away, ``triggerer_job_runner``
+``cancel_triggers``: one message, ``__airflow_user_action__``, for every user action), so the
+trigger cannot tell "stop paying" from "wait again": a cleared or retried task must re-attach to
+the batch already paid for. Canceling is an explicit action on the Batches page
+(:mod:`anthropic_batch.cancel`).
 The trigger lives in the plugins folder so the triggerer can import it by its classpath
 ``anthropic_batch.triggers.BatchPollTrigger``.
 """
@@ -38,8 +44,8 @@ if TYPE_CHECKING:
 CLASSPATH = "anthropic_batch.triggers.BatchPollTrigger"
 #: Growth factor of the poll interval while nothing changes.
 BACKOFF_FACTOR = 1.5
-#: Bound for on_kill's cancel call: the triggerer gives on_kill limited time.
-ON_KILL_TIMEOUT_S = 20.0
+#: Default patience for uninterrupted transient failures: well above a typical API incident.
+DEFAULT_MAX_TRANSIENT_SECONDS = 30 * 60.0
 
 
 def next_interval(current: float, *, changed: bool, poll_interval: float, max_poll_interval: float) -> float:
@@ -110,7 +116,10 @@ class BatchPollTrigger(BaseTrigger):
         another triggerer process after a restart.
     :param poll_interval: first (and minimum) seconds between polls.
     :param max_poll_interval: the interval grows toward this while nothing changes.
-    :param max_transient_errors: consecutive transient failures tolerated.
+    :param max_transient_seconds: how long polls may keep failing transiently (429, 5xx, 529,
+        connection errors, early 404) before the trigger gives up with an ``error`` event.
+    :param max_transient_errors: ignored; accepted so that triggers serialized by an earlier
+        version (which counted failures) still load after an upgrade.
     """
 
     def __init__(
@@ -120,7 +129,8 @@ class BatchPollTrigger(BaseTrigger):
         deadline: float | None = None,
         poll_interval: float = 30.0,
         max_poll_interval: float = 600.0,
-        max_transient_errors: int = 10,
+        max_transient_seconds: float = DEFAULT_MAX_TRANSIENT_SECONDS,
+        max_transient_errors: int | None = None,
     ) -> None:
         super().__init__()
         self.batch_id = batch_id
@@ -128,7 +138,8 @@ class BatchPollTrigger(BaseTrigger):
         self.deadline = float(deadline) if deadline is not None else time.time() + 30 * 3600
         self.poll_interval = float(poll_interval)
         self.max_poll_interval = max(float(max_poll_interval), self.poll_interval)
-        self.max_transient_errors = int(max_transient_errors)
+        self.max_transient_seconds = float(max_transient_seconds)
+        del max_transient_errors  # see the docstring: counting polls made patience depend on the interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -139,7 +150,7 @@ class BatchPollTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
                 "max_poll_interval": self.max_poll_interval,
-                "max_transient_errors": self.max_transient_errors,
+                "max_transient_seconds": self.max_transient_seconds,
             },
         )
 
@@ -168,6 +179,7 @@ class BatchPollTrigger(BaseTrigger):
         last_snapshot: tuple[Any, ...] | None = None
         last_batch: Any = None
         failures = 0
+        failing_since: float | None = None  # monotonic time of the first failure of the current streak
         while True:
             try:
                 batch = await client.messages.batches.retrieve(self.batch_id)
@@ -182,24 +194,29 @@ class BatchPollTrigger(BaseTrigger):
                         "error", message=f"{type(err).__name__}: {err}", error_type=type(err).__name__
                     )
                 failures += 1
-                if failures > self.max_transient_errors:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                failing_for = time.monotonic() - failing_since
+                if failing_for > self.max_transient_seconds:
                     return self._event(
                         "error",
                         message=(
-                            f"{failures} consecutive transient errors polling {self.batch_id}; "
+                            f"Polling {self.batch_id} kept failing for {failing_for:.0f}s "
+                            f"({failures} attempts; max_transient_seconds={self.max_transient_seconds:g}); "
                             f"last: {type(err).__name__}: {err}"
                         ),
                         error_type=type(err).__name__,
                     )
                 self.log.warning(
-                    "Polling %s failed (%s, %d/%d consecutive); will retry.",
+                    "Polling %s failed (%s; failing for %.0fs of %.0fs tolerated); will retry.",
                     self.batch_id,
                     type(err).__name__,
-                    failures,
-                    self.max_transient_errors,
+                    failing_for,
+                    self.max_transient_seconds,
                 )
             else:
                 failures = 0
+                failing_since = None
                 last_batch = batch
                 now = datetime.now(UTC)
                 self.log.info("%s", describe(batch, now))
@@ -229,14 +246,10 @@ class BatchPollTrigger(BaseTrigger):
             await asyncio.sleep(jittered(interval, remaining))
 
     async def on_kill(self) -> None:
-        """Cancel the batch: the user stopped the task, so its requests should stop costing money."""
-        from anthropic_batch.hooks import BatchHook
-
-        hook = BatchHook(conn_id=self.conn_id)
-        try:
-            batch = await asyncio.wait_for(hook.acancel_batch(self.batch_id), timeout=ON_KILL_TIMEOUT_S)
-            self.log.info(
-                "on_kill: cancel requested for batch %s (%s).", self.batch_id, batch.processing_status
-            )
-        except Exception as err:
-            self.log.warning("on_kill: could not cancel batch %s: %s", self.batch_id, err)
+        """Leave the batch running: see the module docstring (a clear must re-attach, not cancel)."""
+        self.log.info(
+            "Task stopped by a user action (clear, mark failed or mark success); batch %s keeps "
+            "running and a new try re-attaches to it. To stop paying for it, use Cancel on the "
+            "Batches page.",
+            self.batch_id,
+        )

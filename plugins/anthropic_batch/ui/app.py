@@ -7,10 +7,19 @@ Routes (relative to the mount prefix, ``/anthropic-batches`` in the api-server):
 ``GET /dag-runs/{dag_id}/{run_id}``         the same, found by Airflow run id (the DAG-run tab)
 ``GET /api/batches``                        JSON of the overview
 ``GET /api/runs/{dag_id}/{partition}``      JSON of one run (``?limit=`` dead-letter rows)
+``GET  /runs/{dag_id}/{partition}/batches/{batch_id}/cancel``      confirmation page with the form
+``POST /runs/{dag_id}/{partition}/batches/{batch_id}/cancel``      cancel (form), back to the run page
+``POST /api/runs/{dag_id}/{partition}/batches/{batch_id}/cancel``  cancel, JSON answer
 
 Every route requires an Airflow login (see :mod:`anthropic_batch.ui.auth`): 401 without a valid
 token (JSON for ``/api``, an HTML page with a login link otherwise), 403 without permission.
 Templates autoescape everything; the pages carry no JavaScript and a CSP that forbids any.
+
+Cancel is the only way this project cancels a batch on a person's behalf (clearing or marking a
+task never does, see :mod:`anthropic_batch.triggers`): it needs edit rights on the DAG's runs, is
+refused across sites (:func:`~anthropic_batch.ui.auth.check_cross_site`), and records who and when
+in the ledger entry, so the canceled requests are dead-lettered instead of resubmitted
+(:mod:`anthropic_batch.cancel`).
 """
 
 from __future__ import annotations
@@ -21,21 +30,28 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from anthropic_batch.ui import data
 from anthropic_batch.ui.auth import (
     Forbidden,
     NotAuthenticated,
+    check_cross_site,
+    editable_dag_ids,
+    form_token,
     login_url,
     readable_dag_ids,
+    require_dag_edit,
     require_dag_read,
     require_user,
+    user_name,
 )
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 #: Airflow's own rule for DAG ids; anything else cannot name a run of ours.
 DAG_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,250}$")
+#: Message Batch ids (``msgbatch_...``); anything else cannot name one of our batches.
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 DEFAULT_DEAD_LETTER_LIMIT = 200
 #: Newest batches listed on the HTML page (the run table and the JSON API cover all of them).
 MAX_BATCH_ROWS = 500
@@ -59,6 +75,10 @@ LimitQuery = Annotated[int, Query(ge=0, le=5000)]
 
 class RunNotFound(Exception):
     """No batches and no summary for the requested run."""
+
+
+class CancelRefused(Exception):
+    """The batch exists but cannot be canceled (already ended, not a batch)."""
 
 
 # -- formatting filters ------------------------------------------------------------------------------
@@ -147,6 +167,7 @@ def create_app(storage_root: str | None = None) -> FastAPI:
     app.add_exception_handler(NotAuthenticated, _not_authenticated)
     app.add_exception_handler(Forbidden, _forbidden)
     app.add_exception_handler(RunNotFound, _not_found)
+    app.add_exception_handler(CancelRefused, _conflict)
 
     @app.get("/", response_class=HTMLResponse, name="batches_page")
     def batches_page(request: Request, user: UserDep) -> HTMLResponse:
@@ -157,6 +178,7 @@ def create_app(storage_root: str | None = None) -> FastAPI:
             overview=overview,
             charts=_charts(overview["series"]),
             max_rows=MAX_BATCH_ROWS,
+            editable=_editable(user, overview["batches"]),
         )
 
     @app.get("/runs/{dag_id}/{partition}", response_class=HTMLResponse, name="run_page")
@@ -168,7 +190,7 @@ def create_app(storage_root: str | None = None) -> FastAPI:
         limit: LimitQuery = DEFAULT_DEAD_LETTER_LIMIT,
     ) -> HTMLResponse:
         detail = _run_detail(request, user, dag_id, partition, limit)
-        return _render(request, "run.html", **detail)
+        return _render(request, "run.html", editable=_editable(user, detail["batches"]), **detail)
 
     @app.get("/dag-runs/{dag_id}/{run_id:path}", response_class=HTMLResponse, name="dag_run_page")
     def dag_run_page(
@@ -180,7 +202,7 @@ def create_app(storage_root: str | None = None) -> FastAPI:
     ) -> HTMLResponse:
         partition = _partition_of(request, user, dag_id, run_id)
         detail = _run_detail(request, user, dag_id, partition, limit)
-        return _render(request, "run.html", **detail)
+        return _render(request, "run.html", editable=_editable(user, detail["batches"]), **detail)
 
     @app.get("/api/batches", name="api_batches")
     def api_batches(request: Request, user: UserDep) -> dict[str, Any]:
@@ -196,6 +218,45 @@ def create_app(storage_root: str | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         detail = _run_detail(request, user, dag_id, partition, limit)
         return {k: v for k, v in detail.items() if k in ("run", "batches", "dead_letters", "failures")}
+
+    @app.get(
+        "/runs/{dag_id}/{partition}/batches/{batch_id}/cancel",
+        response_class=HTMLResponse,
+        name="cancel_page",
+    )
+    def cancel_page(
+        request: Request, dag_id: str, partition: str, batch_id: str, user: UserDep
+    ) -> HTMLResponse:
+        entry = _cancelable_entry(request, user, dag_id, partition, batch_id)
+        return _render(
+            request,
+            "cancel.html",
+            entry=entry,
+            dag_id=dag_id,
+            partition=partition,
+            batch_id=batch_id,
+            form_token=form_token(request),
+        )
+
+    @app.post("/runs/{dag_id}/{partition}/batches/{batch_id}/cancel", name="cancel_batch")
+    async def cancel_batch(
+        request: Request, dag_id: str, partition: str, batch_id: str, user: UserDep
+    ) -> Response:
+        form = await request.form()
+        token = form.get("form_token")
+        check_cross_site(request, token if isinstance(token, str) else None)
+        await _cancel(request, user, dag_id, partition, batch_id)
+        target = request.url_for("run_page", dag_id=dag_id, partition=partition).path
+        return RedirectResponse(target, status_code=303)
+
+    @app.post("/api/runs/{dag_id}/{partition}/batches/{batch_id}/cancel", name="api_cancel_batch")
+    async def api_cancel_batch(
+        request: Request, dag_id: str, partition: str, batch_id: str, user: UserDep
+    ) -> dict[str, Any]:
+        check_cross_site(request, request.headers.get("x-form-token"))
+        entry = await _cancel(request, user, dag_id, partition, batch_id)
+        keys = ("batch_id", "processing_status", "cancel_reason", "canceled_by", "cancel_requested_at")
+        return {k: entry.get(k) for k in keys}
 
     return app
 
@@ -214,6 +275,7 @@ def _overview(request: Request, user: Any) -> dict[str, Any]:
     dag_ids = {e.get("dag_id") for e in entries} | {s.get("dag_id") for s in summaries}
     allowed = readable_dag_ids(user, {d for d in dag_ids if d})
     overview = data.build_overview(entries, summaries, allowed_dag_ids=allowed)
+    _add_cancels(overview["batches"], entries)
     overview["generated_at"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return overview
 
@@ -242,6 +304,7 @@ def _run_detail(request: Request, user: Any, dag_id: str, partition: str, limit:
     entries = data.read_ledger_entries(root, dag_id=dag_id, partition=partition)
     summaries = [s for s in data.read_summaries(root, partition=partition) if s.get("dag_id") == dag_id]
     overview = data.build_overview(entries, summaries)
+    _add_cancels(overview["batches"], entries)
     run = data.find_run(overview, dag_id, partition)
     if run is None:
         raise RunNotFound(f"No batches and no published summary for {dag_id} on {partition}.")
@@ -251,6 +314,49 @@ def _run_detail(request: Request, user: Any, dag_id: str, partition: str, limit:
         dead = {"exists": False, "total": 0, "columns": [], "rows": [], "by_reason": [], "error": None}
     failures = {k: v for k, v in run["counts_by_status"].items() if k != "succeeded" and v}
     return {"run": run, "batches": overview["batches"], "dead_letters": dead, "failures": failures}
+
+
+def _add_cancels(batches: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
+    """Who canceled each batch and why (``cancel_reason``: deadline or user), from its ledger entry."""
+    by_batch = {e["batch_id"]: e for e in entries if e.get("batch_id") and e.get("cancel_reason")}
+    for row in batches:
+        entry = by_batch.get(row.get("batch_id"))
+        row["cancel_reason"] = entry.get("cancel_reason") if entry else None
+        row["canceled_by"] = data.redact(entry.get("canceled_by")) if entry else None
+        row["cancel_requested_at"] = entry.get("cancel_requested_at") if entry else None
+
+
+def _editable(user: Any, batches: list[dict[str, Any]]) -> set[str]:
+    """DAG ids among ``batches`` whose batches ``user`` may cancel (an empty set hides the links)."""
+    return editable_dag_ids(user, {b["dag_id"] for b in batches if b.get("dag_id")})
+
+
+def _cancelable_entry(
+    request: Request, user: Any, dag_id: str, partition: str, batch_id: str
+) -> dict[str, Any]:
+    """The ledger entry of ``batch_id`` in that run, once the user is known to may cancel it."""
+    _check_run_key(dag_id, partition)
+    if not BATCH_ID_RE.match(batch_id):
+        raise RunNotFound(f"No batch {batch_id!r}.")
+    require_dag_edit(user, dag_id)
+    entries = data.read_ledger_entries(_root(request), dag_id=dag_id, partition=partition)
+    for entry in entries:
+        if entry.get("batch_id") == batch_id:
+            return entry
+    raise RunNotFound(f"No batch {batch_id} was recorded for {dag_id} on {partition}.")
+
+
+async def _cancel(request: Request, user: Any, dag_id: str, partition: str, batch_id: str) -> dict[str, Any]:
+    """Cancel through the hook and record who and when; blocking I/O runs off the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    from anthropic_batch.cancel import NotCancelable, cancel_by_user
+
+    entry = await run_in_threadpool(_cancelable_entry, request, user, dag_id, partition, batch_id)
+    try:
+        return await run_in_threadpool(cancel_by_user, entry, user_name(user))
+    except NotCancelable as exc:
+        raise CancelRefused(str(exc)) from exc
 
 
 def _charts(series: list[dict[str, Any]]) -> dict[str, Any]:
@@ -312,3 +418,7 @@ async def _forbidden(request: Request, exc: Exception) -> Response:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     return _error(request, 404, "No such run", str(exc))
+
+
+async def _conflict(request: Request, exc: Exception) -> Response:
+    return _error(request, 409, "Not canceled", str(exc))

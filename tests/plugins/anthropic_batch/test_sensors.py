@@ -7,6 +7,7 @@ import time
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
+from anthropic_batch.cancel import user_canceled_batches
 from anthropic_batch.hooks import BatchHook
 from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
 from anthropic_batch.sensors import BatchSensor, batch_id_of, deadline_epoch
@@ -96,20 +97,104 @@ def test_sync_handle_returns_immediately(tmp_path):
     assert batch["results_path"] == handle["results_path"]
 
 
-def test_deadline_event_fails_and_cancels(emulator_factory, monkeypatch, tmp_path):
-    emu = emulator_factory("--processing-seconds", "60")
+def test_deadline_cancels_then_waits_for_the_cancellation_and_succeeds(
+    emulator_factory, monkeypatch, tmp_path
+):
+    """On the deadline the sensor cancels (recorded as ours in the ledger) and keeps waiting, deferred,
+    until the batch has ended; then it succeeds so collect and resubmit get the canceled requests."""
+    emu = emulator_factory("--processing-seconds", "60", "--cancel-seconds", "1.5")
     conn_id = use_emulator(monkeypatch, emu, "sensor_deadline")
-    handle, _ = submitted(conn_id, tmp_path)
-    sensor = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id)
+    handle, ledger = submitted(conn_id, tmp_path)
+    sensor = BatchSensor(
+        task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1, cancel_wait_hours=1
+    )
     event = {
         "status": "deadline",
         "batch_id": handle["batch_id"],
         "message": "Batch had not ended.",
         "batch": None,
     }
-    with pytest.raises(AirflowException, match="Cancel requested"):
+    with pytest.raises(TaskDeferred) as deferred:
         sensor.execute_complete(make_context(task_id="wait"), event)
     assert sdk_client(emu).messages.batches.retrieve(handle["batch_id"]).cancel_initiated_at is not None
+    entry = ledger.read(handle["ledger_path"])
+    assert entry["cancel_reason"] == "deadline" and entry["cancel_requested_at"]
+    assert deferred.value.kwargs == {"canceling": True}
+    assert deferred.value.trigger.deadline == pytest.approx(time.time() + 3600, abs=60)
+
+    batch = await_resume(deferred.value, handle, conn_id)
+    assert batch["processing_status"] == "ended"
+    assert batch["request_counts"]["canceled"] == 3
+    entry = ledger.read(handle["ledger_path"])
+    assert entry["state"] == "ended" and entry["cancel_reason"] == "deadline"
+    assert user_canceled_batches(ledger.root, "dag", "2026-11-01") == {}  # ours: retriable, not a user's
+
+
+def await_resume(deferred: TaskDeferred, handle: dict, conn_id: str) -> dict:
+    """Run the trigger like a triggerer (after a serialize round trip) and resume a fresh sensor."""
+    import asyncio
+
+    _, kwargs = deferred.trigger.serialize()
+    event = asyncio.run(first_event(BatchPollTrigger(**kwargs)))
+    fresh = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1)
+    return getattr(fresh, deferred.method_name)(
+        make_context(task_id="wait"), event, **(deferred.kwargs or {})
+    )
+
+
+@pytest.mark.parametrize("first_try_canceled", [True, False])
+def test_a_try_after_the_deadline_waits_for_the_cancellation(
+    emulator_factory, monkeypatch, tmp_path, first_try_canceled
+):
+    """A retry (or a cleared sensor) starting past the deadline must not fail while the batch is
+    ``canceling``: it cancels if needed, waits for ``ended`` and succeeds."""
+    emu = emulator_factory("--processing-seconds", "60", "--cancel-seconds", "2")
+    conn_id = use_emulator(monkeypatch, emu, "sensor_retry")
+    handle, ledger = submitted(conn_id, tmp_path)
+    client = sdk_client(emu)
+    if first_try_canceled:  # the first try hit the deadline and asked for the cancel
+        assert client.messages.batches.cancel(handle["batch_id"]).processing_status == "canceling"
+    # 3.6 ms after creation: the deadline has passed by the time this try starts.
+    sensor = BatchSensor(
+        task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1, deadline_hours=1e-6
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(make_context(task_id="wait", try_number=2))
+    assert deferred.value.trigger.deadline > time.time() + 600  # the cancellation gets its own time
+    assert client.messages.batches.retrieve(handle["batch_id"]).cancel_initiated_at is not None
+    if not first_try_canceled:
+        assert ledger.read(handle["ledger_path"])["cancel_reason"] == "deadline"
+    batch = await_resume(deferred.value, handle, conn_id)
+    assert batch["processing_status"] == "ended"
+    assert batch["request_counts"]["canceled"] == 3
+
+
+def test_a_batch_that_never_finishes_canceling_fails_the_task():
+    sensor = BatchSensor(task_id="wait", handle="msgbatch_1", cancel_wait_hours=0.5)
+    event = {"status": "deadline", "batch_id": "msgbatch_1", "message": "not ended", "batch": None}
+    with pytest.raises(AirflowException, match=r"did not finish canceling within 0\.5 h"):
+        sensor.execute_complete({}, event, canceling=True)
+    # Without the deferral kwargs (dag.test drops them) the last seen batch tells the same.
+    seen = {**event, "batch": {"id": "msgbatch_1", "cancel_initiated_at": "2026-11-01T00:00:00Z"}}
+    with pytest.raises(AirflowException, match="did not finish canceling"):
+        sensor.execute_complete({}, seen)
+
+
+def test_poke_mode_past_the_deadline_cancels_and_keeps_poking(emulator_factory, monkeypatch, tmp_path):
+    emu = emulator_factory("--processing-seconds", "60", "--cancel-seconds", "1")
+    conn_id = use_emulator(monkeypatch, emu, "sensor_poke_deadline")
+    handle, ledger = submitted(conn_id, tmp_path)
+    sensor = BatchSensor(
+        task_id="wait",
+        handle=handle,
+        conn_id=conn_id,
+        deferrable=False,
+        poll_interval=0.2,
+        deadline_hours=1e-6,
+    )
+    batch = sensor.execute(make_context(task_id="wait"))
+    assert batch["processing_status"] == "ended" and batch["request_counts"]["canceled"] == 3
+    assert ledger.read(handle["ledger_path"])["cancel_reason"] == "deadline"
 
 
 def test_error_events():

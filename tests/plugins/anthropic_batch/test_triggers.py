@@ -13,7 +13,7 @@ import pytest
 
 from anthropic_batch.hooks import BatchHook
 from anthropic_batch.triggers import CLASSPATH, BatchPollTrigger, jittered, next_interval
-from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
+from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -50,7 +50,7 @@ def test_interval_grows_while_idle_and_resets_on_change():
 
 
 def test_serialize_round_trip_has_no_secret():
-    trigger = BatchPollTrigger("msgbatch_x", "anthropic_default", 123.0, 5, 50, 3)
+    trigger = BatchPollTrigger("msgbatch_x", "anthropic_default", 123.0, 5, 50, max_transient_seconds=90)
     classpath, kwargs = trigger.serialize()
     assert classpath == CLASSPATH
     assert kwargs == {
@@ -59,9 +59,30 @@ def test_serialize_round_trip_has_no_secret():
         "deadline": 123.0,
         "poll_interval": 5.0,
         "max_poll_interval": 50.0,
-        "max_transient_errors": 3,
+        "max_transient_seconds": 90.0,
     }
     assert BatchPollTrigger(**kwargs).serialize() == (classpath, kwargs)
+    json.dumps(kwargs)  # stored in the metadata DB as JSON
+
+
+def test_patience_defaults_to_a_duration_well_above_an_outage():
+    _, kwargs = BatchPollTrigger("msgbatch_x").serialize()
+    assert kwargs["max_transient_seconds"] >= 15 * 60
+    assert "max_transient_errors" not in kwargs
+
+
+def test_kwargs_serialized_by_the_previous_version_still_load():
+    """A trigger row written before the upgrade carries max_transient_errors: it must still load."""
+    old = {
+        "batch_id": "msgbatch_x",
+        "conn_id": "anthropic_default",
+        "deadline": 123.0,
+        "poll_interval": 5.0,
+        "max_poll_interval": 50.0,
+        "max_transient_errors": 10,
+    }
+    _, kwargs = BatchPollTrigger(**old).serialize()
+    assert kwargs["max_transient_seconds"] >= 15 * 60
 
 
 def test_importable_by_classpath_in_a_fresh_interpreter():
@@ -106,12 +127,56 @@ async def test_deadline_event(emulator_factory, monkeypatch, tmp_path):
     assert "deadline" in event["message"]
 
 
+def no_sdk_retries(monkeypatch, emu, conn_id: str) -> str:
+    """A connection whose SDK does not retry: every fault reaches the trigger's own tolerance."""
+    conn = {
+        "conn_type": "anthropic",
+        "password": emu.api_key,
+        "host": emu.base_url,
+        "extra": {"anthropic_client_kwargs": {"max_retries": 0}},
+    }
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+    return conn_id
+
+
 async def test_tolerates_early_404(emulator_factory, monkeypatch, tmp_path):
     emu = emulator_factory("--early-404-seconds", "0.6", "--processing-seconds", "0.8")
     conn_id = use_emulator(monkeypatch, emu, "early")
     batch_id = create(conn_id, tmp_path)
-    event = await first_event(trigger_for(batch_id, conn_id, max_transient_errors=100))
+    event = await first_event(trigger_for(batch_id, conn_id))
     assert event["status"] == "ended"
+
+
+async def test_patience_is_time_not_polls(emulator_factory, monkeypatch, tmp_path):
+    """A short poll interval must not shrink the patience: 3 s of early 404s at 20 polls a second
+    (dozens of failures in a row) is well within the default duration, after a serialize round trip
+    as the triggerer does it."""
+    emu = emulator_factory("--early-404-seconds", "3", "--processing-seconds", "3.5")
+    conn_id = no_sdk_retries(monkeypatch, emu, "early_fast")
+    batch_id = create(conn_id, tmp_path)
+    classpath, kwargs = BatchPollTrigger(
+        batch_id=batch_id,
+        conn_id=conn_id,
+        deadline=time.time() + 60,
+        poll_interval=0.05,
+        max_poll_interval=0.05,
+    ).serialize()
+    assert classpath == CLASSPATH
+    event = await first_event(BatchPollTrigger(**kwargs))
+    assert event["status"] == "ended", event
+
+
+async def test_outage_longer_than_the_patience_is_an_error_event(emulator_factory, monkeypatch, tmp_path):
+    emu = emulator_factory("--http-fault", "retrieve:529:1.0")
+    conn_id = no_sdk_retries(monkeypatch, emu, "overloaded")
+    batch_id = BatchHook(conn_id).create_batch_from_chunk(make_chunk(tmp_path, 1)["path"]).id
+    started = time.monotonic()
+    event = await first_event(trigger_for(batch_id, conn_id, max_transient_seconds=1.0))
+    elapsed = time.monotonic() - started
+    assert event["status"] == "error"
+    assert "kept failing for" in event["message"] and "max_transient_seconds=1" in event["message"]
+    assert event["error_type"] == "OverloadedError"
+    assert 1.0 <= elapsed < 10
 
 
 async def test_tolerates_429_and_500(emulator_factory, monkeypatch, tmp_path):
@@ -127,43 +192,26 @@ async def test_tolerates_429_and_500(emulator_factory, monkeypatch, tmp_path):
     }
     monkeypatch.setenv("AIRFLOW_CONN_FLAKY", json.dumps(conn))
     batch_id = BatchHook("flaky").create_batch_from_chunk(make_chunk(tmp_path, 2)["path"]).id
-    event = await first_event(trigger_for(batch_id, "flaky", max_transient_errors=50))
+    event = await first_event(trigger_for(batch_id, "flaky"))
     assert event["status"] == "ended"
-
-
-async def test_too_many_transient_errors_is_an_error_event(emulator_factory, monkeypatch, tmp_path):
-    emu = emulator_factory("--http-fault", "retrieve:529:1.0")
-    conn = {
-        "conn_type": "anthropic",
-        "password": emu.api_key,
-        "host": emu.base_url,
-        "extra": {"anthropic_client_kwargs": {"max_retries": 0}},
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_OVERLOADED", json.dumps(conn))
-    batch_id = BatchHook("overloaded").create_batch_from_chunk(make_chunk(tmp_path, 1)["path"]).id
-    event = await first_event(trigger_for(batch_id, "overloaded", max_transient_errors=2))
-    assert event["status"] == "error"
-    assert "3 consecutive transient errors" in event["message"]
-    assert event["error_type"] == "OverloadedError"
 
 
 async def test_bad_key_is_fatal_at_once(emulator, monkeypatch):
     conn = {"conn_type": "anthropic", "password": "not-the-key", "host": emulator.base_url}
     monkeypatch.setenv("AIRFLOW_CONN_BADKEY", json.dumps(conn))
     started = time.monotonic()
-    event = await first_event(trigger_for("msgbatch_whatever", "badkey", max_transient_errors=100))
+    event = await first_event(trigger_for("msgbatch_whatever", "badkey", max_transient_seconds=3600))
     assert event["status"] == "error"
     assert event["error_type"] == "AuthenticationError"
     assert time.monotonic() - started < 10  # not retried into the ground
 
 
-async def test_on_kill_cancels_the_batch(emulator_factory, monkeypatch, tmp_path):
+async def test_on_kill_leaves_the_batch_running(emulator_factory, monkeypatch, tmp_path):
+    """Airflow calls on_kill on clear as on mark-failed: a clear must re-attach, so no cancel here."""
     emu = emulator_factory("--processing-seconds", "60")
     conn_id = use_emulator(monkeypatch, emu, "killme")
     batch_id = create(conn_id, tmp_path, n=4)
     await trigger_for(batch_id, conn_id).on_kill()
-    client = sdk_client(emu)
-    batch = client.messages.batches.retrieve(batch_id)
-    assert batch.processing_status in {"canceling", "ended"}
-    assert batch.cancel_initiated_at is not None
-    assert wait_ended(client, batch_id).request_counts.canceled == 4
+    batch = sdk_client(emu).messages.batches.retrieve(batch_id)
+    assert batch.processing_status == "in_progress"
+    assert batch.cancel_initiated_at is None
