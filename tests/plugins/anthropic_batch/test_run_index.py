@@ -127,7 +127,7 @@ def test_an_unwritable_index_still_gives_correct_results(root, monkeypatch):
     def refuse(*_args, **_kwargs):
         raise PermissionError("read-only store")
 
-    monkeypatch.setattr(run_index.storage, "atomic_write_json", refuse)
+    monkeypatch.setattr(run_index.storage, "atomic_write_bytes", refuse)
     assert len(run_index.ledger_entries(root)) == 6
     assert len(run_index.summaries(root)) == 2
     run_index.refresh(root)  # never raises
