@@ -38,16 +38,15 @@ DAYS = int(os.environ.get("BENCH_UI_DAYS", "90"))
 ROUNDS = int(os.environ.get("BENCH_UI_ROUNDS", "3"))
 CHUNKS_PER_DAY = 10
 TARGET_SECONDS = 1.0
-DAG_ID = PIPELINE = "bulk_extraction"
+DAG_ID = PIPELINE = "bulk_extraction"  # as tests/ui/seed.py, whose entry and summary shapes are used
+COUNTS = {"processing": 0, "succeeded": 95_000, "errored": 5_000, "canceled": 0, "expired": 0}
 CONN_ID = "moto_bench_ui"
 BUCKET = "bench-ui"
 
 
-def rfc3339(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def build_files(n_days: int) -> dict[str, bytes]:
+    from tests.ui import seed
+
     """``{relative path: bytes}``: per day 10 chunk submissions + 1 resubmit and a published
     partition with its summary, plus a day still running (10 chunks in flight): 1,000 entries and
     90 summaries for 90 days."""
@@ -56,7 +55,6 @@ def build_files(n_days: int) -> dict[str, bytes]:
     for d in range(n_days + 1):
         day = start + timedelta(days=d)
         partition = day.strftime("%Y-%m-%d")
-        run_id = f"backfill__{partition}T00:00:00+00:00"
         tasks = [("batch.submit", i, 1) for i in range(CHUNKS_PER_DAY)] + [("resubmit", 0, 2)]
         if d == n_days:  # one more day, still running: its 10 chunks are in flight, no summary yet
             tasks = [("batch.submit", CHUNKS_PER_DAY + i, 1) for i in range(CHUNKS_PER_DAY)]
@@ -64,67 +62,37 @@ def build_files(n_days: int) -> dict[str, bytes]:
             created = day + timedelta(hours=1, minutes=map_index)
             fingerprint = f"{d:04d}{task_id}{map_index:04d}".encode().hex().ljust(64, "0")[:64]
             in_flight = map_index >= CHUNKS_PER_DAY
-            entry = {
-                "ledger_key": f"{DAG_ID}/{partition}/{task_id}/{fingerprint}",
-                "dag_id": DAG_ID,
-                "task_id": task_id,
-                "run_id": run_id,
-                "map_index": map_index,
-                "partition": partition,
-                "pipeline": PIPELINE,
-                "attempt": attempt,
-                "chunk_path": f"s3://{BUCKET}/{PIPELINE}/work/date={partition}/requests/chunk-{map_index:05d}.jsonl",
-                "chunk_fingerprint": fingerprint,
-                "n_requests": 100_000 if attempt == 1 else 5_000,
-                "n_bytes": 90_000_000,
-                "model": "claude-haiku-4-5",
-                "mode": "batch",
-                "state": "submitted" if in_flight else "ended",
-                "intent_at": rfc3339(created - timedelta(seconds=2)),
-                "submitted_at": rfc3339(created),
-                "batch_id": f"msgbatch_{d:04d}{map_index:04d}{attempt}",
-                "processing_status": "in_progress" if in_flight else "ended",
-                "request_counts": {
-                    "processing": 0,
-                    "succeeded": 95_000,
-                    "errored": 5_000,
-                    "canceled": 0,
-                    "expired": 0,
-                },
-                "created_at": rfc3339(created),
-                "expires_at": rfc3339(created + timedelta(hours=24)),
-                "ended_at": None if in_flight else rfc3339(created + timedelta(minutes=50)),
-                "results_path": None,
-                "projected_cost_usd": 40.0,
-                "cost_usd": None if in_flight else 38.2,
-                "sync_cost_usd": None if in_flight else 76.4,
-                "previous_batch_ids": [],
-            }
+            entry = seed.ledger_entry(
+                partition=partition,
+                fingerprint=fingerprint,
+                batch_id=f"msgbatch_{d:04d}{map_index:04d}{attempt}",
+                state="submitted" if in_flight else "ended",
+                processing_status="in_progress" if in_flight else "ended",
+                counts=None if in_flight else COUNTS,
+                created=created,
+                ended=None if in_flight else created + timedelta(minutes=50),
+                n_requests=100_000 if attempt == 1 else 5_000,
+                cost=None if in_flight else 38.2,
+                sync_cost=None if in_flight else 76.4,
+                attempt=attempt,
+                map_index=map_index,
+                task_id=task_id,
+            )
             files[f"_ledger/{DAG_ID}/{partition}/{task_id}/{fingerprint}.json"] = json.dumps(entry).encode()
         if d == n_days:
             continue
         ext = f"{PIPELINE}/extractions/date={partition}"
-        summary = {
-            "pipeline": PIPELINE,
-            "dag_id": DAG_ID,
-            "run_id": run_id,
-            "partition": partition,
-            "mode": "batch",
-            "n_input_records": 1_000_000,
-            "n_rows": 999_000,
-            "counts_by_status": {"succeeded": 998_000, "errored": 1_000},
-            "n_dead_letters": 2_000,
-            "tokens": {"input": 4 * 10**8, "output": 10**8, "cache_creation": 0, "cache_read": 3 * 10**8},
-            "cost_usd": 420.2,
-            "sync_cost_usd": 840.4,
-            "savings_usd": 420.2,
-            "batch_ids": [f"msgbatch_{d:04d}{i:04d}1" for i in range(CHUNKS_PER_DAY)],
-            "attempts": 2,
-            "price_table_as_of": "2026-10-21",
-            "data_path": f"{ext}/data.parquet",
-            "dead_letter_path": f"{ext}/dead_letter.parquet",
-            "finished_at": rfc3339(day + timedelta(hours=6)),
-        }
+        summary = seed.summary(
+            partition,
+            n_rows=999_000,
+            counts={"succeeded": 998_000, "errored": 1_000},
+            cost=420.2,
+            sync_cost=840.4,
+            n_dead=2_000,
+            batch_ids=[f"msgbatch_{d:04d}{i:04d}1" for i in range(CHUNKS_PER_DAY)],
+            attempts=2,
+            root="/bench",
+        )
         files[f"{ext}/summary.json"] = json.dumps(summary).encode()
         files[f"{ext}/data.parquet"] = b"PAR1" + b"\0" * 1024
         files[f"{ext}/dead_letter.parquet"] = b"PAR1" + b"\0" * 256

@@ -3,7 +3,9 @@
 Batches come from the submission ledger (``_ledger/**/*.json``, one ``LedgerEntry`` per submission),
 runs from the published run summaries (``{pipeline}/extractions/date=*/summary.json``) joined with
 the ledger entries of the same ``(dag_id, partition)``, so a run still in flight (no summary yet)
-shows up too. Dead letters are read from ``dead_letter.parquet`` on demand, one run at a time.
+shows up too. Both are read through ``run_index`` (a listing, the index, and only the files that
+changed), so a page load costs a handful of requests on an object store, not one per file. Dead
+letters are read from ``dead_letter.parquet`` on demand, one run at a time.
 
 Everything here returns plain JSON-ready dicts: the HTML templates and the JSON API share them.
 """
