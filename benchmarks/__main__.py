@@ -1,4 +1,8 @@
-"""Run every benchmark module in this package (`make bench`)."""
+"""Run every benchmark module in this package (`make bench`), or the ones named.
+
+``python -m benchmarks [bench_x ...] [--option ...]``: names select modules; any other arguments
+are left in ``sys.argv`` for the selected modules' own parsers (e.g. ``bench_pipeline --records N``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from pathlib import Path
 def main() -> int:
     here = Path(__file__).parent
     names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
-    selected = [n for n in names if not sys.argv[1:] or n in sys.argv[1:]]
+    wanted = [a for a in sys.argv[1:] if a in names]
+    sys.argv[1:] = [a for a in sys.argv[1:] if a not in names]
+    selected = [n for n in names if not wanted or n in wanted]
     for name in selected:
         print(f"\n=== {name} ===", flush=True)
         importlib.import_module(f"benchmarks.{name}").main()

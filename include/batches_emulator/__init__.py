@@ -2,8 +2,10 @@
 
 Run: ``cd include && python -m batches_emulator --port 8099 [flags]`` (``make emulator``), or from
 Python ``batches_emulator.testing.EmulatorProcess(*flags)``. State lives in SQLite (``--db``,
-default ``./.emulator/emulator.sqlite``) and survives restarts. Nothing runs in the background: a
-batch's state is computed from its timestamps whenever it is looked at.
+default ``./.emulator/emulator.sqlite``) and survives restarts. A batch's state is computed from its
+timestamps whenever it is looked at; the one thing that runs in the background is the finalisation
+of a batch of more than 2,000 requests (its results computed once on a worker thread, so other
+clients are never kept waiting; it reads ``in_progress`` until its results are stored).
 
 Endpoints: ``POST/GET /v1/messages/batches``, ``GET/DELETE /v1/messages/batches/{id}``,
 ``POST .../{id}/cancel``, ``GET .../{id}/results`` (JSONL, seeded shuffle, ``\\n`` line ends),

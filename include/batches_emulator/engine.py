@@ -1,8 +1,12 @@
 """Batch state in SQLite, the lazy lifecycle, and result generation.
 
-State is derived from timestamps whenever a batch is looked at; nothing runs in the background.
-When a batch is first seen ended its results are computed once, shuffled (seeded) and stored
-compressed, so every later download returns the same lines, also after a restart.
+State is derived from timestamps whenever a batch is looked at. When a batch is first seen past its
+end its results are computed once, shuffled (seeded) and stored compressed, so every later download
+returns the same lines, also after a restart. A small batch is finalised right there; a large one
+(more than ``INLINE_FINALIZE_MAX_REQUESTS``) on one background thread with its own SQLite reader, so
+that other clients are not kept waiting: until its results are stored it still reads
+``in_progress`` (the real API, too, says ``ended`` only once results can be downloaded), and
+``ended_at`` is the time it ended, not the time it was finalised. A restart mid-way finalises again.
 
 Times are *emulated* epoch seconds: ``epoch0 + (real_now - epoch0) * time_scale`` with ``epoch0``
 fixed in the database on first use, so timestamps stay consistent across restarts.
@@ -12,7 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import queue
 import random
+import re
 import secrets
 import sqlite3
 import string
@@ -32,6 +39,10 @@ EXPIRY_SECONDS = DAY
 ARCHIVE_SECONDS = 29 * DAY
 STORE_PART_BYTES = 16 * 1024 * 1024
 RESULT_LINES_PER_PART = 2000
+#: Batches up to this size are finalised inline (well under a second); larger ones in the background.
+INLINE_FINALIZE_MAX_REQUESTS = 2000
+
+log = logging.getLogger(__name__)
 
 ERROR_MESSAGES = {
     "api_error": "Internal server error (emulated)",
@@ -119,6 +130,11 @@ class Engine:
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
         self.sync_seen: dict[str, int] = {}
+        # Large batches waiting for / in background finalisation (ids), and the worker's queue.
+        self.finalizing: set[str] = set()
+        self.finalize_queue: queue.Queue[tuple[tuple, float]] = queue.Queue()
+        self.finalizer: threading.Thread | None = None
+        self.closed = False
         row = self.db.execute("SELECT value FROM meta WHERE key='epoch0'").fetchone()
         if row is None:
             self.epoch0 = time.time()
@@ -128,6 +144,7 @@ class Engine:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             self.db.close()
 
     # ------------------------------------------------------------ time
@@ -218,7 +235,10 @@ class Engine:
         _seq, batch_id, created, _, _, n, _, cancel_at, ended_at, counts, _ = row
         end = self._end_time(row)
         if now >= end and ended_at is None:
-            ended_at, counts = self._finalize(row, end)
+            if n <= INLINE_FINALIZE_MAX_REQUESTS:
+                ended_at, counts = self._finalize(row, end)
+            else:
+                self._finalize_later(row, end)
         if ended_at is not None:
             status = "ended"
             request_counts = json.loads(counts)
@@ -309,24 +329,58 @@ class Engine:
 
     # ------------------------------------------------------------ results
 
-    def _load_requests(self, batch_id: str) -> list[dict[str, Any]]:
-        parts = self.db.execute(
+    def _load_requests(self, db: sqlite3.Connection, batch_id: str) -> list[dict[str, Any]]:
+        parts = db.execute(
             "SELECT data FROM request_parts WHERE batch_id=? ORDER BY part", (batch_id,)
         ).fetchall()
-        return json.loads(zlib.decompress(b"".join(p[0] for p in parts)))["requests"]
+        return decode_requests(zlib.decompress(b"".join(p[0] for p in parts)).decode())
 
     def _finalize(self, row: tuple, end: float) -> tuple[float, str]:
+        """Compute and store a batch's results now (caller holds the lock)."""
+        counts_json, parts, cache = self._compute_results(row, self.db)
+        self._store_results(row, end, counts_json, parts, cache)
+        return end, counts_json
+
+    def _finalize_later(self, row: tuple, end: float) -> None:
+        """Queue a large batch for the background finaliser (once; caller holds the lock)."""
+        if row[1] in self.finalizing:
+            return
+        self.finalizing.add(row[1])
+        self.finalize_queue.put((row, end))
+        if self.finalizer is None:
+            self.finalizer = threading.Thread(target=self._finalize_worker, name="finalize", daemon=True)
+            self.finalizer.start()
+
+    def _finalize_worker(self) -> None:
+        # Its own connection: the heavy part reads without the engine lock (WAL readers never block).
+        reader = sqlite3.connect(str(self.settings.db_path), check_same_thread=False, isolation_level=None)
+        while True:
+            row, end = self.finalize_queue.get()
+            try:
+                counts_json, parts, cache = self._compute_results(row, reader)
+                with self.lock:
+                    if not self.closed:
+                        self._store_results(row, end, counts_json, parts, cache)
+            except Exception:  # the next look at the batch queues it again
+                log.exception("finalising batch %s failed", row[1])
+            finally:
+                with self.lock:
+                    self.finalizing.discard(row[1])
+
+    def _compute_results(self, row: tuple, db: sqlite3.Connection) -> tuple[str, list[bytes], PrefixCache]:
+        """Counts (JSON) and the compressed result parts of an ended batch; nothing is written."""
         seq, batch_id, created, _, _, n, api_version, cancel_at, *_ = row
-        requests = self._load_requests(batch_id)
+        requests = self._load_requests(db, batch_id)
         processing = self.emulated(self.settings.processing_seconds)
         expires = created + EXPIRY_SECONDS
         plans = list(self.plans(seq, n))
         order = sorted(range(n), key=lambda i: plans[i].finish_fraction)
         counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
         lines: list[str | None] = [None] * n
-        cache = PrefixCache(self.db)
+        cache = PrefixCache(db)
         for i in order:
             plan, request = plans[i], requests[i]
+            requests[i] = None  # type: ignore[call-overload]  # let each request go once answered
             finish = created + processing * plan.finish_fraction
             custom_id = request["custom_id"]
             if cancel_at is not None and (plan.stuck or finish > cancel_at):
@@ -353,19 +407,29 @@ class Engine:
             counts[result["type"]] += 1
             lines[i] = dumps({"custom_id": custom_id, "result": result}) + "\n"
         random.Random(f"{self.settings.seed}:order:{seq}").shuffle(lines)
-        counts_json = json.dumps(counts)
+        parts = []
+        for off in range(0, n, RESULT_LINES_PER_PART):
+            parts.append(zlib.compress("".join(lines[off : off + RESULT_LINES_PER_PART]).encode(), 1))
+            lines[off : off + RESULT_LINES_PER_PART] = [None] * len(lines[off : off + RESULT_LINES_PER_PART])
+        return json.dumps(counts), parts, cache
+
+    def _store_results(
+        self, row: tuple, end: float, counts_json: str, parts: list[bytes], cache: PrefixCache
+    ) -> None:
+        """Write the results and mark the batch ended, unless it was deleted meanwhile (lock held)."""
+        seq, batch_id = row[0], row[1]
         self.db.execute("BEGIN")
-        cache.flush()
-        self.db.executemany(
-            "INSERT OR REPLACE INTO result_parts VALUES (?, ?, ?)",
-            (
-                (batch_id, k, zlib.compress("".join(lines[off : off + RESULT_LINES_PER_PART]).encode(), 1))
-                for k, off in enumerate(range(0, n, RESULT_LINES_PER_PART))
-            ),
-        )
-        self.db.execute("UPDATE batches SET ended_at=?, counts=? WHERE seq=?", (end, counts_json, seq))
-        self.db.execute("COMMIT")
-        return end, counts_json
+        try:
+            if self.db.execute("SELECT deleted FROM batches WHERE seq=?", (seq,)).fetchone() != (0,):
+                return
+            cache.flush(self.db)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO result_parts VALUES (?, ?, ?)",
+                ((batch_id, k, part) for k, part in enumerate(parts)),
+            )
+            self.db.execute("UPDATE batches SET ended_at=?, counts=? WHERE seq=?", (end, counts_json, seq))
+        finally:
+            self.db.execute("COMMIT")
 
     def results_status(self, batch_id: str) -> tuple[dict[str, Any], int]:
         """The batch view and the number of earlier downloads (counting this one as started)."""
@@ -416,6 +480,48 @@ class Engine:
             return msg
 
 
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def decode_requests(body: str) -> list[dict[str, Any]]:
+    """The ``requests`` of a create body, decoded one request at a time.
+
+    One ``json.loads`` of a 100k-request body holds the GIL for a second or more; one
+    ``raw_decode`` per request lets the server's event loop run in between (the body was checked
+    to be a JSON object with a ``requests`` list when the batch was created).
+    """
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int, char: str = "") -> int:
+        pos = _SPACE.match(body, pos).end()
+        if char:
+            if body[pos] != char:
+                raise ValueError(f"expected {char!r} at {pos}")
+            pos = _SPACE.match(body, pos + 1).end()
+        return pos
+
+    pos = skip(0, "{")
+    while body[pos] != "}":
+        key, pos = decoder.raw_decode(body, pos)
+        pos = skip(pos, ":")
+        if key != "requests":
+            _, pos = decoder.raw_decode(body, pos)
+        else:
+            requests: list[dict[str, Any]] = []
+            pos = skip(pos, "[")
+            while body[pos] != "]":
+                item, pos = decoder.raw_decode(body, pos)
+                requests.append(item)
+                pos = skip(pos)
+                if body[pos] == ",":
+                    pos = skip(pos + 1)
+            return requests
+        pos = skip(pos)
+        if body[pos] == ",":
+            pos = skip(pos + 1)
+    raise ValueError("the stored body has no requests")
+
+
 def errored(error_type: str, message: str) -> dict[str, Any]:
     return {
         "type": "errored",
@@ -445,9 +551,11 @@ class PrefixCache:
         if expires_at > self.expiry(key):
             self.seen[key] = self.dirty[key] = expires_at
 
-    def flush(self) -> None:
+    def flush(self, db: sqlite3.Connection | None = None) -> None:
         if self.dirty:
-            self.db.executemany("INSERT OR REPLACE INTO prefix_cache VALUES (?, ?)", self.dirty.items())
+            (db or self.db).executemany(
+                "INSERT OR REPLACE INTO prefix_cache VALUES (?, ?)", self.dirty.items()
+            )
             self.dirty.clear()
 
 

@@ -19,7 +19,6 @@ import json
 import math
 import re
 import sys
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -521,13 +520,6 @@ def _record_json(record: Mapping[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _key_tuples(table: pa.Table, key_columns: Sequence[str]) -> Iterator[tuple[str | None, ...]]:
-    for batch in table.select(list(key_columns)).to_batches(max_chunksize=10_000):
-        columns = [col.to_pylist() for col in batch.columns]
-        for row in zip(*columns, strict=True):
-            yield tuple(_key_str(v) for v in row)
-
-
 def _remove_stale_chunks(requests_dir: ObjectStoragePath, n_chunks: int) -> None:
     if not requests_dir.exists():
         return
@@ -575,14 +567,11 @@ def prepare_requests(
     template = _jinja_env().from_string(spec.prompt_template)
     params_json_for = _params_serializer(spec.base_params())
 
-    # Pass 1 (keys only): custom ids and how often each occurs, to reject whole duplicate groups.
-    key_counts: Counter[tuple[str | None, ...]] = Counter()
-    id_counts: Counter[str] = Counter()
-    for keys in _key_tuples(table, key_columns):
-        if None in keys:
-            continue
-        key_counts[keys] += 1
-        id_counts[custom_id_base(keys)] += 1
+    # Pass 1 (keys only): how many records share each record's custom_id and keys, to reject whole
+    # duplicate groups; by row position, in bounded memory (duplicate_keys.py).
+    from anthropic_batch.duplicate_keys import duplicate_counts
+
+    dup_counts = duplicate_counts(table, key_columns, custom_id_base, _key_str)
 
     keys_schema = pa.schema(
         [("custom_id", pa.string())]
@@ -602,6 +591,7 @@ def prepare_requests(
     ):
         try:
             for batch in table.to_batches(max_chunksize=10_000):
+                batch_id_counts, batch_key_counts = dup_counts.slice(n_input, n_input + batch.num_rows)
                 keys_rows: dict[str, list[Any]] = {name: [] for name in keys_schema.names}
                 rej_rows: dict[str, list[Any]] = {name: [] for name in dl_schema.names}
 
@@ -617,7 +607,7 @@ def prepare_requests(
                     rej_rows["last_batch_id"].append(None)
                     rej_rows["record_json"].append(_record_json(record))
 
-                for record in batch.to_pylist():
+                for row, record in enumerate(batch.to_pylist()):
                     n_input += 1
                     keys = tuple(_key_str(record.get(k)) for k in key_columns)
                     if None in keys:
@@ -628,14 +618,14 @@ def prepare_requests(
                         continue
                     # The base until the request is rendered: rejects before that have no request.
                     custom_id = custom_id_base(keys)
-                    if id_counts[custom_id] > 1:
-                        if key_counts[keys] > 1:
+                    if batch_id_counts[row] > 1:
+                        if batch_key_counts[row] > 1:
                             reject(
                                 record,
                                 keys,
                                 custom_id,
                                 REJECT_DUPLICATE_KEY,
-                                f"{key_counts[keys]} records share this key; all are rejected",
+                                f"{batch_key_counts[row]} records share this key; all are rejected",
                             )
                         else:
                             reject(

@@ -127,3 +127,53 @@ def test_create_answers_in_progress_even_with_zero_processing_time(tmp_path):
     )
     assert ended["request_counts"]["succeeded"] == 2
     assert ended["results_url"] == f"http://h/v1/messages/batches/{view['id']}/results"
+
+
+def test_a_large_batch_is_finalised_in_the_background_and_survives_restarts(tmp_path, monkeypatch):
+    import batches_emulator.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "INLINE_FINALIZE_MAX_REQUESTS", 10)
+    engine = make_engine(tmp_path, "--processing-seconds", "0")
+    view = engine.create_batch(body(50), 50, "2026-10-21")
+    ended = wait_until(
+        lambda: (v := engine.retrieve(view["id"], "http://h"))["processing_status"] == "ended" and v
+    )
+    assert ended["request_counts"]["succeeded"] == 50
+    # ended_at is when the batch ended, not when the background thread stored its results.
+    assert ended["ended_at"] <= engine_module.rfc3339(engine.now())
+    lines = b"".join(engine.result_parts(view["id"]))
+    engine.close()
+
+    again = make_engine(tmp_path)
+    assert again.retrieve(view["id"], "http://h")["request_counts"] == ended["request_counts"]
+    assert b"".join(again.result_parts(view["id"])) == lines
+    again.close()
+
+
+def test_a_restart_before_the_background_finalisation_finalises_again(tmp_path, monkeypatch):
+    import batches_emulator.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "INLINE_FINALIZE_MAX_REQUESTS", 10)
+    first = make_engine(tmp_path, "--processing-seconds", "0")
+    view = first.create_batch(body(30), 30, "2026-10-21")
+    # Closed before anyone looked at the ended batch: nothing was finalised.
+    first.close()
+    second = make_engine(tmp_path, "--processing-seconds", "0")
+    ended = wait_until(
+        lambda: (v := second.retrieve(view["id"], "http://h"))["processing_status"] == "ended" and v
+    )
+    assert ended["request_counts"]["succeeded"] == 30
+    assert len(b"".join(second.result_parts(view["id"])).splitlines()) == 30
+    second.close()
+
+
+def test_requests_are_decoded_one_at_a_time_from_any_json_layout():
+    from batches_emulator.engine import decode_requests
+
+    doc = {
+        "x": [1, {"a": "}"}],
+        "requests": [{"custom_id": "a", "params": {"m": [1, 2]}}, {"custom_id": "b]"}],
+    }
+    for text in (json.dumps(doc), json.dumps(doc, indent=2), json.dumps(doc, separators=(",", ":"))):
+        assert decode_requests(text) == doc["requests"]
+    assert decode_requests(' { "requests" : [ ] } ') == []

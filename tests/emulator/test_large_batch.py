@@ -44,3 +44,46 @@ def test_results_are_sent_chunked_not_as_one_body(emulator_factory):
         assert "content-length" not in response.headers
         n_lines = sum(chunk.count(b"\n") for chunk in response.iter_bytes())
     assert n_lines == 5000
+
+
+def test_a_large_results_download_does_not_hold_up_other_requests(emulator_factory):
+    """While a 100k batch is finalised and its results stream out, another batch's retrieve stays fast."""
+    import threading
+    import time
+
+    import httpx2
+
+    emu = emulator_factory("--processing-seconds", "0.5")
+    client = client_for(emu, timeout=300)
+    params = {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "ping"}]}
+    big = client.messages.batches.create(
+        requests=[{"custom_id": f"r{i}", "params": params} for i in range(N)]
+    )
+    small = client.messages.batches.create(requests=[{"custom_id": "s", "params": params}])
+    done = threading.Event()
+    downloaded: list[int] = []
+
+    def download() -> None:
+        # Raw bytes, not the SDK's objects: parsing 100k lines here would contend for this test
+        # process's GIL and slow down the retrieves measured below, which is not the emulator's doing.
+        try:
+            ended = wait_ended(client, big.id, timeout=120)
+            headers = {"x-api-key": emu.api_key, "anthropic-version": "2026-10-21"}
+            with httpx2.stream("GET", ended.results_url, headers=headers, timeout=300) as response:
+                downloaded.append(sum(chunk.count(b"\n") for chunk in response.iter_bytes()))
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=download, daemon=True)
+    worker.start()
+    latencies = []
+    deadline = time.monotonic() + 180
+    while not done.is_set():
+        assert time.monotonic() < deadline, "the 100k download did not finish in time"
+        t0 = time.monotonic()
+        client.messages.batches.retrieve(small.id)
+        latencies.append(time.monotonic() - t0)
+    worker.join(timeout=10)
+    assert downloaded == [N]
+    assert len(latencies) > 10
+    assert max(latencies) < 1.0, f"a retrieve waited {max(latencies):.2f}s behind the large batch"

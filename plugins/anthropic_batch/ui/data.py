@@ -3,14 +3,15 @@
 Batches come from the submission ledger (``_ledger/**/*.json``, one ``LedgerEntry`` per submission),
 runs from the published run summaries (``{pipeline}/extractions/date=*/summary.json``) joined with
 the ledger entries of the same ``(dag_id, partition)``, so a run still in flight (no summary yet)
-shows up too. Dead letters are read from ``dead_letter.parquet`` on demand, one run at a time.
+shows up too. Both are read through ``run_index`` (a listing, the index, and only the files that
+changed), so a page load costs a handful of requests on an object store, not one per file. Dead
+letters are read from ``dead_letter.parquet`` on demand, one run at a time.
 
 Everything here returns plain JSON-ready dicts: the HTML templates and the JSON API share them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -79,29 +80,19 @@ def read_ledger_entries(
 ) -> list[dict[str, Any]]:
     """Ledger entries under ``root`` (optionally of one DAG / partition); temporary files skipped.
 
-    Callers validate ``dag_id`` and ``partition`` (they become part of a glob pattern).
+    Read through the validated index (``run_index``): a listing, the index, and only the entries
+    that changed since it was written.
     """
-    from anthropic_batch.ledger import SubmissionLedger
+    from anthropic_batch import run_index
 
-    return list(SubmissionLedger(root).iter_entries(dag_id=dag_id, partition=partition))
+    return run_index.ledger_entries(root, dag_id=dag_id, partition=partition)
 
 
 def read_summaries(root: ObjectStoragePath, partition: str | None = None) -> list[dict[str, Any]]:
     """Published run summaries (optionally of one partition); unreadable files are logged and skipped."""
-    summaries = []
-    pattern = f"*/extractions/date={partition or '*'}/summary.json"
-    for path in sorted(root.glob(pattern), key=str):
-        try:
-            data = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            log.warning("Unreadable run summary %s: %s", path, exc)
-            continue
-        if isinstance(data, dict):
-            # The directory is the source of truth for where the run's files are.
-            data.setdefault("pipeline", path.parent.parent.parent.name)
-            data.setdefault("partition", path.parent.name.removeprefix("date="))
-            summaries.append(data)
-    return summaries
+    from anthropic_batch import run_index
+
+    return run_index.summaries(root, partition=partition)
 
 
 # -- batches -----------------------------------------------------------------------------------------
