@@ -126,7 +126,7 @@ def test_rerun_with_one_edit_one_add_one_remove_sends_exactly_two_requests(
     records = ticket_records(40)
     _, first_summary, first = _run_date(tmp_path, records)
     assert _requests_received(emu) == (4, 40)
-    assert first.num_rows == 40 and first_summary["n_reused"] == 0
+    assert first.num_rows == 40 and first_summary.get("n_reused", 0) == 0
 
     edited = [dict(r) for r in records]
     edited[5]["body"] = "The screen flickers since the update. Please help."  # chunk 0
@@ -297,3 +297,42 @@ def test_cache_keeps_only_answers_this_run_paid_for_that_are_valid(tmp_path):
     assert [pq.read_table(f)["request_fingerprint"].to_pylist() for f in tmp_path.rglob("*.parquet")] == [
         [fps[0]]
     ]
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+
+def _pipeline(tmp_path: Path, **extra: Any) -> Path:
+    import yaml
+
+    data = {
+        "name": "tiny",
+        "description": "A tiny pipeline.",
+        "start_date": "2026-11-01",
+        "source": "/tmp/in/date={{ ds }}/x.jsonl",
+        "key_columns": ["id"],
+        "prompt_template": "Say {{ text }}",
+        "model": "claude-haiku-4-5",
+        "max_tokens": 64,
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_reuse_answers_setting_is_optional_off_by_default_and_reaches_prepare(tmp_path):
+    from anthropic_batch.dag_factory import build_pipeline_dag
+    from anthropic_batch.pipeline_config import PipelineConfigError, load_pipeline
+
+    off = load_pipeline(_pipeline(tmp_path))
+    assert off.reuse_answers.enabled is False
+    assert build_pipeline_dag(off).get_task("prepare").answer_cache_max_age_days is None
+
+    on = load_pipeline(_pipeline(tmp_path, reuse_answers={"enabled": True, "max_age_days": 14}))
+    assert build_pipeline_dag(on).get_task("prepare").answer_cache_max_age_days == 14
+
+    with pytest.raises(PipelineConfigError, match=r"reuse_answers\.max_age_days"):
+        load_pipeline(_pipeline(tmp_path, reuse_answers={"enabled": True, "max_age_days": 0}))
+    with pytest.raises(PipelineConfigError, match=r"reuse_answers\.ttl"):
+        load_pipeline(_pipeline(tmp_path, reuse_answers={"ttl": 3}))
