@@ -47,7 +47,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
-from anthropic_batch.storage import PathLike, TMP_MARKER
+from anthropic_batch.storage import TMP_MARKER, PathLike
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -128,11 +128,7 @@ def work_dir_answer_files(work: ObjectStoragePath) -> list[ObjectStoragePath]:
     for directory in sorted(results.iterdir(), key=lambda p: p.name, reverse=True):
         if directory.name.startswith("attempt-") and directory.is_dir():
             files += sorted(
-                (
-                    f
-                    for f in directory.iterdir()
-                    if f.name.endswith(".parquet") and TMP_MARKER not in f.name
-                ),
+                (f for f in directory.iterdir() if f.name.endswith(".parquet") and TMP_MARKER not in f.name),
                 key=lambda p: p.name,
             )
     reused = results / REUSED_FILE
@@ -186,7 +182,6 @@ def lookup_cache(
 ) -> pa.Table | None:
     """Answers in the cache for the ``wanted`` fingerprints, newest file first (None when none)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
     cache = storage.as_path(cache_dir)

@@ -106,9 +106,7 @@ def _requests_received(emu) -> tuple[int, int]:
     client = anthropic.Anthropic(api_key=emu.api_key, base_url=emu.base_url, max_retries=0)
     batches = list(client.messages.batches.list(limit=100))
     counts = [b.request_counts for b in batches]
-    return len(batches), sum(
-        c.processing + c.succeeded + c.errored + c.canceled + c.expired for c in counts
-    )
+    return len(batches), sum(c.processing + c.succeeded + c.errored + c.canceled + c.expired for c in counts)
 
 
 def _by_id(table: pa.Table) -> dict[str, dict[str, Any]]:
@@ -199,7 +197,9 @@ def test_only_successful_valid_answers_are_reused(tmp_path, emulator_factory, mo
 # -- the answer cache across dates ----------------------------------------------------------------------
 
 
-def test_answer_cache_lets_a_backfill_reuse_answers_paid_on_other_dates(tmp_path, emulator_factory, monkeypatch):
+def test_answer_cache_lets_a_backfill_reuse_answers_paid_on_other_dates(
+    tmp_path, emulator_factory, monkeypatch
+):
     emu = emulator_factory("--processing-seconds", "0.3")
     use_emulator(monkeypatch, emu)
     day1 = ticket_records(20)
