@@ -146,6 +146,7 @@ def test_rerun_with_one_edit_one_add_one_remove_sends_exactly_two_requests(
     assert new_batch == {after["T9999"]["batch_id"]} and new_batch.isdisjoint(first_summary["batch_ids"])
     assert after["T0005"]["attempt"] == 1 and after["T0005"]["status"] == "succeeded"
     assert after["T0005"]["request_fingerprint"] != before["T0005"]["request_fingerprint"]
+    assert after["T0005"]["output_json"] != before["T0005"]["output_json"]  # the edit got a new answer
     # The summary bills the two new requests and shows what was reused (and had been paid).
     assert summary["n_reused"] == 38 and summary["n_rows"] == 40
     assert summary["batch_ids"] == sorted(new_batch)
