@@ -20,13 +20,15 @@ with an output model, ``output_json`` that still validates against it. Errors, t
 invalid output are sent again. The reused rows go to ``results/reused.parquet`` (RESULT schema; the
 current custom_id and keys; ``attempt`` 0 and the ``batch_id`` of the batch that originally paid for
 the answer; ``cost_usd`` and ``sync_cost_usd`` 0, because this run spends nothing on them). Their
-requests are taken out of the chunk files, which are re-packed with what is left (in order, within
-the same limits), so an edit in one record changes one request in one chunk and nothing else:
-unchanged records are never resent and the chunks of a rerun only hold new requests. ``keys.parquet``
-keeps every prepared request (one row per input record downstream); a reused one has
-``chunk_index`` -1. The manifest gets a ``reuse`` section (counts, the original cost of what was
-reused, the reused file, the cache settings); ``merge_inputs`` gives the resubmit step the reused
-file as one more merge input and ``summary_fields`` the publish step its summary fields.
+requests are taken out of the chunk files before anything is submitted: a chunk with nothing reused
+is kept byte for byte (a rerun while its batch is in flight re-attaches to it through the ledger),
+a fully reused one disappears, and what is left of the partly reused ones is packed into new
+chunks. So a rerun with k changed records sends at most k requests, and an edit in one place does
+not reshuffle the rest. ``keys.parquet`` keeps every prepared request (one row per input record
+downstream); a reused one has ``chunk_index`` -1. The manifest gets a ``reuse`` section (counts,
+the original cost of what was reused, the reused file, the cache settings); ``merge_inputs`` gives
+the resubmit step the reused file as one more merge input and ``summary_fields`` the publish step
+its summary fields.
 
 The cache: ``{root}/{pipeline}/answer_cache/fp=X/{written date}--{partition}--{run digest}.parquet``
 holds, per file, the valid answers one publish paid for (rows with ``attempt`` >= 1), sorted by
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -273,65 +276,105 @@ def _pick(answers: Sequence[pa.Table | None]) -> pa.Table | None:
     return table.take(pc.index_in(pc.unique(table[_FP]), value_set=table[_FP]))
 
 
+def _move(source: ObjectStoragePath, target: ObjectStoragePath) -> None:
+    if storage.is_local(source):
+        os.replace(source.path, target.path)
+    else:
+        source.fs.mv(source.path, target.path)
+
+
 def _repack_chunks(
     work: ObjectStoragePath,
     chunks: Sequence[Mapping[str, Any]],
-    reused_ids: set[str],
+    keys: pa.Table,
+    reused: pa.Array,
     *,
     max_requests: int,
     max_bytes: int,
-) -> tuple[list[dict[str, Any]], list[str], list[int]]:
-    """Rewrite the chunk files without the reused requests, packed in order within the same limits.
+) -> tuple[list[dict[str, Any]], pa.Table]:
+    """Take the reused requests out of the chunk files; returns the new ChunkInfos and ``keys``
+    with each request's new ``chunk_index`` (-1: reused, not sent).
 
-    Returns the new ChunkInfos, the custom_ids kept (in order) and the new chunk index of each.
-
-    Written in place, streamed: new chunk *i* only holds requests of original chunks >= *i* (a
-    subset of a chunk always fits where the whole did), so it is complete, and atomically replaced,
-    only after original chunk *i* has been read to its end. The check below keeps it that way.
+    A chunk none of whose requests is reused is kept whole, byte for byte (so a rerun while its
+    batch is still in flight re-attaches to that batch through the ledger); a chunk fully reused is
+    dropped; what is left of the partly reused ones is pooled, in order, into new chunks within the
+    same limits, after the kept ones. Files are renamed to ``chunk-NNNNN`` only once every original
+    has been read, in an order that never overwrites one still to be moved.
     """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from anthropic_batch.batch_requests import _ChunkWriter, chunk_name, iter_chunk_lines
     from anthropic_batch.results import custom_id_of_line
 
-    infos: list[dict[str, Any]] = []
-    kept: list[str] = []
-    kept_chunk: list[int] = []
+    requests_dir = work / "requests"
+    old_index = keys["chunk_index"].to_numpy()
+    is_reused = np.asarray(pc.fill_null(reused, False).to_numpy(zero_copy_only=False), dtype=bool)
+    n_reused = np.bincount(old_index[is_reused], minlength=len(chunks))
+    ordered = sorted(chunks, key=lambda c: int(c["index"]))
+    intact = [c for c in ordered if n_reused[int(c["index"])] == 0]
+    partial = [c for c in ordered if 0 < n_reused[int(c["index"])] < int(c["n_requests"])]
+
+    # 1. Pool what is left of the partly reused chunks (under names no chunk uses).
+    reused_ids = set(keys.filter(pa.array(is_reused))["custom_id"].to_pylist())
+    pooled: list[dict[str, Any]] = []
+    pooled_ids: list[str] = []
+    pooled_chunk: list[int] = []
     writer: _ChunkWriter | None = None
-    reading = -1  # the original chunk being read
-
-    def close() -> None:
-        nonlocal writer
-        assert writer is not None
-        if writer.index >= reading:
-            raise RuntimeError(f"re-packing would replace chunk {writer.index} before it was read")
-        infos.append(writer.close())
-        writer = None
-
     try:
-        for chunk in sorted(chunks, key=lambda c: int(c["index"])):
+        for chunk in partial:
             for line in iter_chunk_lines(chunk["path"]):
                 custom_id = custom_id_of_line(line)
                 if custom_id in reused_ids:
                     continue
                 if writer is not None and writer.would_exceed(line, max_requests, max_bytes):
-                    reading = int(chunk["index"])
-                    close()
+                    pooled.append(writer.close())
+                    writer = None
                 if writer is None:
-                    writer = _ChunkWriter(work / "requests" / chunk_name(len(infos)), len(infos))
+                    index = len(intact) + len(pooled)
+                    writer = _ChunkWriter(requests_dir / f"pool-{index:05d}.jsonl", index)
                 writer.write(line)
-                kept.append(str(custom_id))
-                kept_chunk.append(writer.index)
-            reading = int(chunk["index"]) + 1
+                pooled_ids.append(str(custom_id))
+                pooled_chunk.append(writer.index)
         if writer is not None:
-            reading = len(chunks) + 1
-            close()
+            pooled.append(writer.close())
     except BaseException as exc:
         if writer is not None:
             writer.abort(exc)
         raise
-    for chunk in chunks:
-        if int(chunk["index"]) >= len(infos):
+
+    # 2. Drop the originals not kept; 3. kept chunks move down to 0..k-1 (never onto one still to
+    # move: every lower original is gone or already moved); 4. the pooled ones follow.
+    kept_paths = {str(c["path"]) for c in intact}
+    for chunk in ordered:
+        if str(chunk["path"]) not in kept_paths:
             storage.as_path(chunk["path"]).unlink()
-    return infos, kept, kept_chunk
+    infos: list[dict[str, Any]] = []
+    remap = np.full(len(chunks) + 1, -1, dtype=np.int32)
+    for new_index, chunk in enumerate(intact):
+        source, target = storage.as_path(chunk["path"]), requests_dir / chunk_name(new_index)
+        if source != target:
+            _move(source, target)
+        infos.append({**chunk, "index": new_index, "path": str(target)})
+        remap[int(chunk["index"])] = new_index
+    for info in pooled:
+        target = requests_dir / chunk_name(int(info["index"]))
+        _move(storage.as_path(info["path"]), target)
+        infos.append({**info, "path": str(target)})
+
+    # The new chunk index of every request: kept chunks by their move, pooled ones in pooling order.
+    new_index = remap[np.where(old_index >= 0, old_index, len(chunks))]
+    new_index[is_reused] = -1
+    in_pool = ~is_reused & (new_index == -1)
+    if keys.filter(pa.array(in_pool))["custom_id"].to_pylist() != pooled_ids:
+        raise RuntimeError(
+            f"re-packed chunks disagree with {requests_dir / 'keys.parquet'}: run prepare again"
+        )
+    new_index[in_pool] = np.asarray(pooled_chunk, dtype=np.int32)
+    column = pa.array(new_index, pa.int32())
+    keys = keys.set_column(keys.schema.get_field_index("chunk_index"), "chunk_index", column)
+    return infos, keys
 
 
 def _reused_rows(
@@ -365,19 +408,6 @@ def _reused_rows(
     data["attempt"] = pa.repeat(pa.scalar(REUSED_ATTEMPT, pa.int32()), n)
     table = pa.table({name: data[name] for name in schema.names}).cast(schema)
     return table, mask, found
-
-
-def _set_chunk_index(keys: pa.Table, reused: pa.Array, kept_chunk: Sequence[int]) -> pa.Table:
-    """``keys`` with each request's new chunk index; -1 for a reused request (not sent)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    column = pc.replace_with_mask(
-        pa.repeat(pa.scalar(-1, pa.int32()), keys.num_rows),
-        pc.invert(reused),
-        pa.array(kept_chunk, pa.int32()),
-    )
-    return keys.set_column(keys.schema.get_field_index("chunk_index"), "chunk_index", column)
 
 
 def apply_reuse(
@@ -426,16 +456,15 @@ def apply_reuse(
 
     n_reused = reused.num_rows
     if n_reused:
-        infos, kept, kept_chunk = _repack_chunks(
+        infos, keys = _repack_chunks(
             work,
             manifest.get("chunks") or [],
-            set(reused["custom_id"].to_pylist()),
+            keys,
+            mask,
             max_requests=max_requests_per_chunk,
             max_bytes=max_bytes_per_chunk,
         )
-        if keys.filter(pc.invert(mask))["custom_id"].to_pylist() != kept:
-            raise RuntimeError(f"re-packed chunks disagree with {keys_path}: run prepare again")
-        storage.write_parquet_atomic(keys_path, _set_chunk_index(keys, mask, kept_chunk), keys.schema)
+        storage.write_parquet_atomic(keys_path, keys, keys.schema)
         manifest["chunks"] = infos
     section = {
         "n_reused": n_reused,

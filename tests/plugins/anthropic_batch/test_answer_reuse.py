@@ -337,3 +337,40 @@ def test_reuse_answers_setting_is_optional_off_by_default_and_reaches_prepare(tm
         load_pipeline(_pipeline(tmp_path, reuse_answers={"enabled": True, "max_age_days": 0}))
     with pytest.raises(PipelineConfigError, match=r"reuse_answers\.ttl"):
         load_pipeline(_pipeline(tmp_path, reuse_answers={"ttl": 3}))
+
+
+def test_a_rerun_while_batches_are_in_flight_keeps_their_chunks_and_re_attaches(
+    tmp_path, emulator_factory, monkeypatch
+):
+    """Chunk 0 collected with failures, chunks 1 and 2 not collected yet: the rerun resends chunk 0's
+    failures only, in a chunk of their own; chunks 1 and 2 stay byte for byte and re-attach."""
+    from anthropic_batch.hooks import BatchHook
+
+    emu = emulator_factory(
+        "--processing-seconds", "0.3", "--seed", "5", "--error-rate", "overloaded_error=0.3"
+    )
+    use_emulator(monkeypatch, emu)
+    records = ticket_records(30)
+    run = _prepare(tmp_path, records, "2026-11-01")
+    work = Path(run.work_dir.removeprefix("file://"))
+    first_chunks = json.loads((work / "requests" / "manifest.json").read_text())["chunks"]
+    handles = submit_chunks(run)
+    wait_ended(BatchHook(), handles[0]["batch_id"])
+    collected = CollectResultsOperator(task_id="collect", handle=handles[0], work_dir=run.work_dir).execute(
+        make_context(task_id="batch.collect", map_index=0)
+    )
+    n_failed = sum(
+        1 for s in pq.read_table(collected.removeprefix("file://"))["status"].to_pylist() if s != "succeeded"
+    )
+    assert 0 < n_failed < 10
+
+    rerun = _prepare(tmp_path, records, "2026-11-01")
+
+    manifest = json.loads((work / "requests" / "manifest.json").read_text())
+    assert manifest["reuse"]["n_reused"] == 10 - n_failed
+    kept, pooled = manifest["chunks"][:2], manifest["chunks"][2:]
+    assert [c["fingerprint"] for c in kept] == [c["fingerprint"] for c in first_chunks[1:]]
+    assert [c["n_requests"] for c in pooled] == [n_failed]
+    again = submit_chunks(rerun)
+    assert [h["batch_id"] for h in again[:2]] == [h["batch_id"] for h in handles[1:]]  # re-attached
+    assert _requests_received(emu) == (4, 30 + n_failed)  # only chunk 0's failures were sent again
