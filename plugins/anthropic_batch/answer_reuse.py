@@ -69,7 +69,7 @@ MANIFEST_KEY = "reuse"
 REUSED_ATTEMPT = 0
 #: Hex digits of the fingerprint that pick a cache bucket (16 buckets).
 CACHE_BUCKET_CHARS = 1
-_CACHE_ROW_GROUP = 2_000
+_CACHE_ROW_GROUP = 512  # small row groups: a lookup reads only those holding a match
 _FP = "request_fingerprint"
 
 
@@ -139,15 +139,22 @@ def work_dir_answer_files(work: ObjectStoragePath) -> list[ObjectStoragePath]:
 
 
 def _read_answers(path: PathLike, wanted: pa.Array, structured: bool) -> pa.Table | None:
-    """The reusable answers in one RESULT file for the ``wanted`` fingerprints (fingerprint first)."""
+    """The reusable answers (OUTCOME columns) in one RESULT file for the ``wanted`` fingerprints."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    columns = _answer_columns()
     try:
-        table = storage.read_parquet(path, columns=_answer_columns(), use_threads=False)
-    except (OSError, KeyError, pa.ArrowException) as exc:
-        log.warning("Skipping a results file that cannot be read as RESULT rows, %s: %s", path, exc)
+        table = storage.read_parquet(path, columns=columns, use_threads=False)
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("Skipping an unreadable results file %s (its answers are sent again): %s", path, exc)
         return None
+    if set(table.column_names) != set(columns):  # (the reader silently leaves out absent columns)
+        log.warning(
+            "Skipping %s: not RESULT rows (columns %s); its answers are sent again", path, table.column_names
+        )
+        return None
+    table = table.select(columns)
     table = table.filter(pc.and_(reusable_mask(table, structured), pc.is_in(table[_FP], wanted)))
     return table if table.num_rows else None
 
@@ -166,13 +173,25 @@ def _cache_file_date(name: str) -> date | None:
         return None
 
 
-def _arrow_filesystem(path: ObjectStoragePath) -> Any:
-    """A pyarrow filesystem for ``path``: None (local) or the fsspec file system wrapped."""
-    if storage.is_local(path):
-        return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+def _read_matches(path: ObjectStoragePath, wanted: pa.Array, columns: Sequence[str]) -> pa.Table | None:
+    """The rows of one cache file whose fingerprint is in ``wanted``: the fingerprint column first,
+    then only the row groups that hold a match (most files of a small lookup stop at the first read)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    return PyFileSystem(FSSpecHandler(path.fs))
+    with storage.open_binary(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        hit = pc.is_in(parquet.read(columns=[_FP], use_threads=False).column(0), value_set=wanted)
+        rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+        if not len(rows):
+            return None
+        starts = np.cumsum(
+            [0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+        )
+        groups = sorted({int(g) for g in np.searchsorted(starts, rows, side="right") - 1})
+        table = parquet.read_row_groups(groups, columns=list(columns), use_threads=False)
+    return table.filter(pc.is_in(table[_FP], value_set=wanted))
 
 
 def lookup_cache(
@@ -183,12 +202,17 @@ def lookup_cache(
     structured: bool,
     today: date | None = None,
 ) -> pa.Table | None:
-    """Answers in the cache for the ``wanted`` fingerprints, newest file first (None when none)."""
+    """Answers in the cache for the ``wanted`` fingerprints (one each, the newest), or None.
+
+    Only the buckets of ``wanted`` are listed, only files younger than ``max_age_days`` (by name)
+    are opened, newest first, and a fingerprint found is not looked for in older files.
+    """
     import pyarrow as pa
-    import pyarrow.dataset as ds
+    import pyarrow.compute as pc
 
     cache = storage.as_path(cache_dir)
     oldest = (today or datetime.now(UTC).date()) - timedelta(days=max_age_days)
+    columns = [*_answer_columns(), "partition"]
     by_bucket: dict[str, list[str]] = {}
     for fp in wanted:
         by_bucket.setdefault(_bucket(fp), []).append(fp)
@@ -197,31 +221,31 @@ def lookup_cache(
         directory = cache / f"fp={bucket}"
         if not directory.exists():
             continue
-        files = [
-            f
-            for f in directory.iterdir()
-            if f.name.endswith(".parquet")
-            and TMP_MARKER not in f.name
-            and (_cache_file_date(f.name) or date.min) >= oldest
-        ]
-        if not files:
-            continue
-        files.sort(key=lambda p: p.name, reverse=True)
-        # Statistics of the sorted fingerprint column let the filter skip row groups unread.
-        dataset = ds.dataset(
-            [f.path for f in files], format="parquet", filesystem=_arrow_filesystem(files[0])
+        files = sorted(
+            (
+                f
+                for f in directory.iterdir()
+                if f.name.endswith(".parquet")
+                and TMP_MARKER not in f.name
+                and (_cache_file_date(f.name) or date.min) >= oldest
+            ),
+            key=lambda p: p.name,
+            reverse=True,
         )
-        found = dataset.to_table(
-            columns=[*_answer_columns(), "partition"],
-            filter=ds.field(_FP).isin(pa.array(fps, pa.string())),
-            use_threads=False,
-        )
-        found = found.filter(reusable_mask(found, structured))
-        if found.num_rows:
-            pieces.append(found)
+        missing = pa.array(sorted(set(fps)), pa.string())
+        for file in files:
+            found = _read_matches(file, missing, columns)
+            if found is None:
+                continue
+            found = found.filter(reusable_mask(found, structured))
+            if found.num_rows:
+                pieces.append(found)
+                missing = pc.filter(missing, pc.invert(pc.is_in(missing, value_set=found[_FP])))
+                if not len(missing):
+                    break
     if not pieces:
         return None
-    return pa.concat_tables(pieces).sort_by([(_FP, "ascending")]) if len(pieces) > 1 else pieces[0]
+    return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def write_cache(
