@@ -35,8 +35,9 @@ holds, per file, the valid answers one publish paid for (rows with ``attempt`` >
 fingerprint, bucketed by the fingerprint's first hex digit ``X``. Files are only ever added (one per
 bucket and run, deterministic names so a retried publish overwrites its own). A lookup lists only
 the buckets of the fingerprints it looks for, skips by name the files older than ``max_age_days``,
-and reads the rest with a pyarrow filter on the fingerprint (sorted row groups: the statistics skip
-most of them), so it never scans the published partitions. Files past the maximum age are ignored,
+and reads the rest newest first: the fingerprint column, filtered with ``pyarrow.compute.is_in``,
+then only the row groups (512 rows) that hold a match; a fingerprint found is not looked for in
+older files. It never scans the published partitions. Files past the maximum age are ignored,
 not deleted: expire them with a storage lifecycle rule if space matters (the date leads the name).
 """
 
