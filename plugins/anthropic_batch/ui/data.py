@@ -205,6 +205,8 @@ def run_row(
         "finished_at": None,
         "price_table_as_of": None,
         "tokens": {},
+        "n_reused": None,  # answer reuse (issue 9): from the summary
+        "reused_cost_usd": None,
     }
     if summary is not None:
         raw_counts = summary.get("counts_by_status")
