@@ -28,3 +28,9 @@ def test_run_page_shows_reused_answers(seeded_root, client, make_token):
     html = client.get(f"{PREFIX}/runs/{DAG_ID}/2026-11-21", headers=headers).text
     assert 'data-testid="run-reused">38<' in html
     assert "paid by earlier runs, not billed again" in html
+
+
+def test_run_page_of_a_run_still_in_flight_renders_without_reuse_fields(client, make_token):
+    headers = {"Authorization": f"Bearer {make_token()}"}
+    resp = client.get(f"{PREFIX}/runs/{DAG_ID}/2026-11-22", headers=headers)  # no summary yet
+    assert resp.status_code == 200 and 'data-testid="run-reused"' not in resp.text
