@@ -225,6 +225,9 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             max_requests_per_chunk=config.max_requests_per_chunk,
             max_bytes_per_chunk=config.max_bytes_per_chunk,
             max_request_bytes=config.max_request_bytes,
+            answer_cache_max_age_days=(
+                config.reuse_answers.max_age_days if config.reuse_answers.enabled else None
+            ),
         )
         gate = SampleRefineOperator(
             task_id="sample_refine",

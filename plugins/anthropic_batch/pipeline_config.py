@@ -61,6 +61,13 @@ class ResubmitConfig(_Section):
     max_tokens_growth: float = Field(2.0, ge=1.0, le=8.0)
 
 
+class ReuseAnswersConfig(_Section):
+    """The per-pipeline answer cache: reuse answers already paid for on other dates."""
+
+    enabled: bool = False
+    max_age_days: int = Field(30, ge=1, le=3650, description="older cached answers are sent again")
+
+
 class PipelineConfig(_Section):
     """One declared pipeline (one YAML file)."""
 
@@ -90,6 +97,7 @@ class PipelineConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     resubmit: ResubmitConfig = Field(default_factory=ResubmitConfig)
+    reuse_answers: ReuseAnswersConfig = Field(default_factory=ReuseAnswersConfig)
 
     # Run mode and queue.
     mode: Literal["batch", "sync", "auto"] = "batch"

@@ -111,6 +111,11 @@ def extraction_dir(root: PathLike, pipeline: str, partition: str) -> ObjectStora
     return as_path(root) / pipeline / "extractions" / f"date={partition}"
 
 
+def answer_cache_dir(root: PathLike, pipeline: str) -> ObjectStoragePath:
+    """``{root}/{pipeline}/answer_cache``: answers already paid for, by fingerprint (answer_reuse)."""
+    return as_path(root) / pipeline / "answer_cache"
+
+
 def report_dir(root: PathLike, partition: str) -> ObjectStoragePath:
     """``{root}/reports/date={partition}``: the overnight report."""
     return as_path(root) / "reports" / f"date={partition}"

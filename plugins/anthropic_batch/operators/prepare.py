@@ -28,6 +28,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from anthropic_batch import storage
+from anthropic_batch.answer_reuse import apply_reuse, cache_dir_for
 from anthropic_batch.batch_requests import (
     DEFAULT_MAX_BYTES_PER_CHUNK,
     MAX_REQUESTS_PER_BATCH,
@@ -128,6 +129,9 @@ class PrepareRequestsOperator(BaseOperator):
     :param max_bytes_per_chunk: bytes of a batch body, at most 256 MB.
     :param max_request_bytes: the largest single request (its JSON line) in bytes; a bigger one is
         rejected into ``rejected.parquet`` before any spend. Default: whatever fits in a chunk.
+    :param answer_cache_max_age_days: turns the pipeline's answer cache on (``answer_reuse``):
+        answers paid for on other dates within this many days are reused. Answers already collected
+        for this partition are always reused.
     :returns: the chunk paths (possibly empty).
     """
 
@@ -157,6 +161,7 @@ class PrepareRequestsOperator(BaseOperator):
         max_requests_per_chunk: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
         max_request_bytes: int | None = None,
+        answer_cache_max_age_days: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -185,6 +190,7 @@ class PrepareRequestsOperator(BaseOperator):
         self.max_requests_per_chunk = max_requests_per_chunk
         self.max_bytes_per_chunk = max_bytes_per_chunk
         self.max_request_bytes = max_request_bytes
+        self.answer_cache_max_age_days = answer_cache_max_age_days
 
     def build_spec(self) -> RequestSpec:
         model_cls = load_output_model(self.output_model, self.include_dir) if self.output_model else None
@@ -226,7 +232,18 @@ class PrepareRequestsOperator(BaseOperator):
                 "deadline": deadline.isoformat() if deadline else None,
             },
         )
-        mode = resolve_mode(self.mode, manifest["n_requests"], self.auto_sync_max_requests, deadline=deadline)
+        # Answer reuse (issue 9): what was already paid for is not sent again; only the rest is chunked.
+        manifest = apply_reuse(
+            work,
+            manifest,
+            output_model=spec.output_model,
+            max_requests_per_chunk=self.max_requests_per_chunk,
+            max_bytes_per_chunk=self.max_bytes_per_chunk,
+            cache_dir=cache_dir_for(work, self.pipeline) if self.answer_cache_max_age_days else None,
+            cache_max_age_days=self.answer_cache_max_age_days,
+        )
+        n_to_send = manifest["reuse"]["n_to_send"]
+        mode = resolve_mode(self.mode, n_to_send, self.auto_sync_max_requests, deadline=deadline)
         if manifest.get("mode") != mode.value:
             manifest["mode"] = mode.value
             storage.atomic_write_json(work / "requests" / "manifest.json", manifest)
@@ -235,8 +252,11 @@ class PrepareRequestsOperator(BaseOperator):
         for warning in manifest.get("warnings") or ():
             log.warning("Request spec: %s", warning)
         log.info(
-            "Prepared %d requests in %d chunk(s), %d bytes in all; %d of %d records rejected%s. Mode: %s%s.",
+            "Prepared %d requests (%d to send, %d answers reused) in %d chunk(s), %d bytes in all; "
+            "%d of %d records rejected%s. Mode: %s%s.",
             manifest["n_requests"],
+            n_to_send,
+            manifest["reuse"]["n_reused"],
             len(chunks),
             sum(c["n_bytes"] for c in chunks),
             manifest["n_rejected"],
@@ -247,7 +267,9 @@ class PrepareRequestsOperator(BaseOperator):
             if str(self.mode).strip().lower() == "auto"
             else "",
         )
-        if not chunks:
+        if not chunks and manifest["reuse"]["n_reused"]:
+            log.info("Every request already has an answer: nothing to submit.")
+        elif not chunks:
             log.warning(
                 "No valid request in %s: nothing to submit; the batch tasks will be skipped.", self.source
             )

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
+from anthropic_batch.answer_reuse import cache_after_publish, summary_fields
 from anthropic_batch.pricing import load_price_table
 
 if TYPE_CHECKING:
@@ -258,9 +259,15 @@ class PublishPartitionOperator(BaseOperator):
         )
         if self.pipeline:
             summary["pipeline"] = self.pipeline
+        summary.update(summary_fields(manifest))  # answer reuse (issue 9): n_reused, reused_cost_usd
         publish_partition(target, merged, dead_letters, summary)
+        try:  # answer reuse (issue 9): the answers this run paid for, for other dates to reuse
+            cache_after_publish(manifest, merged, ti.run_id)
+        except Exception:  # the partition is published; a cache miss later only costs a resend
+            log.exception("Could not add this run's answers to the answer cache.")
         log.info(
-            "Published %s: %d rows %s, %d dead letters; cost $%.4f (sync would be $%.4f, saved $%.4f).",
+            "Published %s: %d rows %s, %d dead letters; cost $%.4f (sync would be $%.4f, saved $%.4f); "
+            "%d answer(s) reused ($%.4f not paid again).",
             target,
             summary["n_rows"],
             summary["counts_by_status"],
@@ -268,5 +275,7 @@ class PublishPartitionOperator(BaseOperator):
             summary["cost_usd"],
             summary["sync_cost_usd"],
             summary["savings_usd"],
+            summary["n_reused"],
+            summary["reused_cost_usd"],
         )
         return summary

@@ -46,6 +46,7 @@ from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from anthropic_batch import storage
+from anthropic_batch.answer_reuse import merge_inputs
 from anthropic_batch.batch_requests import (
     DEFAULT_MAX_BYTES_PER_CHUNK,
     MAX_REQUESTS_PER_BATCH,
@@ -318,7 +319,9 @@ class ResubmitFailuresOperator(BaseOperator):
         key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
         keys = storage.read_parquet(work / "requests" / "keys.parquet")
         merged_path = work / "results" / "merged.parquet"
-        merged = merge_attempts(paths, merged_path, key_columns, expected_keys=keys)
+        # Answer reuse (issue 9): answers reused from earlier runs are one more input, merged first.
+        inputs = [*merge_inputs(manifest), *paths]
+        merged = merge_attempts(inputs, merged_path, key_columns, expected_keys=keys)
         self.log.info("Merged after attempt %d: %s", attempt, _counts(merged, "status"))
 
         if has_fatal(merged):

@@ -196,6 +196,8 @@ def run_row(
         "finished_at": None,
         "price_table_as_of": None,
         "tokens": {},
+        "n_reused": None,  # answer reuse (issue 9): from the summary
+        "reused_cost_usd": None,
     }
     if summary is not None:
         raw_counts = summary.get("counts_by_status")
@@ -220,6 +222,9 @@ def run_row(
         )
         if summary.get("savings_usd") is not None:
             run["savings_usd"] = _num(summary.get("savings_usd"))
+        # Answer reuse (issue 9): answers taken from earlier runs, and what they had cost then.
+        run["n_reused"] = _int(summary.get("n_reused"))
+        run["reused_cost_usd"] = _num(summary.get("reused_cost_usd"))
     run.setdefault("savings_usd", _savings(run["cost_usd"], run["sync_cost_usd"]))
     n_rows = run["n_rows"] or 0
     run["success_rate"] = (run["n_succeeded"] / n_rows) if n_rows and run["published"] else None
