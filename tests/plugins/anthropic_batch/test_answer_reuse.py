@@ -110,7 +110,7 @@ def _requests_received(emu) -> tuple[int, int]:
 
 
 def _by_id(table: pa.Table) -> dict[str, dict[str, Any]]:
-    return {row["custom_id"]: row for row in table.to_pylist()}
+    return {row["ticket_id"]: row for row in table.to_pylist()}
 
 
 # -- the headline: edit one, add one, remove one -> exactly two new requests ----------------------------
@@ -135,7 +135,7 @@ def test_rerun_with_one_edit_one_add_one_remove_sends_exactly_two_requests(
     batches, requests = _requests_received(emu)
     assert (batches - 4, requests - 40) == (1, 2)  # one new batch holding exactly the two changes
     # Exactly one row per current record, none for the removed one.
-    assert sorted(data.column("custom_id").to_pylist()) == sorted(r["ticket_id"] for r in edited)
+    assert sorted(data.column("ticket_id").to_pylist()) == sorted(r["ticket_id"] for r in edited)
     before, after = _by_id(first), _by_id(data)
     for custom_id in {r["ticket_id"] for r in edited} - {"T0005", "T9999"}:
         # Unchanged records keep the answer (and the batch) they were paid with; nothing spent now.
@@ -218,14 +218,14 @@ def test_answer_cache_lets_a_backfill_reuse_answers_paid_on_other_dates(
     assert _requests_received(emu)[1] == 20 + 5
     assert summary2["n_reused"] == summary2["n_reused_from_cache"] == 15
     assert summary2["reused_cost_usd"] == pytest.approx(
-        sum(r["cost_usd"] for r in data1.to_pylist() if r["custom_id"] in {d["ticket_id"] for d in day2}),
+        sum(r["cost_usd"] for r in data1.to_pylist() if r["ticket_id"] in {d["ticket_id"] for d in day2}),
         abs=1e-6,
     )
     assert data2.num_rows == 20
     rows1 = _by_id(data1)
     for row in data2.to_pylist():
-        if row["custom_id"] in rows1:
-            assert row["attempt"] == 0 and row["output_json"] == rows1[row["custom_id"]]["output_json"]
+        if row["ticket_id"] in rows1:
+            assert row["attempt"] == 0 and row["output_json"] == rows1[row["ticket_id"]]["output_json"]
 
 
 def test_answer_cache_is_off_by_default(tmp_path, emulator_factory, monkeypatch):

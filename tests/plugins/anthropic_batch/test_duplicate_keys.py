@@ -5,11 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 
 from anthropic_batch import duplicate_keys
-from anthropic_batch.batch_requests import _key_str, make_custom_id
+from anthropic_batch.batch_requests import _key_str, custom_id_base
 
 
 def counts(table: pa.Table, key_columns: list[str]) -> list[tuple[int, int]]:
-    result = duplicate_keys.duplicate_counts(table, key_columns, make_custom_id, _key_str)
+    result = duplicate_keys.duplicate_counts(table, key_columns, custom_id_base, _key_str)
     ids, keys = result.slice(0, table.num_rows)
     return list(zip(ids, keys, strict=True))
 
@@ -46,6 +46,6 @@ def test_many_batches_positions_line_up(monkeypatch):
         v for v in values if v in expected_dups
     ]
     assert all(n == values.count(v) for v, (n, _) in zip(values, rows, strict=True) if n)
-    result = duplicate_keys.duplicate_counts(pa.table({"k": values}), ["k"], make_custom_id, _key_str)
+    result = duplicate_keys.duplicate_counts(pa.table({"k": values}), ["k"], custom_id_base, _key_str)
     for start, stop in ((0, 7), (5, 61), (199, 200), (3, 3)):
         assert result.slice(start, stop)[0] == [r[0] for r in rows[start:stop]]
