@@ -180,3 +180,34 @@ def test_the_index_on_an_object_store(s3_root, reads):
     assert reads[-1] == ["_ledger/dag_a/2026-11-02/batch.submit/fp2.json"]
     assert entries["msgbatch_dag_a_2026-11-02_2"]["cost_usd"] == 4.0
     assert entries["msgbatch_dag_a_2026-11-02_2"]["ledger_path"].startswith("s3://")
+
+
+def test_summaries_follow_a_partition_commit_file(tmp_path, monkeypatch, reads):
+    """Publish writes ``_gen=<id>/summary.json`` and then ``_COMMIT.json`` naming it: a new commit
+    makes the partition stale, and the summary is read through the partition module's reader."""
+    import sys
+    import types
+
+    root = storage.as_path(str(tmp_path / "store"))
+    part = root / "pipe" / "extractions" / "date=2026-11-01"
+
+    def read_published_summary(directory):
+        commit = storage.read_json(directory / "_COMMIT.json")
+        return storage.read_json(directory / f"_gen={commit['generation']}" / "summary.json")
+
+    fake = types.ModuleType("anthropic_batch.partition")
+    fake.read_published_summary = read_published_summary
+    monkeypatch.setitem(sys.modules, "anthropic_batch.partition", fake)
+
+    def publish(generation: str, cost: float) -> None:
+        storage.atomic_write_json(
+            part / f"_gen={generation}" / "summary.json", {"dag_id": "pipe", "cost_usd": cost}
+        )
+        storage.atomic_write_json(part / "_COMMIT.json", {"generation": generation})
+
+    publish("g1", 1.0)
+    assert [s["cost_usd"] for s in run_index.summaries(root)] == [1.0]
+    assert run_index.summaries(root)[0]["partition"] == "2026-11-01" and reads[-1] == []
+    publish("g2", 2.0)
+    assert [s["cost_usd"] for s in run_index.summaries(root)] == [2.0]
+    assert reads[-1] == ["pipe/extractions/date=2026-11-01"]
