@@ -18,6 +18,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from anthropic_batch import storage
 from anthropic_batch.ledger import LedgerState, SubmissionLedger, batch_fields, rfc3339, update_entry, utc_now
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.storage import PathLike
@@ -45,14 +46,14 @@ def record_cancel(
     by: str | None = None,
     batch: Any = None,
 ) -> dict[str, Any]:
-    """Write who canceled the batch of ``ledger_path``, when and why (plus its new status)."""
-    fields: dict[str, Any] = {
-        "cancel_reason": reason.value,
-        "canceled_by": by,
-        "cancel_requested_at": rfc3339(utc_now()),
-    }
-    if batch is not None:
-        fields.update(batch_fields(batch))
+    """Write who canceled the batch of ``ledger_path``, when and why (plus its new status).
+
+    A user's cancel is never overwritten: a later deadline cancel of the same batch only refreshes
+    its status, so the canceled requests stay dead-lettered as the user decided.
+    """
+    fields: dict[str, Any] = batch_fields(batch) if batch is not None else {}
+    if user_cancel_reason(storage.read_json(ledger_path)) is None:
+        fields.update(cancel_reason=reason.value, canceled_by=by, cancel_requested_at=rfc3339(utc_now()))
     return update_entry(ledger_path, **fields)
 
 

@@ -223,3 +223,14 @@ def test_poke_mode_bad_key_fails_without_retry(emulator, monkeypatch):
     sensor = BatchSensor(task_id="wait", handle="msgbatch_x", conn_id="sensor_bad", deferrable=False)
     with pytest.raises(AirflowFailException):
         sensor.execute(make_context(task_id="wait"))
+
+
+def test_a_deadline_cancel_never_overwrites_a_users_cancel(tmp_path):
+    from anthropic_batch.cancel import CancelReason, record_cancel
+    from anthropic_batch.storage import atomic_write_json
+
+    path = str(tmp_path / "entry.json")
+    atomic_write_json(path, {"batch_id": "msgbatch_1", "state": "submitted"})
+    record_cancel(path, CancelReason.USER, by="alice")
+    entry = record_cancel(path, CancelReason.DEADLINE)
+    assert entry["cancel_reason"] == "user" and entry["canceled_by"] == "alice"
