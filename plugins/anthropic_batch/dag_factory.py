@@ -66,6 +66,12 @@ def _poll_intervals(config: PipelineConfig) -> tuple[float, float]:
     return config.poll_interval, config.max_poll_interval
 
 
+def _answer_cache_doc(config: PipelineConfig) -> str:
+    if not config.reuse_answers.enabled:
+        return "off (answers are reused within a date only)"
+    return f"on: answers up to {config.reuse_answers.max_age_days} days old are reused across dates"
+
+
 def _doc_md(config: PipelineConfig) -> str:
     lines = [
         f"# {config.resolved_dag_id}",
@@ -81,6 +87,7 @@ def _doc_md(config: PipelineConfig) -> str:
         f"| sample gate | {config.sample.size} requests, pass rate >= {config.sample.min_pass_rate} |",
         f"| budget | {config.budget.max_cost_usd or 'none'} USD |",
         f"| resubmits | up to {config.resubmit.max_attempts} attempts |",
+        f"| answer cache | {_answer_cache_doc(config)} |",
         f"| queue | {config.queue_budget_requests} requests; chunks of <= {config.max_requests_per_chunk} |",
         "",
         "Partition = data interval start (`YYYY-MM-DD`). Trigger with param `mode` = batch | sync | auto.",

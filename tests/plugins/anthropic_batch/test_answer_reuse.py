@@ -331,7 +331,9 @@ def test_reuse_answers_setting_is_optional_off_by_default_and_reaches_prepare(tm
     assert build_pipeline_dag(off).get_task("prepare").answer_cache_max_age_days is None
 
     on = load_pipeline(_pipeline(tmp_path, reuse_answers={"enabled": True, "max_age_days": 14}))
-    assert build_pipeline_dag(on).get_task("prepare").answer_cache_max_age_days == 14
+    dag = build_pipeline_dag(on)
+    assert dag.get_task("prepare").answer_cache_max_age_days == 14
+    assert "answers up to 14 days old are reused across dates" in dag.doc_md
 
     with pytest.raises(PipelineConfigError, match=r"reuse_answers\.max_age_days"):
         load_pipeline(_pipeline(tmp_path, reuse_answers={"enabled": True, "max_age_days": 0}))
