@@ -15,12 +15,11 @@ The fields live in the submission's ledger entry: ``cancel_reason``, ``canceled_
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from anthropic_batch import storage
 from anthropic_batch.ledger import LedgerState, SubmissionLedger, batch_fields, rfc3339, update_entry, utc_now
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import DEFAULT_CONN_ID, CancelReason
 from anthropic_batch.storage import PathLike
 
 
@@ -30,13 +29,6 @@ class NotCancelable(Exception):
 
 #: ``error_type`` for the canceled rows of a batch a user canceled (permanent: not resubmitted).
 USER_CANCELED_ERROR_TYPE = "user_canceled"
-
-
-class CancelReason(StrEnum):
-    """Why a batch was canceled."""
-
-    DEADLINE = "deadline"  # the sensor's deadline passed: canceled requests are retriable
-    USER = "user"  # an explicit user decision: canceled requests are dead-lettered
 
 
 def record_cancel(

@@ -51,6 +51,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
+from anthropic_batch.status import CancelReason
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -748,7 +749,13 @@ def _record(
 
 
 def _was_fully_canceled(hook: BatchHook, entry: dict[str, Any]) -> bool:
-    """Whether the recorded batch ended fully canceled; unknown (API trouble) counts as no."""
+    """Whether the recorded batch ended fully canceled, so the chunk may be submitted anew.
+
+    Unknown (API trouble) counts as no, and so does a batch a user canceled on the Batches page:
+    that was a decision not to pay for those requests (``cancel.py``).
+    """
+    if entry.get("cancel_reason") == CancelReason.USER:
+        return False
     if is_fully_canceled(entry):
         return True
     if entry.get("processing_status") == "ended":

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from airflow.providers.anthropic.hooks.anthropic import BatchStatus
 
-__all__ = ["DEFAULT_CONN_ID", "BatchStatus", "FailureClass", "RequestStatus", "RunMode"]
+__all__ = ["DEFAULT_CONN_ID", "BatchStatus", "CancelReason", "FailureClass", "RequestStatus", "RunMode"]
 
 #: The Anthropic connection id (= ``AnthropicHook.default_conn_name``), here so operator signatures
 #: need not import the hook (and the SDK) when a DAG file is parsed.
@@ -57,3 +57,10 @@ class RunMode(StrEnum):
     BATCH = "batch"
     SYNC = "sync"
     AUTO = "auto"  # resolved at prepare time from the number of requests
+
+
+class CancelReason(StrEnum):
+    """Why a batch was canceled (``cancel_reason`` in its ledger entry; see ``cancel.py``)."""
+
+    DEADLINE = "deadline"  # the sensor's deadline passed: canceled requests are retriable
+    USER = "user"  # an explicit user decision: canceled requests are dead-lettered

@@ -262,6 +262,22 @@ def test_fully_canceled_batch_is_replaced_on_retry(emu, tmp_path):
     assert len(listed(emu)) == 2
 
 
+def test_a_batch_a_user_canceled_is_not_submitted_again(emu, tmp_path):
+    from anthropic_batch.cancel import cancel_by_user
+
+    info = make_chunk(tmp_path / "work", 2)
+    ledger = SubmissionLedger(str(tmp_path / "root"))
+    hook = BatchHook(emu.conn_id)
+    first = submit_idempotently(hook, ledger, **submit_kwargs(info))
+    entry = {**ledger.read(first["ledger_path"]), "ledger_path": first["ledger_path"]}
+    cancel_by_user(entry, "alice", conn_id=emu.conn_id)
+    assert wait_ended(sdk_client(emu), first["batch_id"]).request_counts.canceled == 2
+    # A retry or clear re-attaches: the user decided not to pay for these requests.
+    again = submit_idempotently(hook, ledger, **submit_kwargs(info))
+    assert again["batch_id"] == first["batch_id"]
+    assert len(listed(emu)) == 1
+
+
 def test_sync_mode_writes_results_and_never_pays_twice(emulator_factory, monkeypatch, tmp_path):
     emu = emulator_factory("--processing-seconds", "1")
     conn_id = use_emulator(monkeypatch, emu, "sync_emu")
