@@ -10,7 +10,6 @@ Everything here returns plain JSON-ready dicts: the HTML templates and the JSON 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -88,18 +87,20 @@ def read_ledger_entries(
 
 def read_summaries(root: ObjectStoragePath, partition: str | None = None) -> list[dict[str, Any]]:
     """Published run summaries (optionally of one partition); unreadable files are logged and skipped."""
+    from anthropic_batch.partition import read_published_summary
+
     summaries = []
-    pattern = f"*/extractions/date={partition or '*'}/summary.json"
+    pattern = f"*/extractions/date={partition or '*'}"
     for path in sorted(root.glob(pattern), key=str):
-        try:
-            data = json.loads(path.read_bytes())
+        try:  # through the partition's commit file: the committed generation's summary
+            data = read_published_summary(path)
         except (OSError, ValueError) as exc:
-            log.warning("Unreadable run summary %s: %s", path, exc)
+            log.warning("Unreadable run summary under %s: %s", path, exc)
             continue
         if isinstance(data, dict):
             # The directory is the source of truth for where the run's files are.
-            data.setdefault("pipeline", path.parent.parent.parent.name)
-            data.setdefault("partition", path.parent.name.removeprefix("date="))
+            data.setdefault("pipeline", path.parent.parent.name)
+            data.setdefault("partition", path.name.removeprefix("date="))
             summaries.append(data)
     return summaries
 
@@ -333,7 +334,11 @@ def partition_of_run_id(
 # -- dead letters ------------------------------------------------------------------------------------
 def dead_letter_path(root: ObjectStoragePath, pipeline: str, partition: str) -> ObjectStoragePath:
     """Where a run's published dead letters are (always derived from the layout, never from input)."""
-    return root / pipeline / "extractions" / f"date={partition}" / "dead_letter.parquet"
+    from anthropic_batch.partition import published_files
+
+    directory = root / pipeline / "extractions" / f"date={partition}"
+    published = published_files(directory)  # the committed generation's file
+    return published.dead_letter_path if published is not None else directory / "dead_letter.parquet"
 
 
 def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, Any]:
