@@ -77,12 +77,12 @@ with DAG(
         """Pick the date, aggregate the published partition, write the per-category prompt table."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from anthropic_batch import report, storage
+        from anthropic_batch import partition, report, storage
 
         date = _report_date(params, context)
         root = storage.storage_root(SOURCE_STORAGE_ROOT)
         extraction = storage.extraction_dir(root, SOURCE_PIPELINE, date)
-        if not (extraction / "summary.json").exists():
+        if partition.published_files(extraction) is None:
             raise AirflowSkipException(f"no published {SOURCE_PIPELINE} partition for {date} at {extraction}")
         aggregates = report.aggregate_partition(extraction)
         aggregates["date"] = date

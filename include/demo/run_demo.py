@@ -131,13 +131,17 @@ def run_dag(dag, logical_date: dt.datetime, conf: dict) -> str:
 
 
 def print_results(root: str, date: str) -> None:
-    from anthropic_batch import storage
+    from anthropic_batch import partition, storage
 
-    extraction = storage.extraction_dir(root, "bulk_extraction", date)
-    summary = storage.read_json(extraction / "summary.json") or {}
+    # Through the partition's commit file, as every reader must (see anthropic_batch/partition.py).
+    published = partition.published_files(storage.extraction_dir(root, "bulk_extraction", date))
+    summary = published.read_summary() if published is not None else {}
     report_dir = storage.report_dir(root, date)
     print("\nResults")
-    print(f"  extraction : {extraction}/data.parquet ({summary.get('n_rows')} rows)")
+    if published is None:
+        print("  extraction : (nothing published)")
+    else:
+        print(f"  extraction : {published.data_path} ({summary.get('n_rows')} rows)")
     print(
         f"  dead letter: {summary.get('dead_letter_path') or '(none)'} "
         f"({summary.get('n_dead_letters')} records)"

@@ -537,15 +537,18 @@ def summary_fields(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def cache_after_publish(manifest: Mapping[str, Any], merged: pa.Table, run_id: str | None) -> int:
-    """Add this run's paid answers to the pipeline's answer cache when it is enabled; returns how many."""
+def cache_after_publish(manifest: Mapping[str, Any], merged_path: PathLike, run_id: str | None) -> int:
+    """Add this run's paid answers to the pipeline's answer cache when it is enabled; returns how many.
+
+    Reads only the answer columns of the merged results, and only when the cache is on.
+    """
     section = manifest.get(MANIFEST_KEY) or {}
     if not section.get("cache_dir"):
         return 0
     spec = manifest.get("spec") or {}
     n = write_cache(
         section["cache_dir"],
-        merged,
+        storage.read_parquet(merged_path, columns=_answer_columns()),
         partition=str(spec.get("partition")),
         run_id=run_id,
         structured=bool(spec.get("output_model")),

@@ -262,6 +262,7 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             work_dir=work_dir,
             max_attempts=config.resubmit.max_attempts,
             max_tokens_growth=config.resubmit.max_tokens_growth,
+            retry_truncated=config.resubmit.retry_truncated,
             poll_interval=poll_interval,
             max_poll_interval=max_poll_interval,
             deadline_hours=config.deadline_hours,

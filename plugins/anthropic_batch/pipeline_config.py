@@ -59,6 +59,11 @@ class ResubmitConfig(_Section):
 
     max_attempts: int = Field(3, ge=1, le=10)
     max_tokens_growth: float = Field(2.0, ge=1.0, le=8.0)
+    retry_truncated: bool | None = Field(
+        None,
+        description="resubmit answers cut off at max_tokens (with max_tokens grown); "
+        "default: on with an output_model, off for free text",
+    )
 
 
 class ReuseAnswersConfig(_Section):

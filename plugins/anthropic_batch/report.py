@@ -58,9 +58,9 @@ def _counts(values: Iterable[Any]) -> dict[str, int]:
 
 def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> dict[str, Any]:
     """Numbers of one published partition: totals, status counts, dead-letter reasons, per-group stats."""
-    from anthropic_batch import storage
+    from anthropic_batch import partition, storage
 
-    directory = _path(extraction_dir)
+    directory = partition.published_dir(_path(extraction_dir)) or _path(extraction_dir)
     summary = storage.read_json(directory / "summary.json")
     if summary is None:
         raise FileNotFoundError(f"no published partition at {directory} (summary.json missing)")
@@ -128,13 +128,13 @@ def _short_reason(reason: Any) -> str:
 
 def load_history(root: Any, pipeline: str, date: str, days: int = HISTORY_DAYS) -> list[dict[str, Any]]:
     """The run summaries of ``pipeline`` for the ``days`` days ending at ``date`` (those that exist)."""
-    from anthropic_batch import storage
+    from anthropic_batch import partition, storage
 
     end = dt.date.fromisoformat(date)
     history = []
     for offset in range(days - 1, -1, -1):
         day = (end - dt.timedelta(days=offset)).isoformat()
-        summary = storage.read_json(storage.extraction_dir(_path(root), pipeline, day) / "summary.json")
+        summary = partition.read_published_summary(storage.extraction_dir(_path(root), pipeline, day))
         if summary is None:
             continue
         history.append(

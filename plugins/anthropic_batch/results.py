@@ -25,12 +25,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -131,17 +135,26 @@ _RETRIABLE_STATUSES = frozenset({"expired", "canceled", "missing", "invalid_outp
 
 
 def classify_failure(
-    status: str | RequestStatus, error_type: str | None = None, stop_reason: str | None = None
+    status: str | RequestStatus,
+    error_type: str | None = None,
+    stop_reason: str | None = None,
+    *,
+    retry_truncated: bool = True,
 ) -> FailureClass | None:
     """What to do with a row: ``None`` when it succeeded (and was not truncated).
 
     Retriable: expired, canceled, missing, invalid_output, errored with api/overloaded/rate-limit
     errors, and a succeeded answer cut off at ``max_tokens``. Fatal: authentication, permission,
     billing. Permanent: everything else (invalid_request_error, needs_followup, unknown types).
+    With ``retry_truncated=False`` nothing cut off at ``max_tokens`` is retried: a succeeded one
+    is final as it is, an invalid one is permanent. ``failure_codes`` is the vectorised twin.
     """
     status = str(status.value if isinstance(status, RequestStatus) else status)
+    truncated = stop_reason == "max_tokens"
     if status == "succeeded":
-        return FailureClass.RETRIABLE if stop_reason == "max_tokens" else None
+        return FailureClass.RETRIABLE if truncated and retry_truncated else None
+    if truncated and not retry_truncated:
+        return FailureClass.PERMANENT
     if status in _RETRIABLE_STATUSES:
         return FailureClass.RETRIABLE
     if status == "errored":
@@ -150,19 +163,6 @@ def classify_failure(
         if error_type in FATAL_ERROR_TYPES:
             return FailureClass.FATAL
     return FailureClass.PERMANENT
-
-
-def failure_classes(table: pa.Table) -> list[FailureClass | None]:
-    """``classify_failure`` for every row of a RESULT table."""
-    return [
-        classify_failure(s, e, r)
-        for s, e, r in zip(
-            table.column("status").to_pylist(),
-            table.column("error_type").to_pylist(),
-            table.column("stop_reason").to_pylist(),
-            strict=True,
-        )
-    ]
 
 
 # -- fast decoding ----------------------------------------------------------------------------------
@@ -817,9 +817,59 @@ def expected_ids_from_chunk(chunk_path: PathLike) -> set[str]:
 
 
 # -- merge and dead letters -------------------------------------------------------------------------
+#
+# A day can hold a million requests (ten chunks) and several attempts: nothing here loads the day's
+# rows at once. The merge runs in two streamed passes over the attempt files:
+#
+# 1. decide: the small columns (custom_id, status, error_type, stop_reason, attempt) of every file
+#    and of the prepared keys are hash-partitioned by custom_id into buckets of about
+#    ``bucket_rows`` rows (spilled to a local temp dir as Arrow IPC when there is more than one);
+#    each bucket is sorted with pyarrow and yields, per custom_id, its best row, its latest row and
+#    the retry decision. What survives the pass is one byte-sized flag set per *row position* of
+#    each file (about 10 bytes a row in numpy arrays, no Python object per row);
+# 2. write: each file is read again, row group by row group, and its winning rows go to the merged
+#    file; dead letters and the retry list are built from the same row groups.
+#
+# Peak memory is one bucket's small columns plus one row group, whatever the size of the day.
+
+# Vectorised FailureClass: 0 = usable (no retry), then retriable, permanent, fatal.
+_CODE_OK, _CODE_RETRIABLE, _CODE_PERMANENT, _CODE_FATAL = 0, 1, 2, 3
+_CLASS_OF_CODE: dict[int, FailureClass | None] = {
+    _CODE_OK: None,
+    _CODE_RETRIABLE: FailureClass.RETRIABLE,
+    _CODE_PERMANENT: FailureClass.PERMANENT,
+    _CODE_FATAL: FailureClass.FATAL,
+}
+_ANSWER_STATUSES = frozenset({"invalid_output", "needs_followup"})  # an answer, not a usable one
+_MERGE_COLUMNS = ["custom_id", "status", "error_type", "stop_reason", "attempt"]
+_DECIDE_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("file", pa.int32()),
+        ("row", pa.int64()),
+        ("attempt", pa.int32()),
+        ("rank", pa.int8()),
+        ("code", pa.int8()),
+        ("truncated", pa.bool_()),
+        ("chunk", pa.int32()),
+        ("status", pa.string()),
+        ("error_type", pa.string()),
+    ]
+)
+#: The retry list ``merge_attempts`` writes: what to resubmit and where its last request line is.
+RETRY_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("source_attempt", pa.int32()),  # the attempt whose request line is resubmitted
+        ("chunk_index", pa.int32()),  # its prepared chunk (keys.parquet), null if unknown
+        ("source_file", pa.int32()),  # index of the results file of that attempt, null if none
+        ("grow", pa.bool_()),  # the last answer was cut at max_tokens: grow max_tokens
+    ]
+)
+_MISSING_MESSAGE = "no attempt returned a result for this request"
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+def _conform(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table:
     columns = []
     for f in schema:
         if f.name in table.column_names:
@@ -829,75 +879,547 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+_STRING = pa.string()
+
+
+def _column(table: pa.Table | pa.RecordBatch, name: str, kind: pa.DataType = _STRING) -> pa.Array:
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, kind)
+    column = table.column(name)
+    return _one_chunk(column) if isinstance(column, pa.ChunkedArray) else column
+
+
+def _is(values: pa.Array, value: str) -> np.ndarray:
+    return pc.fill_null(pc.equal(values, value), False).to_numpy(zero_copy_only=False)
+
+
+def _is_in(values: pa.Array, options: Iterable[str]) -> np.ndarray:
+    found = pc.is_in(values.cast(pa.string()), value_set=pa.array(sorted(options), pa.string()))
+    return pc.fill_null(found, False).to_numpy(zero_copy_only=False)
+
+
+def failure_codes(
+    status: pa.Array, error_type: pa.Array, stop_reason: pa.Array, *, retry_truncated: bool = True
+) -> np.ndarray:
+    """``classify_failure`` for whole columns, as int8 codes (0 usable, 1 retriable, 2 permanent,
+    3 fatal). Kept equal to the scalar function by a test."""
+    succeeded = _is(status, "succeeded")
+    truncated = _is(stop_reason, "max_tokens")
+    errored = _is(status, "errored")
+    codes = np.full(len(status), _CODE_PERMANENT, np.int8)
+    codes[_is_in(status, _RETRIABLE_STATUSES)] = _CODE_RETRIABLE
+    codes[errored & _is_in(error_type, RETRIABLE_ERROR_TYPES)] = _CODE_RETRIABLE
+    codes[errored & _is_in(error_type, FATAL_ERROR_TYPES)] = _CODE_FATAL
+    if not retry_truncated:
+        codes[truncated & ~succeeded] = _CODE_PERMANENT
+    codes[succeeded] = _CODE_RETRIABLE if retry_truncated else _CODE_OK
+    codes[succeeded & ~truncated] = _CODE_OK
+    return codes
+
+
+def answer_rank(status: pa.Array, stop_reason: pa.Array) -> np.ndarray:
+    """How good a row's answer is (higher is better): valid beats invalid, complete beats truncated,
+    any answer beats none (errored, canceled, expired, missing: 0)."""
+    truncated = _is(stop_reason, "max_tokens")
+    answer = _is_in(status, _ANSWER_STATUSES)
+    succeeded = _is(status, "succeeded")
+    rank = np.zeros(len(status), np.int8)
+    rank[answer] = 2
+    rank[answer & ~truncated] = 3
+    rank[succeeded] = 4
+    rank[succeeded & ~truncated] = 5
+    return rank
+
+
+_HASH_WEIGHTS = np.random.default_rng(20261130).integers(1, 2**62, size=64, dtype=np.uint64) | np.uint64(1)
+
+
+def _bucket_of(ids: pa.Array, n_buckets: int) -> np.ndarray:
+    """A stable hash of each string, modulo ``n_buckets`` (vectorised over the string buffer).
+
+    pyarrow has no scalar hash kernel; a weighted byte sum with a 64-bit finaliser spreads
+    custom_ids (``[a-zA-Z0-9_-]{1,64}``) evenly and costs a few numpy passes.
+    """
+    n = len(ids)
+    if n_buckets <= 1 or n == 0:
+        return np.zeros(n, np.int32)
+    ids = ids.cast(pa.large_string())
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset : ids.offset + n + 1]
+    data_buffer = ids.buffers()[2]
+    relative = offsets - offsets[0]
+    total = int(relative[-1])
+    lengths = np.diff(relative)
+    sums = np.zeros(n, np.uint64)
+    if total:
+        data = np.frombuffer(data_buffer, np.uint8)[offsets[0] : offsets[0] + total].astype(np.uint64)
+        position = np.arange(total, dtype=np.int64) - np.repeat(relative[:-1], lengths)
+        weighted = data * _HASH_WEIGHTS[position & 63]
+        starts = np.minimum(relative[:-1], total - 1)
+        sums = np.add.reduceat(weighted, starts)
+        sums[lengths == 0] = 0
+    h = sums ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    return (h % np.uint64(n_buckets)).astype(np.int32)
+
+
+def _iter_parquet_batches(
+    path: PathLike, columns: Sequence[str] | None, batch_size: int
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Parquet file, one row group at a time (only ``columns`` present)."""
+    with _open_input(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        wanted = None if columns is None else [c for c in columns if c in names]
+        if parquet.metadata.num_rows == 0:
+            return
+        # Row group by row group: iter_batches buffers far ahead (~the whole file) on some readers.
+        for index in range(parquet.num_row_groups):
+            table = parquet.read_row_group(index, columns=wanted, use_threads=False)
+            yield from table.to_batches(max_chunksize=batch_size)
+            del table
+
+
+def _open_input(path: PathLike) -> Any:
+    """A readable file for Parquet: a local file through Arrow's own I/O (a Python file object
+    would hand every column chunk over as a Python ``bytes``: ~200 MB more peak RSS in a merge,
+    as malloc keeps the fragments), anything else through ``storage``."""
+    url = storage.path_url(path)
+    if url.startswith("file:///") and "%" not in url:
+        return pa.OSFile(url[len("file://") :], "rb")
+    return storage.open_binary(path)
+
+
+def _parquet_rows(path: PathLike) -> int:
+    with _open_input(path) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+@dataclass
+class MergeStats:
+    """What ``merge_attempts`` wrote and decided (small: counts, no rows)."""
+
+    merged_path: str
+    n_rows: int = 0
+    counts_by_status: dict[str, int] = field(default_factory=dict)
+    max_attempt: int = 0
+    #: error types of fatal failures among the latest rows (authentication, permission, billing)
+    fatal_error_types: dict[str, int] = field(default_factory=dict)
+    retry_path: str | None = None
+    n_retry: int = 0
+    #: why the rows to retry failed last time (``retry_reason`` labels) -> count
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+    dead_letter_path: str | None = None
+    n_dead_letters: int = 0
+    n_buckets: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass
+class _FileFlags:
+    """Per row position of one source file: the merge's decisions (numpy, ~10 bytes a row)."""
+
+    win: np.ndarray  # this row is its custom_id's best row
+    attempts: np.ndarray  # attempts made for the row's custom_id (0: none)
+    retry: np.ndarray
+    grow: np.ndarray
+    chunk: np.ndarray  # the custom_id's prepared chunk (-1 unknown)
+    source_file: np.ndarray  # file index of the custom_id's latest row (-1: none, keys only)
+    source_attempt: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> _FileFlags:
+        return cls(
+            win=np.zeros(n, np.bool_),
+            attempts=np.zeros(n, np.int16),
+            retry=np.zeros(n, np.bool_),
+            grow=np.zeros(n, np.bool_),
+            chunk=np.full(n, -1, np.int32),
+            source_file=np.full(n, -1, np.int32),
+            source_attempt=np.zeros(n, np.int16),
+        )
+
+
+def retry_reason(status: str, error_type: str | None, stop_reason: str | None) -> str:
+    """A short label for the log: why a row is resubmitted (its last failure)."""
+    if stop_reason == "max_tokens":
+        return f"{status}: truncated at max_tokens"
+    return f"{status}: {error_type}" if error_type else status
+
+
+def _retry_reason_labels(status: pa.Array, error_type: pa.Array, truncated: np.ndarray) -> pa.Array:
+    """``retry_reason`` for whole columns."""
+    with_error = pc.binary_join_element_wise(status, error_type, ": ")
+    labels = pc.if_else(pc.is_valid(error_type), with_error, status)
+    cut = pc.binary_join_element_wise(status, pa.scalar("truncated at max_tokens"), ": ")
+    return pc.if_else(pa.array(truncated, pa.bool_()), cut, labels)
+
+
+def _count(counter: Counter[str], values: pa.Array) -> None:
+    if len(values):
+        for entry in pc.value_counts(values).to_pylist():
+            counter[str(entry["values"])] += int(entry["counts"])
+
+
+def _decide_rows(
+    batch: pa.RecordBatch, file_index: int, first_row: int, *, is_keys: bool, retry_truncated: bool
+) -> pa.RecordBatch:
+    """The small decision columns of a batch of RESULT rows (or of prepared keys: rank -1)."""
+    n = batch.num_rows
+    ids = _column(batch, "custom_id").cast(pa.string())
+    rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
+    files = pa.array(np.full(n, file_index, np.int32))
+    if is_keys:
+        chunk = _column(batch, "chunk_index", pa.int32()).cast(pa.int32()).fill_null(-1)
+        nulls = pa.nulls(n, pa.string())
+        return pa.RecordBatch.from_arrays(
+            [
+                ids, files, rows, pa.array(np.zeros(n, np.int32)), pa.array(np.full(n, -1, np.int8)),
+                pa.array(np.full(n, _CODE_RETRIABLE, np.int8)), pa.array(np.zeros(n, np.bool_)),
+                chunk, pa.array(["missing"] * n, pa.string()), nulls,
+            ],
+            schema=_DECIDE_SCHEMA,
+        )  # fmt: skip
+    status = _column(batch, "status")
+    error_type = _column(batch, "error_type")
+    stop_reason = _column(batch, "stop_reason")
+    attempt = _column(batch, "attempt", pa.int32()).cast(pa.int32()).fill_null(1)
+    return pa.RecordBatch.from_arrays(
+        [
+            ids, files, rows, attempt, pa.array(answer_rank(status, stop_reason)),
+            pa.array(failure_codes(status, error_type, stop_reason, retry_truncated=retry_truncated)),
+            pa.array(_is(stop_reason, "max_tokens")), pa.array(np.full(n, -1, np.int32)),
+            status, error_type,
+        ],
+        schema=_DECIDE_SCHEMA,
+    )  # fmt: skip
+
+
+def _decide_bucket(
+    table: pa.Table,
+    flags: list[_FileFlags],
+    fatal: Counter[str],
+    reasons: Counter[str],
+    max_attempts: int | None,
+) -> None:
+    """Best row, latest row and retry decision per custom_id of one bucket, into ``flags``."""
+    if table.num_rows == 0:
+        return
+    table = table.combine_chunks()
+    # Best first: rank, then the later attempt (and file, row) among equals.
+    best_order = pc.sort_indices(
+        table,
+        sort_keys=[("custom_id", "ascending"), ("rank", "descending"), ("attempt", "descending"),
+                   ("file", "descending"), ("row", "descending")],
+    ).to_numpy()  # fmt: skip
+    latest_order = pc.sort_indices(
+        table,
+        sort_keys=[("custom_id", "ascending"), ("attempt", "descending"), ("file", "descending"),
+                   ("row", "descending")],
+    ).to_numpy()  # fmt: skip
+    ids = _one_chunk(table.column("custom_id")).take(pa.array(best_order))
+    n = len(ids)
+    starts_mask = np.ones(n, np.bool_)
+    if n > 1:
+        starts_mask[1:] = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(starts_mask)
+    col = {name: table.column(name).to_numpy() for name in ("file", "row", "attempt", "code", "chunk")}
+    truncated = table.column("truncated").to_numpy()
+    best = best_order[starts]
+    latest = latest_order[starts]  # both orders group the same custom_ids in the same sequence
+    attempts = np.maximum.reduceat(col["attempt"][best_order], starts)
+    chunk = np.maximum.reduceat(col["chunk"][best_order], starts)
+    best_code, latest_code = col["code"][best], col["code"][latest]
+    fatal_rows = latest[latest_code == _CODE_FATAL]
+    if len(fatal_rows):
+        _count(fatal, _one_chunk(table.column("error_type")).take(pa.array(fatal_rows)).fill_null("?"))
+    if max_attempts is None:
+        retry = np.zeros(len(starts), np.bool_)
+    else:
+        # Retry only while the best answer is still retriable AND the last try failed in a way a
+        # new try can fix (a permanent last failure, e.g. a grown max_tokens refused, ends it).
+        retry = (
+            (best_code == _CODE_RETRIABLE)
+            & (latest_code == _CODE_RETRIABLE)
+            & (np.maximum(attempts, 1) < max_attempts)
+        )
+    grow = retry & truncated[latest]
+    retry_rows = latest[retry]
+    if len(retry_rows):
+        take = pa.array(retry_rows)
+        _count(
+            reasons,
+            _retry_reason_labels(
+                _one_chunk(table.column("status")).take(take),
+                _one_chunk(table.column("error_type")).take(take),
+                truncated[retry_rows],
+            ),
+        )
+    latest_file = col["file"][latest]
+    for file_index in np.unique(col["file"][best]):
+        mine = col["file"][best] == file_index
+        rows = col["row"][best][mine]
+        target = flags[int(file_index)]
+        target.win[rows] = True
+        target.attempts[rows] = attempts[mine]
+        target.retry[rows] = retry[mine]
+        target.grow[rows] = grow[mine]
+        target.chunk[rows] = chunk[mine]
+        source_attempt = np.maximum(attempts[mine], 1)
+        target.source_attempt[rows] = source_attempt
+        # A keys-only row (no attempt returned it) is resubmitted from its prepared chunk.
+        target.source_file[rows] = np.where(attempts[mine] > 0, latest_file[mine], -1)
+
+
+class _RowGroupWriter:
+    """A Parquet writer that gathers small tables into row groups of about ``row_group_size``."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, row_group_size: int) -> None:
+        self.writer, self.schema, self.row_group_size = writer, schema, row_group_size
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.n_rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.n_pending += table.num_rows
+            self.n_rows += table.num_rows
+            if self.n_pending >= self.row_group_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.row_group_size)
+            self.pending.clear()
+            self.n_pending = 0
+
+
+def _missing_rows(keys: pa.RecordBatch | pa.Table, schema: pa.Schema, key_columns: Sequence[str]) -> pa.Table:
+    """RESULT rows with status ``missing`` for prepared requests no attempt returned."""
+    n = keys.num_rows
+    data = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
+    data["custom_id"] = _column(keys, "custom_id").cast(pa.string())
+    for k in key_columns:
+        data[k] = _column(keys, k).cast(pa.string())
+    data["request_fingerprint"] = _column(keys, "request_fingerprint").cast(pa.string())
+    data["status"] = pa.array(["missing"] * n, pa.string())
+    data["error_message"] = pa.array([_MISSING_MESSAGE] * n, pa.string())
+    data["cost_usd"] = pa.array(np.zeros(n))
+    data["sync_cost_usd"] = pa.array(np.zeros(n))
+    return pa.table(data, schema=schema)
+
+
 def merge_attempts(
     paths_in_attempt_order: Sequence[PathLike],
     out_path: PathLike,
     key_columns: Sequence[str],
     *,
-    expected_keys: pa.Table | None = None,
-) -> pa.Table:
-    """Merge RESULT files, latest attempt winning per custom_id, into ``out_path`` (atomic).
+    expected_keys: pa.Table | PathLike | None = None,
+    max_attempts: int | None = None,
+    retry_truncated: bool = True,
+    retry_path: PathLike | None = None,
+    dead_letter_path: PathLike | None = None,
+    bucket_rows: int = 200_000,
+    row_group_size: int = 10_000,
+) -> MergeStats:
+    """Merge RESULT files into ``out_path`` (atomic): one row per custom_id, its **best** answer.
 
-    Exactly one row per custom_id, in order of first appearance. With ``expected_keys`` (a
-    ``keys.parquet`` table), custom_ids no attempt returned get a ``missing`` row, so the merged
-    table has one row per prepared request. Returns the merged table.
+    Best: valid beats invalid, complete beats truncated, any answer beats an error (``answer_rank``);
+    among equals the later attempt wins. A row keeps its own ``attempt`` and ``batch_id`` (the
+    answer's lineage). With ``expected_keys`` (``keys.parquet``: a path or a table), prepared
+    requests no attempt returned get a ``missing`` row, so the merge has one row per request.
+
+    With ``max_attempts``, the rows to resubmit are decided too and listed at ``retry_path``
+    (``RETRY_SCHEMA``): a custom_id is retried while its best row is retriable (``classify_failure``;
+    a truncated answer only with ``retry_truncated``), its latest try failed retriably, and it had
+    fewer than ``max_attempts`` attempts. ``dead_letter_path`` receives the DEAD_LETTER rows of the
+    merged rows that are not succeeded and not retried. A fatal failure (authentication,
+    permission, billing) stops every retry. Memory is bounded (see the section comment above);
+    rows are written file by file (attempt order), then the missing ones.
     """
+    paths = list(paths_in_attempt_order)
     schema = result_schema(key_columns)
-    winner: dict[str, tuple[int, int]] = {}
-    for file_index, path in enumerate(paths_in_attempt_order):
-        ids = (
-            storage.read_parquet(path, columns=["custom_id"], use_threads=False)
-            .column("custom_id")
-            .to_pylist()
+    n_files = len(paths)
+    keys_table = expected_keys if isinstance(expected_keys, pa.Table) else None
+    keys_path = None if keys_table is not None or expected_keys is None else expected_keys
+    sizes = [_parquet_rows(p) for p in paths]
+    if keys_table is not None:
+        sizes.append(keys_table.num_rows)
+    elif keys_path is not None:
+        sizes.append(_parquet_rows(keys_path))
+
+    def source_batches(index: int, columns: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
+        if index < n_files:
+            yield from _iter_parquet_batches(paths[index], columns, row_group_size)
+        elif keys_table is not None:
+            table = (
+                keys_table
+                if columns is None
+                else keys_table.select([c for c in columns if c in keys_table.column_names])
+            )
+            yield from table.to_batches(max_chunksize=row_group_size)
+        else:
+            assert keys_path is not None
+            yield from _iter_parquet_batches(keys_path, columns, row_group_size)
+
+    n_buckets = max(1, math.ceil(sum(sizes) / max(1, bucket_rows)))
+    stats = MergeStats(merged_path=storage.path_url(out_path), n_buckets=n_buckets)
+    flags = [_FileFlags.empty(n) for n in sizes]
+    fatal: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    keys_columns = ["custom_id", "chunk_index"]
+
+    # Pass 1: decide.
+    with contextlib.ExitStack() as stack:
+        spill_dir = (
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="merge-")) if n_buckets > 1 else None
         )
-        for row_index, cid in enumerate(ids):
-            winner[cid] = (file_index, row_index)  # later files (and later rows) win
-    position = {cid: pos for pos, cid in enumerate(winner)}
-    pieces = []
-    for file_index, path in enumerate(paths_in_attempt_order):
-        rows = [(r, position[cid]) for cid, (f, r) in winner.items() if f == file_index]
-        if not rows:
-            continue
-        table = _conform(storage.read_parquet(path, use_threads=False), schema).take(
-            pa.array([r for r, _ in rows], pa.int64())
-        )
-        pieces.append(table.append_column("_pos", pa.array([p for _, p in rows], pa.int64())))
-    merged = pa.concat_tables(pieces).sort_by("_pos").drop(["_pos"]) if pieces else schema.empty_table()
-    if expected_keys is not None:
-        absent = [
-            i for i, cid in enumerate(expected_keys.column("custom_id").to_pylist()) if cid not in winner
-        ]
-        if absent:
-            missing = expected_keys.take(pa.array(absent, pa.int64()))
-            n = missing.num_rows
-            data = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
-            data["custom_id"] = missing.column("custom_id").cast(pa.string())
-            for k in key_columns:
-                data[k] = missing.column(k).cast(pa.string())
-            if "request_fingerprint" in missing.column_names:
-                data["request_fingerprint"] = missing.column("request_fingerprint").cast(pa.string())
-            data["status"] = pa.array(["missing"] * n, pa.string())
-            data["error_message"] = pa.array(["no attempt returned a result for this request"] * n)
-            data["cost_usd"] = pa.array([0.0] * n)
-            data["sync_cost_usd"] = pa.array([0.0] * n)
-            merged = pa.concat_tables([merged, pa.table(data, schema=schema)])
+        in_memory: list[pa.RecordBatch] = []
+        writers: list[pa.ipc.RecordBatchStreamWriter] = []
+        if spill_dir is not None:
+            for b in range(n_buckets):
+                sink = stack.enter_context(pa.OSFile(os.path.join(spill_dir, f"{b}.arrow"), "wb"))
+                writers.append(stack.enter_context(pa.ipc.new_stream(sink, _DECIDE_SCHEMA)))
+        for index in range(len(sizes)):
+            is_keys = index == n_files
+            first_row = 0
+            for batch in source_batches(index, keys_columns if is_keys else _MERGE_COLUMNS):
+                small = _decide_rows(
+                    batch, index, first_row, is_keys=is_keys, retry_truncated=retry_truncated
+                )
+                first_row += batch.num_rows
+                if spill_dir is None:
+                    in_memory.append(small)
+                    continue
+                buckets = _bucket_of(small.column(0), n_buckets)
+                order = np.argsort(buckets, kind="stable")
+                bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1))
+                grouped = small.take(pa.array(order))
+                for b in range(n_buckets):
+                    if bounds[b + 1] > bounds[b]:
+                        writers[b].write_batch(grouped.slice(bounds[b], bounds[b + 1] - bounds[b]))
+        if spill_dir is None:
+            _decide_bucket(
+                pa.Table.from_batches(in_memory, schema=_DECIDE_SCHEMA),
+                flags,
+                fatal,
+                reasons,
+                max_attempts,
+            )
+            in_memory.clear()
+        else:
+            for writer in writers:
+                writer.close()
+            for b in range(n_buckets):
+                with pa.memory_map(os.path.join(spill_dir, f"{b}.arrow")) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+                _decide_bucket(table, flags, fatal, reasons, max_attempts)
+                del table
+    stats.fatal_error_types = dict(sorted(fatal.items()))
+    if fatal:
+        # Nothing more is sent after a fatal failure: every unfinished row is final.
+        for f in flags:
+            f.retry[:] = False
+            f.grow[:] = False
+        reasons.clear()
+    stats.retry_reasons = dict(reasons.most_common())
 
-    storage.write_parquet_atomic(out_path, merged, schema)
-    return merged
+    # Pass 2: write the winners, the dead letters and the retry list.
+    status_counts: Counter[str] = Counter()
+    dead_schema = dead_letter_schema(key_columns)
+    with contextlib.ExitStack() as stack:
+
+        def open_writer(path: PathLike, kind: pa.Schema, **options: Any) -> _RowGroupWriter:
+            handle = stack.enter_context(storage.open_atomic_writer(path))
+            return _RowGroupWriter(
+                stack.enter_context(pq.ParquetWriter(handle, kind, **options)), kind, row_group_size
+            )
+
+        merged_out = open_writer(out_path, schema, **_WRITER_OPTIONS)
+        retry_out = open_writer(retry_path, RETRY_SCHEMA) if retry_path is not None else None
+        dead_out = open_writer(dead_letter_path, dead_schema) if dead_letter_path is not None else None
+        for index in range(len(sizes)):
+            f = flags[index]
+            if not f.win.any():
+                continue
+            is_keys = index == n_files
+            columns = [*keys_columns, *key_columns, "request_fingerprint"] if is_keys else None
+            first_row = 0
+            for batch in source_batches(index, columns):
+                span = slice(first_row, first_row + batch.num_rows)
+                first_row += batch.num_rows
+                selected = f.win[span]
+                if not selected.any():
+                    continue
+                mask = pa.array(selected)
+                rows = (
+                    _missing_rows(batch.filter(mask), schema, key_columns)
+                    if is_keys
+                    else _conform(batch.filter(mask), schema)
+                )
+                attempts = f.attempts[span][selected]
+                retry = f.retry[span][selected]
+                merged_out.add(rows)
+                _count(status_counts, _one_chunk(rows.column("status")))
+                if rows.num_rows and not is_keys:
+                    top = pc.max(rows.column("attempt")).as_py() or 0
+                    stats.max_attempt = max(stats.max_attempt, int(top))
+                if retry_out is not None and retry.any():
+                    chunk = f.chunk[span][selected][retry]
+                    source_file = f.source_file[span][selected][retry]
+                    retry_out.add(
+                        pa.table(
+                            [
+                                _one_chunk(rows.column("custom_id")).filter(pa.array(retry)),
+                                pa.array(f.source_attempt[span][selected][retry].astype(np.int32)),
+                                pa.array(chunk, mask=chunk < 0),
+                                pa.array(source_file, mask=source_file < 0),
+                                pa.array(f.grow[span][selected][retry]),
+                            ],
+                            schema=RETRY_SCHEMA,
+                        )
+                    )
+                if dead_out is not None:
+                    dead_out.add(dead_letter_rows(rows, key_columns, attempts=attempts, retry=retry))
+        for out in (merged_out, retry_out, dead_out):
+            if out is not None:
+                out.flush()
+    stats.n_rows = merged_out.n_rows
+    stats.counts_by_status = dict(sorted(status_counts.items()))
+    if retry_out is not None:
+        stats.retry_path, stats.n_retry = storage.path_url(retry_path), retry_out.n_rows  # type: ignore[arg-type]
+    if dead_out is not None:
+        stats.dead_letter_path = storage.path_url(dead_letter_path)  # type: ignore[arg-type]
+        stats.n_dead_letters = dead_out.n_rows
+    return stats
 
 
-def retry_mask(table: pa.Table, max_attempts: int) -> list[bool]:
-    """Rows to resubmit: retriable and tried fewer than ``max_attempts`` times."""
-    attempts = table.column("attempt").to_pylist()
-    return [
-        fc is FailureClass.RETRIABLE and (a or 1) < max_attempts
-        for fc, a in zip(failure_classes(table), attempts, strict=True)
-    ]
+def retry_mask(
+    table: pa.Table, max_attempts: int, *, retry_truncated: bool = True, attempts: np.ndarray | None = None
+) -> pa.BooleanArray:
+    """Rows of a merged RESULT table (or a row group of it) to resubmit: retriable and tried fewer
+    than ``max_attempts`` times (``attempts``: attempts made per row, default its ``attempt``)."""
+    codes = failure_codes(
+        _column(table, "status"), _column(table, "error_type"), _column(table, "stop_reason"),
+        retry_truncated=retry_truncated,
+    )  # fmt: skip
+    if attempts is None:
+        attempts = _column(table, "attempt", pa.int32()).fill_null(1).to_numpy(zero_copy_only=False)
+    return pa.array((codes == _CODE_RETRIABLE) & (np.maximum(attempts, 1) < max_attempts))
 
 
 def has_fatal(table: pa.Table) -> bool:
     """True when any row failed in a way that must stop the run (auth, permission, billing)."""
-    return any(fc is FailureClass.FATAL for fc in failure_classes(table))
+    codes = failure_codes(
+        _column(table, "status"), _column(table, "error_type"), _column(table, "stop_reason")
+    )
+    return bool((codes == _CODE_FATAL).any())
 
 
 def _reason(status: str, error_type: str | None, message: str | None, fc: FailureClass | None, n: int) -> str:
@@ -912,34 +1434,54 @@ def _reason(status: str, error_type: str | None, message: str | None, fc: Failur
 
 
 def dead_letter_rows(
-    merged: pa.Table, key_columns: Sequence[str], *, max_attempts: int | None = None
+    merged: pa.Table,
+    key_columns: Sequence[str],
+    *,
+    max_attempts: int | None = None,
+    attempts: np.ndarray | None = None,
+    retry: np.ndarray | None = None,
+    retry_truncated: bool = True,
 ) -> pa.Table:
-    """DEAD_LETTER rows (stage ``collect``) for the final failures of a merged RESULT table.
+    """DEAD_LETTER rows (stage ``collect``) for the final failures of merged RESULT rows.
 
     A row is a dead letter when its status is not ``succeeded`` and it will not be retried: its
     failure is permanent or fatal, or it is retriable but already had ``max_attempts`` attempts
-    (with ``max_attempts=None`` every non-succeeded row counts as final). Truncated but succeeded
-    rows stay in the data (their ``stop_reason`` says ``max_tokens``).
+    (with ``max_attempts=None`` every non-succeeded row counts as final). ``retry`` (a mask from
+    the merge) overrides that decision; ``attempts`` gives the attempts made per row (default: the
+    row's ``attempt``). Truncated but succeeded rows stay in the data (``stop_reason`` says
+    ``max_tokens``). Python objects are built for the dead rows only: call it per row group.
     """
     schema = dead_letter_schema(key_columns)
+    if attempts is None:
+        attempts = _column(merged, "attempt", pa.int32()).fill_null(1).to_numpy(zero_copy_only=False)
+    if retry is None:
+        retry = (
+            np.zeros(merged.num_rows, np.bool_)
+            if max_attempts is None
+            else retry_mask(
+                merged, max_attempts, retry_truncated=retry_truncated, attempts=attempts
+            ).to_numpy(zero_copy_only=False)
+        )
+    dead = ~_is(_column(merged, "status"), "succeeded") & ~retry
+    if not dead.any():
+        return schema.empty_table()
+    failed = merged.filter(pa.array(dead))
+    attempts = np.maximum(np.asarray(attempts)[dead], 1)
     rows: dict[str, list[Any]] = {name: [] for name in schema.names}
-    record_cols = [c for c in merged.column_names if c not in ("output_text",)]
-    for row in merged.to_pylist():
+    record_cols = [c for c in failed.column_names if c != "output_text"]
+    for row, n in zip(failed.to_pylist(), attempts.tolist(), strict=True):
         status = row["status"]
-        if status == "succeeded":
-            continue
-        fc = classify_failure(status, row.get("error_type"), row.get("stop_reason"))
-        attempts = row.get("attempt") or 1
-        if fc is FailureClass.RETRIABLE and max_attempts is not None and attempts < max_attempts:
-            continue
+        fc = classify_failure(
+            status, row.get("error_type"), row.get("stop_reason"), retry_truncated=retry_truncated
+        )
         for k in key_columns:
             rows[k].append(row.get(k))
         rows["custom_id"].append(row["custom_id"])
         rows["stage"].append("collect")
         rows["status"].append(status)
         rows["error_type"].append(row.get("error_type"))
-        rows["reason"].append(_reason(status, row.get("error_type"), row.get("error_message"), fc, attempts))
-        rows["attempts"].append(attempts)
+        rows["reason"].append(_reason(status, row.get("error_type"), row.get("error_message"), fc, n))
+        rows["attempts"].append(n)
         rows["last_batch_id"].append(row.get("batch_id"))
         record = {c: row.get(c) for c in record_cols}
         if row.get("output_text"):

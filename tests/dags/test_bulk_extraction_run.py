@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +14,13 @@ from tests.dags.conftest import DAGS_DIR
 
 DATE = dt.date(2026, 11, 1)
 PER_DAY = 60  # > 2 chunks of 25, so the mapped batch group really fans out
+
+
+def _published(storage_root, date) -> Path:
+    """The committed generation's directory of a published partition (read through its commit)."""
+    from anthropic_batch.partition import published_dir
+
+    return Path(published_dir(f"file://{storage_root}/bulk_extraction/extractions/date={date}").path)
 
 
 def _valid_ticket_ids(records: list[dict]) -> tuple[set[str], set]:
@@ -55,7 +63,7 @@ def test_bulk_extraction_publishes_one_row_per_valid_record(airflow_db, anthropi
     )
     assert str(getattr(run.state, "value", run.state)) == "success"
 
-    partition = storage_root / "bulk_extraction" / "extractions" / f"date={DATE}"
+    partition = _published(storage_root, DATE)
     data = pq.read_table(partition / "data.parquet").to_pylist()
     assert sorted(r["ticket_id"] for r in data) == sorted(valid)  # exactly one row per valid record
     assert all(r["status"] for r in data)
@@ -115,7 +123,7 @@ def test_bulk_extraction_resubmits_retriable_failures_under_dag_test(
     )
     assert str(getattr(run.state, "value", run.state)) == "success"
 
-    partition = storage_root / "bulk_extraction" / "extractions" / f"date={date}"
+    partition = _published(storage_root, date)
     summary = json.loads((partition / "summary.json").read_text())
     assert summary["attempts"] >= 2  # resubmit rounds ran (and resumed) under dag.test()
     data = pq.read_table(partition / "data.parquet").to_pylist()
@@ -155,7 +163,7 @@ def test_mode_sync_sends_no_batch(airflow_db, anthropic_conn, emulator, storage_
     logical = dt.datetime.combine(date, dt.time(), tzinfo=dt.UTC)
     assert _run("pipelines.py", "bulk_extraction", logical, {"mode": "sync"}) == "success"
     assert _batch_ids(emulator) == before  # the Messages API only
-    partition = storage_root / "bulk_extraction" / "extractions" / f"date={date}"
+    partition = _published(storage_root, date)
     summary = json.loads((partition / "summary.json").read_text())
     assert summary["mode"] == "sync"
     assert summary["n_rows"] == len(valid)
@@ -176,7 +184,7 @@ def test_mode_auto_with_a_near_deadline_runs_sync(airflow_db, anthropic_conn, em
     conf = {"mode": "auto", "deadline": deadline}
     assert _run("pipelines.py", "bulk_extraction", logical, conf) == "success"
     assert _batch_ids(emulator) == before
-    partition = storage_root / "bulk_extraction" / "extractions" / f"date={date}"
+    partition = _published(storage_root, date)
     summary = json.loads((partition / "summary.json").read_text())
     assert summary["mode"] == "sync"
     assert summary["n_rows"] == len(valid)
@@ -197,7 +205,7 @@ def test_overnight_report_renders_the_published_day(airflow_db, anthropic_conn, 
     report_dir = storage_root / "reports" / f"date={date}"
     report = json.loads((report_dir / "report.json").read_text())
     data = pq.read_table(
-        storage_root / "bulk_extraction" / "extractions" / f"date={date}" / "data.parquet"
+        _published(storage_root, date) / "data.parquet"
     ).to_pylist()
     succeeded = [json.loads(r["output_json"]) for r in data if r["status"] == "succeeded"]
     assert sum(g["n"] for g in report["groups"]) == len(succeeded)

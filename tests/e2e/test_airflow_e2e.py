@@ -104,7 +104,10 @@ def _valid_ids(date: dt.date) -> set[str]:
 
 
 def _partition(storage_root: Path, date: dt.date) -> Path:
-    return storage_root / DAG_ID / "extractions" / f"date={date.isoformat()}"
+    """The published partition's committed generation directory (read through its commit file)."""
+    from anthropic_batch.partition import published_dir
+
+    return Path(published_dir(f"file://{storage_root}/{DAG_ID}/extractions/date={date.isoformat()}").path)
 
 
 def _n_chunks(storage_root: Path, date: dt.date) -> int:

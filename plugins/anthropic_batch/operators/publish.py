@@ -1,37 +1,46 @@
-"""PublishPartitionOperator: the run's final partition, written atomically where consumers read it.
+"""PublishPartitionOperator: the run's final partition, switched in for readers in one step.
 
-The partition ``{pipeline}/extractions/date=YYYY-MM-DD/`` holds:
+The partition ``{pipeline}/extractions/date=YYYY-MM-DD/`` holds (see ``anthropic_batch.partition``
+for the protocol and the reader function every reader uses):
 
-- ``data.parquet``: the merged rows, exactly one per prepared request (RESULT schema);
-- ``dead_letter.parquet``: records refused at prepare time plus requests that failed permanently or
-  exhausted their attempts (DEAD_LETTER schema, ``stage`` says which);
-- ``summary.json``: the run summary (counts, tokens, cost, savings, batch ids, price table date);
-- ``_SUCCESS``: written last; a reader that sees it sees a complete partition.
+- ``_COMMIT.json``: names the current generation and its complete file set with sizes;
+- ``_gen=<id>/data.parquet``: the merged rows, exactly one per prepared request (RESULT schema);
+- ``_gen=<id>/dead_letter.parquet``: records refused at prepare time plus requests that failed
+  permanently or exhausted their attempts (DEAD_LETTER schema, ``stage`` says which);
+- ``_gen=<id>/summary.json``: the run summary (counts, tokens, cost, savings, batch ids, price table date);
+- ``_SUCCESS``: written after the commit, for outside tools that wait for one.
 
-Replacing a partition (a re-run or backfill of the same date) never shows readers a mix:
+A re-run or backfill of the date writes a new generation, commits it (one write), then deletes
+the older generations: a reader resolving through the commit sees the old partition or the new
+one, never a mix, on a local disk and on object stores alike. A failure before the commit leaves
+the published partition untouched.
 
-- local file system: everything is written into a hidden sibling directory, then swapped in with
-  two ``os.replace`` calls (old -> trash name, new -> final name) and the old copy removed. The only
-  window is between the two renames, when the partition is briefly absent (never half-written);
-- object stores (no directory rename): ``_SUCCESS`` is deleted first, then each file is put
-  atomically (storage helpers) and ``_SUCCESS`` is written last. Readers must wait for ``_SUCCESS``.
+Memory is bounded whatever the size of the day: ``data.parquet`` is a byte copy of the merged file,
+the dead letters are streamed batch by batch, and the summary's numbers are aggregated from a few
+columns read row group by row group (``stream_counts``, ``billed_spend``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
-import uuid
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
-from anthropic_batch import storage
+from anthropic_batch import partition, storage
 from anthropic_batch.answer_reuse import cache_after_publish, summary_fields
+from anthropic_batch.partition import (  # noqa: F401  (re-exported: the partition's file names)
+    COMMIT_FILE,
+    DATA_FILE,
+    DEAD_LETTER_FILE,
+    SUCCESS_MARKER,
+    SUMMARY_FILE,
+)
 from anthropic_batch.pricing import load_price_table
 
 if TYPE_CHECKING:
@@ -42,44 +51,64 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATA_FILE = "data.parquet"
-DEAD_LETTER_FILE = "dead_letter.parquet"
-SUMMARY_FILE = "summary.json"
-SUCCESS_MARKER = "_SUCCESS"
-
 _TOKEN_COLUMNS = {
     "input": "input_tokens",
     "output": "output_tokens",
     "cache_creation": "cache_creation_input_tokens",
     "cache_read": "cache_read_input_tokens",
 }
+_BATCH_ROWS = 20_000
+_COPY_BLOCK = 8 * 1024 * 1024
 
 
-def _sum(table: pa.Table, column: str) -> float:
-    if column not in table.column_names or table.num_rows == 0:
-        return 0
+@dataclass
+class RowCounts:
+    """Rows of a table and value counts of one column (streamed, small)."""
+
+    n_rows: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    max_attempt: int = 0
+
+
+@dataclass
+class Spend:
+    """What the run's attempts cost (every collected file, every attempt)."""
+
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TOKEN_COLUMNS, 0))
+    cost_usd: float = 0.0
+    sync_cost_usd: float = 0.0
+    batch_ids: set[str] = field(default_factory=set)
+
+
+def _batches(path: storage.PathLike, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's record batches, one row group at a time (only the ``columns`` it has)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_binary(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        wanted = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+        if parquet.metadata.num_rows:
+            yield from parquet.iter_batches(batch_size=_BATCH_ROWS, columns=wanted, use_threads=False)
+
+
+def stream_counts(path: storage.PathLike, column: str) -> RowCounts:
+    """Row count, value counts of ``column`` and the largest ``attempt`` of a Parquet file, streamed."""
     import pyarrow.compute as pc
 
-    value = pc.sum(table[column]).as_py()
-    return value or 0
+    result = RowCounts()
+    counts: Counter[str] = Counter()
+    for batch in _batches(path, [column, "attempt"]):
+        result.n_rows += batch.num_rows
+        if column in batch.schema.names:
+            for entry in pc.value_counts(batch.column(column)).to_pylist():
+                counts[str(entry["values"])] += int(entry["counts"])
+        if "attempt" in batch.schema.names:
+            result.max_attempt = max(result.max_attempt, int(pc.max(batch.column("attempt")).as_py() or 0))
+    result.counts = dict(sorted(counts.items()))
+    return result
 
 
-def _counts(table: pa.Table, column: str) -> dict[str, int]:
-    if column not in table.column_names or table.num_rows == 0:
-        return {}
-    import pyarrow.compute as pc
-
-    pairs = ((str(e["values"]), int(e["counts"])) for e in pc.value_counts(table[column]).to_pylist())
-    return dict(sorted(pairs))
-
-
-def _read_optional(path: ObjectStoragePath) -> pa.Table | None:
-    return storage.read_parquet(path) if path.exists() else None
-
-
-def attempt_tables(
-    work_dir: ObjectStoragePath, merged_path: storage.PathLike | None = None
-) -> list[pa.Table]:
+def billed_paths(work_dir: ObjectStoragePath, merged_path: storage.PathLike | None = None) -> list[str]:
     """Every collected results file of the run (all attempts): what was actually billed.
 
     The files are those the resubmit step merged (its ``merged.json`` record) when it exists;
@@ -89,37 +118,85 @@ def attempt_tables(
 
     record = storage.read_json(merge_record_path(merged_path)) if merged_path else None
     if record and record.get("results_paths") is not None:
-        return [storage.read_parquet(p) for p in record["results_paths"]]
+        return [str(p) for p in record["results_paths"]]
     results = work_dir / "results"
     if not results.exists():
         return []
-    tables = []
+    paths = []
     for attempt_dir in sorted(results.iterdir(), key=lambda p: p.name):
         if not attempt_dir.name.startswith("attempt-") or not attempt_dir.is_dir():
             continue
         for file in sorted(attempt_dir.iterdir(), key=lambda p: p.name):
             if file.name.endswith(".parquet") and storage.TMP_MARKER not in file.name:
-                tables.append(storage.read_parquet(file))
-    return tables
+                paths.append(str(file))
+    return paths
 
 
-def combine_dead_letters(tables: Sequence[pa.Table | None], key_columns: Sequence[str]) -> pa.Table:
-    """Prepare rejections and collection dead letters in one DEAD_LETTER table (empty if none)."""
-    import pyarrow as pa
+def billed_spend(paths: Sequence[storage.PathLike]) -> Spend:
+    """Tokens, cost and batch ids summed over ``paths``, a few columns at a time."""
+    import pyarrow.compute as pc
+
+    spend = Spend()
+    columns = ["cost_usd", "sync_cost_usd", "batch_id", *_TOKEN_COLUMNS.values()]
+    for path in paths:
+        for batch in _batches(path, columns):
+            names = batch.schema.names
+            spend.cost_usd += (
+                float(pc.sum(batch.column("cost_usd")).as_py() or 0) if "cost_usd" in names else 0
+            )
+            if "sync_cost_usd" in names:
+                spend.sync_cost_usd += float(pc.sum(batch.column("sync_cost_usd")).as_py() or 0)
+            for name, column in _TOKEN_COLUMNS.items():
+                if column in names:
+                    spend.tokens[name] += int(pc.sum(batch.column(column)).as_py() or 0)
+            if "batch_id" in names:
+                spend.batch_ids.update(b for b in pc.unique(batch.column("batch_id")).to_pylist() if b)
+    return spend
+
+
+def write_dead_letters(
+    out_path: storage.PathLike, sources: Sequence[storage.PathLike], key_columns: Sequence[str]
+) -> RowCounts:
+    """Prepare rejections and collection dead letters into one DEAD_LETTER file, streamed.
+
+    Sources that do not exist are skipped; returns the row count and the count per ``stage``.
+    """
+    import pyarrow.compute as pc
 
     from anthropic_batch.results import dead_letter_schema
 
     schema = dead_letter_schema(key_columns)
-    present = [t.select(schema.names).cast(schema) for t in tables if t is not None]
-    return pa.concat_tables(present) if present else schema.empty_table()
+    result = RowCounts()
+    stages: Counter[str] = Counter()
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for source in sources:
+            if not storage.as_path(source).exists():
+                continue
+            for batch in _batches(source):
+                batch = batch.select(schema.names).cast(schema)
+                result.n_rows += batch.num_rows
+                for entry in pc.value_counts(batch.column("stage")).to_pylist():
+                    stages[str(entry["values"])] += int(entry["counts"])
+                yield batch
+
+    storage.write_parquet_atomic(out_path, batches(), schema)
+    result.counts = dict(sorted(stages.items()))
+    return result
+
+
+def copy_file(source: storage.PathLike, target: storage.PathLike) -> None:
+    """Copy bytes in blocks (the merged file already is the partition's data file)."""
+    with storage.open_binary(source) as reader, storage.open_atomic_writer(target) as writer:
+        shutil.copyfileobj(reader, writer, _COPY_BLOCK)
 
 
 def build_summary(
     *,
     manifest: Mapping[str, Any],
-    merged: pa.Table,
-    dead_letters: pa.Table,
-    billed: Sequence[pa.Table],
+    merged: RowCounts,
+    dead_letters: RowCounts,
+    billed: Spend,
     dag_id: str | None,
     run_id: str | None,
     data_path: str,
@@ -127,18 +204,12 @@ def build_summary(
     price_table_as_of: str,
     sample_cost_usd: float | None = None,
 ) -> dict[str, Any]:
-    """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt.
 
+    ``merged``: rows and counts by status of the merged results; ``dead_letters``: rows and counts
+    by stage; ``billed``: the spend of every collected file (``billed_spend``).
+    """
     spec = manifest.get("spec") or {}
-    spend = pa.concat_tables(billed, promote_options="permissive") if billed else merged
-    cost = float(_sum(spend, "cost_usd"))
-    sync_cost = float(_sum(spend, "sync_cost_usd"))
-    batch_ids = sorted(
-        {b for b in spend.column("batch_id").to_pylist() if b} if "batch_id" in spend.column_names else set()
-    )
-    attempts = int(pc.max(merged["attempt"]).as_py() or 0) if merged.num_rows else 0
     summary = {
         "pipeline": spec.get("pipeline"),
         "dag_id": dag_id,
@@ -148,16 +219,16 @@ def build_summary(
         "model": spec.get("model"),
         "n_input_records": manifest.get("n_input_records"),
         "n_requests": manifest.get("n_requests"),
-        "n_rows": merged.num_rows,
-        "counts_by_status": _counts(merged, "status"),
-        "n_dead_letters": dead_letters.num_rows,
-        "n_dead_letters_by_stage": _counts(dead_letters, "stage"),
-        "tokens": {name: int(_sum(spend, column)) for name, column in _TOKEN_COLUMNS.items()},
-        "cost_usd": round(cost, 6),
-        "sync_cost_usd": round(sync_cost, 6),
-        "savings_usd": round(sync_cost - cost, 6),
-        "batch_ids": batch_ids,
-        "attempts": attempts,
+        "n_rows": merged.n_rows,
+        "counts_by_status": dict(merged.counts),
+        "n_dead_letters": dead_letters.n_rows,
+        "n_dead_letters_by_stage": dict(dead_letters.counts),
+        "tokens": dict(billed.tokens),
+        "cost_usd": round(billed.cost_usd, 6),
+        "sync_cost_usd": round(billed.sync_cost_usd, 6),
+        "savings_usd": round(billed.sync_cost_usd - billed.cost_usd, 6),
+        "batch_ids": sorted(billed.batch_ids),
+        "attempts": merged.max_attempt,
         "price_table_as_of": price_table_as_of,
         "data_path": data_path,
         "dead_letter_path": dead_letter_path,
@@ -168,38 +239,36 @@ def build_summary(
     return summary
 
 
-def _write_partition_files(
-    directory: ObjectStoragePath, merged: pa.Table, dead_letters: pa.Table, summary: dict[str, Any]
-) -> None:
-    storage.write_parquet_atomic(directory / DATA_FILE, merged)
-    storage.write_parquet_atomic(directory / DEAD_LETTER_FILE, dead_letters)
-    storage.atomic_write_json(directory / SUMMARY_FILE, summary)
-    storage.atomic_write_bytes(directory / SUCCESS_MARKER, b"")
-
-
 def publish_partition(
-    target: ObjectStoragePath, merged: pa.Table, dead_letters: pa.Table, summary: dict[str, Any]
-) -> None:
-    """Write the partition at ``target``, replacing an earlier one without exposing a mix."""
-    if storage.is_local(target):
-        staging = target.parent / f".{target.name}{storage.TMP_MARKER}{uuid.uuid4().hex}"
-        final, trash = target.path, f"{staging.path}.old"
-        os.makedirs(target.parent.path, exist_ok=True)
-        try:
-            _write_partition_files(staging, merged, dead_letters, summary)
-            if os.path.exists(final):
-                os.replace(final, trash)
-            os.replace(staging.path, final)
-        except BaseException:
-            shutil.rmtree(staging.path, ignore_errors=True)
-            if os.path.exists(trash) and not os.path.exists(final):
-                os.replace(trash, final)  # put the previous partition back
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-        return
-    with contextlib.suppress(FileNotFoundError):
-        (target / SUCCESS_MARKER).unlink()
-    _write_partition_files(target, merged, dead_letters, summary)
+    target: storage.PathLike,
+    *,
+    merged_path: storage.PathLike,
+    dead_letter_sources: Sequence[storage.PathLike],
+    key_columns: Sequence[str],
+    make_summary: Callable[[RowCounts, RowCounts, str, str], dict[str, Any]],
+    **commit_details: Any,
+) -> tuple[partition.PublishedPartition, dict[str, Any]]:
+    """Write a new generation of the partition at ``target``, commit it, then clean up.
+
+    ``make_summary(merged, dead_letters, data_path, dead_letter_path)`` builds the summary from the
+    streamed counts. Nothing readers see changes unless every file was written.
+    """
+    generation = partition.new_generation()
+    root = partition.generation_dir(target, generation)
+    try:
+        copy_file(merged_path, root / DATA_FILE)
+        merged = stream_counts(root / DATA_FILE, "status")
+        dead = write_dead_letters(root / DEAD_LETTER_FILE, dead_letter_sources, key_columns)
+        summary = make_summary(merged, dead, str(root / DATA_FILE), str(root / DEAD_LETTER_FILE))
+        storage.atomic_write_json(root / SUMMARY_FILE, summary)
+    except BaseException:
+        partition.remove_generation(target, generation)  # uncommitted: no reader can see it
+        raise
+    published = partition.commit_partition(target, generation, **commit_details)
+    removed = partition.remove_superseded(target, generation)
+    if removed:
+        log.info("Removed superseded entries of %s: %s", target, removed)
+    return published, summary
 
 
 class PublishPartitionOperator(BaseOperator):
@@ -237,38 +306,51 @@ class PublishPartitionOperator(BaseOperator):
         manifest = storage.read_json(work_dir / "requests" / "manifest.json")
         if manifest is None:
             raise FileNotFoundError(f"no manifest at {work_dir / 'requests' / 'manifest.json'}")
-        merged = storage.read_parquet(self.merged_path)
-        key_columns = (manifest.get("spec") or {}).get("key_columns") or []
-        dead_letters = combine_dead_letters(
-            [_read_optional(work_dir / "rejected.parquet"), _read_optional(work_dir / "dead_letter.parquet")],
-            key_columns,
-        )
+        spec = manifest.get("spec") or {}
+        key_columns = spec.get("key_columns") or []
         sample_report = storage.read_json(work_dir / "sample" / "report.json")
         ti = context["ti"]
-        summary = build_summary(
-            manifest=manifest,
-            merged=merged,
-            dead_letters=dead_letters,
-            billed=attempt_tables(work_dir, self.merged_path),
+        billed = billed_spend(billed_paths(work_dir, self.merged_path))
+
+        def make_summary(
+            merged: RowCounts, dead: RowCounts, data_path: str, dead_path: str
+        ) -> dict[str, Any]:
+            summary = build_summary(
+                manifest=manifest,
+                merged=merged,
+                dead_letters=dead,
+                billed=billed,
+                dag_id=ti.dag_id,
+                run_id=ti.run_id,
+                data_path=data_path,
+                dead_letter_path=dead_path,
+                price_table_as_of=load_price_table().as_of,
+                sample_cost_usd=(sample_report or {}).get("sample_cost_usd"),
+            )
+            if self.pipeline:
+                summary["pipeline"] = self.pipeline
+            summary.update(summary_fields(manifest))  # answer reuse (issue 9): n_reused, reused_cost_usd
+            return summary
+
+        published, summary = publish_partition(
+            target,
+            merged_path=self.merged_path,
+            dead_letter_sources=[work_dir / "rejected.parquet", work_dir / "dead_letter.parquet"],
+            key_columns=key_columns,
+            make_summary=make_summary,
             dag_id=ti.dag_id,
             run_id=ti.run_id,
-            data_path=str(target / DATA_FILE),
-            dead_letter_path=str(target / DEAD_LETTER_FILE),
-            price_table_as_of=load_price_table().as_of,
-            sample_cost_usd=(sample_report or {}).get("sample_cost_usd"),
+            partition=spec.get("partition"),
         )
-        if self.pipeline:
-            summary["pipeline"] = self.pipeline
-        summary.update(summary_fields(manifest))  # answer reuse (issue 9): n_reused, reused_cost_usd
-        publish_partition(target, merged, dead_letters, summary)
         try:  # answer reuse (issue 9): the answers this run paid for, for other dates to reuse
-            cache_after_publish(manifest, merged, ti.run_id)
+            cache_after_publish(manifest, self.merged_path, ti.run_id)
         except Exception:  # the partition is published; a cache miss later only costs a resend
             log.exception("Could not add this run's answers to the answer cache.")
         log.info(
-            "Published %s: %d rows %s, %d dead letters; cost $%.4f (sync would be $%.4f, saved $%.4f); "
-            "%d answer(s) reused ($%.4f not paid again).",
+            "Published %s (generation %s): %d rows %s, %d dead letters; cost $%.4f (sync would be $%.4f, "
+            "saved $%.4f); %d answer(s) reused ($%.4f not paid again).",
             target,
+            published.generation,
             summary["n_rows"],
             summary["counts_by_status"],
             summary["n_dead_letters"],

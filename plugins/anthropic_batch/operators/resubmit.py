@@ -2,15 +2,22 @@
 
 One task runs every retry round of a run:
 
-1. merge the collected attempts (latest attempt wins) into ``work_dir/results/merged.parquet``,
-   with a ``missing`` row for any prepared request no attempt returned;
+1. merge the collected attempts into ``work_dir/results/merged.parquet``, keeping each request's
+   *best* answer (valid beats invalid, complete beats truncated, any answer beats an error; see
+   ``results.merge_attempts``), with a ``missing`` row for any prepared request no attempt
+   returned. The merge streams (bounded memory) and also writes the retry list
+   (``results/retry.parquet``) and the dead letters;
 2. a fatal failure (authentication / permission / billing) fails the task at once, loudly, and
    without retries (they would fail the same way); what was collected so far stays on storage;
 3. retriable rows (expired, canceled, missing, invalid output, overloaded / rate-limited / server
-   errors, answers cut off at ``max_tokens``) that have had fewer than ``max_attempts`` attempts go
-   into retry chunks ``work_dir/requests/retry-NN/retry-NN-chunk-NNNNN.jsonl`` made of their last
-   submitted request lines, byte for byte, except that ``max_tokens`` is multiplied by
-   ``max_tokens_growth`` for truncated answers;
+   errors, and answers cut off at ``max_tokens`` when ``retry_truncated``) that have had fewer than
+   ``max_attempts`` attempts, and whose last try did not fail permanently, go into retry chunks
+   ``work_dir/requests/retry-NN/retry-NN-chunk-NNNNN.jsonl`` made of their last submitted request
+   lines, byte for byte, except that ``max_tokens`` is multiplied by ``max_tokens_growth`` when the
+   last answer was truncated. Truncation retry (``retry_truncated``) defaults to on with an output
+   model (a cut-off JSON answer is rarely usable) and off for free text (a cut-off text is an
+   answer: paying again is the pipeline's choice); a retry never loses the answer it tries to
+   improve, because the merge keeps the best one;
 4. each retry chunk is submitted through ``ledger.submit_idempotently`` (so a retried task re-attaches
    instead of paying twice); the task then *defers* on ``BatchPollTrigger`` (no worker slot held while
    the batch runs) and resumes, as a fresh operator instance, in ``execute_complete``; it collects
@@ -37,7 +44,6 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -60,11 +66,11 @@ from anthropic_batch.batch_requests import (
 from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
 from anthropic_batch.operators.collect import collect_batch
 from anthropic_batch.operators.submit import submission_identity
-from anthropic_batch.status import DEFAULT_CONN_ID, FailureClass
+from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.triggers import BatchPollTrigger
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    from anthropic_batch.results import MergeStats
 
 # pyarrow, results (pyarrow) and hooks (the anthropic SDK) are imported inside the methods that use
 # them: DAG files import this module at parse time.
@@ -77,6 +83,9 @@ MAX_TOKENS_CAP = 128_000
 
 #: The resubmit loop's state file under ``work_dir/results/`` (see module docstring).
 RESUBMIT_STATE_FILE = "resubmit-state.json"
+
+#: The merge's list of requests to resubmit, under ``work_dir/results/`` (``results.RETRY_SCHEMA``).
+RETRY_LIST_FILE = "retry.parquet"
 
 
 def retry_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
@@ -127,13 +136,6 @@ def task_identity(context: Context) -> dict[str, Any]:
     }
 
 
-def retry_reason(status: str, error_type: str | None, stop_reason: str | None) -> str:
-    """A short label for the log: why this row is resubmitted."""
-    if stop_reason == "max_tokens":
-        return f"{status}: truncated at max_tokens"
-    return f"{status}: {error_type}" if error_type else status
-
-
 def grow_max_tokens(line: bytes, growth: float, cap: int = MAX_TOKENS_CAP) -> bytes:
     """The request line with ``params.max_tokens`` multiplied by ``growth`` (rounded up, capped)."""
     request = json.loads(line)
@@ -168,6 +170,14 @@ def _chunk_groups(lines: Iterable[bytes], max_requests: int, max_bytes: int) -> 
         yield group()
 
 
+def _iter_retry_list(path: storage.PathLike) -> Iterator[Any]:
+    """The retry list's record batches, one row group at a time."""
+    import pyarrow.parquet as pq
+
+    with storage.open_binary(path) as handle:
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=20_000, use_threads=False)
+
+
 class ResubmitFailuresOperator(BaseOperator):
     """
     Merge the collected attempts, resubmit retriable failures (deferring while they run), finalise.
@@ -177,6 +187,8 @@ class ResubmitFailuresOperator(BaseOperator):
     :param conn_id: the Anthropic connection.
     :param max_attempts: attempts per request in all, the first one included.
     :param max_tokens_growth: ``max_tokens`` factor for answers truncated at ``max_tokens``.
+    :param retry_truncated: resubmit answers cut off at ``max_tokens`` (with a larger max_tokens);
+        ``None`` (default): on when the run has an output model, off for free text.
     :param poll_interval: first seconds between polls of a retry batch (grows toward max_poll_interval).
     :param max_poll_interval: the longest wait between polls.
     :param deadline_hours: how long to wait for one retry batch before failing the task (a retry of
@@ -196,6 +208,7 @@ class ResubmitFailuresOperator(BaseOperator):
         conn_id: str = DEFAULT_CONN_ID,
         max_attempts: int = 3,
         max_tokens_growth: float = 2.0,
+        retry_truncated: bool | None = None,
         poll_interval: float = 30,
         max_poll_interval: float = 600,
         deadline_hours: float = 30,
@@ -214,6 +227,7 @@ class ResubmitFailuresOperator(BaseOperator):
         self.conn_id = conn_id
         self.max_attempts = max_attempts
         self.max_tokens_growth = max_tokens_growth
+        self.retry_truncated = retry_truncated
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self.deadline_hours = deadline_hours
@@ -310,63 +324,62 @@ class ResubmitFailuresOperator(BaseOperator):
 
         ``rounds`` lists the resubmit rounds so far (recorded in ``merged.json`` at the end).
         """
-        import pyarrow as pa
-
-        from anthropic_batch.results import classify_failure, has_fatal, merge_attempts, retry_mask
+        from anthropic_batch.results import merge_attempts
 
         work = storage.as_path(self.work_dir)
         manifest = read_manifest(work)
-        key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
-        keys = storage.read_parquet(work / "requests" / "keys.parquet")
+        spec = manifest.get("spec") or {}
+        key_columns = list(spec.get("key_columns") or [])
         merged_path = work / "results" / "merged.parquet"
+        retry_truncated = self.retry_truncated
+        if retry_truncated is None:
+            retry_truncated = bool(spec.get("output_model"))
+        # In the last round nothing is retried, so every unfinished row is a dead letter.
         # Answer reuse (issue 9): answers reused from earlier runs are one more input, merged first.
-        inputs = [*merge_inputs(manifest), *paths]
-        merged = merge_attempts(inputs, merged_path, key_columns, expected_keys=keys)
-        self.log.info("Merged after attempt %d: %s", attempt, _counts(merged, "status"))
+        stats = merge_attempts(
+            [*merge_inputs(manifest), *paths],
+            merged_path,
+            key_columns,
+            expected_keys=work / "requests" / "keys.parquet",
+            max_attempts=None if attempt >= self.max_attempts else self.max_attempts,
+            retry_truncated=retry_truncated,
+            retry_path=work / "results" / RETRY_LIST_FILE,
+            dead_letter_path=work / "dead_letter.parquet",
+        )
+        self.log.info(
+            "Merged after attempt %d (best answer per request): %s", attempt, stats.counts_by_status
+        )
 
-        if has_fatal(merged):
-            self._write_dead_letters(merged, key_columns)
+        if stats.fatal_error_types:
             write_merge_record(merged_path, paths, attempt, rounds)
             self._save_state(context, "failed", attempt=attempt, results_paths=paths, rounds=rounds)
-            fatal = Counter(
-                row["error_type"]
-                for row in merged.select(["status", "error_type", "stop_reason"]).to_pylist()
-                if classify_failure(row["status"], row["error_type"], row["stop_reason"])
-                is FailureClass.FATAL
-            )
             raise AirflowFailException(
-                f"Fatal API errors {dict(fatal)}: credentials, permissions or billing must be fixed "
-                f"before anything else is sent. Nothing more was submitted. Results so far: {merged_path}; "
-                f"dead letters: {work / 'dead_letter.parquet'}."
+                f"Fatal API errors {stats.fatal_error_types}: credentials, permissions or billing must be "
+                f"fixed before anything else is sent. Nothing more was submitted. Results so far: "
+                f"{merged_path}; dead letters: {work / 'dead_letter.parquet'}."
             )
 
-        mask = retry_mask(merged, self.max_attempts)
-        if attempt >= self.max_attempts or not any(mask):
+        if not stats.n_retry:
             write_merge_record(merged_path, paths, attempt, rounds)
-            result = self._finalise(merged, merged_path, manifest, key_columns, attempt)
+            result = self._finalise(stats, merged_path, manifest, attempt)
             self._save_state(context, "finished", attempt=attempt, results_paths=paths, rounds=rounds)
             return result
 
-        retry = merged.filter(pa.array(mask, pa.bool_()))
         next_attempt = attempt + 1
-        reasons = Counter(
-            retry_reason(r["status"], r["error_type"], r["stop_reason"])
-            for r in retry.select(["status", "error_type", "stop_reason"]).to_pylist()
-        )
         self.log.info(
             "Resubmitting %d request(s) as attempt %d of %d: %s",
-            retry.num_rows,
+            stats.n_retry,
             next_attempt,
             self.max_attempts,
-            dict(reasons.most_common()),
+            stats.retry_reasons,
         )
-        handles = self._submit_retry(context, manifest, keys, retry, next_attempt)
+        handles = self._submit_retry(context, manifest, paths, stats.n_retry, next_attempt)
         rounds = [
             *rounds,
             {
                 "attempt": next_attempt,
-                "n_requests": retry.num_rows,
-                "reasons": dict(reasons.most_common()),
+                "n_requests": stats.n_retry,
+                "reasons": dict(stats.retry_reasons),
                 "batch_ids": [h["batch_id"] for h in handles],
             },
         ]
@@ -378,95 +391,137 @@ class ResubmitFailuresOperator(BaseOperator):
         raise AssertionError("unreachable: defer raises")  # pragma: no cover
 
     def _finalise(
-        self,
-        merged: pa.Table,
-        merged_path: ObjectStoragePath,
-        manifest: Mapping[str, Any],
-        key_columns: list[str],
-        attempt: int,
+        self, stats: MergeStats, merged_path: ObjectStoragePath, manifest: Mapping[str, Any], attempt: int
     ) -> str:
-        import pyarrow.compute as pc
-
-        ids = merged.column("custom_id")
+        # One row per custom_id holds by construction (the merge keeps one winner per id); the
+        # count must also match what was prepared.
         n_expected = int(manifest["n_requests"])
-        if merged.num_rows != n_expected or pc.count_distinct(ids).as_py() != merged.num_rows:
+        if stats.n_rows != n_expected:
             raise AirflowException(
-                f"merged results have {merged.num_rows} rows ({pc.count_distinct(ids).as_py()} distinct) "
-                f"but {n_expected} requests were prepared: refusing to publish an inconsistent result"
+                f"merged results have {stats.n_rows} rows but {n_expected} requests were prepared: "
+                f"refusing to publish an inconsistent result ({merged_path})"
             )
-        dead = self._write_dead_letters(merged, key_columns)
         self.log.info(
-            "Final after %d attempt(s): %d rows %s; %d dead letter(s) %s. -> %s",
+            "Final after %d attempt(s): %d rows %s; %d dead letter(s). -> %s",
             attempt,
-            merged.num_rows,
-            _counts(merged, "status"),
-            dead.num_rows,
-            _counts(dead, "status"),
+            stats.n_rows,
+            stats.counts_by_status,
+            stats.n_dead_letters,
             merged_path,
         )
         return str(merged_path)
 
-    def _write_dead_letters(self, merged: pa.Table, key_columns: list[str]) -> pa.Table:
-        from anthropic_batch.results import dead_letter_rows
-
-        dead = dead_letter_rows(merged, key_columns, max_attempts=None)
-        storage.write_parquet_atomic(storage.as_path(self.work_dir) / "dead_letter.parquet", dead)
-        return dead
-
     # -- retry chunks and submission ----------------------------------------------------------------
-    def _source_lines(self, manifest: Mapping[str, Any], keys: pa.Table, retry: pa.Table) -> Iterator[bytes]:
-        """The last submitted request line of every row in ``retry``, max_tokens grown when truncated."""
+    def _source_lines(
+        self, manifest: Mapping[str, Any], paths: Sequence[str], n_retry: int
+    ) -> Iterator[bytes]:
+        """The last submitted request line of every request on the retry list, max_tokens grown
+        where the last answer was truncated.
+
+        The list (``results/retry.parquet``) is read in groups, one per source chunk file (at most
+        one chunk's worth of ids in memory): attempt-1 lines come from the prepared chunk named by
+        ``keys.parquet``; later ones from the retry chunk whose requests the results file of that
+        attempt answered.
+        """
+        import numpy as np
+        import pyarrow as pa
+
+        from anthropic_batch.results import custom_id_of_line
+
+        retry_path = storage.as_path(self.work_dir) / "results" / RETRY_LIST_FILE
+        table = storage.read_parquet(
+            retry_path, ["source_attempt", "chunk_index", "source_file"], use_threads=False
+        )
+        # A group: (attempt 1, prepared chunk index) or (attempt N, index of its results file).
+        attempt_of = np.maximum(table.column("source_attempt").to_numpy(), 1)
+        group_of = self._group_keys(table)
+        del table
+        chunks = {int(c["index"]): str(c["path"]) for c in manifest["chunks"]}
+        found = 0
+        for source_attempt, group in sorted(
+            {(int(a), int(g)) for a, g in zip(attempt_of, group_of, strict=True)}
+        ):
+            ids: set[str] = set()
+            grow: set[str] = set()
+            for batch in _iter_retry_list(retry_path):
+                in_group = (np.maximum(batch.column("source_attempt").to_numpy(), 1) == source_attempt) & (
+                    self._group_keys(batch) == group
+                )
+                if in_group.any():
+                    wanted = batch.filter(pa.array(in_group))
+                    ids.update(wanted.column("custom_id").to_pylist())
+                    grow.update(wanted.filter(wanted.column("grow")).column("custom_id").to_pylist())
+            for path in self._group_chunk_files(source_attempt, group, chunks, paths):
+                for line in iter_chunk_lines(path):
+                    cid = custom_id_of_line(line)
+                    if cid in ids:
+                        ids.discard(cid)
+                        found += 1
+                        yield grow_max_tokens(line, self.max_tokens_growth) if cid in grow else line
+                if not ids:
+                    break
+        lost = n_retry - found
+        if lost:
+            raise AirflowException(f"{lost} request line(s) to resubmit were not found in their chunk files")
+
+    @staticmethod
+    def _group_keys(table: Any) -> Any:
+        """Per retry-list row: its prepared chunk index (attempt 1) or results file index (later)."""
+        import numpy as np
+
+        attempt = table.column("source_attempt").to_numpy()
+        chunk = table.column("chunk_index").fill_null(-1).to_numpy()
+        source_file = table.column("source_file").fill_null(-1).to_numpy()
+        return np.where(attempt <= 1, chunk, source_file).astype(np.int64)
+
+    def _group_chunk_files(
+        self, source_attempt: int, group: int, chunks: Mapping[int, str], paths: Sequence[str]
+    ) -> list[str]:
+        """The chunk file(s) holding one group's request lines, most likely first."""
+        if source_attempt <= 1:
+            everything = [chunks[i] for i in sorted(chunks)]
+            return (
+                [chunks[group], *(p for p in everything if p != chunks[group])]
+                if group in chunks
+                else everything
+            )
+        directory = retry_dir(self.work_dir, source_attempt)
+        files = [
+            str(p)
+            for p in sorted(directory.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".jsonl") and storage.TMP_MARKER not in p.name
+        ]
+        if not 0 <= group < len(paths) or len(files) < 2:
+            return files
+        # A results file answers exactly one retry chunk and has a row for each of its requests:
+        # the chunk whose first request is among the file's custom_ids is the one.
         import pyarrow as pa
         import pyarrow.compute as pc
 
         from anthropic_batch.results import custom_id_of_line
 
-        wanted: dict[int, set[str]] = {}
-        truncated: set[str] = set()
-        for row in retry.select(["custom_id", "attempt", "stop_reason"]).to_pylist():
-            wanted.setdefault(int(row["attempt"] or 1), set()).add(row["custom_id"])
-            if row["stop_reason"] == "max_tokens":
-                truncated.add(row["custom_id"])
-        files: list[tuple[str, set[str]]] = []
-        for source_attempt in sorted(wanted):
-            ids = wanted[source_attempt]
-            if source_attempt == 1:
-                # Only the chunks that hold a request to retry are read (vectorised lookup).
-                in_retry = pc.is_in(keys.column("custom_id"), pa.array(sorted(ids), pa.string()))
-                indices = sorted(set(keys.filter(in_retry).column("chunk_index").to_pylist()))
-                chunks = {int(c["index"]): str(c["path"]) for c in manifest["chunks"]}
-                files += [(chunks[i], ids) for i in indices]
-            else:
-                directory = retry_dir(self.work_dir, source_attempt)
-                files += [
-                    (str(p), ids)
-                    for p in sorted(directory.iterdir(), key=lambda p: p.name)
-                    if p.name.endswith(".jsonl") and storage.TMP_MARKER not in p.name
-                ]
-        found: set[str] = set()
-        for path, ids in files:
-            for line in iter_chunk_lines(path):
-                cid = custom_id_of_line(line)
-                if cid in ids and cid not in found:
-                    found.add(cid)
-                    yield grow_max_tokens(line, self.max_tokens_growth) if cid in truncated else line
-        lost = retry.num_rows - len(found)
-        if lost:
-            raise AirflowException(f"{lost} request line(s) to resubmit were not found in their chunk files")
+        answered = storage.read_parquet(paths[group], ["custom_id"], use_threads=False).column("custom_id")
+        first_ids = [custom_id_of_line(next(iter(iter_chunk_lines(f)), b"")) for f in files]
+        hits = pc.is_in(pa.array(first_ids, pa.string()), value_set=answered).to_pylist()
+        return [f for f, hit in zip(files, hits, strict=True) if hit] + [
+            f for f, hit in zip(files, hits, strict=True) if not hit
+        ]
 
     def _submit_retry(
         self,
         context: Context,
         manifest: Mapping[str, Any],
-        keys: pa.Table,
-        retry: pa.Table,
+        paths: Sequence[str],
+        n_retry: int,
         attempt: int,
     ) -> list[dict[str, Any]]:
         spec = manifest.get("spec") or {}
         directory = retry_dir(self.work_dir, attempt)
         infos = []
         groups = _chunk_groups(
-            self._source_lines(manifest, keys, retry), self.max_requests_per_chunk, self.max_bytes_per_chunk
+            self._source_lines(manifest, paths, n_retry),
+            self.max_requests_per_chunk,
+            self.max_bytes_per_chunk,
         )
         for index, group in enumerate(groups):
             infos.append(
@@ -546,11 +601,3 @@ class ResubmitFailuresOperator(BaseOperator):
             method_name="execute_complete",
             timeout=timedelta(hours=self.deadline_hours, minutes=10),
         )
-
-
-def _counts(table: pa.Table, column: str) -> dict[str, int]:
-    if table.num_rows == 0:
-        return {}
-    import pyarrow.compute as pc
-
-    return {str(e["values"]): int(e["counts"]) for e in pc.value_counts(table[column]).to_pylist()}

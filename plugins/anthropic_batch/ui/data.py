@@ -329,7 +329,11 @@ def partition_of_run_id(
 # -- dead letters ------------------------------------------------------------------------------------
 def dead_letter_path(root: ObjectStoragePath, pipeline: str, partition: str) -> ObjectStoragePath:
     """Where a run's published dead letters are (always derived from the layout, never from input)."""
-    return root / pipeline / "extractions" / f"date={partition}" / "dead_letter.parquet"
+    from anthropic_batch.partition import published_files
+
+    directory = root / pipeline / "extractions" / f"date={partition}"
+    published = published_files(directory)  # the committed generation's file
+    return published.dead_letter_path if published is not None else directory / "dead_letter.parquet"
 
 
 def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, Any]:

@@ -119,3 +119,12 @@ def test_empty_day_still_publishes_but_the_report_skips(bulk):
 
     report = DagBag(dag_folder=str(DAGS_DIR / "overnight_report.py")).dags["overnight_report"]
     assert report.get_task("gather_results").trigger_rule == "all_success"
+
+
+def test_resubmit_gets_the_pipelines_truncation_retry(configs):
+    cfg = configs["bulk_extraction"]
+    resubmit = build_pipeline_dag(cfg).get_task("resubmit")
+    assert resubmit.retry_truncated is cfg.resubmit.retry_truncated
+    assert resubmit.max_attempts == cfg.resubmit.max_attempts
+    on = cfg.model_copy(update={"resubmit": cfg.resubmit.model_copy(update={"retry_truncated": False})})
+    assert build_pipeline_dag(on).get_task("resubmit").retry_truncated is False

@@ -104,3 +104,11 @@ def test_loader_reports_every_bad_file_and_duplicate_ids(tmp_path):
         load_pipelines(tmp_path)
     assert "three.yaml" in str(err.value)
     assert "'same' is declared by two pipelines" in str(err.value)
+
+
+def test_resubmit_retry_truncated_is_declared_per_pipeline(tmp_path):
+    assert load_pipeline(_write(tmp_path, "unset", VALID)).resubmit.retry_truncated is None  # by output model
+    on = load_pipeline(_write(tmp_path, "on", {**VALID, "resubmit": {"retry_truncated": True}}))
+    assert on.resubmit.retry_truncated is True
+    with pytest.raises(PipelineConfigError, match="retry_truncated"):
+        load_pipeline(_write(tmp_path, "bad", {**VALID, "resubmit": {"retry_truncated": "sometimes"}}))

@@ -1,7 +1,8 @@
-"""PublishPartitionOperator: partition files, summary numbers, atomic replacement."""
+"""PublishPartitionOperator: partition files, summary numbers, the commit protocol (one-step switch)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -11,15 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from anthropic_batch import storage
+from anthropic_batch import partition, storage
 from anthropic_batch.operators.publish import (
+    COMMIT_FILE,
     DATA_FILE,
     DEAD_LETTER_FILE,
     SUCCESS_MARKER,
     SUMMARY_FILE,
     PublishPartitionOperator,
-    publish_partition,
 )
+from anthropic_batch.partition import published_files
 from anthropic_batch.results import dead_letter_schema, result_schema
 from tests.plugins.anthropic_batch._operator_context import make_context
 
@@ -141,12 +143,12 @@ def url(path: Path) -> str:
     return f"file://{path}"
 
 
-def _publish(work: Path, target: Path) -> dict:
+def _publish(work: Path, target: Path | str) -> dict:
     op = PublishPartitionOperator(
         task_id="publish",
         work_dir=url(work),
         merged_path=url(work / "results" / "merged.parquet"),
-        extraction_dir=url(target),
+        extraction_dir=target if isinstance(target, str) else url(target),
     )
     return op.execute(make_context(task_id="publish"))
 
@@ -156,12 +158,26 @@ def test_publish_writes_data_dead_letters_and_summary(tmp_path):
     target = tmp_path / "extractions" / "date=2026-11-01"
     summary = _publish(work, target)
 
-    assert sorted(os.listdir(target)) == sorted([DATA_FILE, DEAD_LETTER_FILE, SUMMARY_FILE, SUCCESS_MARKER])
-    data = pq.read_table(target / DATA_FILE)
+    published = published_files(url(target))
+    assert published is not None and published.generation
+    generation_dir = f"_gen={published.generation}"
+    assert sorted(os.listdir(target)) == sorted([COMMIT_FILE, SUCCESS_MARKER, generation_dir])
+    assert sorted(os.listdir(target / generation_dir)) == sorted([DATA_FILE, DEAD_LETTER_FILE, SUMMARY_FILE])
+    commit = json.loads((target / COMMIT_FILE).read_text())
+    assert (
+        commit["generation"] == published.generation
+        and commit["run_id"] == "manual__2026-11-01T00:00:00+00:00"
+    )
+    for name in (DATA_FILE, DEAD_LETTER_FILE, SUMMARY_FILE):
+        assert commit["files"][name] == {
+            "path": f"{generation_dir}/{name}",
+            "size": (target / generation_dir / name).stat().st_size,
+        }
+    data = pq.read_table(published.data_path.path)
     assert sorted(data["custom_id"].to_pylist()) == ["a", "b", "c", "d"]
-    dead = pq.read_table(target / DEAD_LETTER_FILE).to_pylist()
+    dead = pq.read_table(published.dead_letter_path.path).to_pylist()
     assert sorted(r["stage"] for r in dead) == ["collect", "prepare"]
-    assert json.loads((target / SUMMARY_FILE).read_text()) == summary
+    assert published.read_summary() == summary
 
     assert summary["pipeline"] == "tickets" and summary["partition"] == "2026-11-01"
     assert summary["dag_id"] == "test_dag" and summary["mode"] == "batch"
@@ -176,23 +192,29 @@ def test_publish_writes_data_dead_letters_and_summary(tmp_path):
     assert summary["batch_ids"] == ["b1", "b2"]
     assert summary["attempts"] == 2
     assert summary["price_table_as_of"]
-    assert summary["data_path"].endswith(f"date=2026-11-01/{DATA_FILE}")
+    assert summary["data_path"] == str(published.data_path)
+    assert summary["n_dead_letters_by_stage"] == {"collect": 1, "prepare": 1}
 
 
 def test_republishing_replaces_the_partition_whole(tmp_path):
     work = _work_dir(tmp_path)
     target = tmp_path / "extractions" / "date=2026-11-01"
     target.mkdir(parents=True)
-    (target / "stale.txt").write_text("from an older layout")
+    for legacy in ("stale.txt", DATA_FILE, SUMMARY_FILE):  # an older layout's files
+        (target / legacy).write_text("from an older layout")
     _publish(work, target)
-    assert not (target / "stale.txt").exists()
+    first = published_files(url(target))
+    assert not (target / "stale.txt").exists() and not (target / DATA_FILE).exists()
 
-    # Second run with fewer dead letters: the new files replace the old ones entirely.
+    # Second run with fewer dead letters: the new generation replaces the old one entirely.
     work2 = _work_dir(tmp_path / "second", rejected=0, dead=0)
     summary = _publish(work2, target)
+    second = published_files(url(target))
+    assert second.generation > first.generation
     assert summary["n_dead_letters"] == 0
-    assert pq.read_table(target / DEAD_LETTER_FILE).num_rows == 0
-    # No staging or trash directories are left next to the partition.
+    assert pq.read_table(second.dead_letter_path.path).num_rows == 0
+    assert sorted(os.listdir(target)) == sorted([COMMIT_FILE, SUCCESS_MARKER, f"_gen={second.generation}"])
+    # Nothing is left next to the partition either.
     assert sorted(os.listdir(target.parent)) == ["date=2026-11-01"]
 
 
@@ -200,17 +222,71 @@ def test_failed_write_leaves_the_previous_partition_intact(tmp_path):
     work = _work_dir(tmp_path)
     target = tmp_path / "extractions" / "date=2026-11-01"
     before = _publish(work, target)
-    # The dead-letter write fails after data.parquet was staged: nothing of it may show.
-    with pytest.raises(ValueError):
-        publish_partition(
-            storage.as_path(url(target)),
-            pq.read_table(target / DATA_FILE).slice(0, 1),
-            [],  # not a table: write_parquet_atomic refuses it
-            {"n_rows": 1},
-        )
-    assert json.loads((target / SUMMARY_FILE).read_text()) == before
-    assert pq.read_table(target / DATA_FILE).num_rows == 4
-    assert sorted(os.listdir(target.parent)) == ["date=2026-11-01"]
+    generation = published_files(url(target)).generation
+    # The dead-letter source is corrupt: the new generation fails after data.parquet was written.
+    (work / "dead_letter.parquet").write_bytes(b"not parquet")
+    with pytest.raises(pa.ArrowInvalid):
+        _publish(work, target)
+    published = published_files(url(target))
+    assert published.generation == generation and published.read_summary() == before
+    assert pq.read_table(published.data_path.path).num_rows == 4
+    assert sorted(os.listdir(target)) == sorted([COMMIT_FILE, SUCCESS_MARKER, f"_gen={generation}"])
+
+
+def test_a_reader_never_sees_a_mix_while_a_partition_is_replaced(tmp_path, monkeypatch):
+    """After every single storage write of a republish, a reader resolving through the commit
+    gets one complete generation: the old one until the commit, the new one after it."""
+    work = _work_dir(tmp_path)
+    target = tmp_path / "extractions" / "date=2026-11-01"
+    _publish(work, target)
+    old = published_files(url(target)).generation
+    seen: list[str] = []
+
+    def read_consistently() -> None:
+        published = published_files(url(target))
+        summary = published.read_summary()
+        data = pq.read_table(published.data_path.path)
+        dead = pq.read_table(published.dead_letter_path.path)
+        assert (summary["n_rows"], summary["n_dead_letters"]) == (data.num_rows, dead.num_rows)
+        assert summary["data_path"] == str(published.data_path)
+        for entry in published.files.values():
+            assert (target / entry["path"]).stat().st_size == entry["size"]
+        seen.append(published.generation)
+
+    real_writer = storage.open_atomic_writer
+
+    @contextlib.contextmanager
+    def checking_writer(path):
+        with real_writer(path) as handle:
+            yield handle
+        read_consistently()
+
+    monkeypatch.setattr(storage, "open_atomic_writer", checking_writer)
+    work2 = _work_dir(tmp_path / "second", rejected=0, dead=0)
+    _publish(work2, target)
+    read_consistently()
+    new = published_files(url(target)).generation
+    assert new != old
+    # Several writes saw the old generation, then the commit switched every later read to the new one.
+    assert seen.count(old) >= 3 and seen[-1] == new
+    assert seen == sorted(seen, key=lambda g: g == new)
+
+
+def test_published_files_reads_the_older_layout_and_nothing(tmp_path):
+    target = tmp_path / "extractions" / "date=2026-10-01"
+    assert published_files(url(target)) is None
+    target.mkdir(parents=True)
+    (target / DATA_FILE).write_text("")
+    assert published_files(url(target)) is None  # no summary: nothing published
+    (target / SUMMARY_FILE).write_text(json.dumps({"n_rows": 3}))
+    legacy = published_files(url(target))
+    assert legacy.generation is None and legacy.read_summary() == {"n_rows": 3}
+    assert legacy.data_path.path == str(target / DATA_FILE)
+    assert partition.published_dir(url(target)).path == str(target)
+    assert partition.read_published_summary(url(target)) == {"n_rows": 3}
+    (target / COMMIT_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=COMMIT_FILE):
+        published_files(url(target))
 
 
 def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_factory, monkeypatch):
@@ -258,11 +334,12 @@ def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_facto
     )
     summary = op.execute(make_context(task_id="publish"))
 
-    data = pq.read_table(target / DATA_FILE)
+    published = published_files(url(target))
+    data = pq.read_table(published.data_path.path)
     # custom_id = key + "-" + request digest (batch_requests.make_custom_id)
     assert [c.rsplit("-", 1)[0] for c in data["custom_id"].to_pylist()] == data["ticket_id"].to_pylist()
     assert sorted(data["ticket_id"].to_pylist()) == sorted(r["ticket_id"] for r in records[:24])
-    dead = pq.read_table(target / DEAD_LETTER_FILE).to_pylist()
+    dead = pq.read_table(published.dead_letter_path.path).to_pylist()
     stages = Counter(r["stage"] for r in dead)
     assert stages["prepare"] == 1 and stages["collect"] >= 1
     not_ok = {r["custom_id"] for r in data.to_pylist() if r["status"] != "succeeded"}
@@ -278,24 +355,32 @@ def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_facto
     assert summary["sample_cost_usd"] > 0
 
 
-def test_object_store_partition_is_marked_complete_only_by_success_written_last():
-    """On an object store (fsspec memory here) there is no directory rename: _SUCCESS is the signal."""
+def test_object_store_partition_switches_by_its_commit_file(tmp_path):
+    """On an object store (fsspec memory here) there is no directory rename: the commit is the switch."""
     from airflow.sdk.io import attach
     from fsspec.implementations.memory import MemoryFileSystem
 
     attach(protocol="memory", fs=MemoryFileSystem())
-    target = storage.as_path("memory://bucket/tickets/extractions/date=2026-11-01")
-    merged = _rows([("a", "succeeded", 1, "b1")])
-    empty_dead = dead_letter_schema(KEYS).empty_table()
-    publish_partition(target, merged, empty_dead, {"n_rows": 1})
-    assert sorted(p.name for p in target.iterdir()) == sorted(
-        [DATA_FILE, DEAD_LETTER_FILE, SUMMARY_FILE, SUCCESS_MARKER]
+    work = _work_dir(tmp_path)
+    target = "memory://bucket/tickets/extractions/date=2026-11-01"
+    first = _publish(work, target)
+    published = published_files(target)
+    root = storage.as_path(target)
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [COMMIT_FILE, SUCCESS_MARKER, f"_gen={published.generation}"]
     )
-    # A republish that fails midway leaves no _SUCCESS: readers know the partition is incomplete.
-    with pytest.raises(ValueError):
-        publish_partition(target, merged, [], {"n_rows": 1})
-    assert not (target / SUCCESS_MARKER).exists()
-    publish_partition(target, merged, empty_dead, {"n_rows": 2})
-    assert (target / SUCCESS_MARKER).exists()
-    assert storage.read_json(target / SUMMARY_FILE) == {"n_rows": 2}
-    assert not [p.name for p in target.iterdir() if storage.TMP_MARKER in p.name]
+    assert published.read_summary() == first
+    with storage.open_binary(published.data_path) as handle:
+        assert pq.read_table(handle).num_rows == 4
+    # A republish that fails midway changes nothing readers see.
+    (work / "dead_letter.parquet").write_bytes(b"not parquet")
+    with pytest.raises(pa.ArrowInvalid):
+        _publish(work, target)
+    assert published_files(target).generation == published.generation
+    second = _publish(_work_dir(tmp_path / "second", rejected=0, dead=0), target)
+    now = published_files(target)
+    assert now.generation != published.generation and now.read_summary() == second
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [COMMIT_FILE, SUCCESS_MARKER, f"_gen={now.generation}"]
+    )
+    assert not [p.name for p in root.iterdir() if storage.TMP_MARKER in p.name]

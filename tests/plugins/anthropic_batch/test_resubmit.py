@@ -356,3 +356,64 @@ def test_resume_refuses_a_state_that_is_not_its_own(tmp_path, emulator_factory, 
     Path(_local(str(resubmit_state_path(run.work_dir)))).unlink()
     with pytest.raises(AirflowException, match="No resubmit state"):
         make().execute_complete(context, event={"status": "ended", "batch_id": batch_id})
+
+
+def _retried_requests(run, attempt: int) -> dict[str, dict]:
+    chunks = sorted((Path(_local(run.work_dir)) / "requests" / f"retry-{attempt:02d}").glob("*.jsonl"))
+    return {r["custom_id"]: r for p in chunks for r in iter_chunk_requests(f"file://{p}")}
+
+
+@pytest.mark.parametrize("retry_truncated", [None, True])
+def test_free_text_truncations_are_retried_only_when_the_pipeline_asks(
+    tmp_path, emulator_factory, monkeypatch, retry_truncated
+):
+    emu = emulator_factory(
+        "--processing-seconds", "0.3", "--truncate-rate", "0.3",
+        "--error-rate", "api_error=0.2", "--seed", "5",
+    )  # fmt: skip
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(30), per_chunk=30, output_model=None, max_tokens=300)
+    paths = _collect_all(run, submit_chunks(run))
+    first = pq.read_table(_local(paths[0])).to_pylist()
+    truncated = {r["custom_id"] for r in first if r["stop_reason"] == "max_tokens"}
+    errored = {r["custom_id"] for r in first if r["status"] == "errored"}
+    assert truncated and errored
+    merged_path, _ = run_with_deferrals(
+        _operator_factory(run, paths, max_attempts=2, retry_truncated=retry_truncated),
+        make_context(task_id="resubmit"),
+    )
+    retried = _retried_requests(run, 2)
+    by_id = {r["custom_id"]: r for r in pq.read_table(_local(merged_path)).to_pylist()}
+    if retry_truncated is None:  # free text: off by default, the cut-off answer is kept as it is
+        assert set(retried) == errored
+        assert all((by_id[c]["status"], by_id[c]["attempt"]) == ("succeeded", 1) for c in truncated)
+    else:
+        assert set(retried) == truncated | errored
+        assert all(retried[c]["params"]["max_tokens"] == 600 for c in truncated)
+        # Whatever the retry returned, each record keeps a valid answer.
+        assert all(by_id[c]["status"] == "succeeded" for c in truncated)
+    dead = pq.read_table(Path(_local(run.work_dir)) / "dead_letter.parquet").to_pylist()
+    assert not truncated & {r["custom_id"] for r in dead}
+
+
+def test_later_attempts_resubmit_the_last_line_from_the_right_retry_chunk(
+    tmp_path, emulator_factory, monkeypatch
+):
+    """Retry rounds split into several chunks: attempt 3 finds each line in its attempt-2 chunk."""
+    emu = emulator_factory(
+        "--processing-seconds", "0.3", "--error-rate", "overloaded_error=0.6", "--seed", "9"
+    )
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(20), per_chunk=10)
+    paths = _collect_all(run, submit_chunks(run))
+    merged_path, _ = run_with_deferrals(
+        _operator_factory(run, paths, max_attempts=3, max_requests_per_chunk=3),
+        make_context(task_id="resubmit"),
+    )
+    second, third = _retried_requests(run, 2), _retried_requests(run, 3)
+    assert len(list((Path(_local(run.work_dir)) / "requests" / "retry-02").glob("*.jsonl"))) >= 2
+    assert third and set(third) <= set(second)
+    assert all(third[c]["params"] == second[c]["params"] for c in third)
+    record = json.loads(Path(_local(str(merge_record_path(merged_path)))).read_text())
+    assert [r["n_requests"] for r in record["rounds"]] == [len(second), len(third)]
+    assert pq.read_table(_local(merged_path)).num_rows == 20

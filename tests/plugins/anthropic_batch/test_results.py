@@ -19,6 +19,7 @@ from anthropic_batch.results import (
     dead_letter_rows,
     dead_letter_schema,
     expected_ids_from_chunk,
+    failure_codes,
     has_fatal,
     merge_attempts,
     parse_result_line,
@@ -497,7 +498,7 @@ def _collect(tmp_path, name, lines, attempt, batch_id, expected=None):
     return str(path)
 
 
-def test_merge_latest_attempt_wins_one_row_per_id(tmp_path):
+def test_merge_one_row_per_id_later_attempt_wins_among_equals(tmp_path):
     ok = text('{"category": "x", "urgency": 1}')
     p1 = _collect(
         tmp_path,
@@ -518,8 +519,10 @@ def test_merge_latest_attempt_wins_one_row_per_id(tmp_path):
     p3 = _collect(tmp_path, "a3", [simple("c", "expired")], 3, "batch_3", expected={"c"})
     keys = pa.table({"custom_id": ["a", "b", "c", "d", "e", "f"], "ticket_id": list("ABCDEF")})
     out = tmp_path / "merged.parquet"
-    merged = merge_attempts([p1, p2, p3], str(out), ["ticket_id"], expected_keys=keys)
-    assert pq.read_table(out).equals(merged)
+    stats = merge_attempts([p1, p2, p3], str(out), ["ticket_id"], expected_keys=keys)
+    merged = pq.read_table(out)
+    assert stats.n_rows == 6 and stats.max_attempt == 3
+    assert stats.counts_by_status == {"errored": 1, "expired": 1, "missing": 2, "succeeded": 2}
     ids = merged.column("custom_id").to_pylist()
     assert sorted(ids) == ["a", "b", "c", "d", "e", "f"]
     assert len(ids) == len(set(ids))
@@ -535,7 +538,7 @@ def test_merge_latest_attempt_wins_one_row_per_id(tmp_path):
     assert (by_id["e"]["status"], by_id["e"]["attempt"]) == ("missing", 2)
     assert (by_id["f"]["status"], by_id["f"]["ticket_id"]) == ("missing", "F")  # no attempt at all
 
-    assert retry_mask(merged, max_attempts=3) == [
+    assert retry_mask(merged, max_attempts=3).to_pylist() == [
         by_id[i]["status"] in ("missing", "expired") and (by_id[i]["attempt"] or 1) < 3 for i in ids
     ]
     dead = dead_letter_rows(merged, ["ticket_id"], max_attempts=3)
@@ -562,8 +565,9 @@ def test_merge_latest_attempt_wins_one_row_per_id(tmp_path):
 
 
 def test_merge_of_nothing_is_an_empty_table(tmp_path):
-    merged = merge_attempts([], tmp_path / "m.parquet", ["ticket_id"])
-    assert merged.num_rows == 0
+    stats = merge_attempts([], tmp_path / "m.parquet", ["ticket_id"])
+    merged = pq.read_table(tmp_path / "m.parquet")
+    assert stats.n_rows == merged.num_rows == 0
     assert merged.schema == result_schema(["ticket_id"])
 
 
@@ -575,3 +579,224 @@ def test_has_fatal(tmp_path):
 def test_key_columns_may_not_shadow_result_columns():
     with pytest.raises(ValueError, match="clash"):
         result_schema(["status"])
+
+
+# -- best answer per record (issue 10 item 5) ---------------------------------------------------------
+
+
+def test_merge_keeps_a_valid_truncated_answer_when_its_retry_comes_back_overloaded(tmp_path):
+    """Free text cut at max_tokens is a valid answer: an overloaded retry must not erase it."""
+    free = {"output_model": None}
+    p1 = tmp_path / "a1.parquet"
+    collect_lines(
+        [
+            succeeded("a", text("a useful but long answer"), stop_reason="max_tokens"),
+            succeeded("b", text("ok")),
+        ],
+        p1,
+        ctx(ids=("a", "b"), attempt=1, batch_id="batch_1", **free),
+    )
+    p2 = tmp_path / "a2.parquet"
+    collect_lines(
+        [errored("a", "overloaded_error")], p2, ctx(ids=("a", "b"), attempt=2, batch_id="batch_2", **free)
+    )
+    keys = pa.table({"custom_id": ["a", "b"], "ticket_id": ["A", "B"]})
+    out = tmp_path / "merged.parquet"
+    merge_attempts([str(p1), str(p2)], str(out), ["ticket_id"], expected_keys=keys)
+    by_id = {r["custom_id"]: r for r in pq.read_table(out).to_pylist()}
+    assert len(by_id) == 2
+    a = by_id["a"]
+    assert (a["status"], a["stop_reason"], a["output_text"]) == (
+        "succeeded",
+        "max_tokens",
+        "a useful but long answer",
+    )
+    assert (a["attempt"], a["batch_id"]) == (1, "batch_1")  # the answer's own lineage
+
+
+@pytest.mark.parametrize("retry_truncated", [True, False])
+def test_vectorised_classification_agrees_with_classify_failure(retry_truncated):
+    statuses = [
+        "succeeded",
+        "errored",
+        "canceled",
+        "expired",
+        "invalid_output",
+        "needs_followup",
+        "missing",
+        "odd",
+    ]
+    error_types = [
+        None,
+        "api_error",
+        "overloaded_error",
+        "rate_limit_error",
+        "invalid_request_error",
+        "x",
+        "authentication_error",
+        "permission_error",
+        "billing_error",
+        "validation_error",
+    ]
+    stops = [None, "end_turn", "max_tokens", "tool_use"]
+    grid = [(s, e, r) for s in statuses for e in error_types for r in stops]
+    status, error_type, stop = (pa.array(list(c), pa.string()) for c in zip(*grid, strict=True))
+    codes = failure_codes(status, error_type, stop, retry_truncated=retry_truncated)
+    expected = [classify_failure(*g, retry_truncated=retry_truncated) for g in grid]
+    names = {0: None, 1: FailureClass.RETRIABLE, 2: FailureClass.PERMANENT, 3: FailureClass.FATAL}
+    assert [names[int(c)] for c in codes] == expected
+
+
+def _merge(tmp_path, attempts, ids, *, output_model=Ticket, **kwargs):
+    """attempts: list of lists of result lines (attempt 1, 2, ...) -> (stats, merged rows by id, retry rows,
+    dead letters by id)."""
+    paths = []
+    for n, lines in enumerate(attempts, start=1):
+        path = tmp_path / f"attempt-{n}.parquet"
+        collect_lines(lines, path, ctx(ids=ids, attempt=n, batch_id=f"batch_{n}", output_model=output_model))
+        paths.append(str(path))
+    keys = pa.table(
+        {"custom_id": list(ids), "ticket_id": [f"T-{i}" for i in ids], "chunk_index": [0] * len(ids)}
+    )
+    stats = merge_attempts(
+        paths,
+        tmp_path / "merged.parquet",
+        ["ticket_id"],
+        expected_keys=keys,
+        retry_path=tmp_path / "retry.parquet",
+        dead_letter_path=tmp_path / "dead.parquet",
+        **kwargs,
+    )
+    merged = {r["custom_id"]: r for r in pq.read_table(tmp_path / "merged.parquet").to_pylist()}
+    retry = {r["custom_id"]: r for r in pq.read_table(tmp_path / "retry.parquet").to_pylist()}
+    dead = {r["custom_id"]: r for r in pq.read_table(tmp_path / "dead.parquet").to_pylist()}
+    assert len(merged) == stats.n_rows == len(ids)
+    assert stats.n_retry == len(retry) and stats.n_dead_letters == len(dead)
+    return stats, merged, retry, dead
+
+
+def test_merge_keeps_the_best_answer_of_every_record(tmp_path):
+    valid = text('{"category": "x", "urgency": 1}')
+    invalid = text('{"category": "x"}')
+    stats, merged, retry, dead = _merge(
+        tmp_path,
+        [
+            [
+                succeeded("a", invalid),  # invalid, complete
+                succeeded("b", invalid, stop_reason="max_tokens"),  # invalid, truncated
+                succeeded("c", valid, stop_reason="max_tokens"),  # valid, truncated
+                succeeded("d", valid, stop_reason="max_tokens"),
+                simple("e", "expired"),
+            ],
+            [
+                errored("a", "overloaded_error"),  # any answer beats an error
+                succeeded("b", invalid),  # complete beats truncated
+                succeeded("c", invalid),  # valid beats invalid
+                succeeded("d", valid),  # complete valid beats truncated valid
+                errored("e", "api_error"),  # between errors the later one stays
+            ],
+        ],
+        ids=("a", "b", "c", "d", "e"),
+        max_attempts=3,
+    )
+    assert {i: (r["status"], r["attempt"]) for i, r in merged.items()} == {
+        "a": ("invalid_output", 1),
+        "b": ("invalid_output", 2),
+        "c": ("succeeded", 1),
+        "d": ("succeeded", 2),
+        "e": ("errored", 2),
+    }
+    assert merged["c"]["stop_reason"] == "max_tokens" and merged["c"]["batch_id"] == "batch_1"
+    # Retried: a, b (invalid), c (best is truncated, last try invalid: retriable), e. Not d (done).
+    assert set(retry) == {"a", "b", "c", "e"}
+    assert {i: (r["source_attempt"], r["grow"], r["chunk_index"]) for i, r in retry.items()} == {
+        "a": (2, False, 0),
+        "b": (2, False, 0),
+        "c": (2, False, 0),
+        "e": (2, False, 0),
+    }
+    assert (
+        stats.retry_reasons
+        == {
+            "errored: overloaded_error": 1,
+            "invalid_output: validation_error": 2,
+            "errored: api_error": 1,
+        }
+        and not stats.fatal_error_types
+    )
+    assert not dead  # everything unfinished is retried
+
+
+def test_a_permanent_last_failure_ends_the_retries_and_keeps_the_best_answer(tmp_path):
+    valid = text('{"category": "x", "urgency": 1}')
+    _, merged, retry, dead = _merge(
+        tmp_path,
+        [
+            [succeeded("a", valid, stop_reason="max_tokens"), errored("b", "overloaded_error")],
+            [errored("a", "invalid_request_error", "max_tokens too large"), errored("b", "overloaded_error")],
+        ],
+        ids=("a", "b"),
+        max_attempts=2,
+    )
+    assert (merged["a"]["status"], merged["a"]["attempt"]) == ("succeeded", 1)
+    assert not retry
+    assert set(dead) == {"b"}  # a truncated but valid answer is data, not a dead letter
+    assert (dead["b"]["attempts"], "after 2 attempt" in dead["b"]["reason"]) == (2, True)
+
+
+def test_truncated_free_text_is_not_retried_without_retry_truncated(tmp_path):
+    lines = [succeeded("a", text("long"), stop_reason="max_tokens"), errored("b", "api_error")]
+    _, merged, retry, dead = _merge(
+        tmp_path, [lines], ids=("a", "b"), output_model=None, max_attempts=3, retry_truncated=False
+    )
+    assert merged["a"]["status"] == "succeeded" and set(retry) == {"b"} and not dead
+    (tmp_path / "on").mkdir()
+    _, _, retry_on, _ = _merge(
+        tmp_path / "on", [lines], ids=("a", "b"), output_model=None, max_attempts=3, retry_truncated=True
+    )
+    assert retry_on["a"]["grow"] is True and retry_on["b"]["grow"] is False
+
+
+def test_a_fatal_failure_stops_every_retry(tmp_path):
+    stats, _, retry, dead = _merge(
+        tmp_path,
+        [[errored("a", "billing_error"), errored("b", "overloaded_error")]],
+        ids=("a", "b", "c"),
+        max_attempts=3,
+    )
+    assert stats.fatal_error_types == {"billing_error": 1}
+    assert not retry and set(dead) == {"a", "b", "c"}
+    assert dead["c"]["status"] == "missing"
+
+
+def test_bucketed_merge_equals_the_in_memory_merge(tmp_path):
+    """Many buckets (spilled to disk) decide exactly what one in-memory bucket decides."""
+    import random
+
+    rng = random.Random(7)
+    ids = [f"id-{i:05d}{'x' * rng.randrange(3)}" for i in range(1500)]
+    valid = text('{"category": "x", "urgency": 1}')
+    kinds = [
+        lambda c: succeeded(c, valid),
+        lambda c: succeeded(c, valid, stop_reason="max_tokens"),
+        lambda c: succeeded(c, text("{}")),
+        lambda c: errored(c, "overloaded_error"),
+        lambda c: errored(c, "invalid_request_error"),
+        lambda c: simple(c, "expired"),
+    ]
+    attempts = [
+        [rng.choice(kinds)(c) for c in ids if rng.random() < 0.97],
+        [rng.choice(kinds)(c) for c in ids if rng.random() < 0.3],
+        [rng.choice(kinds)(c) for c in ids if rng.random() < 0.1],
+    ]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    one = _merge(tmp_path / "one", attempts, ids=tuple(ids), max_attempts=4)
+    many = _merge(
+        tmp_path / "many", attempts, ids=tuple(ids), max_attempts=4, bucket_rows=300, row_group_size=128
+    )
+    assert one[0].n_buckets == 1 and many[0].n_buckets > 5
+    for a, b in zip(one[1:], many[1:], strict=True):
+        assert a == b
+    assert one[0].counts_by_status == many[0].counts_by_status
+    assert one[0].retry_reasons == many[0].retry_reasons
