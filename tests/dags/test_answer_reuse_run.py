@@ -41,6 +41,13 @@ def _run(dag) -> None:
     assert str(getattr(run.state, "value", run.state)) == "success"
 
 
+def _published_rows(extraction) -> list[dict]:
+    """The rows of the partition's committed generation (read through its commit file)."""
+    from anthropic_batch.partition import published_dir
+
+    return pq.read_table(published_dir(extraction).path + "/data.parquet").to_pylist()
+
+
 def test_rerun_of_an_edited_date_sends_only_the_changes(airflow_db, anthropic_conn, emulator, storage_root):
     from airflow.dag_processing.dagbag import DagBag
 
@@ -49,8 +56,8 @@ def test_rerun_of_an_edited_date_sends_only_the_changes(airflow_db, anthropic_co
     before = _batches(emulator)
     _run(dag)
     first_batches = set(_batches(emulator)) - set(before)
-    partition = storage_root / "bulk_extraction" / "extractions" / f"date={DATE}"
-    first = {r["ticket_id"]: r for r in pq.read_table(partition / "data.parquet").to_pylist()}
+    extraction = storage_root / "bulk_extraction" / "extractions" / f"date={DATE}"
+    first = {r["ticket_id"]: r for r in _published_rows(extraction)}
 
     records = generate_tickets(DATE, PER_DAY, seed=11)
     valid, _ = _valid_ticket_ids(records)
@@ -70,10 +77,12 @@ def test_rerun_of_an_edited_date_sends_only_the_changes(airflow_db, anthropic_co
 
     new = {b: n for b, n in _batches(emulator).items() if b not in mid}
     assert sorted(new.values()) == [2]  # one batch, the edited and the added record
-    data = {r["ticket_id"]: r for r in pq.read_table(partition / "data.parquet").to_pylist()}
+    data = {r["ticket_id"]: r for r in _published_rows(extraction)}
     assert set(data) == (valid - {drop}) | {"NEW-1"}
     for ticket_id in set(data) - {edit, "NEW-1"}:
         assert data[ticket_id]["output_json"] == first[ticket_id]["output_json"]
         assert data[ticket_id]["attempt"] == 0 and data[ticket_id]["batch_id"] in first_batches
-    summary = json.loads((partition / "summary.json").read_text())
+    from anthropic_batch.partition import read_published_summary
+
+    summary = read_published_summary(extraction)
     assert summary["n_reused"] == len(data) - 2 and summary["batch_ids"] == sorted(new)

@@ -204,9 +204,7 @@ def test_overnight_report_renders_the_published_day(airflow_db, anthropic_conn, 
     assert state == "success"
     report_dir = storage_root / "reports" / f"date={date}"
     report = json.loads((report_dir / "report.json").read_text())
-    data = pq.read_table(
-        _published(storage_root, date) / "data.parquet"
-    ).to_pylist()
+    data = pq.read_table(_published(storage_root, date) / "data.parquet").to_pylist()
     succeeded = [json.loads(r["output_json"]) for r in data if r["status"] == "succeeded"]
     assert sum(g["n"] for g in report["groups"]) == len(succeeded)
     assert {g["name"] for g in report["groups"]} == {s["category"] for s in succeeded}

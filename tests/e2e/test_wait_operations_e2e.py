@@ -160,7 +160,9 @@ def _run_ended(af: StandaloneAirflow, dag_id: str, run_id: str) -> str:
 
 
 def _published(storage_root: Path, dag_id: str, date: dt.date) -> tuple[dict, list[dict]]:
-    partition = storage_root / dag_id / "extractions" / f"date={date.isoformat()}"
+    from anthropic_batch.partition import published_dir
+
+    partition = Path(published_dir(storage_root / dag_id / "extractions" / f"date={date.isoformat()}").path)
     summary = json.loads((partition / "summary.json").read_text())
     rows = pq.read_table(partition / "data.parquet", columns=["custom_id", "status", "batch_id"]).to_pylist()
     return summary, rows

@@ -22,6 +22,7 @@ from anthropic_batch.operators.collect import CollectResultsOperator
 from anthropic_batch.operators.prepare import PrepareRequestsOperator
 from anthropic_batch.operators.publish import PublishPartitionOperator
 from anthropic_batch.operators.resubmit import ResubmitFailuresOperator
+from anthropic_batch.partition import published_dir
 from tests.plugins.anthropic_batch._operator_context import (
     INCLUDE_DIR,
     MODEL,
@@ -98,7 +99,7 @@ def _run_date(
         extraction_dir=file_url(target),
         pipeline="tickets",
     ).execute(make_context(task_id="publish", partition=partition))
-    return run, summary, pq.read_table(target / "data.parquet")
+    return run, summary, pq.read_table(published_dir(target).path + "/data.parquet")
 
 
 def _requests_received(emu) -> tuple[int, int]:

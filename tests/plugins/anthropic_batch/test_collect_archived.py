@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from anthropic_batch.operators.publish import PublishPartitionOperator
+from anthropic_batch.partition import published_dir
 from tests.plugins.anthropic_batch._operator_context import (
     make_context,
     prepare_run,
@@ -42,7 +43,8 @@ def _run_to_publish(run, tmp_path: Path) -> dict:
         extraction_dir=f"file://{target}",
         pipeline="tickets",
     ).execute(make_context(task_id="publish"))
-    return {"paths": paths, "summary": summary, "data": pq.read_table(target / "data.parquet")}
+    data = pq.read_table(published_dir(target).path + "/data.parquet")
+    return {"paths": paths, "summary": summary, "data": data}
 
 
 def test_rerun_after_the_batch_was_archived_publishes_from_storage(tmp_path, emulator_factory, monkeypatch):
