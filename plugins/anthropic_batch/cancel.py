@@ -19,7 +19,7 @@ from typing import Any
 
 from anthropic_batch import storage
 from anthropic_batch.ledger import LedgerState, SubmissionLedger, batch_fields, rfc3339, update_entry, utc_now
-from anthropic_batch.status import DEFAULT_CONN_ID, CancelReason
+from anthropic_batch.status import DEFAULT_CONN_ID, USER_CANCELED_ERROR_TYPE, CancelReason  # noqa: F401
 from anthropic_batch.storage import PathLike
 
 
@@ -27,8 +27,6 @@ class NotCancelable(Exception):
     """The batch cannot be canceled (already ended, never submitted, or run synchronously)."""
 
 
-#: ``error_type`` for the canceled rows of a batch a user canceled (permanent: not resubmitted).
-USER_CANCELED_ERROR_TYPE = "user_canceled"
 
 
 def record_cancel(

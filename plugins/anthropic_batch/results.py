@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from anthropic_batch import storage
 from anthropic_batch.output_models import format_validation_error, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
-from anthropic_batch.status import FailureClass, RequestStatus
+from anthropic_batch.status import USER_CANCELED_ERROR_TYPE, FailureClass, RequestStatus
 
 if TYPE_CHECKING:
     from anthropic_batch.storage import PathLike
@@ -155,6 +155,8 @@ def classify_failure(
         return FailureClass.RETRIABLE if truncated and retry_truncated else None
     if truncated and not retry_truncated:
         return FailureClass.PERMANENT
+    if status == "canceled" and error_type == USER_CANCELED_ERROR_TYPE:
+        return FailureClass.PERMANENT  # a user's explicit Cancel: never paid for again
     if status in _RETRIABLE_STATUSES:
         return FailureClass.RETRIABLE
     if status == "errored":
@@ -319,6 +321,8 @@ class ParseContext:
     cache_ttl: str = "1h"
     default_model: str | None = None  # priced when a message's model id is not in the table
     tool_name: str | None = None
+    # "canceled by <user>" when a user canceled this batch (cancel.py): its canceled rows carry it.
+    user_cancel_reason: str | None = None
     _rates: dict[str | None, tuple[float, ...]] = field(default_factory=dict, repr=False)
     _discount: float = field(default=0.5, init=False, repr=False)
     _row_fn: Any = field(default=None, init=False, repr=False)
@@ -355,6 +359,7 @@ class ParseContext:
         prices: PriceTable | None = None,
         include_dir: str | None = None,
         manifest: Mapping[str, Any] | None = None,
+        user_cancel_reason: str | None = None,
     ) -> ParseContext:
         """A context from a prepared work dir: its manifest (spec) and ``requests/keys.parquet``.
 
@@ -385,6 +390,7 @@ class ParseContext:
             keys=index,
             output_model=output_model,
             output_mode=spec.get("output_mode"),
+            user_cancel_reason=user_cancel_reason,
             prices=prices or load_price_table(),
             batch_id=batch_id,
             attempt=attempt,
@@ -425,6 +431,7 @@ def _row_builder(ctx: ParseContext):
     cache_1h = ctx.cache_ttl == "1h"
     discount = ctx._discount
     default_model = ctx.default_model
+    user_cancel_reason = ctx.user_cancel_reason
     rates_for = ctx.rates
     rates_cache: dict[str | None, tuple[float, ...]] = {}
     no_usage = _NO_USAGE
@@ -524,6 +531,9 @@ def _row_builder(ctx: ParseContext):
             error_type = (body.type if body is not None else None) or (err.type if err is not None else None)
             message = body.message if body is not None else None
             return ("errored", error_type, message, None, None, None, default_model, *no_usage)
+        if kind == "canceled" and user_cancel_reason:
+            reason = user_cancel_reason
+            return (kind, USER_CANCELED_ERROR_TYPE, reason, None, None, None, default_model, *no_usage)
         if kind in ("canceled", "expired"):
             return (kind, None, None, None, None, None, default_model, *no_usage)
         reason = f"result type {kind!r} is not documented"
@@ -910,6 +920,7 @@ def failure_codes(
     codes[_is_in(status, _RETRIABLE_STATUSES)] = _CODE_RETRIABLE
     codes[errored & _is_in(error_type, RETRIABLE_ERROR_TYPES)] = _CODE_RETRIABLE
     codes[errored & _is_in(error_type, FATAL_ERROR_TYPES)] = _CODE_FATAL
+    codes[_is(status, "canceled") & _is(error_type, USER_CANCELED_ERROR_TYPE)] = _CODE_PERMANENT
     if not retry_truncated:
         codes[truncated & ~succeeded] = _CODE_PERMANENT
     codes[succeeded] = _CODE_RETRIABLE if retry_truncated else _CODE_OK

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from airflow.providers.anthropic.hooks.anthropic import BatchStatus
 
-__all__ = ["DEFAULT_CONN_ID", "BatchStatus", "CancelReason", "FailureClass", "RequestStatus", "RunMode"]
+__all__ = [
+    "DEFAULT_CONN_ID",
+    "USER_CANCELED_ERROR_TYPE",
+    "BatchStatus",
+    "CancelReason",
+    "FailureClass",
+    "RequestStatus",
+    "RunMode",
+]
 
 #: The Anthropic connection id (= ``AnthropicHook.default_conn_name``), here so operator signatures
 #: need not import the hook (and the SDK) when a DAG file is parsed.
@@ -57,6 +65,10 @@ class RunMode(StrEnum):
     BATCH = "batch"
     SYNC = "sync"
     AUTO = "auto"  # resolved at prepare time from the number of requests
+
+
+#: ``error_type`` of the canceled rows of a batch a user canceled: permanent, never resubmitted.
+USER_CANCELED_ERROR_TYPE = "user_canceled"
 
 
 class CancelReason(StrEnum):

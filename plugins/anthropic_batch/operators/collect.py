@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
+from anthropic_batch.cancel import user_cancel_reason
 from anthropic_batch.ledger import (
     ForeignBatchError,
     LedgerState,
@@ -233,6 +234,8 @@ def collect_batch(
         lines = hook.iter_result_lines(batch_id)
 
     index = chunk_index_of(manifest, chunk_path)
+    # A batch a user canceled (Batches page): its canceled rows say so and are never resubmitted.
+    entry = storage.read_json(ledger_path) if ledger_path else None
     ctx = ParseContext.from_work_dir(
         work,
         batch_id=batch_id,
@@ -240,6 +243,7 @@ def collect_batch(
         chunk_indices=None if index is None else [index],
         prices=price_table_for_mode(mode, prices),
         manifest=manifest,
+        user_cancel_reason=user_cancel_reason(entry),
     )
     expected = expected_ids_from_chunk(chunk_path)
     # Every line must answer a request of this chunk before anything is written: a batch that is

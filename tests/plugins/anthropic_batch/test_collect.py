@@ -176,3 +176,24 @@ def test_sync_mode_collects_the_results_file_at_full_price(tmp_path, anthropic_c
         # The sync results JSONL stays the entry's results_path (a re-attached handle needs it).
         assert entry["results_path"] == handle["results_path"]
         assert entry["collected_path"] == path
+
+
+def test_a_batch_a_user_canceled_collects_its_canceled_rows_as_user_canceled(
+    tmp_path, emulator_factory, monkeypatch
+):
+    from anthropic_batch.cancel import cancel_by_user
+
+    emu = emulator_factory("--processing-seconds", "60")
+    conn_id = use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(4), per_chunk=10)
+    (handle,) = submit_chunks(run, conn_id=conn_id)
+    entry = {
+        **json.loads(Path(_local(handle["ledger_path"])).read_text()),
+        "ledger_path": handle["ledger_path"],
+    }
+    cancel_by_user(entry, "alice", conn_id=conn_id)
+    wait_ended(BatchHook(conn_id), handle["batch_id"])
+    op = CollectResultsOperator(task_id="collect", handle=handle, work_dir=run.work_dir, conn_id=conn_id)
+    rows = pq.read_table(_local(op.execute(make_context(task_id="batch.collect")))).to_pylist()
+    assert rows and {r["status"] for r in rows} == {"canceled"}
+    assert {(r["error_type"], r["error_message"]) for r in rows} == {("user_canceled", "canceled by alice")}

@@ -637,6 +637,7 @@ def test_vectorised_classification_agrees_with_classify_failure(retry_truncated)
         "permission_error",
         "billing_error",
         "validation_error",
+        "user_canceled",
     ]
     stops = [None, "end_turn", "max_tokens", "tool_use"]
     grid = [(s, e, r) for s in statuses for e in error_types for r in stops]
@@ -800,3 +801,33 @@ def test_bucketed_merge_equals_the_in_memory_merge(tmp_path):
         assert a == b
     assert one[0].counts_by_status == many[0].counts_by_status
     assert one[0].retry_reasons == many[0].retry_reasons
+
+
+def test_requests_a_user_canceled_are_dead_lettered_not_retried(tmp_path):
+    ids = ("a", "b", "c")
+    lines = [
+        succeeded("a", text('{"category": "x", "urgency": 1}')),
+        simple("b", "canceled"),
+        simple("c", "canceled"),
+    ]
+    path = tmp_path / "attempt-1.parquet"
+    collect_lines(lines, path, ctx(ids=ids, batch_id="batch_1", user_cancel_reason="canceled by alice"))
+    rows = {r["custom_id"]: r for r in pq.read_table(path).to_pylist()}
+    assert rows["b"]["error_type"] == "user_canceled" and rows["b"]["error_message"] == "canceled by alice"
+    assert classify_failure("canceled", "user_canceled") is FailureClass.PERMANENT
+    # A deadline cancel (no user) stays retriable.
+    assert classify_failure("canceled", None) is FailureClass.RETRIABLE
+
+    keys = pa.table({"custom_id": list(ids), "ticket_id": [f"T-{i}" for i in ids], "chunk_index": [0] * 3})
+    stats = merge_attempts(
+        [str(path)],
+        tmp_path / "merged.parquet",
+        ["ticket_id"],
+        expected_keys=keys,
+        max_attempts=3,
+        retry_path=tmp_path / "retry.parquet",
+        dead_letter_path=tmp_path / "dead.parquet",
+    )
+    assert stats.n_retry == 0
+    dead = {r["custom_id"]: r for r in pq.read_table(tmp_path / "dead.parquet").to_pylist()}
+    assert set(dead) == {"b", "c"} and all("canceled by alice" in r["reason"] for r in dead.values())
