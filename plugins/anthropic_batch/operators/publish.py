@@ -126,7 +126,8 @@ def build_summary(
     price_table_as_of: str,
     sample_cost_usd: float | None = None,
 ) -> dict[str, Any]:
-    """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt."""
+    """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt;
+    ``cost_usd`` and ``sync_cost_usd`` include the sample gate's ``sample_cost_usd``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -138,6 +139,12 @@ def build_summary(
         {b for b in spend.column("batch_id").to_pylist() if b} if "batch_id" in spend.column_names else set()
     )
     attempts = int(pc.max(merged["attempt"]).as_py() or 0) if merged.num_rows else 0
+    # -- sample gate cost (sample helper): the sample's answers were paid at the synchronous price,
+    # so they add to the cost and to its synchronous equivalent alike (savings unchanged).
+    sample_cost = float(sample_cost_usd or 0.0)
+    cost += sample_cost
+    sync_cost += sample_cost
+    # -- end sample gate cost
     summary = {
         "pipeline": spec.get("pipeline"),
         "dag_id": dag_id,
