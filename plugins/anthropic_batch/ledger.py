@@ -19,16 +19,13 @@ policy every submitting operator goes through:
    effect but stays unlisted longer than the window, which would be paid twice.
 3. No entry: write the intent (atomically) *before* calling the API, then the batch id right after.
 
-``mode="sync"`` runs the chunk through the synchronous Messages API instead
-(:func:`sync_runner.run_requests_sync`) and writes the batch-format result lines to
-``{work_dir}/sync/chunk-NNNNN.results.jsonl``; a rerun after a crash resumes from the partial file,
-skipping requests already answered, so nothing is paid twice there either.
+``mode="sync"`` is a backend of its own, :func:`sync_backend.run_chunk`: the chunk goes through the
+synchronous Messages API now (taking over a batch of the same chunk still in flight), with its
+progress persisted in parts so that a crash resumes without paying again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -279,6 +276,18 @@ def submit_idempotently(
 
     path = ledger.entry_path(dag_id, partition, task_id, chunk_fingerprint)
     entry = ledger.read(path)
+    # -- mode=sync: the sync backend (its own module; owned by the sample/sync change) -------------
+    if mode == "sync":
+        from anthropic_batch.sync_backend import run_chunk
+
+        identity = {
+            "dag_id": dag_id, "task_id": task_id, "run_id": run_id, "map_index": map_index,
+            "partition": partition, "pipeline": pipeline, "attempt": attempt, "chunk_path": chunk_path,
+            "chunk_fingerprint": chunk_fingerprint, "n_requests": n_requests, "n_bytes": n_bytes,
+            "model": model, "projected_cost_usd": projected_cost_usd,
+        }  # fmt: skip
+        return run_chunk(hook, ledger, path, entry, identity=identity, concurrency=sync_concurrency)
+    # -- end mode=sync -------------------------------------------------------------------------------
     action = decide_action(entry)
     previous_ids: list[str] = list((entry or {}).get("previous_batch_ids") or [])
 
@@ -351,9 +360,6 @@ def submit_idempotently(
         }
         # The intent is on storage before any request leaves: a crash after this point is recoverable.
         ledger.write(path, intent)
-
-    if mode == "sync":
-        return _run_sync(hook, ledger, path, intent, concurrency=sync_concurrency)
 
     create = submit or (lambda: hook.create_batch_from_chunk(chunk_path))
     for tries_left in range(MAX_AMBIGUOUS_CREATES - 1, -1, -1):
@@ -443,101 +449,3 @@ def _recover_orphan(
         log.info("No batch from the interrupted attempt exists: it never took effect. Submitting.")
         return None
     return found[0]
-
-
-# -- sync mode ---------------------------------------------------------------------------------------
-def _iter_chunk_requests(chunk_path: PathLike, skip: set[str]) -> Iterator[dict[str, Any]]:
-    with as_path(chunk_path).open("rb") as handle:
-        for raw in handle:
-            if not raw.strip():
-                continue
-            request = json.loads(raw)
-            if request["custom_id"] not in skip:
-                yield request
-
-
-def _complete_lines(path: ObjectStoragePath) -> list[bytes]:
-    """Complete result lines of an earlier partial run (a torn last line is dropped)."""
-    if not path.exists():
-        return []
-    lines = []
-    for raw in path.read_bytes().split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            json.loads(raw)
-        except ValueError:
-            continue
-        lines.append(raw)
-    return lines
-
-
-def _count_results(lines: Iterable[bytes]) -> dict[str, int]:
-    counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-    for line in lines:
-        kind = json.loads(line)["result"]["type"]
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
-
-
-def _run_sync(
-    hook: BatchHook,
-    ledger: SubmissionLedger,
-    path: ObjectStoragePath,
-    entry: dict[str, Any],
-    *,
-    concurrency: int,
-) -> dict[str, Any]:
-    """Answer a chunk with synchronous calls, resuming from a partial file; record it as ended."""
-    from anthropic_batch.hooks import custom_id_of
-    from anthropic_batch.sync_runner import run_requests_sync
-
-    results_path = sync_results_path(entry["chunk_path"])
-    partial = results_path.parent / f"{results_path.name}.partial"
-    # A crash can come after the final file was written but before the ledger said so: its lines
-    # count as answered too (then the partial file's), each custom_id once.
-    done: list[bytes] = []
-    done_ids: set[str] = set()
-    for line in [*_complete_lines(results_path), *_complete_lines(partial)]:
-        cid = custom_id_of(line)
-        if cid not in done_ids:
-            done_ids.add(cid)
-            done.append(line)
-    if done:
-        log.info(
-            "Resuming a synchronous run: %d of %d requests already answered.", len(done), entry["n_requests"]
-        )
-    storage._ensure_parent(partial)
-    counts = _count_results(done)
-    # Results are appended to a partial file as they arrive (rewritten with the earlier lines first),
-    # so a crash loses at most the requests in flight.
-    with partial.open("wb") as out:
-        for line in done:
-            out.write(line + b"\n")
-        out.flush()
-        client = hook.get_conn()
-        requests = _iter_chunk_requests(entry["chunk_path"], done_ids)
-        for line in run_requests_sync(requests, client, concurrency=concurrency):
-            out.write(line + b"\n")
-            out.flush()
-            kind = json.loads(line)["result"]["type"]
-            counts[kind] = counts.get(kind, 0) + 1
-    with storage.open_atomic_writer(results_path) as final, partial.open("rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            final.write(block)
-    with contextlib.suppress(OSError):
-        partial.unlink()
-    now = rfc3339(utc_now())
-    entry = ledger.update(
-        path,
-        state=LedgerState.ENDED.value,
-        batch_id="sync_" + entry["chunk_fingerprint"][:24],
-        submitted_at=entry.get("submitted_at") or now,
-        processing_status="ended",
-        request_counts=counts,
-        created_at=entry.get("intent_at"),
-        ended_at=now,
-        results_path=str(results_path),
-    )
-    log.info("Synchronous run of %s done: %s -> %s.", entry["chunk_path"], counts, results_path)
-    return handle_from_entry(entry, path)

@@ -135,6 +135,14 @@ def collect_batch(
     )
     out = results_file(work, attempt, batch_id)
     stats = collect_lines(lines, out, ctx, expected_custom_ids=expected_ids_from_chunk(chunk_path))
+    # -- mode=sync (sync_backend): answers reused from a taken-over batch were billed at batch price.
+    if mode == "sync":
+        from anthropic_batch.sync_backend import reprice_batch_answers
+
+        repriced = reprice_batch_answers(out, str(handle["results_path"]), prices or load_price_table())
+        if repriced is not None:
+            stats.cost_usd = repriced
+    # -- end mode=sync
     result = {
         **stats.to_dict(),
         "results_path": str(out),

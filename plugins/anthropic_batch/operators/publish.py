@@ -265,6 +265,13 @@ class PublishPartitionOperator(BaseOperator):
         )
         if self.pipeline:
             summary["pipeline"] = self.pipeline
+        # -- mode=sync taking over batches in flight (sync_backend): answers reused, requests paid twice.
+        from anthropic_batch.sync_backend import takeover_summary
+
+        takeover = takeover_summary(work_dir)
+        if takeover is not None:
+            summary["sync_takeover"] = takeover
+        # -- end mode=sync
         publish_partition(target, merged, dead_letters, summary)
         log.info(
             "Published %s: %d rows %s, %d dead letters; cost $%.4f (sync would be $%.4f, saved $%.4f).",
