@@ -25,7 +25,7 @@ ledger entry of the same chunk fingerprint, so the very same requests) does not 
 Nothing is then paid twice. Only if the cancellation does not finish within ``cancel_wait_seconds``
 are the remaining requests sent without waiting; the batch may still finish some of them (the
 requests the cancel could not stop), and those are paid twice. They are counted when the batch has
-ended by the end of the run (looked at again, up to ``cancel_wait_seconds``) and reported in
+ended by the end of the run (looked at again, up to ``overlap_wait_seconds``) and reported in
 ``sync/chunk-NNNNN/takeover.json`` and in the run summary (``sync_takeover``, see
 :func:`takeover_summary`); a batch still not ended then is reported as unresolved. The ledger entry
 keeps the batch id in ``previous_batch_ids`` and ``taken_over_batch_ids``.
@@ -70,6 +70,8 @@ PART_EVERY_ANSWERS = 100
 PART_EVERY_SECONDS = 30.0
 #: How long to wait for a canceled batch to end before answering its remaining requests anyway.
 CANCEL_WAIT_SECONDS = 300.0
+#: After answering, how long to wait for a batch that had not ended in time, to count what was paid twice.
+OVERLAP_WAIT_SECONDS = 60.0
 TAKEOVER_FILE = "takeover.json"
 _PART_PREFIX = "part-"
 _BATCH_PREFIX = "batch-"
@@ -281,12 +283,12 @@ def _resolve_overlap(
     record: dict[str, Any],
     answered_now: set[str],
     *,
-    cancel_wait_seconds: float,
+    wait_seconds: float,
     sleep: Callable[[float], None],
 ) -> None:
     """For a batch that had not ended at takeover: which requests it answered that we paid again."""
     try:
-        batch = _wait_ended(hook, record["batch_id"], cancel_wait_seconds, sleep)
+        batch = _wait_ended(hook, record["batch_id"], wait_seconds, sleep)
         if batch.processing_status != "ended":
             record["unresolved"] = True
             return
@@ -342,9 +344,10 @@ def run_chunk(
     *,
     identity: Mapping[str, Any],
     concurrency: int = 8,
-    part_every_answers: int = PART_EVERY_ANSWERS,
-    part_every_seconds: float = PART_EVERY_SECONDS,
-    cancel_wait_seconds: float = CANCEL_WAIT_SECONDS,
+    part_every_answers: int | None = None,
+    part_every_seconds: float | None = None,
+    cancel_wait_seconds: float | None = None,
+    overlap_wait_seconds: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """
@@ -354,8 +357,19 @@ def run_chunk(
     :param identity: the ledger fields of the submission: dag_id, task_id, run_id, map_index,
         partition, pipeline, attempt, chunk_path, chunk_fingerprint, n_requests, n_bytes, model,
         projected_cost_usd.
+    :param part_every_answers: persist progress after this many answers (default
+        :data:`PART_EVERY_ANSWERS`), or ``part_every_seconds`` (:data:`PART_EVERY_SECONDS`).
+    :param cancel_wait_seconds: how long to wait for a taken-over batch to end after the cancel
+        (:data:`CANCEL_WAIT_SECONDS`); ``overlap_wait_seconds`` (:data:`OVERLAP_WAIT_SECONDS`): how
+        long, after answering, to wait for one that had not, to count the requests paid twice.
     """
     from anthropic_batch.sync_runner import run_requests_sync
+
+    # Module constants read at call time (not bound as defaults), so a deployment can tune them.
+    part_every_answers = part_every_answers or PART_EVERY_ANSWERS
+    part_every_seconds = PART_EVERY_SECONDS if part_every_seconds is None else part_every_seconds
+    cancel_wait_seconds = CANCEL_WAIT_SECONDS if cancel_wait_seconds is None else cancel_wait_seconds
+    overlap_wait_seconds = OVERLAP_WAIT_SECONDS if overlap_wait_seconds is None else overlap_wait_seconds
 
     chunk_path = str(identity["chunk_path"])
     if entry and entry.get("batch_id") and entry.get("mode") == "sync":
@@ -424,7 +438,7 @@ def run_chunk(
 
     for record in takeovers:
         if not record["ended_in_time"] and not record.get("checked"):
-            _resolve_overlap(hook, record, answered_now, cancel_wait_seconds=cancel_wait_seconds, sleep=sleep)
+            _resolve_overlap(hook, record, answered_now, wait_seconds=overlap_wait_seconds, sleep=sleep)
             record["checked"] = True
     if takeovers:
         _write_takeovers(results_path, takeovers)
