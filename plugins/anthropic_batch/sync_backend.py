@@ -78,10 +78,6 @@ _BATCH_PREFIX = "batch-"
 _RESULT_TYPES = ("processing", "succeeded", "errored", "canceled", "expired")
 
 
-class CancelPendingError(RuntimeError):
-    """A batch being taken over did not answer the cancel at all; the task retries."""
-
-
 # -- paths -----------------------------------------------------------------------------------------
 def parts_dir(results_path: PathLike) -> ObjectStoragePath:
     """``{work_dir}/sync/chunk-NNNNN/`` for ``{work_dir}/sync/chunk-NNNNN.results.jsonl``."""
@@ -244,7 +240,10 @@ def _take_over(
             status_before,
         )
         if status_before == "in_progress":
-            hook.cancel_batch(batch_id)
+            try:
+                hook.cancel_batch(batch_id)
+            except Exception as exc:  # e.g. it ended meanwhile; what it answered is what counts
+                log.warning("Cancel of batch %s failed (%s); waiting for it to end.", batch_id, exc)
         batch = _wait_ended(hook, batch_id, cancel_wait_seconds, sleep)
     record: dict[str, Any] = {
         "batch_id": batch_id,
@@ -382,6 +381,10 @@ def run_chunk(
 
     results_path = sync_results_path(chunk_path)
     takeovers: list[dict[str, Any]] = []
+    resuming = bool(entry and entry.get("mode") == "sync" and entry.get("state") == LedgerState.INTENT)
+    if not resuming:
+        # Files under this chunk index without a sync intent of this fingerprint are another version's.
+        _clear_chunk_files(results_path)
     if entry and entry.get("batch_id"):  # a batch of these very requests: take it over
         previous = [*(entry.get("previous_batch_ids") or []), entry["batch_id"]]
         takeovers.append(
@@ -395,7 +398,7 @@ def run_chunk(
             },
         )
         _write_takeovers(results_path, takeovers)
-    elif entry and entry.get("mode") == "sync" and entry.get("state") == LedgerState.INTENT:
+    elif resuming:
         takeovers = _read_takeovers(results_path)  # an interrupted run of this chunk: resume it
     else:
         entry = ledger.write(path, new_entry(identity, list((entry or {}).get("previous_batch_ids") or [])))
@@ -460,6 +463,18 @@ def run_chunk(
     )
     log.info("Synchronous run of %s done: %s -> %s.", chunk_path, counts, results_path)
     return handle_from_entry(entry, path)
+
+
+def _clear_chunk_files(results_path: ObjectStoragePath) -> None:
+    """Remove a chunk's sync files (final, legacy partial, parts, batch answers, takeover record)."""
+    directory = parts_dir(results_path)
+    stale = [results_path, results_path.parent / f"{results_path.name}.partial"]
+    if directory.exists():
+        stale += [p for p in directory.iterdir() if p.is_file()]
+    for path in stale:
+        if path.exists():
+            log.info("Removing %s, left by a run of other requests under this chunk index.", path)
+            path.unlink()
 
 
 def _write_takeovers(results_path: PathLike, takeovers: list[dict[str, Any]]) -> None:

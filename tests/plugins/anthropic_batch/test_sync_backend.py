@@ -242,3 +242,21 @@ def test_publish_summary_reports_the_takeover(tmp_path):
         "paid_twice_custom_ids": ["x"],
         "unresolved_batch_ids": ["b1"],
     }
+
+
+def test_changed_requests_under_the_same_chunk_index_are_asked_again(
+    tmp_path, emulator_factory, monkeypatch
+):
+    """Answers on storage belong to the requests they answered: a new version of the chunk pays again."""
+    emu = emulator_factory("--processing-seconds", "1")
+    conn_id = use_emulator(monkeypatch, emu, "sync_versions")
+    ledger = SubmissionLedger(str(tmp_path / "root"))
+    path = tmp_path / "work" / "requests" / "chunk-00000.jsonl"
+    path.parent.mkdir(parents=True)
+    first = write_chunk((request_line(f"r{i}", f"text {i}") for i in range(3)), str(path), 0)
+    submit_idempotently(BatchHook(conn_id), ledger, **_sync_kwargs(first))
+    second = write_chunk((request_line(f"r{i}", f"other text {i}") for i in range(3)), str(path), 0)
+    asked = _count_calls(monkeypatch)
+    handle = submit_idempotently(BatchHook(conn_id), ledger, **_sync_kwargs(second))
+    assert sorted(asked) == ["r0", "r1", "r2"]
+    assert handle["batch_id"] == "sync_" + second["fingerprint"][:24]
