@@ -125,18 +125,25 @@ def _wait_until(moment: datetime) -> None:
         time.sleep(0.05)
 
 
-def test_urgent_sync_rerun_takes_over_the_batch_in_flight(tmp_path, emulator_factory, monkeypatch):
-    from anthropic_batch.sync_backend import TAKEOVER_FILE, takeover_summary
-
-    emu = emulator_factory("--processing-seconds", "4", "--cancel-seconds", "0.3", "--seed", "5")
+def _batch_half_done(tmp_path, emulator_factory, monkeypatch, *, cancel_seconds: str):
+    """A nightly batch of 12 requests, about half of them answered; returns (records, run, hook, id)."""
+    emu = emulator_factory("--processing-seconds", "4", "--cancel-seconds", cancel_seconds, "--seed", "5")
     use_default_conn(monkeypatch, emu)
     records = ticket_records(12)
     run = prepare_run(tmp_path, records, per_chunk=12)
     (batch_handle,) = submit_chunks(run)
     hook = BatchHook()
     batch_id = batch_handle["batch_id"]
-    created = hook.get_batch(batch_id).created_at
-    _wait_until(created + timedelta(seconds=2))  # about half of the requests are answered by now
+    _wait_until(hook.get_batch(batch_id).created_at + timedelta(seconds=2))
+    return records, run, hook, batch_id
+
+
+def test_urgent_sync_rerun_takes_over_the_batch_in_flight(tmp_path, emulator_factory, monkeypatch):
+    from anthropic_batch.sync_backend import TAKEOVER_FILE, takeover_summary
+
+    records, run, hook, batch_id = _batch_half_done(
+        tmp_path, emulator_factory, monkeypatch, cancel_seconds="0.3"
+    )
 
     # The urgent rerun of the same date: same requests, mode=sync.
     rerun = prepare_run(tmp_path, records, per_chunk=12, mode="sync")
@@ -194,14 +201,9 @@ def test_requests_the_cancel_could_not_stop_are_reported_as_paid_twice(
 ):
     from anthropic_batch import sync_backend
 
-    emu = emulator_factory("--processing-seconds", "4", "--cancel-seconds", "1.5", "--seed", "5")
-    use_default_conn(monkeypatch, emu)
-    records = ticket_records(12)
-    run = prepare_run(tmp_path, records, per_chunk=12)
-    (batch_handle,) = submit_chunks(run)
-    hook = BatchHook()
-    batch_id = batch_handle["batch_id"]
-    _wait_until(hook.get_batch(batch_id).created_at + timedelta(seconds=2))
+    records, run, hook, batch_id = _batch_half_done(
+        tmp_path, emulator_factory, monkeypatch, cancel_seconds="1.5"
+    )
     # The cancellation takes longer than the urgent run is willing to wait.
     monkeypatch.setattr(sync_backend, "CANCEL_WAIT_SECONDS", 0.3)
     monkeypatch.setattr(sync_backend, "OVERLAP_WAIT_SECONDS", 30.0)
@@ -244,9 +246,7 @@ def test_publish_summary_reports_the_takeover(tmp_path):
     }
 
 
-def test_changed_requests_under_the_same_chunk_index_are_asked_again(
-    tmp_path, emulator_factory, monkeypatch
-):
+def test_changed_requests_under_the_same_chunk_index_are_asked_again(tmp_path, emulator_factory, monkeypatch):
     """Answers on storage belong to the requests they answered: a new version of the chunk pays again."""
     emu = emulator_factory("--processing-seconds", "1")
     conn_id = use_emulator(monkeypatch, emu, "sync_versions")
