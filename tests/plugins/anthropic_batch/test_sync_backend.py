@@ -126,7 +126,7 @@ def _wait_until(moment: datetime) -> None:
 
 
 def _batch_half_done(tmp_path, emulator_factory, monkeypatch, *, cancel_seconds: str):
-    """A nightly batch of 12 requests, about half of them answered; returns (records, run, hook, id)."""
+    """A nightly batch of 12 requests, about half answered; returns (records, run, hook, its handle)."""
     emu = emulator_factory("--processing-seconds", "4", "--cancel-seconds", cancel_seconds, "--seed", "5")
     use_default_conn(monkeypatch, emu)
     records = ticket_records(12)
@@ -135,15 +135,16 @@ def _batch_half_done(tmp_path, emulator_factory, monkeypatch, *, cancel_seconds:
     hook = BatchHook()
     batch_id = batch_handle["batch_id"]
     _wait_until(hook.get_batch(batch_id).created_at + timedelta(seconds=2))
-    return records, run, hook, batch_id
+    return records, run, hook, batch_handle
 
 
 def test_urgent_sync_rerun_takes_over_the_batch_in_flight(tmp_path, emulator_factory, monkeypatch):
     from anthropic_batch.sync_backend import TAKEOVER_FILE, takeover_summary
 
-    records, run, hook, batch_id = _batch_half_done(
+    records, run, hook, batch_handle = _batch_half_done(
         tmp_path, emulator_factory, monkeypatch, cancel_seconds="0.3"
     )
+    batch_id = batch_handle["batch_id"]
 
     # The urgent rerun of the same date: same requests, mode=sync.
     rerun = prepare_run(tmp_path, records, per_chunk=12, mode="sync")
@@ -190,6 +191,11 @@ def test_urgent_sync_rerun_takes_over_the_batch_in_flight(tmp_path, emulator_fac
         assert row["cost_usd"] == pytest.approx(expected)
     assert stats["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
 
+    # The nightly run, still going, collects its canceled batch: the ledger keeps the sync run.
+    entry_before = json.loads(Path(handle["ledger_path"].removeprefix("file://")).read_text())
+    collect_batch(hook, batch_handle, run.work_dir)
+    assert json.loads(Path(handle["ledger_path"].removeprefix("file://")).read_text()) == entry_before
+
     # Running the sync submit again re-attaches: nothing is asked or canceled again.
     asked.clear()
     (again,) = submit_chunks(rerun)
@@ -201,9 +207,10 @@ def test_requests_the_cancel_could_not_stop_are_reported_as_paid_twice(
 ):
     from anthropic_batch import sync_backend
 
-    records, run, hook, batch_id = _batch_half_done(
+    records, run, hook, batch_handle = _batch_half_done(
         tmp_path, emulator_factory, monkeypatch, cancel_seconds="1.5"
     )
+    batch_id = batch_handle["batch_id"]
     # The cancellation takes longer than the urgent run is willing to wait.
     monkeypatch.setattr(sync_backend, "CANCEL_WAIT_SECONDS", 0.3)
     monkeypatch.setattr(sync_backend, "OVERLAP_WAIT_SECONDS", 30.0)
