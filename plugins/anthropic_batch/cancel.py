@@ -27,8 +27,6 @@ class NotCancelable(Exception):
     """The batch cannot be canceled (already ended, never submitted, or run synchronously)."""
 
 
-
-
 def record_cancel(
     ledger_path: PathLike,
     reason: CancelReason,

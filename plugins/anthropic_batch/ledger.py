@@ -31,15 +31,15 @@ submitting operator goes through. Every write to an entry is conditional (``stor
    (paused longer than a lease) is canceled at once and kept in ``duplicate_batch_ids``. The
    residual window: a worker paused between its fence and its create, for longer than a lease.
 
-``mode="sync"`` runs the chunk through the synchronous Messages API instead
-(:func:`sync_runner.run_requests_sync`) and writes the batch-format result lines to
-``{work_dir}/sync/chunk-NNNNN.results.jsonl``; a rerun after a crash resumes from the partial file,
-skipping requests already answered, so nothing is paid twice there either.
+``mode="sync"`` is a backend of its own, :func:`sync_backend.run_chunk`, run by the worker that
+owns the entry (so two urgent reruns never both pay): the chunk goes through the synchronous
+Messages API now, with its progress persisted in parts so that a crash resumes without paying
+again. A sync submission that finds a batch of the same chunk still in flight takes that entry over
+by compare-and-swap and hands the batch to the backend, which cancels it and reuses its answers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -525,6 +525,7 @@ def submit_idempotently(
             **worker,
         )
         previous: dict[str, Any] | None = None
+        takeover: dict[str, Any] | None = None
         # The claim: exactly one of any number of concurrent submitters creates the entry. A loser
         # that is waiting only re-reads (no create attempt per poll) until the entry is gone.
         if not (may_create and storage.create_if_absent(path, encode_entry(intent))):
@@ -533,7 +534,14 @@ def submit_idempotently(
                 may_create = True
                 continue  # deleted in between: claim again
             found, version = json.loads(current[0]), current[1]
-            if found.get("batch_id"):
+            if found.get("batch_id") and _sync_takes_over(mode, found):
+                # The urgent synchronous rerun: claim the entry (compare-and-swap below) and hand the
+                # batch in flight to the sync backend, which cancels it and reuses its answers.
+                takeover = found
+                intent = {**intent, "generation": int(found.get("generation") or 1) + 1}
+                for field in ("previous_batch_ids", "duplicate_batch_ids", "foreign_batch_ids"):
+                    intent = _add_ids(intent, field, *found.get(field) or [])
+            elif found.get("batch_id"):
                 if mode == "sync" or found.get("mode") == "sync" or not _was_fully_canceled(hook, found):
                     return _reattach(path, found, chunk_path)
                 log.warning(
@@ -585,12 +593,26 @@ def submit_idempotently(
                     path,
                     intent,
                     previous,
+                    takeover=takeover,
                     submit=submit,
                     orphan_settle_seconds=orphan_settle_seconds,
                     sync_concurrency=sync_concurrency,
                 )
         except LostClaimError as err:
             log.warning("%s Looking at the entry again.", err)
+
+
+#: The ledger fields the sync backend records for a submission.
+SYNC_IDENTITY_FIELDS = (
+    "dag_id", "task_id", "run_id", "map_index", "partition", "pipeline", "attempt", "chunk_path",
+    "chunk_fingerprint", "n_requests", "n_bytes", "model", "projected_cost_usd",
+)  # fmt: skip
+
+
+def _sync_takes_over(mode: str, found: dict[str, Any]) -> bool:
+    """Whether a ``mode=sync`` submission takes over the batch recorded in ``found``: a batch (not an
+    earlier sync run) that has not been seen to end; an ended batch is re-attached and collected."""
+    return mode == "sync" and found.get("mode") != "sync" and found.get("state") != LedgerState.ENDED.value
 
 
 def _claim_timeout_message(path: PathLike, entry: dict[str, Any], waited: float) -> str:
@@ -628,6 +650,7 @@ def _submit_owned(
     entry: dict[str, Any],
     previous: dict[str, Any] | None,
     *,
+    takeover: dict[str, Any] | None = None,
     submit: Callable[[], MessageBatch] | None,
     orphan_settle_seconds: float,
     sync_concurrency: int,
@@ -640,7 +663,18 @@ def _submit_owned(
     chunk_path = entry["chunk_path"]
     n_requests = int(entry["n_requests"])
     if entry.get("mode") == "sync":
-        return _run_sync(hook, ledger, path, entry, concurrency=sync_concurrency)
+        from anthropic_batch.sync_backend import run_chunk  # the SDK: not at DAG parse time
+
+        identity = {key: entry.get(key) for key in SYNC_IDENTITY_FIELDS}
+        return run_chunk(
+            hook,
+            ledger,
+            path,
+            takeover or entry,
+            identity=identity,
+            concurrency=sync_concurrency,
+            fresh=previous is None and takeover is None,
+        )
 
     if previous is not None and _may_have_created(previous):
         found, verified = _recover_orphan(hook, ledger, path, previous, n_requests, orphan_settle_seconds)
@@ -828,101 +862,3 @@ def _recover_orphan(
         return pending[0], False
     log.info("No batch from the interrupted attempt exists: it never took effect. Submitting.")
     return None, False
-
-
-# -- sync mode ---------------------------------------------------------------------------------------
-def _iter_chunk_requests(chunk_path: PathLike, skip: set[str]) -> Iterator[dict[str, Any]]:
-    with as_path(chunk_path).open("rb") as handle:
-        for raw in handle:
-            if not raw.strip():
-                continue
-            request = json.loads(raw)
-            if request["custom_id"] not in skip:
-                yield request
-
-
-def _complete_lines(path: ObjectStoragePath) -> list[bytes]:
-    """Complete result lines of an earlier partial run (a torn last line is dropped)."""
-    if not path.exists():
-        return []
-    lines = []
-    for raw in path.read_bytes().split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            json.loads(raw)
-        except ValueError:
-            continue
-        lines.append(raw)
-    return lines
-
-
-def _count_results(lines: Iterable[bytes]) -> dict[str, int]:
-    counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-    for line in lines:
-        kind = json.loads(line)["result"]["type"]
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
-
-
-def _run_sync(
-    hook: BatchHook,
-    ledger: SubmissionLedger,
-    path: ObjectStoragePath,
-    entry: dict[str, Any],
-    *,
-    concurrency: int,
-) -> dict[str, Any]:
-    """Answer a chunk with synchronous calls, resuming from a partial file; record it as ended."""
-    from anthropic_batch.hooks import custom_id_of
-    from anthropic_batch.sync_runner import run_requests_sync
-
-    results_path = sync_results_path(entry["chunk_path"])
-    partial = results_path.parent / f"{results_path.name}.partial"
-    # A crash can come after the final file was written but before the ledger said so: its lines
-    # count as answered too (then the partial file's), each custom_id once.
-    done: list[bytes] = []
-    done_ids: set[str] = set()
-    for line in [*_complete_lines(results_path), *_complete_lines(partial)]:
-        cid = custom_id_of(line)
-        if cid not in done_ids:
-            done_ids.add(cid)
-            done.append(line)
-    if done:
-        log.info(
-            "Resuming a synchronous run: %d of %d requests already answered.", len(done), entry["n_requests"]
-        )
-    storage._ensure_parent(partial)
-    counts = _count_results(done)
-    # Results are appended to a partial file as they arrive (rewritten with the earlier lines first),
-    # so a crash loses at most the requests in flight.
-    with partial.open("wb") as out:
-        for line in done:
-            out.write(line + b"\n")
-        out.flush()
-        client = hook.get_conn()
-        requests = _iter_chunk_requests(entry["chunk_path"], done_ids)
-        for line in run_requests_sync(requests, client, concurrency=concurrency):
-            out.write(line + b"\n")
-            out.flush()
-            kind = json.loads(line)["result"]["type"]
-            counts[kind] = counts.get(kind, 0) + 1
-    with storage.open_atomic_writer(results_path) as final, partial.open("rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            final.write(block)
-    with contextlib.suppress(OSError):
-        partial.unlink()
-    now = rfc3339(utc_now())
-    entry = ledger.update(
-        path,
-        state=LedgerState.ENDED.value,
-        batch_id="sync_" + entry["chunk_fingerprint"][:24],
-        submitted_at=entry.get("submitted_at") or now,
-        processing_status="ended",
-        request_counts=counts,
-        created_at=entry.get("intent_at"),
-        ended_at=now,
-        results_path=str(results_path),
-    )
-    log.info("Synchronous run of %s done: %s -> %s.", entry["chunk_path"], counts, results_path)
-    return handle_from_entry(entry, path)

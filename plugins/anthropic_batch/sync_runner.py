@@ -10,7 +10,9 @@ collection code parses both modes:
         "error": {"type": "rate_limit_error", "message": "..."}, "request_id": "req_..."}}}
 
 Retries: the SDK already retries 408/409/429/5xx/529 and connection errors with capped exponential
-backoff, honouring ``retry-after`` headers; we only raise its ``max_retries``. A request still failing
+backoff, honouring ``retry-after`` headers. ``max_retries`` defaults to the client's own setting
+(``BatchHook.get_conn`` applies the connection's ``anthropic_client_kwargs.max_retries``, else
+``hooks.DEFAULT_MAX_RETRIES``), so a configured value is not silently overridden. A request still failing
 after that becomes an ``errored`` line (never an exception), so one bad request cannot sink a run and
 the failure classifier can decide to resubmit it.
 
@@ -113,6 +115,18 @@ def call_one(client: anthropic.Anthropic, request: dict[str, Any]) -> dict[str, 
     return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
 
 
+def is_transient(line: bytes) -> bool:
+    """True for an ``errored`` line whose error is transient (rate limit, overload, server error):
+    the same request may well succeed a moment later, so it says nothing about the request itself."""
+    from anthropic_batch.results import RETRIABLE_ERROR_TYPES
+
+    result = json.loads(line).get("result") or {}
+    if result.get("type") != "errored":
+        return False
+    error = result.get("error") or {}
+    return (error.get("error") or {}).get("type") in RETRIABLE_ERROR_TYPES
+
+
 def _encode(result: dict[str, Any]) -> bytes:
     return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -157,7 +171,7 @@ def run_requests_sync(
     client: anthropic.Anthropic,
     *,
     concurrency: int = 8,
-    max_retries: int = 4,
+    max_retries: int | None = None,
 ) -> Iterator[bytes]:
     """Yield one batch-format result line per request: UTF-8 JSON bytes without the newline.
 
@@ -166,10 +180,11 @@ def run_requests_sync(
 
     ``requests`` is consumed lazily: at most ``2 * concurrency`` requests are in flight or queued.
     Per-request failures come back as ``errored`` lines; only bugs (non-SDK exceptions) raise.
+    ``max_retries``: the SDK's retries per call; ``None`` keeps the client's.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    retrying_client = client.with_options(max_retries=max_retries)
+    retrying_client = client if max_retries is None else client.with_options(max_retries=max_retries)
     for result in bounded_map(
         lambda request: call_one(retrying_client, request), requests, concurrency=concurrency
     ):

@@ -80,8 +80,11 @@ def test_bulk_extraction_publishes_one_row_per_valid_record(airflow_db, anthropi
     assert summary["n_dead_letters"] == len(dead)
     assert summary["mode"] == "batch"
     assert summary["cost_usd"] > 0
-    # The batch price is half the synchronous one, and the savings are the difference.
-    assert summary["cost_usd"] == pytest.approx(summary["sync_cost_usd"] / 2, rel=1e-6)
+    # The batch price is half the synchronous one, and the savings are the difference; the sample
+    # gate's answers (synchronous price) are in both totals.
+    sample = summary["sample_cost_usd"]
+    assert sample > 0
+    assert summary["cost_usd"] - sample == pytest.approx((summary["sync_cost_usd"] - sample) / 2, rel=1e-6)
     assert summary["savings_usd"] == pytest.approx(summary["sync_cost_usd"] - summary["cost_usd"], abs=1e-6)
     billed = sum(
         r["cost_usd"] or 0
@@ -91,7 +94,7 @@ def test_bulk_extraction_publishes_one_row_per_valid_record(airflow_db, anthropi
         if not f.name.startswith(".")
         for r in pq.read_table(f, columns=["cost_usd"]).to_pylist()
     )
-    assert summary["cost_usd"] == pytest.approx(billed, abs=1e-6)
+    assert summary["cost_usd"] == pytest.approx(billed + sample, abs=1e-6)
     assert len(summary["batch_ids"]) >= 3  # one per chunk, plus any resubmit batches
 
 

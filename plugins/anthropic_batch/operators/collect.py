@@ -259,6 +259,13 @@ def collect_batch(
         raise ResultsArchivedError(
             _archived_message(batch_id, "(results answer 404)", out, ledger_path, chunk_path)
         ) from err
+    # mode=sync (sync_backend): answers reused from a taken-over batch were billed at batch price.
+    if mode == "sync":
+        from anthropic_batch.sync_backend import reprice_batch_answers
+
+        repriced = reprice_batch_answers(out, str(handle["results_path"]), prices or load_price_table())
+        if repriced is not None:
+            stats.cost_usd = repriced
     result = {
         **stats.to_dict(),
         "results_path": str(out),
@@ -301,6 +308,17 @@ def _check_counts(batch_id: str, api_counts: Mapping[str, Any], counts_by_status
 
 
 def _record_in_ledger(ledger_path: str, batch: dict[str, Any] | None, result: Mapping[str, Any]) -> None:
+    # -- mode=sync (sync_backend) may have taken this chunk's batch over: the entry is no longer its.
+    current = storage.read_json(ledger_path) or {}
+    if batch is not None and current.get("mode") == "sync":
+        log.warning(
+            "Ledger entry %s now records a synchronous run of this chunk (batch %s was taken over); "
+            "not recording this collect there.",
+            ledger_path,
+            result["batch_id"],
+        )
+        return
+    # -- end mode=sync
     fields: dict[str, Any] = {
         "state": LedgerState.ENDED.value,
         "collected_path": result["results_path"],

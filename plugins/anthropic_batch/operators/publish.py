@@ -42,6 +42,7 @@ from anthropic_batch.partition import (  # noqa: F401  (re-exported: the partiti
     SUMMARY_FILE,
 )
 from anthropic_batch.pricing import load_price_table
+from anthropic_batch.sync_backend import takeover_summary
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -204,7 +205,8 @@ def build_summary(
     price_table_as_of: str,
     sample_cost_usd: float | None = None,
 ) -> dict[str, Any]:
-    """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt.
+    """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt;
+    ``cost_usd`` and ``sync_cost_usd`` include the sample gate's ``sample_cost_usd``.
 
     ``merged``: rows and counts by status of the merged results; ``dead_letters``: rows and counts
     by stage; ``billed``: the spend of every collected file (``billed_spend``).
@@ -235,7 +237,11 @@ def build_summary(
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
     if sample_cost_usd is not None:
+        # The sample's answers were paid at the synchronous price: they add to the cost and to its
+        # synchronous equivalent alike (savings unchanged).
         summary["sample_cost_usd"] = round(sample_cost_usd, 6)
+        summary["cost_usd"] = round(billed.cost_usd + sample_cost_usd, 6)
+        summary["sync_cost_usd"] = round(billed.sync_cost_usd + sample_cost_usd, 6)
     return summary
 
 
@@ -330,6 +336,9 @@ class PublishPartitionOperator(BaseOperator):
             if self.pipeline:
                 summary["pipeline"] = self.pipeline
             summary.update(summary_fields(manifest))  # answer reuse (issue 9): n_reused, reused_cost_usd
+            takeover = takeover_summary(work_dir)  # mode=sync taking over batches in flight
+            if takeover is not None:
+                summary["sync_takeover"] = takeover
             return summary
 
         published, summary = publish_partition(

@@ -16,9 +16,20 @@ parses them exactly as the batch results will be parsed, and reports:
 
 It writes ``work_dir/sample/report.json``, ``report.md`` and ``report.html`` (everything from the
 data or the model is escaped), each atomically, and fails the task (no retry: the outcome would not
-change, and each try pays for the sample again) with the Markdown report in the log when the pass
-rate is below ``min_pass_rate`` or the projection exceeds ``max_cost_usd``. A run with no request
-passes trivially.
+change) with the Markdown report in the log when the pass rate is below ``min_pass_rate`` or the
+projection exceeds ``max_cost_usd``. A run with no request passes trivially.
+
+Transient API trouble is not a verdict on the prompt: a request that comes back ``errored`` with a
+rate-limit, overload or server error (after the SDK's own retries) is sent again, up to
+``transient_rounds`` more rounds with jittered exponential backoff, and never counts as a failed
+sample. If it still fails, the task fails *retriably* (:class:`TransientSampleError`, Airflow's
+normal retries), not with ``AirflowFailException``.
+
+Answers are kept in ``work_dir/sample/answers.jsonl``, keyed by request fingerprint (a hash of the
+request params), as soon as each round ends: a retry or a rerun with unchanged requests reuses them
+and pays nothing for the sample again. ``report.json`` carries ``sample_cost_usd`` (the synchronous
+cost of the sample's answers, whenever they were paid; ``publish`` adds it to the run's cost),
+``sample_cost_paid_usd`` (what this try paid) and ``n_reused_answers``.
 """
 
 from __future__ import annotations
@@ -36,11 +47,19 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from anthropic_batch import storage
-from anthropic_batch.batch_requests import iter_chunk_lines, iter_chunk_requests, read_manifest
+from anthropic_batch.batch_requests import (
+    canonical_json,
+    iter_chunk_lines,
+    iter_chunk_requests,
+    read_manifest,
+    sha256_hex,
+)
 from anthropic_batch.pricing import load_price_table
 from anthropic_batch.status import DEFAULT_CONN_ID
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import anthropic
 
 # results (pyarrow), hooks and sync_runner (the anthropic SDK) are imported inside the functions that
@@ -51,6 +70,20 @@ log = logging.getLogger(__name__)
 #: Request params that ``messages.count_tokens`` takes (the rest do not change the input count).
 COUNT_TOKENS_PARAMS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")
 _MAX_FAILURES_LISTED = 50
+#: Extra rounds for requests that failed transiently (429/529/5xx after the SDK's own retries).
+TRANSIENT_ROUNDS = 3
+#: Backoff between those rounds: full jitter, doubling from the base up to the cap (seconds).
+TRANSIENT_BACKOFF_BASE_S = 2.0
+TRANSIENT_BACKOFF_CAP_S = 30.0
+ANSWERS_FILE = "answers.jsonl"
+
+
+class TransientSampleError(RuntimeError):
+    """The API kept failing transiently for some sampled requests: retry the task later.
+
+    Deliberately not an ``AirflowFailException``: Airflow's task retries apply, and the answers
+    already received are reused by the retry.
+    """
 
 
 # -- sampling ---------------------------------------------------------------------------------------
@@ -79,6 +112,106 @@ def sample_requests(manifest: Mapping[str, Any], sample_size: int, seed: int) ->
                         break
         start = end
     return picked
+
+
+# -- answering, with transient retries and reuse by fingerprint -------------------------------------
+def request_fingerprint(request: Mapping[str, Any]) -> str:
+    """What determines the answer: a hash of the request params (the custom_id does not matter)."""
+    return sha256_hex(canonical_json(request["params"]))
+
+
+def read_answers(path: storage.PathLike) -> dict[str, dict[str, Any]]:
+    """Stored sample answers: request fingerprint -> batch-format ``result`` object."""
+    answers: dict[str, dict[str, Any]] = {}
+    try:
+        with storage.open_binary(path) as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return answers
+    for raw in data.splitlines():
+        if raw.strip():
+            record = json.loads(raw)
+            answers[record["request_fingerprint"]] = record["result"]
+    return answers
+
+
+def write_answers(path: storage.PathLike, answers: Mapping[str, Mapping[str, Any]]) -> None:
+    """All answers in one atomic write (a sample is small; object stores have no append)."""
+    body = b"".join(
+        json.dumps({"request_fingerprint": fp, "result": result}, separators=(",", ":")).encode() + b"\n"
+        for fp, result in sorted(answers.items())
+    )
+    storage.atomic_write_bytes(path, body)
+
+
+def answer_sample(
+    requests: Sequence[Mapping[str, Any]],
+    client: anthropic.Anthropic,
+    answers_path: storage.PathLike,
+    *,
+    concurrency: int,
+    transient_rounds: int = TRANSIENT_ROUNDS,
+    sleep: Callable[[float], None] | None = None,
+) -> tuple[list[bytes], dict[str, Any]]:
+    """Result lines for ``requests``: stored answers reused, the rest asked, transient errors retried.
+
+    :returns: the result lines (one per answered request) and stats: ``n_reused``, ``reused_ids``,
+        ``n_calls``, ``rounds``, ``transient`` (custom_id -> last error line, for requests still
+        failing transiently).
+    """
+    import time
+
+    from anthropic_batch.hooks import backoff_delay
+    from anthropic_batch.sync_runner import is_transient, run_requests_sync
+
+    sleep = sleep or time.sleep
+    stored = read_answers(answers_path)
+    fingerprints = {str(r["custom_id"]): request_fingerprint(r) for r in requests}
+    lines: dict[str, bytes] = {}
+    pending: list[Mapping[str, Any]] = []
+    for request in requests:
+        cid = str(request["custom_id"])
+        result = stored.get(fingerprints[cid])
+        if result is not None:
+            lines[cid] = json.dumps({"custom_id": cid, "result": result}, separators=(",", ":")).encode()
+        else:
+            pending.append(request)
+    reused_ids, n_calls, rounds = set(lines), 0, 0
+    last_transient: dict[str, bytes] = {}
+    while pending and rounds <= transient_rounds:
+        if rounds:
+            delay = backoff_delay(rounds - 1, TRANSIENT_BACKOFF_BASE_S, TRANSIENT_BACKOFF_CAP_S)
+            log.warning(
+                "%d sampled request(s) failed transiently; asking again in %.1fs (round %d of %d).",
+                len(pending),
+                delay,
+                rounds + 1,
+                transient_rounds + 1,
+            )
+            sleep(delay)
+        by_id = {str(r["custom_id"]): r for r in pending}
+        pending, last_transient = [], {}
+        for line in run_requests_sync(list(by_id.values()), client, concurrency=concurrency):
+            n_calls += 1
+            record = json.loads(line)
+            cid = str(record["custom_id"])
+            if is_transient(line):
+                pending.append(by_id[cid])
+                last_transient[cid] = line
+            else:
+                lines[cid] = line
+                stored[fingerprints[cid]] = record["result"]
+        rounds += 1
+        # Kept after every round, so a retried task does not pay again for what was answered.
+        write_answers(answers_path, stored)
+    stats = {
+        "n_reused": len(reused_ids),
+        "reused_ids": reused_ids,
+        "n_calls": n_calls,
+        "rounds": rounds,
+        "transient": last_transient,
+    }
+    return [lines[cid] for cid in fingerprints if cid in lines], stats
 
 
 # -- token counting ---------------------------------------------------------------------------------
@@ -231,7 +364,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"(batch {_money(report['projected_batch_cost_usd'])}, synchronous "
         f"{_money(report['projected_sync_cost_usd'])}; {report['projection_method']}); "
         f"budget {_money(report['max_cost_usd'])}",
-        f"- this sample cost {_money(report['sample_cost_usd'])} (synchronous price); "
+        f"- this sample cost {_money(report['sample_cost_usd'])} (synchronous price; paid by this try "
+        f"{_money(report.get('sample_cost_paid_usd'))}, {report.get('n_reused_answers', 0)} answers reused); "
         f"prices as of {report['price_table_as_of']}",
     ]
     if report["failures"]:
@@ -319,6 +453,7 @@ class SampleRefineOperator(BaseOperator):
     :param use_count_tokens: project input cost from ``count_tokens`` over every request.
     :param concurrency: parallel synchronous calls.
     :param conn_id: the Anthropic connection.
+    :param transient_rounds: extra rounds for requests that failed transiently (429/529/5xx).
     :returns: a small dict: passed, pass_rate, n_sampled, projected costs, report path.
     """
 
@@ -336,6 +471,7 @@ class SampleRefineOperator(BaseOperator):
         use_count_tokens: bool = False,
         concurrency: int = 4,
         conn_id: str = DEFAULT_CONN_ID,
+        transient_rounds: int = TRANSIENT_ROUNDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -349,23 +485,45 @@ class SampleRefineOperator(BaseOperator):
         self.use_count_tokens = use_count_tokens
         self.concurrency = concurrency
         self.conn_id = conn_id
+        self.transient_rounds = transient_rounds
 
     def execute(self, context: Context) -> dict[str, Any]:
         from anthropic_batch.hooks import BatchHook
         from anthropic_batch.results import ParseContext, parse_result_line
-        from anthropic_batch.sync_runner import run_requests_sync
 
         work = storage.as_path(self.work_dir)
         manifest = read_manifest(work)
         requests = sample_requests(manifest, self.sample_size, self.seed)
         rows: list[dict[str, Any]] = []
         input_tokens_all = None
+        reuse: dict[str, Any] = {"n_reused": 0, "reused_ids": set(), "n_calls": 0, "transient": {}}
         if requests:
             client = BatchHook(conn_id=self.conn_id).get_conn()
             ctx = ParseContext.from_work_dir(work, batch_id="sample", attempt=0, manifest=manifest)
             self.log.info("Sampling %d of %d requests synchronously.", len(requests), manifest["n_requests"])
-            for line in run_requests_sync(requests, client, concurrency=self.concurrency):
-                rows.append(parse_result_line(line, ctx))
+            lines, reuse = answer_sample(
+                requests,
+                client,
+                work / "sample" / ANSWERS_FILE,
+                concurrency=self.concurrency,
+                transient_rounds=self.transient_rounds,
+            )
+            if reuse["transient"]:
+                examples = [parse_result_line(line, ctx) for line in list(reuse["transient"].values())[:3]]
+                raise TransientSampleError(
+                    f"{len(reuse['transient'])} of {len(requests)} sampled requests still failed transiently "
+                    f"after {reuse['rounds']} rounds (e.g. "
+                    + "; ".join(f"{r['custom_id']}: {_failure_reason(r)}" for r in examples)
+                    + "). Not a verdict on the sample: the task will be retried, and the "
+                    f"{len(requests) - len(reuse['transient'])} answers received are kept and reused."
+                )
+            if reuse["n_reused"]:
+                self.log.info(
+                    "Reused %d stored sample answer(s) with unchanged requests; %d call(s) made.",
+                    reuse["n_reused"],
+                    reuse["n_calls"],
+                )
+            rows = [parse_result_line(line, ctx) for line in lines]
             if self.use_count_tokens:
                 input_tokens_all = count_input_tokens(manifest, client, concurrency=self.concurrency)
         report = build_report(
@@ -377,6 +535,9 @@ class SampleRefineOperator(BaseOperator):
             max_cost_usd=self.max_cost_usd,
             input_tokens_all=input_tokens_all,
         )
+        report["n_reused_answers"] = reuse["n_reused"]
+        paid = [r for r in rows if r["custom_id"] not in reuse["reused_ids"]]
+        report["sample_cost_paid_usd"] = round(sum(float(r.get("sync_cost_usd") or 0) for r in paid), 6)
         paths = write_report(work / "sample", report)
         markdown = render_markdown(report)
         if not report["passed"]:

@@ -349,10 +349,14 @@ def test_whole_chain_publishes_one_row_per_valid_record(tmp_path, emulator_facto
     assert sum(summary["counts_by_status"].values()) == 24
     assert summary["attempts"] >= 2 and len(summary["batch_ids"]) >= 4  # 3 chunks + at least one retry
     assert 0 < summary["cost_usd"] < summary["sync_cost_usd"]
-    assert summary["cost_usd"] == pytest.approx(expected_cost, abs=1e-6)
+    sample_cost = json.loads(
+        (run.root / "tickets" / "work" / "date=2026-11-01" / "sample" / "report.json").read_text()
+    )["sample_cost_usd"]
+    # The run's cost is what was collected plus what the sample gate paid.
+    assert summary["cost_usd"] == pytest.approx(expected_cost + sample_cost, abs=2e-6)
     assert record["attempts"] == summary["attempts"]
     assert summary["savings_usd"] == pytest.approx(summary["sync_cost_usd"] - summary["cost_usd"], abs=1e-6)
-    assert summary["sample_cost_usd"] > 0
+    assert summary["sample_cost_usd"] == pytest.approx(sample_cost) and sample_cost > 0
 
 
 def test_object_store_partition_switches_by_its_commit_file(tmp_path):

@@ -10,8 +10,10 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from anthropic_batch.batch_requests import iter_chunk_requests
+from anthropic_batch.operators import sample_refine
 from anthropic_batch.operators.sample_refine import (
     SampleRefineOperator,
+    TransientSampleError,
     render_html,
     render_markdown,
     sample_requests,
@@ -61,7 +63,12 @@ def test_gate_passes_and_projects_the_full_run(tmp_path, anthropic_conn):
     # The sample itself was paid at the synchronous price.
     assert report["sample_cost_usd"] == pytest.approx(report["projected_sync_cost_usd"] * 8 / 30, abs=2e-6)
     sample_dir = _local(run.work_dir) / "sample"
-    assert sorted(p.name for p in sample_dir.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in sample_dir.iterdir()) == [
+        "answers.jsonl",
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
     assert "PASSED" in (sample_dir / "report.md").read_text()
 
 
@@ -182,3 +189,62 @@ def test_reports_escape_data_and_model_text():
     md = render_markdown(report)
     failure_line = next(line for line in md.splitlines() if line.startswith("| a |"))
     assert failure_line.count(" | ") == 3  # the pipe and newline in the reason did not break the table
+
+
+def _conn_without_sdk_retries(monkeypatch, emu) -> None:
+    """The connection at ``emu`` with the SDK's retries off, so every injected fault reaches the gate."""
+    conn = {
+        "conn_type": "anthropic",
+        "password": emu.api_key,
+        "host": emu.base_url,
+        "extra": {"anthropic_client_kwargs": {"max_retries": 0}},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DEFAULT", json.dumps(conn))
+
+
+def test_transient_errors_are_retried_and_never_count_as_failed_samples(
+    tmp_path, emulator_factory, monkeypatch
+):
+    # Most Messages calls answer 529 overloaded (seeded): with the SDK's retries off, a gate that
+    # counted them as failures would fail a perfectly good prompt for good.
+    emu = emulator_factory("--http-fault", "messages:529:0.7", "--seed", "3")
+    _conn_without_sdk_retries(monkeypatch, emu)
+    monkeypatch.setattr(sample_refine, "TRANSIENT_BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(sample_refine, "TRANSIENT_BACKOFF_CAP_S", 0.05)
+    run = prepare_run(tmp_path, ticket_records(20), per_chunk=10)
+    result = _gate(run, sample_size=10, min_pass_rate=1.0, transient_rounds=20).execute(make_context())
+    report = _report(run)
+    assert result["passed"] and report["passed"]
+    assert report["n_sampled"] == 10 and report["pass_rate"] == 1.0
+    assert report["counts_by_status"] == {"succeeded": 10}
+    assert not [f for f in report["failures"] if f["error_type"] == "overloaded_error"]
+
+
+def test_persistent_transient_errors_fail_the_task_retriably(tmp_path, emulator_factory, monkeypatch):
+    emu = emulator_factory("--http-fault", "messages:529:1.0")
+    _conn_without_sdk_retries(monkeypatch, emu)
+    monkeypatch.setattr(sample_refine, "TRANSIENT_BACKOFF_BASE_S", 0.01)
+    run = prepare_run(tmp_path, ticket_records(6), per_chunk=6)
+    with pytest.raises(TransientSampleError, match="failed transiently") as err:
+        _gate(run, sample_size=4, min_pass_rate=0.5, transient_rounds=2).execute(make_context())
+    # Not AirflowFailException: Airflow's retries apply to this one.
+    assert not isinstance(err.value, AirflowFailException)
+    assert "overloaded" in str(err.value)
+
+
+def test_a_rerun_reuses_the_sample_answers_and_pays_nothing(tmp_path, emulator_factory, monkeypatch):
+    emu = emulator_factory()
+    use_emulator(monkeypatch, emu)
+    run = prepare_run(tmp_path, ticket_records(12), per_chunk=6)
+    first = _gate(run, sample_size=5, seed=2).execute(make_context())
+    paid = _report(run)
+    assert paid["n_reused_answers"] == 0 and paid["sample_cost_paid_usd"] == paid["sample_cost_usd"] > 0
+
+    emu.stop()  # unchanged requests: the rerun must not need the API at all
+    again = _gate(run, sample_size=5, seed=2).execute(make_context(try_number=2))
+    report = _report(run)
+    assert again["passed"] and report["n_reused_answers"] == 5
+    assert report["sample_cost_paid_usd"] == 0
+    # The sample's answers still cost what they cost: the run's cost includes them either way.
+    assert report["sample_cost_usd"] == paid["sample_cost_usd"] == first["sample_cost_usd"]
+    assert report["counts_by_status"] == paid["counts_by_status"]
