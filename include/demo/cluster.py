@@ -319,6 +319,9 @@ class Cluster(StandaloneAirflow):
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.postgres.url,
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.airflow_home / "logs" / "tasks"),
+            # Not the default 8794: a `make airflow` next to it would hold that port.
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+            "AIRFLOW__API__WORKERS": "1",  # 2 cores for the whole cluster
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(self.moto.connection()),
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT": json.dumps(anthropic),
             "ANTHROPIC_BATCH_STORAGE_ROOT": self.storage_root,
