@@ -17,14 +17,16 @@ export PATH                            := $(VENV)/bin:$(PATH)
 EMULATOR_PORT ?= 8099
 EMULATOR_ARGS ?=
 AIRFLOW_PORT  ?= 8080
+CLUSTER_S3_PORT ?= 9100
 
-.PHONY: help venv test lint demo emulator airflow bench browser clean
+.PHONY: help venv test lint demo emulator airflow airflow-cluster cluster-deps bench browser clean
 
 help:
 	@echo "make demo      run bulk_extraction then overnight_report end to end (emulator unless ANTHROPIC_API_KEY is set)"
 	@echo "make test      lint + the whole test suite (unit, emulator conformance, real Airflow end to end, UI in Chromium)"
 	@echo "make emulator  serve the Message Batches API emulator on 127.0.0.1:\$$EMULATOR_PORT (foreground)"
 	@echo "make airflow   airflow standalone with this project and the emulator, UI on \$$AIRFLOW_PORT"
+	@echo "make airflow-cluster  Postgres, Redis, S3 (moto, \$$CLUSTER_S3_PORT), scheduler, triggerer, 2 Celery workers"
 	@echo "make bench     benchmarks (ratios measured side by side)"
 
 # The venv is rebuilt when it is missing or when a requirements file changed since it was built.
@@ -44,10 +46,18 @@ browser:
 	      || echo "warning: could not install chromium; the UI browser test will fail"; \
 	  else echo "warning: chromium missing and cannot be installed here; the UI browser test will fail"; fi; }
 
+# Debian's Postgres and Redis for `make airflow-cluster` and the cluster test; installed like Chromium.
+cluster-deps:
+	@{ command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null) \
+	      || echo "warning: could not install postgresql and redis-server; the cluster will not start"; \
+	  else echo "warning: postgresql or redis-server missing and cannot be installed here; the cluster will not start"; fi; }
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: $(STAMP) browser
+test: $(STAMP) browser cluster-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
@@ -59,6 +69,10 @@ emulator: $(STAMP)
 
 airflow: $(STAMP)
 	$(PY) include/demo/run_airflow.py --port $(AIRFLOW_PORT)
+
+# Foreground like `make airflow`; its own AIRFLOW_HOME under .airflow/cluster; Ctrl-C stops everything.
+airflow-cluster: $(STAMP) cluster-deps
+	PYTHONPATH=$(CURDIR)/plugins:$(CURDIR)/include $(PY) -m demo.cluster --port $(AIRFLOW_PORT) --s3-port $(CLUSTER_S3_PORT)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -21,5 +21,5 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", "pytest-only-jwt-secret-" + "0" * 48)
 Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
 
-# The emulator fixtures live with their owner; loaded here for every test package.
-pytest_plugins = ["tests.fixtures.emulator"]
+# The emulator and S3 (moto) fixtures live with their owners; loaded here for every test package.
+pytest_plugins = ["tests.fixtures.emulator", "tests.fixtures.s3"]

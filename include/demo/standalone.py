@@ -372,6 +372,11 @@ class StandaloneAirflow:
         return states
 
 
+#: Errors a poll rides out until its deadline: a busy machine's api-server may answer late or
+#: drop a connection, which says nothing about the condition being polled.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError,)
+
+
 def poll_until(
     condition: Callable[[], bool],
     *,
@@ -379,13 +384,27 @@ def poll_until(
     interval: float = 0.5,
     message: str | Callable[[], str] = "condition not met in time",
 ) -> None:
-    """Call ``condition`` until it returns true; raise ``TimeoutError`` after ``timeout`` seconds."""
+    """Call ``condition`` until it returns true; raise ``TimeoutError`` after ``timeout`` seconds.
+
+    A transient HTTP failure (``TRANSIENT_ERRORS``: timeouts, refused or dropped connections) counts
+    as "not yet" and is retried within the deadline; the last one is named in the timeout message.
+    """
     deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
     while True:
-        if condition():
-            return
+        try:
+            if condition():
+                return
+        except TRANSIENT_ERRORS as exc:
+            last_error = exc
         if time.monotonic() >= deadline:
-            raise TimeoutError(message() if callable(message) else message)
+            try:
+                text = message() if callable(message) else message
+            except TRANSIENT_ERRORS as exc:  # the message itself may need the unresponsive server
+                text = f"condition not met in time (details unavailable: {exc!r})"
+            if last_error is not None:
+                text += f" (last transient error: {type(last_error).__name__}: {last_error})"
+            raise TimeoutError(text) from last_error
         time.sleep(interval)
 
 

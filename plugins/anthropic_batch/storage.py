@@ -1,12 +1,12 @@
 """Storage root, the path layout under it, atomic writes and Parquet helpers.
 
 Everything is an ``airflow.sdk.ObjectStoragePath`` so the same code runs on ``file://``, ``s3://``,
-``gs://`` and the rest. Writes are atomic: the bytes go to a temporary file in the *same directory*
-and are then renamed into place, so a reader sees either the old file or the complete new one.
-On a local file system the rename is ``os.rename`` (atomic). On object stores a rename is a
-server-side copy followed by a delete; the final object still only appears once it is complete
-(the copy of a fully uploaded object is itself atomic), and a crash can at worst leave a stray
-``.tmp-*`` object behind, which readers ignore.
+``gs://`` and the rest. Writes are atomic: a reader sees either the old file or the complete new one.
+On a local file system the bytes go to a temporary file in the *same directory* and are renamed
+into place (``os.replace``). On object stores a PUT is already atomic (an object appears only once
+complete; a multipart upload only when completed), so a write is a single upload straight to its
+final key: no temporary object and no server-side copy (twice the I/O). A streamed write spools to a
+local temporary file first and is uploaded when the block ends; nothing is uploaded on error.
 
 Local files are read and written with plain ``open``/``os.replace`` and do not import Airflow (about
 85 MB of RSS for ``ObjectStoragePath``): a worker collecting 100k results into a local file needs
@@ -19,10 +19,12 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeAlias
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 
 STORAGE_ROOT_ENV = "ANTHROPIC_BATCH_STORAGE_ROOT"
 STORAGE_ROOT_VARIABLE = "anthropic_batch_storage_root"
+#: Set to true when a local root is one volume mounted by every worker (NFS and the like).
+SHARED_LOCAL_ROOT_ENV = "ANTHROPIC_BATCH_LOCAL_ROOT_IS_SHARED"
+#: Executors that run tasks on several machines, where each would see its own local disk.
+DISTRIBUTED_EXECUTORS = ("CeleryExecutor", "KubernetesExecutor", "CeleryKubernetesExecutor", "EdgeExecutor")
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]
 TMP_MARKER = ".tmp-"
 
@@ -50,6 +56,12 @@ def as_path(path: PathLike) -> ObjectStoragePath:
     if "://" not in text:
         # Not Path.as_uri(): it percent-encodes "=" and a Hive partition "date=..." would become "date%3D...".
         text = "file://" + str(Path(text).expanduser().resolve())
+    else:
+        from anthropic_batch import object_store
+
+        # s3:// with only s3fs installed (no Amazon provider) needs its filesystem attached first.
+        url = urlsplit(text)
+        object_store.bind_filesystem(url.scheme, url.netloc.rpartition("@")[0] or None)
     return ObjectStoragePath(text)
 
 
@@ -93,12 +105,61 @@ def _variable_root() -> str | None:
         return None
 
 
+def default_root() -> Path:
+    """``$AIRFLOW_HOME/anthropic_batch_data`` (Airflow's own default home is ``~/airflow``).
+
+    Not inside the code checkout: a deployment replaces the code, not the data.
+    """
+    home = os.environ.get("AIRFLOW_HOME") or os.path.join("~", "airflow")
+    return Path(home).expanduser() / "anthropic_batch_data"
+
+
 def storage_root(override: str | None = None) -> ObjectStoragePath:
-    """The storage root: ``override``, env ``ANTHROPIC_BATCH_STORAGE_ROOT``, Variable, else checkout/data."""
-    for candidate in (override, os.environ.get(STORAGE_ROOT_ENV), _variable_root()):
+    """The storage root: ``override``, env ``ANTHROPIC_BATCH_STORAGE_ROOT``, Variable, else the default.
+
+    A local root under a distributed executor fails (``check_root_shared``): every worker would
+    write its own copy of the ledger and results.
+    """
+    setting = "the default root"
+    root: PathLike = default_root()
+    for name, candidate in (
+        ("the storage_root override (pipeline YAML storage_root)", override),
+        (f"env {STORAGE_ROOT_ENV}", os.environ.get(STORAGE_ROOT_ENV)),
+        (f"Variable {STORAGE_ROOT_VARIABLE}", _variable_root()),
+    ):
         if candidate and str(candidate).strip():
-            return as_path(str(candidate).strip())
-    return as_path(CHECKOUT_DIR / "data")
+            setting, root = name, str(candidate).strip()
+            break
+    check_root_shared(root, setting)
+    return as_path(root)
+
+
+def _distributed_executors() -> list[str]:
+    try:
+        from airflow.configuration import conf
+
+        configured = conf.get("core", "executor", fallback="") or ""
+    except Exception:  # outside an Airflow installation: nothing is distributed
+        configured = os.environ.get("AIRFLOW__CORE__EXECUTOR", "")
+    # "CeleryExecutor", a class path, an alias ("team:Name") or several, comma separated (Airflow 3).
+    names = [part.strip().rsplit(".", 1)[-1].rsplit(":", 1)[-1] for part in configured.split(",")]
+    return [name for name in names if name in DISTRIBUTED_EXECUTORS]
+
+
+def check_root_shared(root: PathLike, setting: str = "the storage root") -> None:
+    """Refuse a local ``root`` when Airflow is configured with an executor that spans machines."""
+    if _local(root) is None:
+        return
+    executors = _distributed_executors()
+    if not executors or os.environ.get(SHARED_LOCAL_ROOT_ENV, "").lower() in ("1", "true", "yes"):
+        return
+    raise ValueError(
+        f"storage root {path_url(root)} (from {setting}) is a local directory, but the executor "
+        f"{', '.join(executors)} runs tasks on several workers: each would keep its own ledger and "
+        f"results. Set env {STORAGE_ROOT_ENV} (or the Variable {STORAGE_ROOT_VARIABLE}, or storage_root: "
+        f"in the pipeline YAML) to shared storage such as s3://aws_default@bucket/prefix, or set "
+        f"{SHARED_LOCAL_ROOT_ENV}=true if that directory is one volume mounted by every worker."
+    )
 
 
 def work_dir(root: PathLike, pipeline: str, partition: str) -> ObjectStoragePath:
@@ -139,10 +200,6 @@ def open_binary(path: PathLike, mode: str = "rb") -> IO[bytes]:
     return as_path(path).open(mode)
 
 
-def _temp_sibling(path: ObjectStoragePath) -> ObjectStoragePath:
-    return path.parent / f".{path.name}{TMP_MARKER}{uuid.uuid4().hex}"
-
-
 def _ensure_parent(path: ObjectStoragePath) -> None:
     if is_local(path):
         os.makedirs(os.path.dirname(path.path), exist_ok=True)
@@ -152,22 +209,9 @@ def _ensure_parent(path: ObjectStoragePath) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
-# Object stores only: open_atomic_writer handles local files itself.
-def _rename_into_place(tmp: ObjectStoragePath, path: ObjectStoragePath) -> None:
-    tmp.fs.mv(tmp.path, path.path)
-
-
-def _remove_quietly(path: ObjectStoragePath) -> None:
-    try:
-        if path.exists():
-            path.unlink()
-    except OSError as exc:
-        log.warning("could not remove temporary file %s: %s", path, exc)
-
-
 @contextlib.contextmanager
 def open_atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
-    """A binary file that appears at ``path`` only if the block finishes; removed on error."""
+    """A binary file that appears at ``path`` only if the block finishes; nothing is left on error."""
     local = _local(path)
     if local:
         directory, name = os.path.split(local[0])
@@ -183,22 +227,23 @@ def open_atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
             raise
         return
     target = as_path(path)
-    _ensure_parent(target)
-    tmp = _temp_sibling(target)
-    try:
-        with open_binary(tmp, "wb") as handle:
-            yield handle
-        _rename_into_place(tmp, target)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    # Spooled locally, then one upload to the final key (a PUT, or a multipart upload that the
+    # store completes atomically): no temporary object, no copy, nothing uploaded on error.
+    with tempfile.NamedTemporaryFile(prefix="anthropic-batch-upload-") as spool:
+        yield spool
+        spool.flush()
+        target.fs.put_file(spool.name, target.path)
+        target.fs.invalidate_cache(target.path)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> ObjectStoragePath:
-    """Write ``data`` to ``path`` atomically; returns the path."""
+    """Write ``data`` to ``path`` atomically (one PUT on object stores); returns the path."""
     target = as_path(path)
-    with open_atomic_writer(target) as handle:
-        handle.write(data)
+    if is_local(target):
+        with open_atomic_writer(target) as handle:
+            handle.write(data)
+    else:
+        target.fs.pipe_file(target.path, data)
     return target
 
 
@@ -360,3 +405,35 @@ def replace_if_version(path: PathLike, data: bytes, version: str) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+# Progress that must survive a crash, on any store: an object only becomes visible once it is
+# closed, so an appended file is lost with its writer. Instead each step writes one numbered,
+# immutable part (one PUT); a resumed run lists the parts and skips what they already hold.
+PART_PREFIX = "part-"
+
+
+def write_part(directory: PathLike, n: int, data: bytes, suffix: str = ".jsonl") -> ObjectStoragePath:
+    """Write part ``n`` (``{directory}/part-{n:08d}{suffix}``) atomically; returns its path.
+
+    Rewriting a part replaces it whole, so a step that is redone after a crash stays one part.
+    """
+    if n < 0:
+        raise ValueError(f"part number must be >= 0, got {n}")
+    return atomic_write_bytes(joinpath(directory, f"{PART_PREFIX}{n:08d}{suffix}"), data)
+
+
+def iter_parts(directory: PathLike, suffix: str = ".jsonl") -> Iterator[tuple[int, bytes]]:
+    """``(n, bytes)`` of every complete part under ``directory``, by ``n``; none if it does not exist."""
+    local = _local(directory)
+    if local:
+        names = os.listdir(local[0]) if os.path.isdir(local[0]) else []
+    else:
+        base = as_path(directory)
+        names = [p.name for p in base.iterdir()] if base.exists() else []
+    numbered = []
+    for name in names:
+        number = name[len(PART_PREFIX) : len(name) - len(suffix)]
+        if name.startswith(PART_PREFIX) and name.endswith(suffix) and number.isdigit():
+            numbered.append((int(number), name))
+    for n, name in sorted(numbered):
+        with open_binary(joinpath(directory, name)) as handle:
+            yield n, handle.read()

@@ -25,7 +25,8 @@ def test_as_path_accepts_urls_plain_paths_and_objects(tmp_path):
 def test_storage_root_order(monkeypatch, tmp_path):
     monkeypatch.delenv(storage.STORAGE_ROOT_ENV, raising=False)
     monkeypatch.delenv("AIRFLOW_VAR_ANTHROPIC_BATCH_STORAGE_ROOT", raising=False)
-    assert str(storage.storage_root()) == (storage.CHECKOUT_DIR / "data").as_uri()
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "home"))
+    assert str(storage.storage_root()) == (tmp_path / "home" / "anthropic_batch_data").as_uri()
     monkeypatch.setenv("AIRFLOW_VAR_ANTHROPIC_BATCH_STORAGE_ROOT", "file:///from/variable")
     assert str(storage.storage_root()) == "file:///from/variable"
     monkeypatch.setenv(storage.STORAGE_ROOT_ENV, "file:///from/env")
