@@ -10,7 +10,10 @@ Report dates: param `date` if given (`YYYY-MM-DD`, or several separated by comma
 partition published by the triggering `bulk_extraction` runs (Airflow collapses the Asset events
 that arrive while a report run waits into one run, e.g. the dates of a backfill: each date gets its
 own report, and all their narratives go out in one batch); else (time-triggered) the day before the
-run. Dates without a published partition are skipped (logged); with none at all the run is skipped.
+run. Without the param, the run also takes every published date without a report from
+`history_days` before its first date up to yesterday: Airflow hands an event that arrives while a
+report run is being queued to the *next* run, which would otherwise wait for the next publication.
+Dates without a published partition are skipped (logged); with none at all the run is skipped.
 """
 
 from __future__ import annotations
@@ -110,6 +113,12 @@ with DAG(
             schedule=SOURCE_SCHEDULE,
         )
         root = storage.storage_root(SOURCE_STORAGE_ROOT)
+        if not params.get("date"):
+            # Also the published dates nearby that no run has reported yet (events Airflow deferred).
+            run_after = context["dag_run"].run_after
+            dates = report.dates_to_report(
+                root, SOURCE_PIPELINE, dates, run_after, int(params["history_days"])
+            )
         # The run's own partition (work dir, ledger): its latest date, a plain YYYY-MM-DD.
         work = storage.work_dir(root, REPORT_PIPELINE, dates[-1])
         rows: list[dict[str, Any]] = []

@@ -11,6 +11,9 @@ One report run may cover several dates: Airflow collapses the Asset events that 
 report run is queued (a backfill publishes many dates) into one run. ``report_dates`` turns the
 triggering events into the sorted distinct partitions; every date gets its own report, and all
 narratives go out in one batch (the prompt rows are keyed by ``date`` and ``category``).
+Airflow also leaves the events that arrive between the queueing of a run and its creation to the
+*next* run (which only comes with the next event), so ``unreported_dates`` adds the published
+partitions around those dates that have no report yet.
 
 Everything that comes from data or from the model is escaped: HTML with ``html.escape``, Markdown
 by backslash-escaping its syntax and HTML characters (Markdown renderers pass raw HTML through).
@@ -31,6 +34,7 @@ GROUP_FIELD = "category"
 UNKNOWN_GROUP = "unclassified"
 HISTORY_DAYS = 14
 _SAMPLE_SUMMARIES = 6
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 # ----------------------------------------------------------------------------- aggregation
 
@@ -208,6 +212,42 @@ def report_dates(
     if dates:
         return sorted(dates)
     return [(run_after - dt.timedelta(days=1)).date().isoformat()]
+
+
+def _partition_dates(directory: Any) -> set[str]:
+    """The ``YYYY-MM-DD`` of every ``date=...`` entry directly under ``directory`` (one listing)."""
+    if not directory.exists():
+        return set()
+    names = (p.name.removeprefix("date=") for p in directory.iterdir() if p.name.startswith("date="))
+    return {n for n in names if _DATE_RE.match(n)}
+
+
+def unreported_dates(root: Any, pipeline: str, first: str, last: str) -> list[str]:
+    """Dates in ``[first, last]`` that ``pipeline`` has published (``_SUCCESS``) but that have no report."""
+    from anthropic_batch import storage
+
+    root = _path(root)
+    published = _partition_dates(root / pipeline / "extractions")
+    candidates = published - _partition_dates(root / "reports")
+    return sorted(
+        d
+        for d in candidates
+        if first <= d <= last and (storage.extraction_dir(root, pipeline, d) / "_SUCCESS").exists()
+    )
+
+
+def dates_to_report(
+    root: Any,
+    pipeline: str,
+    dates: Sequence[str],
+    run_after: dt.datetime,
+    lookback_days: int = HISTORY_DAYS,
+) -> list[str]:
+    """``dates`` plus the unreported published dates from ``lookback_days`` before the first of them
+    up to the later of the last of them and the day before ``run_after``."""
+    first = (dt.date.fromisoformat(min(dates)) - dt.timedelta(days=lookback_days)).isoformat()
+    last = max(max(dates), (run_after - dt.timedelta(days=1)).date().isoformat())
+    return sorted({*dates, *unreported_dates(root, pipeline, first, last)})
 
 
 def group_prompt_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -213,3 +213,17 @@ def test_one_batch_of_narratives_for_several_dates_is_split_by_date(published):
     billing = next(g for g in agg["groups"] if g["name"] == "billing")
     assert billing["narrative"] == "the second"
     assert agg["narrative_cost"] == {"cost_usd": 0.003, "sync_cost_usd": 0.006}
+
+
+def test_published_dates_without_a_report_are_picked_up(tmp_path):
+    # Airflow defers an event that arrives while a report run is being queued to the next run;
+    # the run in hand takes such dates from storage instead of waiting for the next publication.
+    for date in ("2026-10-01", "2026-11-01", "2026-11-02", "2026-11-03"):
+        directory = _publish(tmp_path, date, [("succeeded", _ticket("billing"))])
+        (directory / "_SUCCESS").write_text("")
+    (tmp_path / "reports" / "date=2026-11-02").mkdir(parents=True)  # already reported
+    in_progress = tmp_path / "bulk_extraction" / "extractions" / "date=2026-11-04"
+    in_progress.mkdir()  # being published: no _SUCCESS yet
+    dates = report.dates_to_report(tmp_path, "bulk_extraction", ["2026-11-03"], _at(5, 6), lookback_days=14)
+    assert dates == ["2026-11-01", "2026-11-03"]  # not 2 Nov (reported), 1 Oct (too old), 4 Nov (unfinished)
+    assert report.unreported_dates(tmp_path, "nothing_here", "2026-01-01", "2026-12-31") == []
