@@ -116,8 +116,14 @@ with DAG(
         if not params.get("date"):
             # Also the published dates nearby that no run has reported yet (events Airflow deferred).
             run_after = context["dag_run"].run_after
+            asked = dates
             dates = report.dates_to_report(
-                root, SOURCE_PIPELINE, dates, run_after, int(params["history_days"])
+                root, SOURCE_PIPELINE, asked, run_after, int(params["history_days"])
+            )
+            log.info(
+                "Dates of the trigger: %s; published, not yet reported: %s",
+                asked,
+                sorted({*dates} - {*asked}),
             )
         # The run's own partition (work dir, ledger): its latest date, a plain YYYY-MM-DD.
         work = storage.work_dir(root, REPORT_PIPELINE, dates[-1])
