@@ -477,9 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Storage root: {cluster.storage_root} (S3 endpoint {cluster.moto.endpoint_url}, in memory)")
         print(f"Workers: {', '.join(cluster.worker_names())} (Celery, broker {cluster.redis.url})")
         print(f"Metadata DB: {cluster.postgres.url}")
-        print(
-            f"Demo tickets for {first} .. {today}; backfill (AIRFLOW_HOME={home}, the env above):"
-        )
+        print(f"Demo tickets for {first} .. {today}; backfill (AIRFLOW_HOME={home}, the env above):")
         print(f"  airflow backfill create --dag-id bulk_extraction --from-date {first} --to-date {today}")
         print("Ctrl-C stops everything.")
         while all(proc.poll() is None for proc in cluster.workers.values()):

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     today = dt.datetime.now(dt.UTC).date()
     yesterday = today - dt.timedelta(days=1)
     first = today - dt.timedelta(days=args.days)
-    # Through today: an unpaused DAG starts with its latest scheduled run, which reads today's partition.
+    # An unpaused DAG starts with the scheduled run of yesterday (the day that has ended); today's
+    # data is there for a manual run with today's logical date.
     for offset in range(args.days + 1):
         day = today - dt.timedelta(days=offset)
         write_tickets(root, day, per_day=args.per_day)

@@ -83,6 +83,10 @@ REJECT_EMPTY_PROMPT = "empty_prompt"
 REJECT_DUPLICATE_KEY = "duplicate_key"
 REJECT_CUSTOM_ID_COLLISION = "custom_id_collision"
 REJECT_TOO_LARGE = "request_too_large"
+REJECT_UNREADABLE = "unreadable_record"
+# Dead-letter rows written by prepare: their stage and status.
+PREPARE_STAGE = "prepare"
+REJECTED_STATUS = "rejected"
 
 
 class BatchRequestError(ValueError):
@@ -334,29 +338,131 @@ def _read_csv_as_strings(handle) -> pa.Table:
     )
 
 
-def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: str | None = None) -> pa.Table:
-    """An Arrow table from a DataFrame, a table, or a Parquet / CSV / JSONL file (by suffix or ``fmt``)."""
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """A source line that is not a record (not UTF-8, not JSON, not an object): dead-lettered."""
+
+    source: str
+    line: int  # 1-based line number in the source file
+    reason: str
+    raw: str  # the line as text; bytes that are not UTF-8 kept as \\xNN escapes, so nothing is lost
+    record: dict[str, Any] | None = None  # a best-effort parse, for the key values of the dead letter
+
+    @property
+    def message(self) -> str:
+        return f"{self.source} line {self.line}: {self.reason}"
+
+
+def _parse_jsonl_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)`` for a JSON object line, else ``(best-effort record or None, reason)``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        reason = f"not valid UTF-8 ({exc.reason}: byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        try:  # the rest of the line may still name the record
+            salvaged = json.loads(raw.decode("utf-8", errors="replace"))
+        except ValueError:
+            salvaged = None
+        return (salvaged if isinstance(salvaged, dict) else None), reason
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return None, f"not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return None, f"not a JSON object (a {type(value).__name__})"
+    return value, None
+
+
+def _column(values: list[Any]) -> pa.Array:
     import pyarrow as pa
-    import pyarrow.json as pa_json
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Mixed types in one column (7 here, "7" there): keep every value, as text.
+        return pa.array(
+            [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values],
+            type=pa.string(),
+        )
+
+
+def _read_jsonl(handle, name: str) -> tuple[pa.Table, list[UnreadableRecord]]:
+    import pyarrow as pa
+
+    records: list[dict[str, Any]] = []
+    unreadable: list[UnreadableRecord] = []
+    for number, raw in enumerate(handle, start=1):
+        line = raw.strip()
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte order mark
+        if not line:
+            continue
+        record, reason = _parse_jsonl_line(line)
+        if reason is None:
+            records.append(record)
+        else:
+            text = line.decode("utf-8", errors="backslashreplace")
+            unreadable.append(UnreadableRecord(name, number, reason, text, record))
+    # Values stay what JSON says they are: a date-like string is not turned into a timestamp.
+    names = list(dict.fromkeys(key for record in records for key in record))
+    table = pa.table({n: _column([r.get(n) for r in records]) for n in names}) if records else pa.table({})
+    return table, unreadable
+
+
+def read_source(
+    source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: str | None = None
+) -> tuple[pa.Table, list[UnreadableRecord]]:
+    """The records of ``source`` and the lines that are not records (JSONL only; see ``UnreadableRecord``).
+
+    A file that cannot be read at all (corrupt Parquet, unreadable CSV) raises ``BatchRequestError``
+    naming the file.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if isinstance(source, pa.Table):
-        return source
+        return source, []
     pd = sys.modules.get("pandas")  # a DataFrame implies pandas is loaded; no import needed to test
     if pd is not None and isinstance(source, pd.DataFrame):
-        return pa.Table.from_pandas(source, preserve_index=False)
+        return pa.Table.from_pandas(source, preserve_index=False), []
     path = as_path(source)
     fmt = (fmt or _format_of(path.name)).lower()
+    if fmt not in ("parquet", "csv", "jsonl", "json", "ndjson"):
+        raise BatchRequestError(f"unsupported input format {fmt!r}: use parquet, csv or jsonl")
     if not path.exists():
         raise BatchRequestError(f"input file not found: {path}")
-    with open_binary(path) as handle:
-        if fmt == "parquet":
-            return pq.ParquetFile(handle).read()
-        if fmt == "csv":
-            return _read_csv_as_strings(handle)
-        if fmt in ("jsonl", "json", "ndjson"):
-            return pa_json.read_json(handle)
-    raise BatchRequestError(f"unsupported input format {fmt!r}: use parquet, csv or jsonl")
+    try:
+        with open_binary(path) as handle:
+            if fmt == "parquet":
+                return pq.ParquetFile(handle).read(), []
+            if fmt == "csv":
+                return _read_csv_as_strings(handle), []
+            return _read_jsonl(handle, str(path))
+    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, BatchRequestError):
+            raise
+        raise BatchRequestError(f"cannot read {fmt} file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: str | None = None) -> pa.Table:
+    """An Arrow table from a DataFrame, a table, or a Parquet / CSV / JSONL file (by suffix or ``fmt``).
+
+    Strict: a JSONL line that is not a record raises ``BatchRequestError`` (``read_source`` returns
+    such lines instead, for prepare to dead-letter them).
+    """
+    table, unreadable = read_source(source, fmt)
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise BatchRequestError(f"unreadable record: {unreadable[0].message}{more}")
+    return table
+
+
+def template_variables(template_source: str) -> set[str]:
+    """The variables a prompt template reads from the record (Jinja globals such as ``range`` excluded)."""
+    from jinja2 import meta
+
+    env = _jinja_env()
+    return meta.find_undeclared_variables(env.parse(template_source)) - set(env.globals)
 
 
 # -- chunk files ------------------------------------------------------------------------------------
@@ -528,6 +634,33 @@ def _remove_stale_chunks(requests_dir: ObjectStoragePath, n_chunks: int) -> None
             path.unlink()
 
 
+def _unreadable_rejects(
+    unreadable: Sequence[UnreadableRecord], key_columns: Sequence[str], schema: pa.Schema
+) -> pa.Table:
+    """Dead-letter rows (stage prepare) for source lines that are not records: file, line, reason."""
+    import pyarrow as pa
+
+    rows = []
+    for item in unreadable:
+        salvaged = item.record or {}
+        rows.append(
+            {
+                **{k: _key_str(salvaged.get(k)) for k in key_columns},
+                "custom_id": None,
+                "stage": PREPARE_STAGE,
+                "status": REJECTED_STATUS,
+                "error_type": REJECT_UNREADABLE,
+                "reason": item.message,
+                "attempts": 0,
+                "last_batch_id": None,
+                "record_json": json.dumps(
+                    {"source": item.source, "line": item.line, "raw": item.raw}, ensure_ascii=False
+                ),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
 def prepare_requests(
     table: pa.Table,
     key_columns: Sequence[str],
@@ -538,11 +671,15 @@ def prepare_requests(
     max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
     max_request_bytes: int | None = None,
     extra_manifest: Mapping[str, Any] | None = None,
+    unreadable: Sequence[UnreadableRecord] = (),
+    template_name: str | None = None,
 ) -> dict[str, Any]:
     """Render, validate and write the requests of ``table`` under ``out_dir`` (the run's work_dir).
 
     Returns the manifest (also written to ``requests/manifest.json``). Raises ``BatchRequestError``
-    for a bad spec or missing key columns; bad *records* are rejected into ``rejected.parquet``.
+    for a bad spec, missing key columns or a template variable the input has no column for; bad
+    *records* are rejected into ``rejected.parquet``, and so are the ``unreadable`` source lines.
+    ``template_name`` names the prompt template in errors (default: "the prompt template").
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -553,6 +690,11 @@ def prepare_requests(
     key_columns = list(key_columns)
     if not key_columns:
         raise BatchRequestError("key_columns must name at least one column")
+    if table.num_rows == 0:
+        # No readable record (an empty file, or every line unreadable): nothing to check against.
+        for k in key_columns:
+            if k not in table.column_names:
+                table = table.append_column(k, pa.array([], type=pa.string()))
     missing = [k for k in key_columns if k not in table.column_names]
     if missing:
         raise BatchRequestError(f"key columns {missing} not in the input (columns: {table.column_names})")
@@ -560,7 +702,19 @@ def prepare_requests(
         raise BatchRequestError(f"max_requests_per_chunk must be 1..{MAX_REQUESTS_PER_BATCH}")
     if not BODY_OVERHEAD < max_bytes_per_chunk <= MAX_BATCH_BYTES:
         raise BatchRequestError(f"max_bytes_per_chunk must be at most {MAX_BATCH_BYTES} bytes")
-    max_request_bytes = min(max_request_bytes or max_bytes_per_chunk, max_bytes_per_chunk) - BODY_OVERHEAD
+    if table.num_rows:
+        # A misspelt variable would otherwise make every record a template error: a "successful"
+        # run that publishes nothing. It is a mistake in the pipeline, not in the data.
+        absent = sorted(template_variables(spec.prompt_template) - set(table.column_names))
+        if absent:
+            raise BatchRequestError(
+                f"{template_name or 'the prompt template'} uses {', '.join(absent)}, which the input "
+                f"does not have (its columns: {', '.join(table.column_names)})"
+            )
+    # The configured per-request limit (or the chunk size), as named in messages; a request must fit
+    # in a batch body of its own, so its line gets BODY_OVERHEAD bytes less.
+    request_limit = min(max_request_bytes or max_bytes_per_chunk, max_bytes_per_chunk)
+    request_limit_name = "max_request_bytes" if max_request_bytes else "max_bytes_per_chunk"
 
     work = as_path(out_dir)
     requests_dir = work / "requests"
@@ -599,8 +753,8 @@ def prepare_requests(
                     for k, v in zip(key_columns, keys, strict=True):
                         rej_rows[k].append(v)
                     rej_rows["custom_id"].append(custom_id)
-                    rej_rows["stage"].append("prepare")
-                    rej_rows["status"].append("rejected")
+                    rej_rows["stage"].append(PREPARE_STAGE)
+                    rej_rows["status"].append(REJECTED_STATUS)
                     rej_rows["error_type"].append(error_type)
                     rej_rows["reason"].append(reason)
                     rej_rows["attempts"].append(0)
@@ -650,13 +804,14 @@ def prepare_requests(
                     line = (
                         '{"custom_id":' + json.dumps(custom_id) + ',"params":' + params_json + "}"
                     ).encode()
-                    if len(line) > max_request_bytes:
+                    if len(line) + BODY_OVERHEAD > request_limit:
                         reject(
                             record,
                             keys,
                             custom_id,
                             REJECT_TOO_LARGE,
-                            f"request is {len(line)} bytes; the limit per request is {max_request_bytes}",
+                            f"request is {len(line) + BODY_OVERHEAD} bytes as a batch body; the limit is "
+                            f"{request_limit} bytes ({request_limit_name})",
                         )
                         continue
                     if writer is not None and writer.would_exceed(
@@ -680,6 +835,10 @@ def prepare_requests(
             if writer is not None:
                 chunks.append(writer.close())
                 writer = None
+            if unreadable:
+                rej_writer.write_table(_unreadable_rejects(unreadable, key_columns, dl_schema))
+                n_input += len(unreadable)
+                n_rejected += len(unreadable)
         except BaseException as exc:
             if writer is not None:
                 writer.abort(exc)

@@ -10,8 +10,13 @@ chunk moves on as soon as its own batch ends. ``resubmit`` takes every collected
 retries what is retriable in follow-up batches and merges; ``publish`` writes the partition and
 updates the pipeline's Asset (``anthropic-batch://{pipeline}/extractions``).
 
-Partition = the data interval start as ``YYYY-MM-DD`` (the run's logical date for a manual or
-REST-triggered run), so a re-run or backfill of a date finds its earlier submissions in the ledger.
+Schedule and partition: a cron ``schedule`` becomes a ``CronDataIntervalTimetable`` (not Airflow 3's
+default ``CronTriggerTimetable``), so the run for a day starts once that day has *ended*, and its
+logical date is the start of the interval it covers. Partition = the run's logical date as
+``YYYY-MM-DD`` (``run_partition``): a scheduled run processes the interval that just ended, a backfill
+of D processes D, a manual or REST run with a logical date L processes L's date, and a manual run
+without a logical date processes the start of the last complete interval. A re-run of a date finds
+its earlier submissions in the ledger.
 
 Queue budget: ``submit``, ``wait`` and ``resubmit`` run in the pool ``anthropic_batches`` with one
 slot each. A slot stands for one queued batch of at most ``max_requests_per_chunk`` requests, so
@@ -35,14 +40,67 @@ import datetime as dt
 import os
 from typing import Any
 
-from airflow.sdk import DAG, Asset, Param, task, task_group
+from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, task, task_group
 
 from anthropic_batch.pipeline_config import INCLUDE_DIR, POOL_NAME, PipelineConfig
 
-#: The partition of a run: its data interval start (or, for runs without one, when it was due).
-PARTITION_TEMPLATE = "{{ (data_interval_start or dag_run.run_after) | ds }}"
+#: The partition of a run (``run_partition``): its logical date; without one, the last complete interval.
+PARTITION_TEMPLATE = "{{ batch_partition() }}"
 #: Demos and tests shorten every poll interval with this env var (seconds), read at parse time.
 POLL_INTERVAL_ENV = "ANTHROPIC_BATCH_POLL_INTERVAL"
+
+
+def pipeline_timetable(schedule: str | None) -> Any:
+    """The timetable of a pipeline's ``schedule``: a cron expression or preset becomes a data interval.
+
+    ``CronDataIntervalTimetable`` runs the interval [D, D+1) after it ends, with logical date D, so
+    "@daily" processes the day that just ended. ``@once``, ``@continuous`` and None pass through.
+    """
+    if schedule is None or schedule in ("@once", "@continuous"):
+        return schedule
+    return CronDataIntervalTimetable(schedule, timezone="UTC")
+
+
+def last_complete_interval_start(schedule: str | None, run_after: dt.datetime) -> dt.datetime:
+    """Start of the last interval of ``schedule`` that had ended by ``run_after`` (UTC).
+
+    Without a cron schedule (None, ``@once``, ``@continuous``) an interval is one day: yesterday.
+    """
+    from croniter import croniter
+
+    run_after = run_after.astimezone(dt.UTC).replace(tzinfo=None)
+    timetable = pipeline_timetable(schedule)
+    if not isinstance(timetable, CronDataIntervalTimetable):
+        start = dt.datetime.combine(run_after.date() - dt.timedelta(days=1), dt.time())
+        return start.replace(tzinfo=dt.UTC)
+    expression = timetable.expression  # presets such as "@daily" resolved to cron
+    fires = croniter(expression, run_after)
+    end = run_after if croniter.match(expression, run_after) else fires.get_prev(dt.datetime)
+    start = croniter(expression, end).get_prev(dt.datetime)
+    return start.replace(tzinfo=dt.UTC)
+
+
+def run_partition(logical_date: dt.datetime | None, run_after: dt.datetime, schedule: str | None) -> str:
+    """The ``YYYY-MM-DD`` partition a run processes (the DAG macro ``batch_partition``).
+
+    The logical date (UTC) when the run has one: for a scheduled or backfill run that is the start of
+    its data interval. A run without one (Airflow 3 allows manual runs without a logical date)
+    processes the last interval that had ended when it was triggered, never a day still in progress.
+    """
+    when = logical_date if logical_date is not None else last_complete_interval_start(schedule, run_after)
+    return when.astimezone(dt.UTC).date().isoformat()
+
+
+def partition_macro(schedule: str | None) -> Any:
+    """The DAG macro ``batch_partition()``: ``run_partition`` of the run being rendered."""
+    import jinja2
+
+    @jinja2.pass_context
+    def batch_partition(context: Any) -> str:
+        run = context["dag_run"]
+        return run_partition(run.logical_date, run.run_after, schedule)
+
+    return batch_partition
 
 
 def storage_root_url(override: str | None = None) -> str:
@@ -90,7 +148,9 @@ def _doc_md(config: PipelineConfig) -> str:
         f"| answer cache | {_answer_cache_doc(config)} |",
         f"| queue | {config.queue_budget_requests} requests; chunks of <= {config.max_requests_per_chunk} |",
         "",
-        "Partition = data interval start (`YYYY-MM-DD`). Trigger with param `mode` = batch | sync | auto.",
+        "Partition (`YYYY-MM-DD`) = the run's logical date: a scheduled run processes the interval that "
+        "just ended, a backfill of D processes D, a manual run with logical date L processes L, one "
+        "without a logical date the last complete interval. Trigger with param `mode` = batch | sync | auto.",
         f"Published to `{config.name}/extractions/date=YYYY-MM-DD/` and the Asset `{config.asset_uri}`.",
     ]
     return "\n".join(lines)
@@ -187,7 +247,7 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
         dag_id=config.resolved_dag_id,
         description=config.description.strip().splitlines()[0][:200],
         doc_md=_doc_md(config),
-        schedule=config.schedule,
+        schedule=pipeline_timetable(config.schedule),
         start_date=dt.datetime.combine(config.start_date, dt.time(), tzinfo=dt.UTC),
         catchup=config.catchup,
         tags=sorted({*config.tags, "anthropic-batch"}),
@@ -207,7 +267,10 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
                 "With mode=auto, a deadline less than 24 h away picks sync.",
             ),
         },
-        user_defined_macros={"batch_storage_root": storage_root_url},
+        user_defined_macros={
+            "batch_storage_root": storage_root_url,
+            "batch_partition": partition_macro(config.schedule),
+        },
     )
     with dag:
         prepare = PrepareRequestsOperator(

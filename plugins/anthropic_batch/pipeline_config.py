@@ -23,11 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]
 #: ``include/``: prompt templates, output schemas and pipeline files are referenced relative to it.
 INCLUDE_DIR = CHECKOUT_DIR / "include"
-PIPELINES_DIR = INCLUDE_DIR / "pipelines"
+#: Where pipeline files are read from; ``ANTHROPIC_BATCH_PIPELINES_DIR`` points elsewhere (tests, staging).
+PIPELINES_DIR = Path(os.environ.get("ANTHROPIC_BATCH_PIPELINES_DIR") or INCLUDE_DIR / "pipelines")
 #: The pool every pipeline's submit, sensor and resubmit tasks share (created by the demo/e2e set-up).
 POOL_NAME = "anthropic_batches"
 
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_CRON_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 _OUTPUT_MODEL_REF = re.compile(r"^(?P<file>[\w./-]+\.py):(?P<name>[A-Za-z_]\w*)$")
 
 
@@ -144,6 +146,19 @@ class PipelineConfig(_Section):
             raise ValueError("key columns must be distinct")
         return value
 
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is None or value in ("@once", "@continuous") or value in _CRON_PRESETS:
+            return value
+        if not croniter.is_valid(value):
+            raise ValueError(
+                f"{value!r} is not a cron expression or one of {', '.join(_CRON_PRESETS)}, @once, @continuous"
+            )
+        return value
+
     @field_validator("output_model")
     @classmethod
     def _output_model_ref(cls, value: str | None) -> str | None:
@@ -153,6 +168,14 @@ class PipelineConfig(_Section):
                 raise ValueError('must look like "schemas/file.py:ModelName"')
             if not (INCLUDE_DIR / match["file"]).is_file():
                 raise ValueError(f"file {match['file']} not found under {INCLUDE_DIR}")
+            # Import it now: a typo in the class name (or a broken schema file) is an import error
+            # of the DAG, not a failed task at 3 a.m. The module needs only pydantic.
+            from anthropic_batch.output_models import OutputModelError, load_output_model
+
+            try:
+                load_output_model(value, INCLUDE_DIR)
+            except OutputModelError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("prompt_template")
@@ -227,25 +250,47 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
         raise PipelineConfigError(_format_validation_error(path, exc)) from exc
 
 
-def load_pipelines(directory: str | os.PathLike[str] | None = None) -> list[PipelineConfig]:
-    """Every ``*.yaml``/``*.yml`` pipeline in ``directory`` (default ``include/pipelines``), sorted by name.
+def scan_pipelines(
+    directory: str | os.PathLike[str] | None = None,
+) -> tuple[list[PipelineConfig], list[str]]:
+    """``(valid pipelines sorted by name, problems)`` for the pipeline files in ``directory``.
 
-    All files are validated; the error lists every bad file, and duplicate dag ids are refused.
+    A bad file, or every file of a duplicated dag id, is left out and described in ``problems``
+    (each names the file and the field): one bad file must not take the other pipelines down.
     """
     directory = Path(directory) if directory is not None else PIPELINES_DIR
     files = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
-    configs: list[PipelineConfig] = []
+    loaded: list[tuple[Path, PipelineConfig]] = []
     problems: list[str] = []
     for file in files:
         try:
-            configs.append(load_pipeline(file))
+            loaded.append((file, load_pipeline(file)))
         except PipelineConfigError as exc:
             problems.append(str(exc))
-    seen: dict[str, str] = {}
-    for cfg in configs:
-        if cfg.resolved_dag_id in seen:
-            problems.append(f"dag_id {cfg.resolved_dag_id!r} is declared by two pipelines")
-        seen[cfg.resolved_dag_id] = cfg.name
+    files_by_dag_id: dict[str, list[Path]] = {}
+    for file, cfg in loaded:
+        files_by_dag_id.setdefault(cfg.resolved_dag_id, []).append(file)
+    configs = []
+    for file, cfg in loaded:
+        clashing = files_by_dag_id[cfg.resolved_dag_id]
+        if len(clashing) > 1:
+            if file == clashing[0]:
+                names = ", ".join(str(f) for f in clashing)
+                problems.append(
+                    f"dag_id {cfg.resolved_dag_id!r} is declared by several pipeline files: {names}"
+                )
+            continue
+        configs.append(cfg)
+    return sorted(configs, key=lambda c: c.name), problems
+
+
+def load_pipelines(directory: str | os.PathLike[str] | None = None) -> list[PipelineConfig]:
+    """Every ``*.yaml``/``*.yml`` pipeline in ``directory`` (default ``PIPELINES_DIR``), sorted by name.
+
+    All files are validated; the error lists every bad file, and duplicate dag ids are refused.
+    (``dags/pipelines.py`` uses ``scan_pipelines`` instead, so the good pipelines still load.)
+    """
+    configs, problems = scan_pipelines(directory)
     if problems:
         raise PipelineConfigError("\n".join(problems))
-    return sorted(configs, key=lambda c: c.name)
+    return configs

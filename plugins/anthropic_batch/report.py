@@ -7,6 +7,14 @@ table. ``render_html`` gives one self-contained HTML file (inline CSS and SVG ch
 nothing fetched) and ``render_markdown`` its Markdown twin; ``write_report`` puts both and the
 ``report.json`` they were rendered from under ``reports/date=YYYY-MM-DD/``.
 
+One report run may cover several dates: Airflow collapses the Asset events that arrive while a
+report run is queued (a backfill publishes many dates) into one run. ``report_dates`` turns the
+triggering events into the sorted distinct partitions; every date gets its own report, and all
+narratives go out in one batch (the prompt rows are keyed by ``date`` and ``category``).
+Airflow also leaves the events that arrive between the queueing of a run and its creation to the
+*next* run (which only comes with the next event), so ``unreported_dates`` adds the published
+partitions around those dates that have no report yet.
+
 Everything that comes from data or from the model is escaped: HTML with ``html.escape``, Markdown
 by backslash-escaping its syntax and HTML characters (Markdown renderers pass raw HTML through).
 """
@@ -26,6 +34,7 @@ GROUP_FIELD = "category"
 UNKNOWN_GROUP = "unclassified"
 HISTORY_DAYS = 14
 _SAMPLE_SUMMARIES = 6
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 # ----------------------------------------------------------------------------- aggregation
 
@@ -150,6 +159,97 @@ def load_history(root: Any, pipeline: str, date: str, days: int = HISTORY_DAYS) 
     return history
 
 
+def event_partition(event: Any, schedule: str | None = None) -> str | None:
+    """The ``YYYY-MM-DD`` partition an Asset event published, or None if it does not say.
+
+    ``extra["partition"]`` when the publisher set it; else the partition of the source run, computed
+    the way the pipeline computes it (``dag_factory.run_partition``: logical date, or the last
+    complete interval of ``schedule`` for a run without one).
+    """
+    extra = getattr(event, "extra", None) or {}
+    if extra.get("partition"):
+        return dt.date.fromisoformat(str(extra["partition"])).isoformat()
+    run = getattr(event, "source_dag_run", None)
+    if run is None:
+        return None
+    from anthropic_batch.dag_factory import run_partition
+
+    run_after = getattr(run, "run_after", None) or getattr(run, "start_date", None) or event.timestamp
+    return run_partition(getattr(run, "logical_date", None), run_after, schedule)
+
+
+def report_dates(
+    param_date: Any,
+    triggering_events: Mapping[Any, Iterable[Any]] | None,
+    run_after: dt.datetime,
+    *,
+    source_dag_id: str,
+    schedule: str | None = None,
+) -> list[str]:
+    """The dates one report run covers, sorted and distinct.
+
+    ``param_date`` (``YYYY-MM-DD``, several separated by commas or a list) wins; else every
+    partition published by ``source_dag_id`` among the triggering Asset events (each date of a
+    backfill, not only the first event); else, for a time-triggered run, the day before ``run_after``.
+    """
+    if param_date:
+        values = param_date if isinstance(param_date, list | tuple) else str(param_date).split(",")
+        dates = set()
+        for value in values:
+            try:
+                dates.add(dt.date.fromisoformat(str(value).strip()).isoformat())
+            except ValueError:
+                raise ValueError(f"param date: {value!r} is not a YYYY-MM-DD date") from None
+        return sorted(dates)
+    dates = set()
+    for events in (triggering_events or {}).values():
+        for event in events:
+            if getattr(event, "source_dag_id", None) != source_dag_id:
+                continue
+            partition = event_partition(event, schedule)
+            if partition:
+                dates.add(partition)
+    if dates:
+        return sorted(dates)
+    return [(run_after - dt.timedelta(days=1)).date().isoformat()]
+
+
+def _partition_dates(directory: Any) -> set[str]:
+    """The ``YYYY-MM-DD`` of every ``date=...`` entry directly under ``directory`` (one listing)."""
+    if not directory.exists():
+        return set()
+    names = (p.name.removeprefix("date=") for p in directory.iterdir() if p.name.startswith("date="))
+    return {n for n in names if _DATE_RE.match(n)}
+
+
+def unreported_dates(root: Any, pipeline: str, first: str, last: str) -> list[str]:
+    """Dates in ``[first, last]`` that ``pipeline`` has published (``_SUCCESS``) but that have no report."""
+    from anthropic_batch import storage
+
+    root = _path(root)
+    published = _partition_dates(root / pipeline / "extractions")
+    candidates = published - _partition_dates(root / "reports")
+    return sorted(
+        d
+        for d in candidates
+        if first <= d <= last and (storage.extraction_dir(root, pipeline, d) / "_SUCCESS").exists()
+    )
+
+
+def dates_to_report(
+    root: Any,
+    pipeline: str,
+    dates: Sequence[str],
+    run_after: dt.datetime,
+    lookback_days: int = HISTORY_DAYS,
+) -> list[str]:
+    """``dates`` plus the unreported published dates from ``lookback_days`` before the first of them
+    up to the later of the last of them and the day before ``run_after``."""
+    first = (dt.date.fromisoformat(min(dates)) - dt.timedelta(days=lookback_days)).isoformat()
+    last = max(max(dates), (run_after - dt.timedelta(days=1)).date().isoformat())
+    return sorted({*dates, *unreported_dates(root, pipeline, first, last)})
+
+
 def group_prompt_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per group for the narrative prompt (``prompts/report_group.j2``); key column ``category``."""
     rows = []
@@ -170,8 +270,14 @@ def group_prompt_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def attach_narratives(report: dict[str, Any], results: Any, key: str = "category") -> dict[str, Any]:
-    """Put each group's narrative (``output_text`` of its RESULT row) and status into ``report``."""
+    """Put each group's narrative (``output_text`` of its RESULT row) and status into ``report``.
+
+    When ``results`` has a ``date`` column (one batch for several report dates), only the rows of
+    ``report["date"]`` count.
+    """
     frame = results.to_pandas() if hasattr(results, "to_pandas") else results
+    if "date" in frame and report.get("date") is not None:
+        frame = frame[frame["date"].astype(str) == str(report["date"])]
     by_key = {str(row[key]): row for row in frame.to_dict("records")} if len(frame) else {}
     cost = 0.0
     sync_cost = 0.0

@@ -405,6 +405,8 @@ def replace_if_version(path: PathLike, data: bytes, version: str) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+
+
 # Progress that must survive a crash, on any store: an object only becomes visible once it is
 # closed, so an appended file is lost with its writer. Instead each step writes one numbered,
 # immutable part (one PUT); a resumed run lists the parts and skips what they already hold.

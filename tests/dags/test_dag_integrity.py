@@ -88,7 +88,8 @@ def test_dag_file_parses_fast(dag_file: Path):
                            "dags": len(bag.dags)}}))
         """
     )
-    assert result["errors"] == [] and result["dags"] >= 1
+    # pipeline_errors.py defines no DAG: it only reports invalid pipeline files (as its import error).
+    assert result["errors"] == [] and result["dags"] >= (0 if dag_file.name == "pipeline_errors.py" else 1)
     assert result["seconds"] < PARSE_SECONDS_LIMIT, f"{dag_file.name} took {result['seconds']:.2f}s to parse"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -49,11 +49,10 @@ def finished_run(tmp_path_factory):
         with StandaloneAirflow(base / "airflow", port=free_port(), env=env) as af:
             # The shared queue-budget pool the submit, wait and resubmit tasks run in.
             af.airflow_cli(*ensure_pool_command(load_pipelines()))
-            dag = af.wait_for_dag(DAG_ID, timeout=240)
-            # Unpausing creates the next scheduled run; its data interval start is the partition,
-            # so that day's tickets must exist first.
-            start = dag.get("next_dagrun_data_interval_start") or dag["next_dagrun_logical_date"]
-            partition = datetime.fromisoformat(start.replace("Z", "+00:00")).date()
+            af.wait_for_dag(DAG_ID, timeout=240)
+            # Unpausing creates the scheduled run of the last complete day (a data-interval
+            # timetable, catchup off): yesterday's partition, which is the only data written.
+            partition = (datetime.now(UTC) - timedelta(days=1)).date()
             write_tickets(root, partition, per_day=30)
             af.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
             runs: list[dict] = []
@@ -63,6 +62,8 @@ def finished_run(tmp_path_factory):
                 return bool(runs)
 
             poll_until(scheduled, timeout=120, interval=2, message="the scheduler created no run")
+            assert runs[0]["run_type"] == "scheduled", runs[0]
+            assert runs[0]["data_interval_start"][:10] == partition.isoformat(), runs[0]
             run_id = runs[0]["dag_run_id"]
             state = af.wait_for_dag_run(DAG_ID, run_id, timeout=900)
             assert state == "success", f"{af.task_states(DAG_ID, run_id)}\n{af.log_tail()}"

@@ -34,8 +34,8 @@ from anthropic_batch.batch_requests import (
     MAX_REQUESTS_PER_BATCH,
     BatchRequestError,
     RequestSpec,
-    load_table,
     prepare_requests,
+    read_source,
 )
 from anthropic_batch.output_models import load_output_model
 from anthropic_batch.status import RunMode
@@ -192,6 +192,14 @@ class PrepareRequestsOperator(BaseOperator):
         self.max_request_bytes = max_request_bytes
         self.answer_cache_max_age_days = answer_cache_max_age_days
 
+    @property
+    def template_name(self) -> str:
+        """How errors name the prompt template: its file, or "the inline prompt template"."""
+        text = self.prompt_template.strip()
+        if "\n" not in text and text.lower().endswith(TEMPLATE_FILE_SUFFIXES):
+            return f"prompt template {text}"
+        return "the inline prompt template"
+
     def build_spec(self) -> RequestSpec:
         model_cls = load_output_model(self.output_model, self.include_dir) if self.output_model else None
         return RequestSpec(
@@ -210,8 +218,12 @@ class PrepareRequestsOperator(BaseOperator):
         # A bad mode or deadline fails before any file is written.
         deadline = parse_deadline(self.deadline)
         resolve_mode(self.mode, 0, self.auto_sync_max_requests)
-        table = load_table(self.source, self.source_format)
+        table, unreadable = read_source(self.source, self.source_format)
         log.info("Loaded %d records (%d columns) from %s.", table.num_rows, table.num_columns, self.source)
+        for item in unreadable[:20]:
+            log.warning("Unreadable record, dead-lettered: %s", item.message)
+        if len(unreadable) > 20:
+            log.warning("... and %d more unreadable records (all in rejected.parquet).", len(unreadable) - 20)
         work = storage.as_path(self.work_dir)
         manifest = prepare_requests(
             table,
@@ -221,6 +233,8 @@ class PrepareRequestsOperator(BaseOperator):
             max_requests_per_chunk=self.max_requests_per_chunk,
             max_bytes_per_chunk=self.max_bytes_per_chunk,
             max_request_bytes=self.max_request_bytes,
+            unreadable=unreadable,
+            template_name=self.template_name,
             extra_manifest={
                 "spec": {
                     "pipeline": self.pipeline,

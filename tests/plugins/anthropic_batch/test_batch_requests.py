@@ -23,7 +23,9 @@ from anthropic_batch.batch_requests import (
     make_custom_id,
     prepare_requests,
     read_manifest,
+    read_source,
     sha256_hex,
+    template_variables,
     write_chunk,
 )
 from anthropic_batch.results import dead_letter_schema
@@ -363,15 +365,111 @@ def test_rejects_lose_nothing(work):
 
 
 def test_template_errors_are_rejected_per_record(work):
-    table = pa.table({"ticket_id": ["A", "B"], "subject": ["s", "t"]})
-    manifest = prepare_requests(
-        table, ["ticket_id"], spec(prompt_template="{{ subject }} {{ missing }}"), work
-    )
-    assert manifest["n_requests"] == 0
-    assert manifest["chunks"] == []
+    # The column exists; one record's value cannot be rendered (no attribute of a null): that record only.
+    table = pa.table({"ticket_id": ["A", "B"], "subject": [{"title": "s"}, None]})
+    manifest = prepare_requests(table, ["ticket_id"], spec(prompt_template="{{ subject.title }}"), work)
+    assert manifest["n_requests"] == 1
     rejected = pq.read_table((work / "rejected.parquet").path).to_pylist()
-    assert [r["error_type"] for r in rejected] == ["template_error", "template_error"]
-    assert "missing" in rejected[0]["reason"]
+    assert [(r["ticket_id"], r["error_type"]) for r in rejected] == [("B", "template_error")]
+    assert "title" in rejected[0]["reason"]
+
+
+def test_a_template_variable_the_input_lacks_fails_prepare_naming_it(work):
+    table = pa.table({"ticket_id": ["A", "B"], "description": ["d", "e"]})
+    with pytest.raises(BatchRequestError) as err:
+        prepare_requests(
+            table,
+            ["ticket_id"],
+            spec(prompt_template="{% for i in range(2) %}{{ descripton }}{% endfor %}{{ ticket_id }}"),
+            work,
+            template_name="prompt template prompts/t.j2",
+        )
+    message = str(err.value)
+    assert "prompts/t.j2 uses descripton" in message and "description" in message  # the columns it has
+    assert "range" not in message.split("(its columns")[0]  # Jinja's globals are not input columns
+    assert not (work / "requests" / "manifest.json").exists()  # nothing prepared, nothing published
+
+
+def test_template_variables():
+    source = "{% set n = 2 %}{{ a }} {{ b.c }} {% for x in items %}{{ x }}{{ loop.index }}{% endfor %}{{ n }}"
+    assert template_variables(source) == {"a", "b", "items"}
+
+
+# -- reading sources ----------------------------------------------------------------------------------
+
+
+def test_unreadable_jsonl_lines_are_returned_with_line_and_reason(tmp_path):
+    path = tmp_path / "in.jsonl"
+    lines = [
+        json.dumps({"ticket_id": "A", "body": "fine", "day": "2026-11-05"}).encode(),
+        b'{"ticket_id": "B", "body": "caf\xe9 latin-1"}',
+        b"",
+        b'{"ticket_id": "C", "body": ',
+        b"[1, 2]",
+        json.dumps({"ticket_id": "D", "body": "also fine", "n": 7}).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    table, unreadable = read_source(str(path))
+    assert table.column("ticket_id").to_pylist() == ["A", "D"]
+    assert table.column("day").to_pylist() == ["2026-11-05", None]  # a date-like string stays text
+    assert [u.line for u in unreadable] == [2, 4, 5]
+    assert all(u.source.endswith(str(path)) for u in unreadable)  # the file, as a URL
+    assert "not valid UTF-8" in unreadable[0].reason and "0xe9" in unreadable[0].reason
+    assert unreadable[0].record == {"ticket_id": "B", "body": "caf\ufffd latin-1"}  # keys salvaged
+    assert "\\xe9" in unreadable[0].raw  # the original byte is kept
+    assert "not valid JSON" in unreadable[1].reason
+    assert "not a JSON object" in unreadable[2].reason
+    with pytest.raises(BatchRequestError, match=r"in.jsonl line 2: not valid UTF-8.*and 2 more"):
+        load_table(str(path))
+
+
+def test_mixed_types_in_a_jsonl_column_are_kept_as_text(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "A", "v": 7}\n{"id": "B", "v": "seven"}\n{"id": "C", "v": {"x": 1}}\n')
+    table = load_table(str(path))
+    assert table.column("v").to_pylist() == ["7", "seven", '{"x": 1}']
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fmt"),
+    [
+        ("corrupt.parquet", b"PAR1 this is not parquet at all", None),
+        ("bad.csv", b"id,text\n1,a\n2,b,c,d\n", None),
+        ("latin1.csv", b"id,text\n1,caf\xe9\n", None),
+    ],
+)
+def test_read_errors_name_the_file(tmp_path, name, content, fmt):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(BatchRequestError) as err:
+        load_table(str(path), fmt)
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_lines_are_dead_lettered_and_the_rest_proceeds(work, tmp_path):
+    path = tmp_path / "in.jsonl"
+    good = [{"ticket_id": f"T{i}", "subject": "s", "body": "b"} for i in range(3)]
+    raw = [json.dumps(r).encode() for r in good]
+    raw.insert(1, b'{"ticket_id": "BAD", "subject": "\xff\xfe", "body": "b"}')
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    table, unreadable = read_source(str(path))
+    manifest = prepare_requests(table, ["ticket_id"], spec(), work, unreadable=unreadable)
+    assert manifest["n_requests"] == 3 and manifest["n_rejected"] == 1 and manifest["n_input_records"] == 4
+    (dead,) = pq.read_table((work / "rejected.parquet").path).to_pylist()
+    assert dead["error_type"] == "unreadable_record" and dead["stage"] == "prepare"
+    assert dead["ticket_id"] == "BAD"
+    assert f"{path} line 2: not valid UTF-8" in dead["reason"]
+    assert json.loads(dead["record_json"])["line"] == 2
+
+
+def test_a_source_of_only_unreadable_lines_prepares_nothing_and_keeps_every_line(work, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xff\n{nope\n")
+    table, unreadable = read_source(str(path))
+    manifest = prepare_requests(table, ["ticket_id"], spec(), work, unreadable=unreadable)
+    assert manifest["n_requests"] == 0 and manifest["n_rejected"] == 2
+    rejected = pq.read_table((work / "rejected.parquet").path).to_pylist()
+    assert [json.loads(r["record_json"])["line"] for r in rejected] == [1, 2]
 
 
 def test_custom_id_collisions_are_detected(work, monkeypatch):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from types import SimpleNamespace
+
 import pytest
 
 from anthropic_batch.dag_factory import (
@@ -10,6 +13,7 @@ from anthropic_batch.dag_factory import (
     build_all,
     build_pipeline_dag,
     ensure_pool_command,
+    run_partition,
 )
 from anthropic_batch.pipeline_config import POOL_NAME, load_pipelines
 
@@ -128,3 +132,104 @@ def test_resubmit_gets_the_pipelines_truncation_retry(configs):
     assert resubmit.max_attempts == cfg.resubmit.max_attempts
     on = cfg.model_copy(update={"resubmit": cfg.resubmit.model_copy(update={"retry_truncated": False})})
     assert build_pipeline_dag(on).get_task("resubmit").retry_truncated is False
+
+
+# ----------------------------------------------------------------------------- schedule and partition
+
+UTC = dt.UTC
+
+
+def _core_timetable(dag):
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    return coerce_to_core_timetable(dag.timetable)
+
+
+def _render_partition(dag, *, logical_date, run_after) -> str:
+    # The DAG's own template environment and macros, as a task renders PARTITION_TEMPLATE.
+    env = dag.get_template_env()
+    run = SimpleNamespace(logical_date=logical_date, run_after=run_after)
+    return env.from_string(PARTITION_TEMPLATE).render(dag_run=run, **dag.user_defined_macros)
+
+
+def _first_scheduled_run(dag, after: dt.datetime):
+    from airflow.timetables.base import DataInterval, TimeRestriction
+
+    timetable = _core_timetable(dag)
+    # The run after the one whose interval ended at `after`, as the scheduler asks for it.
+    previous = timetable.infer_manual_data_interval(run_after=after)
+    return timetable.next_dagrun_info(
+        last_automated_data_interval=DataInterval(previous.start, previous.end),
+        restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=True),
+    )
+
+
+def test_daily_run_for_a_day_starts_after_the_day_and_processes_it(bulk):
+    info = _first_scheduled_run(bulk, dt.datetime(2026, 11, 23, tzinfo=UTC))
+    # The run of 2026-11-23 covers [23rd, 24th) and is due when the 23rd has ended.
+    assert info.data_interval.start == dt.datetime(2026, 11, 23, tzinfo=UTC)
+    assert info.data_interval.end == dt.datetime(2026, 11, 24, tzinfo=UTC)
+    assert info.run_after == dt.datetime(2026, 11, 24, tzinfo=UTC)
+    assert info.logical_date == info.data_interval.start
+    partition = _render_partition(bulk, logical_date=info.logical_date, run_after=info.run_after)
+    assert partition == "2026-11-23"
+
+
+def test_weekly_run_processes_the_week_that_just_ended(configs):
+    audit = build_pipeline_dag(configs["weekly_code_audit"])  # "0 3 * * 1"
+    info = _first_scheduled_run(audit, dt.datetime(2026, 11, 23, 3, tzinfo=UTC))
+    assert info.data_interval.start == dt.datetime(2026, 11, 23, 3, tzinfo=UTC)
+    assert info.run_after == dt.datetime(2026, 11, 30, 3, tzinfo=UTC)
+    assert _render_partition(audit, logical_date=info.logical_date, run_after=info.run_after) == "2026-11-23"
+
+
+def test_backfill_of_a_date_processes_that_date(bulk):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    # The scheduler's view of the DAG; `airflow backfill create --from-date 2026-11-01 --to-date
+    # 2026-11-03` creates one run per info of this call (models/backfill.py::_get_info_list).
+    scheduler_dag = DagSerialization.from_dict(DagSerialization.to_dict(bulk))
+    infos = list(
+        scheduler_dag.iter_dagrun_infos_between(
+            dt.datetime(2026, 11, 1, tzinfo=UTC), dt.datetime(2026, 11, 3, tzinfo=UTC)
+        )
+    )
+    partitions = [_render_partition(bulk, logical_date=i.logical_date, run_after=i.run_after) for i in infos]
+    assert partitions == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    # Each runs once its day has ended.
+    assert [i.run_after.day for i in infos] == [2, 3, 4]
+
+
+def test_manual_runs_process_a_documented_partition(bulk):
+    # With a logical date L: L's date (the same as a backfill of L), whatever Airflow infers as interval.
+    logical = dt.datetime(2026, 11, 23, tzinfo=UTC)
+    assert _core_timetable(bulk).infer_manual_data_interval(run_after=logical).start.day == 22
+    assert _render_partition(bulk, logical_date=logical, run_after=logical) == "2026-11-23"
+    # Without one ("trigger now", logical_date null): the last day that has ended, never today.
+    now = dt.datetime(2026, 11, 30, 9, 15, tzinfo=UTC)
+    assert _render_partition(bulk, logical_date=None, run_after=now) == "2026-11-29"
+    assert _render_partition(bulk, logical_date=None, run_after=dt.datetime(2026, 11, 30, tzinfo=UTC)) == (
+        "2026-11-29"
+    )
+
+
+@pytest.mark.parametrize(
+    ("schedule", "run_after", "expected"),
+    [
+        ("@daily", dt.datetime(2026, 11, 24, 0, 0, tzinfo=UTC), "2026-11-23"),
+        ("@daily", dt.datetime(2026, 11, 24, 23, 59, tzinfo=UTC), "2026-11-23"),
+        ("0 3 * * 1", dt.datetime(2026, 11, 30, 2, 59, tzinfo=UTC), "2026-11-16"),
+        ("0 3 * * 1", dt.datetime(2026, 11, 30, 3, 0, tzinfo=UTC), "2026-11-23"),
+        (None, dt.datetime(2026, 11, 30, 3, 0, tzinfo=UTC), "2026-11-29"),
+    ],
+)
+def test_run_without_logical_date_gets_the_last_complete_interval(schedule, run_after, expected):
+    assert run_partition(None, run_after, schedule) == expected
+
+
+def test_source_template_reads_the_run_partition(bulk):
+    prepare = bulk.get_task("prepare")
+    env = bulk.get_template_env()
+    run = SimpleNamespace(logical_date=None, run_after=dt.datetime(2026, 11, 24, 1, tzinfo=UTC))
+    source = env.from_string(prepare.source).render(dag_run=run, **bulk.user_defined_macros)
+    assert "/date=2026-11-23/" in source

@@ -12,6 +12,7 @@ from anthropic_batch.pipeline_config import (
     PipelineConfigError,
     load_pipeline,
     load_pipelines,
+    scan_pipelines,
 )
 
 VALID = {
@@ -37,7 +38,7 @@ def test_shipped_pipelines_load():
     assert {"bulk_extraction", "weekly_code_audit"} <= set(configs)
     bulk = configs["bulk_extraction"]
     assert bulk.output_model == "schemas/support_ticket.py:SupportTicketExtraction"
-    assert "{{ ds }}" in bulk.source
+    assert "{{ batch_partition() }}" in bulk.source
     assert bulk.pool_slots_total == bulk.queue_budget_requests // bulk.max_requests_per_chunk
     # A per-request ceiling, separate from the chunk size (which keeps its 200 MiB default).
     assert bulk.max_request_bytes == 262_144
@@ -68,6 +69,9 @@ def test_name_defaults_to_file_stem(tmp_path):
         ({"name": "Bad-Name"}, "name"),
         ({"output_model": "schemas/nope.py:Model"}, "output_model"),
         ({"output_model": "not a ref"}, "output_model"),
+        # The file exists but the class name has a typo: refused at DAG import, naming the class.
+        ({"output_model": "schemas/support_ticket.py:SupportTicketExtractoin"}, "SupportTicketExtractoin"),
+        ({"schedule": "every night"}, "schedule"),
         ({"prompt_template": "prompts/missing.j2"}, "prompt_template"),
         ({"sample": {"min_pass_rate": 1.5}}, "sample.min_pass_rate"),
         ({"unknown_field": 1}, "unknown_field"),
@@ -103,7 +107,7 @@ def test_loader_reports_every_bad_file_and_duplicate_ids(tmp_path):
     with pytest.raises(PipelineConfigError) as err:
         load_pipelines(tmp_path)
     assert "three.yaml" in str(err.value)
-    assert "'same' is declared by two pipelines" in str(err.value)
+    assert "'same' is declared by several pipeline files" in str(err.value)
 
 
 def test_resubmit_retry_truncated_is_declared_per_pipeline(tmp_path):
@@ -112,3 +116,22 @@ def test_resubmit_retry_truncated_is_declared_per_pipeline(tmp_path):
     assert on.resubmit.retry_truncated is True
     with pytest.raises(PipelineConfigError, match="retry_truncated"):
         load_pipeline(_write(tmp_path, "bad", {**VALID, "resubmit": {"retry_truncated": "sometimes"}}))
+
+
+def test_output_model_must_be_a_pydantic_model(tmp_path):
+    # `Category` exists in the schema file, but it is an enum, not a model.
+    path = _write(tmp_path, "bad", {**VALID, "output_model": "schemas/support_ticket.py:Category"})
+    with pytest.raises(PipelineConfigError, match=r"output_model: .*Category is not a pydantic BaseModel"):
+        load_pipeline(path)
+
+
+def test_scan_keeps_the_valid_pipelines_and_describes_the_bad_ones(tmp_path):
+    _write(tmp_path, "good", {**VALID, "name": "good"})
+    _write(tmp_path, "typo", {**VALID, "name": "typo", "output_model": "schemas/support_ticket.py:Nope"})
+    _write(tmp_path, "one", {**VALID, "name": "one", "dag_id": "same"})
+    _write(tmp_path, "two", {**VALID, "name": "two", "dag_id": "same"})
+    configs, problems = scan_pipelines(tmp_path)
+    assert [c.name for c in configs] == ["good"]
+    assert len(problems) == 2
+    assert "typo.yaml" in problems[0] and "Nope" in problems[0]
+    assert "'same'" in problems[1] and "one.yaml" in problems[1] and "two.yaml" in problems[1]

@@ -137,7 +137,8 @@ def test_the_request_ceiling_is_separate_from_the_chunk_size(tmp_path):
     rejected = pq.read_table(tmp_path / "work" / "rejected.parquet").to_pylist()
     too_large = [r for r in rejected if r["error_type"] == "request_too_large"]
     assert [r["ticket_id"] for r in too_large] == ["T6"]
-    assert "limit per request" in too_large[0]["reason"]
+    # The limit named is the one configured, not an internal figure.
+    assert "the limit is 3000 bytes (max_request_bytes)" in too_large[0]["reason"]
     assert requests == VALID - {"T6"}
     # The remaining requests all share one chunk bigger than the per-request ceiling.
     manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
@@ -239,3 +240,35 @@ def test_operators_package_exports_every_operator():
         assert issubclass(cls, BaseOperator) and cls.__name__ == name
     with pytest.raises(AttributeError):
         _ = ops.NoSuchOperator
+
+
+def test_a_misspelt_template_variable_fails_prepare_naming_it_and_the_template(tmp_path):
+    # Today's ticket template reads {{ body }}; a copy with a typo must not become a run of rejects.
+    template = INCLUDE_DIR.joinpath("prompts/support_ticket.j2").read_text().replace("body", "boddy")
+    (tmp_path / "include" / "prompts").mkdir(parents=True)
+    (tmp_path / "include" / "prompts" / "typo.j2").write_text(template)
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS)
+    op = _operator(tmp_path, source, prompt_template="prompts/typo.j2", include_dir=str(tmp_path / "include"))
+    op.output_model = None
+    with pytest.raises(BatchRequestError) as err:
+        op.execute(make_context())
+    assert "prompt template prompts/typo.j2 uses boddy" in str(err.value)
+    assert not (tmp_path / "work" / "requests" / "manifest.json").exists()
+
+
+def test_a_non_utf8_jsonl_line_is_dead_lettered_and_the_day_proceeds(tmp_path):
+    source = _write_jsonl(tmp_path / "t.jsonl", TICKETS[:2])
+    with source.open("ab") as handle:
+        handle.write(b'{"ticket_id": "T9", "channel": "email", "subject": "caf\xe9", "body": "latin-1"}\n')
+    paths = _operator(tmp_path, source, max_requests_per_chunk=100).execute(make_context())
+    assert {r["custom_id"] for p in paths for r in iter_chunk_requests(p)} == {"T1", "T2"}
+    rejected = pq.read_table(tmp_path / "work" / "rejected.parquet").to_pylist()
+    assert [(r["ticket_id"], r["error_type"]) for r in rejected] == [("T9", "unreadable_record")]
+    assert "t.jsonl line 3: not valid UTF-8" in rejected[0]["reason"]
+
+
+def test_a_corrupt_parquet_source_is_named(tmp_path):
+    source = tmp_path / "tickets.parquet"
+    source.write_bytes(b"PAR1" + b"\0" * 64)
+    with pytest.raises(BatchRequestError, match=f"cannot read parquet file .*{source}"):
+        _operator(tmp_path, source).execute(make_context())

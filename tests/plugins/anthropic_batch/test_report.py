@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -146,3 +148,82 @@ def test_md_escape_is_one_line_and_inert():
 def test_missing_partition_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"summary\.json missing"):
         report.aggregate_partition(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- which dates a run covers
+
+
+def _event(source_dag_id="bulk_extraction", *, logical=None, run_after=None, extra=None):
+    when = run_after or logical
+    run = SimpleNamespace(logical_date=logical, run_after=when, start_date=when)
+    return SimpleNamespace(source_dag_id=source_dag_id, source_dag_run=run, extra=extra or {}, timestamp=None)
+
+
+def _at(day, hour=0):
+    return dt.datetime(2026, 11, day, hour, tzinfo=dt.UTC)
+
+
+def test_every_date_of_the_collapsed_asset_events_is_reported():
+    # A backfill of 1-3 Nov publishes three partitions while one report run waits: Airflow hands
+    # that run all three events (in any order; a re-run of a date publishes it twice).
+    events = {
+        "anthropic-batch://bulk_extraction/extractions": [
+            _event(logical=_at(3)),
+            _event(logical=_at(1)),
+            _event(logical=_at(2)),
+            _event(logical=_at(3)),
+            _event("someone_else", logical=_at(9)),
+        ]
+    }
+    dates = report.report_dates(None, events, _at(4, 6), source_dag_id="bulk_extraction", schedule="@daily")
+    assert dates == ["2026-11-01", "2026-11-02", "2026-11-03"]
+
+
+def test_event_partition_follows_the_pipeline_partition_rule():
+    # A manual run without a logical date processed the last complete day before it was triggered.
+    assert report.event_partition(_event(run_after=_at(30, 9)), "@daily") == "2026-11-29"
+    # A partition the publisher states wins.
+    assert report.event_partition(_event(logical=_at(3), extra={"partition": "2026-11-02"})) == "2026-11-02"
+
+
+def test_param_dates_and_the_time_triggered_default():
+    assert report.report_dates("2026-11-02", None, _at(4), source_dag_id="bulk_extraction") == ["2026-11-02"]
+    several = report.report_dates("2026-11-03, 2026-11-01", None, _at(4), source_dag_id="bulk_extraction")
+    assert several == ["2026-11-01", "2026-11-03"]
+    assert report.report_dates(None, {}, _at(4, 6), source_dag_id="bulk_extraction") == ["2026-11-03"]
+    with pytest.raises(ValueError, match="'yesterday' is not a YYYY-MM-DD date"):
+        report.report_dates("yesterday", None, _at(4), source_dag_id="bulk_extraction")
+
+
+def test_one_batch_of_narratives_for_several_dates_is_split_by_date(published):
+    _, directory = published
+    results = pa.table(
+        {
+            "date": ["2026-11-01", "2026-11-02"],
+            "category": ["billing", "billing"],
+            "status": ["succeeded", "succeeded"],
+            "output_text": ["the first", "the second"],
+            "cost_usd": [0.001, 0.003],
+            "sync_cost_usd": [0.002, 0.006],
+        }
+    )
+    agg = report.aggregate_partition(directory)
+    agg["date"] = "2026-11-02"
+    report.attach_narratives(agg, results)
+    billing = next(g for g in agg["groups"] if g["name"] == "billing")
+    assert billing["narrative"] == "the second"
+    assert agg["narrative_cost"] == {"cost_usd": 0.003, "sync_cost_usd": 0.006}
+
+
+def test_published_dates_without_a_report_are_picked_up(tmp_path):
+    # Airflow defers an event that arrives while a report run is being queued to the next run;
+    # the run in hand takes such dates from storage instead of waiting for the next publication.
+    for date in ("2026-10-01", "2026-11-01", "2026-11-02", "2026-11-03"):
+        directory = _publish(tmp_path, date, [("succeeded", _ticket("billing"))])
+        (directory / "_SUCCESS").write_text("")
+    (tmp_path / "reports" / "date=2026-11-02").mkdir(parents=True)  # already reported
+    in_progress = tmp_path / "bulk_extraction" / "extractions" / "date=2026-11-04"
+    in_progress.mkdir()  # being published: no _SUCCESS yet
+    dates = report.dates_to_report(tmp_path, "bulk_extraction", ["2026-11-03"], _at(5, 6), lookback_days=14)
+    assert dates == ["2026-11-01", "2026-11-03"]  # not 2 Nov (reported), 1 Oct (too old), 4 Nov (unfinished)
+    assert report.unreported_dates(tmp_path, "nothing_here", "2026-01-01", "2026-12-31") == []
