@@ -262,7 +262,8 @@ def build_report(
     """The sample report (JSON-able) including the gate decision; see the module docstring."""
     spec = manifest.get("spec") or {}
     mode = manifest.get("mode") or "batch"
-    n_requests = int(manifest.get("n_requests") or 0)
+    # What will be paid for: the chunks' requests (answers reused from earlier runs are not sent).
+    n_requests = sum(int(c.get("n_requests") or 0) for c in manifest.get("chunks") or [])
     n = len(rows)
     passed = sum(1 for r in rows if _passed(r))
     pass_rate = passed / n if n else None

@@ -14,6 +14,7 @@ from anthropic_batch.operators import sample_refine
 from anthropic_batch.operators.sample_refine import (
     SampleRefineOperator,
     TransientSampleError,
+    build_report,
     render_html,
     render_markdown,
     sample_requests,
@@ -248,3 +249,17 @@ def test_a_rerun_reuses_the_sample_answers_and_pays_nothing(tmp_path, emulator_f
     # The sample's answers still cost what they cost: the run's cost includes them either way.
     assert report["sample_cost_usd"] == paid["sample_cost_usd"] == first["sample_cost_usd"]
     assert report["counts_by_status"] == paid["counts_by_status"]
+
+
+def test_projection_counts_only_the_requests_that_will_be_sent():
+    # 100 prepared, 90 of them answered before (answer reuse): only the 10 in chunks are paid for.
+    manifest = {"n_requests": 100, "chunks": [{"n_requests": 10}], "spec": {"model": "claude-haiku-4-5"}}
+    row = {
+        "custom_id": "a",
+        "status": "succeeded",
+        "stop_reason": "end_turn",
+        "cost_usd": 0.5,
+        "sync_cost_usd": 1.0,
+    }
+    report = build_report(manifest, [row], sample_size=1, seed=0, min_pass_rate=0.5, max_cost_usd=None)
+    assert report["projected_batch_cost_usd"] == pytest.approx(5.0)
