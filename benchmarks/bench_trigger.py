@@ -101,7 +101,7 @@ def main() -> None:
                 deadline=deadline,
                 poll_interval=1.0,
                 max_poll_interval=4.0,
-                max_transient_errors=20,
+                max_transient_seconds=600,
             )
             for b in batch_ids
         ]
