@@ -56,6 +56,15 @@ def user_cancel_reason(entry: dict[str, Any] | None) -> str | None:
     return f"canceled by {entry.get('canceled_by') or 'an unknown user'}"
 
 
+def takeover_cancel_reason(entry: dict[str, Any] | None, batch_id: str) -> str | None:
+    """Why the canceled requests of ``batch_id`` must not be sent again when an urgent ``mode=sync``
+    rerun took the batch over (``sync_backend``): that rerun answers them; the run that submitted the
+    batch would otherwise resubmit them and pay twice. None for any other batch."""
+    if not entry or batch_id not in (entry.get("taken_over_batch_ids") or []):
+        return None
+    return f"canceled by the synchronous rerun {entry.get('run_id')}, which answers these requests"
+
+
 def user_canceled_batches(ledger_root: PathLike, dag_id: str, partition: str) -> dict[str, str]:
     """``{batch_id: "canceled by <user>"}`` for the batches of a run that a user canceled.
 

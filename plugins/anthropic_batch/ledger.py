@@ -665,6 +665,18 @@ def _submit_owned(
     if entry.get("mode") == "sync":
         from anthropic_batch.sync_backend import run_chunk  # the SDK: not at DAG parse time
 
+        # A dead worker's batch intent: its create may have reached the API. A batch found is taken
+        # over like one in flight (canceled, its answers reused), never paid twice.
+        if (
+            takeover is None
+            and previous is not None
+            and previous.get("mode") != "sync"
+            and _may_have_created(previous)
+        ):
+            found, _ = _recover_orphan(hook, ledger, path, previous, n_requests, orphan_settle_seconds)
+            if found is not None:
+                takeover = {**previous, **batch_fields(found)}
+
         identity = {key: entry.get(key) for key in SYNC_IDENTITY_FIELDS}
         return run_chunk(
             hook,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
-from anthropic_batch.cancel import user_cancel_reason
+from anthropic_batch.cancel import takeover_cancel_reason, user_cancel_reason
 from anthropic_batch.ledger import (
     ForeignBatchError,
     LedgerState,
@@ -243,7 +243,7 @@ def collect_batch(
         chunk_indices=None if index is None else [index],
         prices=price_table_for_mode(mode, prices),
         manifest=manifest,
-        user_cancel_reason=user_cancel_reason(entry),
+        user_cancel_reason=user_cancel_reason(entry) or takeover_cancel_reason(entry, batch_id),
     )
     expected = expected_ids_from_chunk(chunk_path)
     # Every line must answer a request of this chunk before anything is written: a batch that is

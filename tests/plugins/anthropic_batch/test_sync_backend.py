@@ -193,8 +193,14 @@ def test_urgent_sync_rerun_takes_over_the_batch_in_flight(tmp_path, emulator_fac
 
     # The nightly run, still going, collects its canceled batch: the ledger keeps the sync run.
     entry_before = json.loads(Path(handle["ledger_path"].removeprefix("file://")).read_text())
-    collect_batch(hook, batch_handle, run.work_dir)
+    old = collect_batch(hook, batch_handle, run.work_dir)
     assert json.loads(Path(handle["ledger_path"].removeprefix("file://")).read_text()) == entry_before
+    # ...and its canceled requests are final there: the sync run answers them, so that run's
+    # resubmit must not pay for them a second time.
+    old_rows = pq.read_table(old["results_path"].removeprefix("file://")).to_pylist()
+    canceled = [r for r in old_rows if r["status"] == "canceled"]
+    assert canceled and all(r["error_type"] == "user_canceled" for r in canceled)
+    assert all("synchronous rerun" in r["error_message"] for r in canceled)
 
     # Running the sync submit again re-attaches: nothing is asked or canceled again.
     asked.clear()
