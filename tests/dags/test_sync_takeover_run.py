@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import anthropic
 import pyarrow.parquet as pq
@@ -83,7 +84,9 @@ def test_urgent_sync_run_cancels_the_nightly_batches_and_reuses_their_answers(
     answered = sum(b.request_counts.succeeded for b in ended.values())
     assert answered > 0 and sum(b.request_counts.canceled for b in ended.values()) > 0
 
-    partition = root / "bulk_extraction" / "extractions" / f"date={DATE}"
+    from anthropic_batch.partition import published_dir
+
+    partition = Path(published_dir(root / "bulk_extraction" / "extractions" / f"date={DATE}").path)
     summary = json.loads((partition / "summary.json").read_text())
     assert summary["mode"] == "sync"
     assert sorted(summary["sync_takeover"]["batch_ids"]) == nightly_ids

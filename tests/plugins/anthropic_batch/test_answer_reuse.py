@@ -379,13 +379,6 @@ def test_a_rerun_while_batches_are_in_flight_keeps_their_chunks_and_re_attaches(
     assert _requests_received(emu) == (4, 30 + n_failed)  # only chunk 0's failures were sent again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pre-existing, ledger._run_sync: mode=sync resumes by custom_id from "
-    "sync/chunk-NNNNN.results.jsonl, which is keyed by the chunk's path, not its content, so an "
-    "edited record's old answer is taken as done (issue 9, item 2: results must trace back to the "
-    "exact request)",
-)
 def test_sync_rerun_answers_an_edited_record_anew(tmp_path, emulator_factory, monkeypatch):
     emu = emulator_factory("--processing-seconds", "0.3")
     use_emulator(monkeypatch, emu)
