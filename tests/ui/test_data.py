@@ -105,3 +105,21 @@ def test_redact_and_parse_time():
     assert data.redact(5) == 5
     assert data.parse_time("2026-11-23T10:00:00Z") == datetime(2026, 11, 23, 10, tzinfo=UTC)
     assert data.parse_time("garbage") is None and data.parse_time(None) is None
+
+
+def test_other_batches_of_a_chunk_are_listed_with_why():
+    row = data.batch_row(
+        entry(
+            previous_batch_ids=["msgbatch_old"],
+            duplicate_batch_ids=["msgbatch_dup"],
+            foreign_batch_ids=["msgbatch_other"],
+            identity_verified=False,
+        ),
+        NOW,
+    )
+    assert row["other_batches"] == [
+        ("replaced", "msgbatch_old"),
+        ("duplicate, canceled", "msgbatch_dup"),
+        ("not this chunk's", "msgbatch_other"),
+    ]
+    assert row["identity_verified"] is False

@@ -159,7 +159,21 @@ def batch_row(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
         "sync_cost_usd": sync_cost,
         "savings_usd": _savings(cost, sync_cost),
         "previous_batch_ids": [redact(b) for b in entry.get("previous_batch_ids") or []],
+        # Other batches the ledger knows for this chunk, and why (what a human checks in the Console).
+        "other_batches": [
+            (label, redact(b)) for field, label in OTHER_BATCH_FIELDS for b in entry.get(field) or []
+        ],
+        "identity_verified": entry.get("identity_verified"),
     }
+
+
+#: Ledger fields naming other batches of a chunk, with how the Batches page labels them.
+OTHER_BATCH_FIELDS = (
+    ("previous_batch_ids", "replaced"),
+    ("duplicate_batch_ids", "duplicate, canceled"),
+    ("foreign_batch_ids", "not this chunk's"),
+    ("taken_over_batch_ids", "taken over by mode=sync"),
+)
 
 
 def _sort_time(row: dict[str, Any]) -> datetime:
