@@ -214,9 +214,14 @@ def test_backfill_and_manual_run_on_celery_and_s3_survive_a_killed_worker(cluste
     for date in DATES:
         work = f"bulk_extraction/work/date={date.isoformat()}"
         n_chunks += len(json.loads(_read(cluster, f"{work}/requests/manifest.json"))["chunks"])
+        # Read as any reader must: through the partition's commit file, on S3.
+        commit = json.loads(
+            _read(cluster, f"bulk_extraction/extractions/date={date.isoformat()}/_COMMIT.json")
+        )
         part = f"bulk_extraction/extractions/date={date.isoformat()}"
-        summary = json.loads(_read(cluster, f"{part}/summary.json"))
-        rows = pq.read_table(io.BytesIO(_read(cluster, f"{part}/data.parquet")), columns=["ticket_id"])
+        files = {name: f"{part}/{entry['path']}" for name, entry in commit["files"].items()}
+        summary = json.loads(_read(cluster, files["summary.json"]))
+        rows = pq.read_table(io.BytesIO(_read(cluster, files["data.parquet"])), columns=["ticket_id"])
         ids = rows.column("ticket_id").to_pylist()
         assert sorted(ids) == sorted(_valid_ids(date)), date  # complete, each record once
         assert summary["n_rows"] == len(ids)
