@@ -276,6 +276,8 @@ def test_submit_waits_for_admission_and_holds_the_budget_until_its_batch_ends(em
     event = {"status": "ended", "batch_id": batch_id, "batch": batch.model_dump(mode="json")}
     handle = op(chunks[0]).wait_complete(first, event)
     assert handle["batch_id"] == batch_id
+    tickets = TicketQueue(root).tickets()
+    assert [bool(t["released_at"]) for t in tickets] == [True, False]  # the first one, by its owner
     # Now the second chunk is admitted and creates its batch, waiting for it in the same task.
     with pytest.raises(TaskDeferred) as second_batch:
         op(chunks[1]).admission_complete(second)
