@@ -2,7 +2,7 @@
 
 Starts the Message Batches emulator (unless ``ANTHROPIC_API_KEY`` is set: then the real API),
 writes demo tickets for the last 7 days, starts Airflow (scheduler, dag-processor, triggerer,
-api-server) with this checkout's dags and plugins, creates the ``anthropic_batches`` pool, and prints
+api-server) with this checkout's dags and plugins, creates the batch pools (one per pipeline), and prints
 the UI URL and the admin login. Runs in the foreground until Ctrl-C, then stops everything.
 
     python include/demo/run_airflow.py --port 8080
@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"Starting airflow standalone (AIRFLOW_HOME={airflow_home}, log {airflow.log_path}) ...")
         airflow.start()
-        from anthropic_batch.dag_factory import ensure_pool_command
+        from anthropic_batch.dag_factory import ensure_pool_commands
         from anthropic_batch.pipeline_config import load_pipelines
 
-        airflow.airflow_cli(*ensure_pool_command(load_pipelines()))
+        for command in ensure_pool_commands(load_pipelines()):
+            airflow.airflow_cli(*command)
         print(f"\nAirflow UI: {airflow.base_url}")
         print(f"Login: {airflow.username} / {airflow.password}")
         print(f"Backfill the demo week (with AIRFLOW_HOME={airflow_home}):")

@@ -78,12 +78,13 @@ def airflow_cli(*args: str) -> None:
 
 
 def prepare_airflow() -> None:
-    """Migrate the metadata DB and create the shared batch pool (both idempotent)."""
-    from anthropic_batch.dag_factory import ensure_pool_command
+    """Migrate the metadata DB and create the batch pools, one per pipeline (both idempotent)."""
+    from anthropic_batch.dag_factory import ensure_pool_commands
     from anthropic_batch.pipeline_config import load_pipelines
 
     airflow_cli("db", "migrate")
-    airflow_cli(*ensure_pool_command(load_pipelines()))
+    for command in ensure_pool_commands(load_pipelines()):
+        airflow_cli(*command)
 
 
 def use_connection(base_url: str | None, api_key: str) -> None:

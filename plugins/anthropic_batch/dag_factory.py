@@ -2,11 +2,12 @@
 
 ``build_pipeline_dag(config)`` builds one DAG per declared pipeline::
 
-    prepare -> sample_refine -> batch[i](submit -> wait -> collect) -> gather_results -> resubmit -> publish
+    prepare -> sample_refine -> batch[i](submit -> collect) -> gather_results -> resubmit -> publish
 
-``batch`` is a *mapped task group* expanded over the chunk paths ``prepare`` returns, so the sensor
-and the collector of chunk *i* wait for the submission of chunk *i* only (index-aligned), and each
-chunk moves on as soon as its own batch ends. ``resubmit`` takes every collected results path,
+``batch`` is a *mapped task group* expanded over the chunk paths ``prepare`` returns, so the
+collector of chunk *i* waits for the batch of chunk *i* only (index-aligned), and each chunk moves
+on as soon as its own batch ends. ``submit`` creates the batch *and* waits for it (deferred), so the
+chunk holds its pool slot from create to end. ``resubmit`` takes every collected results path,
 retries what is retriable in follow-up batches and merges; ``publish`` writes the partition and
 updates the pipeline's Asset (``anthropic-batch://{pipeline}/extractions``).
 
@@ -18,14 +19,17 @@ of D processes D, a manual or REST run with a logical date L processes L's date,
 without a logical date processes the start of the last complete interval. A re-run of a date finds
 its earlier submissions in the ledger.
 
-Queue budget: ``submit``, ``wait`` and ``resubmit`` run in the pool ``anthropic_batches`` with one
-slot each. A slot stands for one queued batch of at most ``max_requests_per_chunk`` requests, so
-the pool size ``queue_budget_requests // max_requests_per_chunk`` (``PipelineConfig.pool_slots_total``)
-keeps queued requests under the budget. The pool must exist and count deferred tasks::
+Queue budget: ``submit`` (create + wait) and ``resubmit`` (one retry batch at a time) run in the
+pipeline's own pool ``anthropic_batches_{name}`` with one slot each. A slot stands for one batch of
+at most ``max_requests_per_chunk`` requests, so the pool size ``queue_budget_requests //
+max_requests_per_chunk`` (``PipelineConfig.pool_slots_total``) keeps the pipeline's in-progress
+requests under its budget. The pools must exist and count deferred tasks::
 
-    airflow pools set anthropic_batches <slots> "Anthropic batch queue" --include-deferred
+    airflow pools set anthropic_batches_<name> <slots> "Anthropic batch queue" --include-deferred
 
-(``ensure_pool_command`` gives the exact command; the demo and the e2e set-up run it.)
+(``ensure_pool_commands`` gives the exact commands; the demo and the e2e set-up run them.) On top,
+every batch takes an admission ticket (:mod:`anthropic_batch.queue_budget`) that enforces the same
+pipeline budget in requests and the optional deployment-wide budget across all pipelines.
 
 Mode: the DAG param ``mode`` (batch | sync | auto, default from the YAML) is resolved by ``prepare``
 and recorded in the manifest; every later task follows the manifest.
@@ -111,9 +115,26 @@ def storage_root_url(override: str | None = None) -> str:
 
 
 def ensure_pool_command(configs: list[PipelineConfig]) -> list[str]:
-    """``airflow pools set`` arguments for the shared pool, sized for the largest pipeline budget."""
+    """``airflow pools set`` arguments for the shared pool (DAGs that call :func:`add_batch_stage`
+    without a pool, e.g. the overnight report), sized for the largest pipeline budget."""
     slots = max((c.pool_slots_total for c in configs), default=1)
     return ["pools", "set", POOL_NAME, str(slots), "Queued Anthropic batches", "--include-deferred"]
+
+
+def pipeline_pool(config: PipelineConfig) -> str:
+    """The pool of one pipeline's batch tasks: its own, so pipelines do not share slots."""
+    return f"{POOL_NAME}_{config.name}"
+
+
+def ensure_pool_commands(configs: list[PipelineConfig]) -> list[list[str]]:
+    """``airflow pools set`` arguments for every pool the pipelines need: one per pipeline (sized
+    ``pool_slots_total``, counting deferred tasks) plus the shared one."""
+    commands = [ensure_pool_command(configs)]
+    for config in configs:
+        description = f"Anthropic batches of {config.name}: {config.queue_budget_requests} requests"
+        slots = str(config.pool_slots_total)
+        commands.append(["pools", "set", pipeline_pool(config), slots, description, "--include-deferred"])
+    return commands
 
 
 def _poll_intervals(config: PipelineConfig) -> tuple[float, float]:
@@ -167,42 +188,44 @@ def add_batch_stage(
     max_poll_interval: float = 600.0,
     deadline_hours: float = 30.0,
     skip_if_no_chunks: bool = False,
+    pool: str = POOL_NAME,
+    queue_budget_requests: int | None = None,
 ) -> Any:
-    """``batch`` mapped task group over ``chunk_paths``: submit -> wait -> collect, index-aligned.
+    """``batch`` mapped task group over ``chunk_paths``: submit (create and wait) -> collect.
 
-    Call inside a ``with dag:`` block. ``after`` (a task) runs before every submit. Returns the
+    Call inside a ``with dag:`` block. ``after`` (a task) runs before every submit. ``pool`` (one
+    slot per chunk, held from create to end) and ``queue_budget_requests`` (admission, see
+    :mod:`anthropic_batch.queue_budget`) bound the requests in progress. Returns the
     collected results paths as a list (the XComArg of a small ``gather_results`` task). With no chunks
     the group is skipped; ``gather_results`` still runs (an empty list, so the run can publish its
     rejects) unless ``skip_if_no_chunks``, which lets the skip flow downstream.
     """
     from anthropic_batch.operators.collect import CollectResultsOperator
     from anthropic_batch.operators.submit import SubmitBatchOperator
-    from anthropic_batch.sensors import BatchSensor
 
     @task_group(group_id="batch")
     def batch(chunk_path: str):
+        # One deferrable task from create to end: the pool slot (deferred tasks count) is never
+        # released between the submit and the wait, so other runs cannot slip in between.
         submit = SubmitBatchOperator(
             task_id="submit",
             chunk_path=chunk_path,
             work_dir=work_dir,
             storage_root=storage_root,
-            pool=POOL_NAME,
-            # Idempotent through the ledger: a retry finds the earlier submission instead of paying twice.
-            retries=retries,
-        )
-        wait = BatchSensor(
-            task_id="wait",
-            handle=submit.output,
-            deferrable=True,
+            pool=pool,
+            wait=True,
+            queue_budget_requests=queue_budget_requests,
+            admission_poll_seconds=poll_interval,
             poll_interval=poll_interval,
             max_poll_interval=max_poll_interval,
             deadline_hours=deadline_hours,
-            pool=POOL_NAME,
+            # Idempotent through the ledger: a retry finds the earlier submission instead of paying twice.
+            retries=retries,
         )
         collect = CollectResultsOperator(task_id="collect", handle=submit.output, work_dir=work_dir)
         if after is not None:
             after >> submit
-        wait >> collect
+        submit >> collect
         return collect.output
 
     collected = batch.expand(chunk_path=chunk_paths)
@@ -318,6 +341,8 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             poll_interval=poll_interval,
             max_poll_interval=max_poll_interval,
             deadline_hours=config.deadline_hours,
+            pool=pipeline_pool(config),
+            queue_budget_requests=config.queue_budget_requests,
         )
         resubmit = ResubmitFailuresOperator(
             task_id="resubmit",
@@ -332,7 +357,8 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
             storage_root=config.storage_root,
             max_requests_per_chunk=config.max_requests_per_chunk,
             max_bytes_per_chunk=config.max_bytes_per_chunk,
-            pool=POOL_NAME,
+            pool=pipeline_pool(config),
+            queue_budget_requests=config.queue_budget_requests,
             # A day whose records were all rejected has no chunks (the batch group is skipped); it is
             # still published, with every record in the dead-letter table.
             trigger_rule="none_failed",

@@ -75,51 +75,23 @@ def deadline_epoch(created_at: datetime | None, deadline_hours: float, now: floa
     return (created_at + timedelta(hours=deadline_hours)).timestamp()
 
 
-class BatchSensor(BaseSensorOperator):
-    """
-    Wait until a Message Batch has ended; returns the batch JSON.
+class BatchWaitMixin:
+    """Waiting for a batch to end, deferrable, with the deadline cancel (see the module docstring).
 
-    :param handle: the BatchHandle from SubmitBatchOperator (templated), or a batch id.
-    :param conn_id: the Anthropic connection.
-    :param deferrable: wait in the triggerer (default) instead of occupying a worker slot.
-    :param poll_interval: first seconds between polls (grows while nothing changes).
-    :param max_poll_interval: upper bound of the poll interval.
-    :param deadline_hours: cancel the batch this long after it was created.
-    :param cancel_wait_hours: after that cancel, how long to wait for the batch to end.
-    :param max_transient_seconds: how long polls may keep failing transiently (429, 5xx, 529,
-        connection errors, early 404) before the try fails.
+    Shared by :class:`BatchSensor` and ``SubmitBatchOperator(wait=True)`` (which creates and waits in
+    one task so the chunk keeps its pool slot from create to end). The host sets ``handle``,
+    ``conn_id``, ``poll_interval``, ``max_poll_interval``, ``deadline_hours``, ``cancel_wait_hours``
+    and ``max_transient_seconds``; ``wait_method`` names the method the trigger resumes.
     """
 
-    template_fields: Sequence[str] = ("handle",)
-    operator_extra_links = (AnthropicConsoleBatchLink(),)
-    ui_color = "#d4a27f"
-
-    def __init__(
-        self,
-        *,
-        handle: dict[str, Any] | str,
-        conn_id: str = DEFAULT_CONN_ID,
-        deferrable: bool = True,
-        poll_interval: float = 30,
-        max_poll_interval: float = 600,
-        deadline_hours: float = 30,
-        cancel_wait_hours: float = 2,
-        max_transient_seconds: float = DEFAULT_MAX_TRANSIENT_SECONDS,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("poke_interval", poll_interval)
-        kwargs.setdefault("timeout", (deadline_hours + cancel_wait_hours) * 3600)
-        kwargs.setdefault("exponential_backoff", True)
-        kwargs.setdefault("max_wait", max_poll_interval)
-        super().__init__(**kwargs)
-        self.handle = handle
-        self.conn_id = conn_id
-        self.deferrable = deferrable
-        self.poll_interval = poll_interval
-        self.max_poll_interval = max_poll_interval
-        self.deadline_hours = deadline_hours
-        self.cancel_wait_hours = cancel_wait_hours
-        self.max_transient_seconds = max_transient_seconds
+    wait_method = "execute_complete"
+    handle: dict[str, Any] | str
+    conn_id: str
+    poll_interval: float
+    max_poll_interval: float
+    deadline_hours: float
+    cancel_wait_hours: float
+    max_transient_seconds: float
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -215,7 +187,7 @@ class BatchSensor(BaseSensorOperator):
                 max_poll_interval=self.max_poll_interval,
                 max_transient_seconds=self.max_transient_seconds,
             ),
-            method_name="execute_complete",
+            method_name=self.wait_method,
             kwargs={"canceling": canceling},
             # A margin past the trigger's own deadline: the trigger reports it, not a bare timeout.
             timeout=timedelta(seconds=max(60.0, deadline - time.time()) + 600),
@@ -225,15 +197,8 @@ class BatchSensor(BaseSensorOperator):
         """Until when a batch canceled at ``deadline`` may take to finish canceling."""
         return max(deadline, now) + self.cancel_wait_hours * 3600
 
-    # -- execution -------------------------------------------------------------------------------
-    def execute(self, context: Any) -> Any:
-        if self._is_sync():
-            self.log.info(
-                "Handle %s ran in sync mode: results are already at %s.", self.batch_id, self.handle
-            )
-            return self._sync_result()
-        if not self.deferrable:
-            return super().execute(context)
+    def _start_wait(self) -> Any:
+        """Poll once; return the ended batch, or defer until it ends (cancelling past the deadline)."""
         from anthropic_batch.hooks import FATAL_ERRORS
         from anthropic_batch.status import BatchStatus
 
@@ -257,6 +222,88 @@ class BatchSensor(BaseSensorOperator):
                 self._cancel_for_deadline()
             self._defer(self._cancel_wait_deadline(deadline, now), canceling=True)
         self._defer(deadline, canceling=False)
+
+    def _on_wait_event(self, event: dict[str, Any] | None, canceling: bool) -> dict[str, Any]:
+        """Resume after the trigger: ended -> record and return; deadline -> cancel and wait for the
+        cancellation (once); a deadline while canceling or an error -> fail clearly."""
+        if not event or "status" not in event:
+            raise AirflowException(f"BatchPollTrigger returned no usable event: {event!r}")
+        status = event["status"]
+        if status == "ended":
+            return self._finish(event["batch"])
+        if status == "deadline":
+            # ``canceling`` comes from the deferral kwargs; the last seen batch says it too (dag.test
+            # resumes without the kwargs).
+            if canceling or (event.get("batch") or {}).get("cancel_initiated_at"):
+                raise AirflowException(
+                    f"Batch {self.batch_id} did not finish canceling within {self.cancel_wait_hours} h "
+                    "of its deadline. Clear the task to wait again."
+                )
+            self._cancel_for_deadline()
+            now = time.time()
+            self._defer(self._cancel_wait_deadline(now, now), canceling=True)
+        message = f"Waiting for batch {event.get('batch_id')} failed: {event.get('message')}"
+        if event.get("error_type") in fatal_error_types():
+            raise AirflowFailException(message + " (fix the connection's key, permissions or billing)")
+        raise AirflowException(message)
+
+
+class BatchSensor(BatchWaitMixin, BaseSensorOperator):
+    """
+    Wait until a Message Batch has ended; returns the batch JSON.
+
+    :param handle: the BatchHandle from SubmitBatchOperator (templated), or a batch id.
+    :param conn_id: the Anthropic connection.
+    :param deferrable: wait in the triggerer (default) instead of occupying a worker slot.
+    :param poll_interval: first seconds between polls (grows while nothing changes).
+    :param max_poll_interval: upper bound of the poll interval.
+    :param deadline_hours: cancel the batch this long after it was created.
+    :param cancel_wait_hours: after that cancel, how long to wait for the batch to end.
+    :param max_transient_seconds: how long polls may keep failing transiently (429, 5xx, 529,
+        connection errors, early 404) before the try fails.
+    """
+
+    template_fields: Sequence[str] = ("handle",)
+    operator_extra_links = (AnthropicConsoleBatchLink(),)
+    ui_color = "#d4a27f"
+
+    def __init__(
+        self,
+        *,
+        handle: dict[str, Any] | str,
+        conn_id: str = DEFAULT_CONN_ID,
+        deferrable: bool = True,
+        poll_interval: float = 30,
+        max_poll_interval: float = 600,
+        deadline_hours: float = 30,
+        cancel_wait_hours: float = 2,
+        max_transient_seconds: float = DEFAULT_MAX_TRANSIENT_SECONDS,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", poll_interval)
+        kwargs.setdefault("timeout", (deadline_hours + cancel_wait_hours) * 3600)
+        kwargs.setdefault("exponential_backoff", True)
+        kwargs.setdefault("max_wait", max_poll_interval)
+        super().__init__(**kwargs)
+        self.handle = handle
+        self.conn_id = conn_id
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.deadline_hours = deadline_hours
+        self.cancel_wait_hours = cancel_wait_hours
+        self.max_transient_seconds = max_transient_seconds
+
+    # -- execution -------------------------------------------------------------------------------
+    def execute(self, context: Any) -> Any:
+        if self._is_sync():
+            self.log.info(
+                "Handle %s ran in sync mode: results are already at %s.", self.batch_id, self.handle
+            )
+            return self._sync_result()
+        if not self.deferrable:
+            return super().execute(context)
+        return self._start_wait()
 
     def poke(self, context: Any) -> bool | PokeReturnValue:
         from anthropic_batch.hooks import FATAL_ERRORS
@@ -286,23 +333,4 @@ class BatchSensor(BaseSensorOperator):
     ) -> dict[str, Any]:
         """Resume after the trigger: ended -> record and return; deadline -> cancel and wait for the
         cancellation (once); a deadline while canceling or an error -> fail clearly."""
-        if not event or "status" not in event:
-            raise AirflowException(f"BatchPollTrigger returned no usable event: {event!r}")
-        status = event["status"]
-        if status == "ended":
-            return self._finish(event["batch"])
-        if status == "deadline":
-            # ``canceling`` comes from the deferral kwargs; the last seen batch says it too (dag.test
-            # resumes without the kwargs).
-            if canceling or (event.get("batch") or {}).get("cancel_initiated_at"):
-                raise AirflowException(
-                    f"Batch {self.batch_id} did not finish canceling within {self.cancel_wait_hours} h "
-                    "of its deadline. Clear the task to wait again."
-                )
-            self._cancel_for_deadline()
-            now = time.time()
-            self._defer(self._cancel_wait_deadline(now, now), canceling=True)
-        message = f"Waiting for batch {event.get('batch_id')} failed: {event.get('message')}"
-        if event.get("error_type") in fatal_error_types():
-            raise AirflowFailException(message + " (fix the connection's key, permissions or billing)")
-        raise AirflowException(message)
+        return self._on_wait_event(event, canceling)

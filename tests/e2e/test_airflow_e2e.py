@@ -56,10 +56,11 @@ def airflow(tmp_path_factory, emulator, storage_root) -> Iterator[StandaloneAirf
     }
     home = tmp_path_factory.mktemp("airflow-home")
     with StandaloneAirflow(home, port=free_port(), env=env) as af:
-        from anthropic_batch.dag_factory import ensure_pool_command
+        from anthropic_batch.dag_factory import ensure_pool_commands
         from anthropic_batch.pipeline_config import load_pipelines
 
-        af.airflow_cli(*ensure_pool_command(load_pipelines()))
+        for command in ensure_pool_commands(load_pipelines()):
+            af.airflow_cli(*command)
         af.api("POST", "/api/v2/connections", json=_connection(emulator))
         af.wait_for_dag(DAG_ID, timeout=180)
         af.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
@@ -249,7 +250,7 @@ def test_run_survives_a_killed_triggerer(airflow, storage_root, batches_client):
         states = airflow.task_states(DAG_ID, run_id)
         if any(v in ("failed", "upstream_failed") for v in states.values()):
             raise AssertionError(f"run failed before deferral: {states}")
-        return any(k.startswith("batch.wait") and v == "deferred" for k, v in states.items())
+        return any(k.startswith("batch.submit") and v == "deferred" for k, v in states.items())
 
     poll_until(deferred, timeout=RUN_TIMEOUT, interval=0.5, message="the sensor never deferred")
     killed = airflow.kill_component("triggerer", signal.SIGKILL)

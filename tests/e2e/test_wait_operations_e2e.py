@@ -47,7 +47,7 @@ from anthropic_batch.pipeline_config import load_pipelines
 
 dags = build_all(load_pipelines(Path(__file__).parent / "pipelines"))
 # Only the sensor of this DAG gives up early; its resubmit keeps the pipeline's deadline.
-dags["{DEADLINE_DAG_ID}"].task_dict["batch.wait"].deadline_hours = {DEADLINE_SECONDS} / 3600
+dags["{DEADLINE_DAG_ID}"].task_dict["batch.submit"].deadline_hours = {DEADLINE_SECONDS} / 3600
 globals().update(dags)
 '''
 
@@ -88,10 +88,11 @@ def airflow(tmp_path_factory, emulator, storage_root, dags_folder) -> Iterator[S
     }
     home = tmp_path_factory.mktemp("ops-wait-home")
     with StandaloneAirflow(home, port=free_port(), env=env, dags_folder=dags_folder) as af:
-        from anthropic_batch.dag_factory import ensure_pool_command
+        from anthropic_batch.dag_factory import ensure_pool_commands
         from anthropic_batch.pipeline_config import load_pipelines
 
-        af.airflow_cli(*ensure_pool_command(load_pipelines(dags_folder / "pipelines")))
+        for command in ensure_pool_commands(load_pipelines(dags_folder / "pipelines")):
+            af.airflow_cli(*command)
         af.api(
             "POST",
             "/api/v2/connections",
@@ -140,7 +141,7 @@ def _until_deferred(af: StandaloneAirflow, dag_id: str, run_id: str, *, try_numb
         states = af.task_states(dag_id, run_id)
         if any(v in ("failed", "upstream_failed") for v in states.values()):
             raise AssertionError(f"run failed: {states}\n{af.log_tail(3000)}")
-        tis = [t for t in af.task_instances(dag_id, run_id) if t["task_id"] == "batch.wait"]
+        tis = [t for t in af.task_instances(dag_id, run_id) if t["task_id"] == "batch.submit"]
         if tis and tis[0]["state"] == "deferred" and tis[0]["try_number"] >= try_number:
             found.update(tis[0])
             return True
@@ -180,7 +181,7 @@ def test_clearing_a_deferred_wait_reattaches_and_cancels_nothing(airflow, storag
     airflow.api(
         "POST",
         f"/api/v2/dags/{DAG_ID}/clearTaskInstances",
-        json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["batch.wait"], "only_failed": False},
+        json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["batch.submit"], "only_failed": False},
     )
     # The cleared wait runs again and defers on the same batch (its trigger was removed by the clear).
     _until_deferred(airflow, DAG_ID, run_id, try_number=2)
@@ -201,7 +202,7 @@ def test_deadline_cancels_waits_and_resubmits_the_canceled_requests(airflow, sto
     assert _run_ended(airflow, DEADLINE_DAG_ID, run_id) == "success", (
         f"{airflow.task_states(DEADLINE_DAG_ID, run_id)}\n{airflow.log_tail(4000)}"
     )
-    wait = _wait_ti(airflow, DEADLINE_DAG_ID, run_id, "batch.wait")
+    wait = _wait_ti(airflow, DEADLINE_DAG_ID, run_id, "batch.submit")
     assert wait["state"] == "success" and wait["try_number"] == 1  # no failed try, no retry needed
 
     (entry,) = _ledger_entries(storage_root, DEADLINE_DAG_ID, date, "batch.submit")
@@ -233,8 +234,8 @@ def test_cancel_on_the_batches_page_records_the_user(airflow, storage_root, clie
 
     # The wait sees the batch end and succeeds; collect gets what the batch holds.
     def waited() -> bool:
-        return _wait_ti(airflow, DAG_ID, run_id, "batch.wait")["state"] in ("success", "failed")
+        return _wait_ti(airflow, DAG_ID, run_id, "batch.submit")["state"] in ("success", "failed")
 
     poll_until(waited, timeout=RUN_TIMEOUT, interval=1.0, message="the wait never finished")
-    assert _wait_ti(airflow, DAG_ID, run_id, "batch.wait")["state"] == "success"
+    assert _wait_ti(airflow, DAG_ID, run_id, "batch.submit")["state"] == "success"
     # What resubmit does with the canceled requests is its policy (dead-lettered: "canceled by <user>").

@@ -31,7 +31,7 @@ def finished_run(tmp_path_factory):
     from demo.generate_data import write_tickets
     from demo.standalone import StandaloneAirflow, poll_until
 
-    from anthropic_batch.dag_factory import ensure_pool_command
+    from anthropic_batch.dag_factory import ensure_pool_commands
     from anthropic_batch.pipeline_config import load_pipelines
     from batches_emulator.testing import EmulatorProcess
 
@@ -47,8 +47,9 @@ def finished_run(tmp_path_factory):
             "ANTHROPIC_BATCH_POLL_INTERVAL": "5",
         }
         with StandaloneAirflow(base / "airflow", port=free_port(), env=env) as af:
-            # The shared queue-budget pool the submit, wait and resubmit tasks run in.
-            af.airflow_cli(*ensure_pool_command(load_pipelines()))
+            # The queue-budget pools (one per pipeline) the submit and resubmit tasks run in.
+            for command in ensure_pool_commands(load_pipelines()):
+                af.airflow_cli(*command)
             af.wait_for_dag(DAG_ID, timeout=240)
             # Unpausing creates the scheduled run of the last complete day (a data-interval
             # timetable, catchup off): yesterday's partition, which is the only data written.

@@ -19,7 +19,9 @@ One task runs every retry round of a run:
    answer: paying again is the pipeline's choice); a retry never loses the answer it tries to
    improve, because the merge keeps the best one;
 4. each retry chunk is submitted through ``ledger.submit_idempotently`` (so a retried task re-attaches
-   instead of paying twice); the task then *defers* on ``BatchPollTrigger`` (no worker slot held while
+   instead of paying twice), one at a time and each after queue admission
+   (:mod:`anthropic_batch.queue_budget`; the task defers while it waits), so the task's one pool slot
+   stands for one batch; the task then *defers* on ``BatchPollTrigger`` (no worker slot held while
    the batch runs) and resumes, as a fresh operator instance, in ``execute_complete``; it collects
    into ``results/attempt-NN/`` and goes back to 1. In ``mode=sync`` the retry runs synchronously and
    nothing is deferred;
@@ -51,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from anthropic_batch import storage
+from anthropic_batch import queue_budget, storage
 from anthropic_batch.answer_reuse import merge_inputs
 from anthropic_batch.batch_requests import (
     DEFAULT_MAX_BYTES_PER_CHUNK,
@@ -215,6 +217,7 @@ class ResubmitFailuresOperator(BaseOperator):
         storage_root: str | None = None,
         max_requests_per_chunk: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_chunk: int = DEFAULT_MAX_BYTES_PER_CHUNK,
+        queue_budget_requests: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -234,6 +237,8 @@ class ResubmitFailuresOperator(BaseOperator):
         self.storage_root = storage_root
         self.max_requests_per_chunk = max_requests_per_chunk
         self.max_bytes_per_chunk = max_bytes_per_chunk
+        # Queue budget (issue 9): retry batches are submitted one at a time, each admitted first.
+        self.queue_budget_requests = queue_budget_requests
 
     # -- entry points ----------------------------------------------------------------------------
     def execute(self, context: Context) -> str:
@@ -268,10 +273,26 @@ class ResubmitFailuresOperator(BaseOperator):
             )
         rounds = list(state.get("rounds") or [])
         paths = [*state["results_paths"], self._collect(handle, attempt)]
+        # -- queue budget (budget branch): the ended batch frees its ticket; next retry chunk --
+        queue_budget.TicketQueue().release_owned(
+            queue_budget.ticket_owner(submission_identity(context["ti"], read_manifest(self.work_dir))),
+            str(handle.get("ledger_path")),
+        )
         pending = list(state.get("pending") or [])
         if pending:
-            self._defer_on(context, pending[0], attempt, paths, pending[1:], rounds)
+            return self._submit_next(context, attempt, paths, pending, rounds)
         return self._round(context, paths, attempt, rounds)
+
+    def admission_complete(self, context: Context, event: Any = None, **_kwargs: Any) -> str:
+        """Resume after waiting for queue admission: check again, submit the next retry chunk."""
+        state = self._load_state(context, phase="admission")
+        return self._submit_next(
+            context,
+            int(state["attempt"]),
+            list(state["results_paths"]),
+            list(state.get("pending") or []),
+            list(state.get("rounds") or []),
+        )
 
     # -- the loop's state on storage -----------------------------------------------------------------
     def _save_state(
@@ -299,7 +320,7 @@ class ResubmitFailuresOperator(BaseOperator):
             },
         )
 
-    def _load_state(self, context: Context) -> dict[str, Any]:
+    def _load_state(self, context: Context, phase: str = "waiting") -> dict[str, Any]:
         """The state saved before the deferral this resume answers; a clear error if it is not there."""
         path = resubmit_state_path(self.work_dir)
         state = storage.read_json(path)
@@ -310,7 +331,8 @@ class ResubmitFailuresOperator(BaseOperator):
             )
         identity = task_identity(context)
         theirs = {k: state.get(k) for k in identity}
-        if theirs != identity or state.get("phase") != "waiting" or not state.get("handle"):
+        missing_handle = phase == "waiting" and not state.get("handle")
+        if theirs != identity or state.get("phase") != phase or missing_handle:
             raise AirflowException(
                 f"The resubmit state at {path} ({state.get('phase')}, {theirs}) is not a deferral of "
                 f"this task instance ({identity}); another run of the partition may have replaced it. "
@@ -373,22 +395,17 @@ class ResubmitFailuresOperator(BaseOperator):
             self.max_attempts,
             stats.retry_reasons,
         )
-        handles = self._submit_retry(context, manifest, paths, stats.n_retry, next_attempt)
+        infos = self._write_retry_chunks(manifest, paths, stats.n_retry, next_attempt)
         rounds = [
             *rounds,
             {
                 "attempt": next_attempt,
                 "n_requests": stats.n_retry,
                 "reasons": dict(stats.retry_reasons),
-                "batch_ids": [h["batch_id"] for h in handles],
+                "batch_ids": [],
             },
         ]
-        if handles[0]["mode"] == "sync":
-            for handle in handles:
-                paths = [*paths, self._collect(handle, next_attempt)]
-            return self._round(context, paths, next_attempt, rounds)
-        self._defer_on(context, handles[0], next_attempt, paths, handles[1:], rounds)
-        raise AssertionError("unreachable: defer raises")  # pragma: no cover
+        return self._submit_next(context, next_attempt, paths, infos, rounds)
 
     def _finalise(
         self, stats: MergeStats, merged_path: ObjectStoragePath, manifest: Mapping[str, Any], attempt: int
@@ -507,15 +524,10 @@ class ResubmitFailuresOperator(BaseOperator):
             f for f, hit in zip(files, hits, strict=True) if not hit
         ]
 
-    def _submit_retry(
-        self,
-        context: Context,
-        manifest: Mapping[str, Any],
-        paths: Sequence[str],
-        n_retry: int,
-        attempt: int,
+    def _write_retry_chunks(
+        self, manifest: Mapping[str, Any], paths: Sequence[str], n_retry: int, attempt: int
     ) -> list[dict[str, Any]]:
-        spec = manifest.get("spec") or {}
+        """Write the retry chunk files of ``attempt``; their ChunkInfos (nothing submitted yet)."""
         directory = retry_dir(self.work_dir, attempt)
         infos = []
         groups = _chunk_groups(
@@ -527,33 +539,70 @@ class ResubmitFailuresOperator(BaseOperator):
             infos.append(
                 write_chunk(group, directory / f"retry-{attempt:02d}-chunk-{index:05d}.jsonl", index)
             )
+        return infos
+
+    # -- queue budget (budget branch): one retry batch at a time, each admitted before it is created --
+    def _submit_next(
+        self,
+        context: Context,
+        attempt: int,
+        paths: list[str],
+        infos: list[dict[str, Any]],
+        rounds: list[dict[str, Any]],
+    ) -> str:
+        """Submit ``infos[0]`` (after queue admission) and wait for it; the rest stay pending.
+
+        One batch at a time, so the task's one pool slot and one ticket stand for one batch: a retry
+        round never has more requests in progress than one chunk.
+        """
         from anthropic_batch.hooks import BatchHook
 
-        ti = context["ti"]
-        hook = BatchHook(conn_id=self.conn_id)
+        info, rest = infos[0], infos[1:]
+        manifest = read_manifest(self.work_dir)
+        identity = submission_identity(context["ti"], manifest)
         ledger = SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root))
-        handles = []
-        for info in infos:
-            handles.append(
-                submit_idempotently(
-                    hook,
-                    ledger,
-                    chunk_path=info["path"],
-                    # Same bytes at another attempt must be a new submission (see module docstring).
-                    chunk_fingerprint=sha256_hex(f"{info['fingerprint']}:attempt-{attempt}"),
-                    n_requests=int(info["n_requests"]),
-                    n_bytes=int(info["n_bytes"]),
-                    **submission_identity(ti, manifest),
-                    attempt=attempt,
-                    model=str(spec.get("model")),
-                )
-            )
-        self.log.info(
-            "Attempt %d: %s",
-            attempt,
-            ", ".join(f"{h['batch_id']} ({h['n_requests']} requests)" for h in handles),
+        # Same bytes at another attempt must be a new submission (see module docstring).
+        fingerprint = sha256_hex(f"{info['fingerprint']}:attempt-{attempt}")
+        ledger_path = ledger.entry_path(
+            identity["dag_id"], identity["partition"], identity["task_id"], fingerprint
         )
-        return handles
+        entry = storage.read_json(ledger_path) or {}
+        if identity["mode"] != "sync" and not entry.get("batch_id"):
+            self._save_state(
+                context, "admission", attempt=attempt, results_paths=paths, rounds=rounds, pending=infos
+            )
+            queue_budget.admit_or_defer(
+                self,
+                ledger_path=str(ledger_path),
+                identity=identity,
+                n_requests=int(info["n_requests"]),
+                pipeline_budget=self.queue_budget_requests,
+                admission_poll_seconds=self.poll_interval,
+                method_name="admission_complete",
+                conn_id=self.conn_id,
+            )
+        handle = submit_idempotently(
+            BatchHook(conn_id=self.conn_id),
+            ledger,
+            chunk_path=info["path"],
+            chunk_fingerprint=fingerprint,
+            n_requests=int(info["n_requests"]),
+            n_bytes=int(info["n_bytes"]),
+            **identity,
+            attempt=attempt,
+            model=str((manifest.get("spec") or {}).get("model")),
+        )
+        self.log.info("Attempt %d: %s (%d requests)", attempt, handle["batch_id"], handle["n_requests"])
+        rounds = [*rounds[:-1], {**rounds[-1], "batch_ids": [*rounds[-1]["batch_ids"], handle["batch_id"]]}]
+        if handle["mode"] == "sync":
+            paths = [*paths, self._collect(handle, attempt)]
+            if rest:
+                return self._submit_next(context, attempt, paths, rest, rounds)
+            return self._round(context, paths, attempt, rounds)
+        self._defer_on(context, handle, attempt, paths, rest, rounds)
+        raise AssertionError("unreachable: defer raises")  # pragma: no cover
+
+    # -- end of the queue budget part --
 
     def _collect(self, handle: Mapping[str, Any], attempt: int) -> str:
         from anthropic_batch.hooks import BatchHook

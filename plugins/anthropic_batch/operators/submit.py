@@ -6,6 +6,13 @@ The submission goes through :func:`anthropic_batch.ledger.submit_idempotently`, 
 retried or re-run tasks of one chunk (two runs of a date, a zombie beside its retry) make one batch
 and all re-attach to it instead of paying again. The batch id is pushed to XCom
 (key ``batch_id``) the moment it is known, for the Console link; the BatchHandle is returned.
+
+Queue budget (:mod:`anthropic_batch.queue_budget`): with ``queue_budget_requests`` set (the DAG
+factory does) or a deployment-wide budget configured, a chunk that has no batch yet first takes a
+ticket; while it is not admitted the task defers on a ``DateTimeTrigger`` (no worker slot) and
+checks again. ``wait=True`` then also waits for the batch in the same task (deferred on
+``BatchPollTrigger``), so the chunk holds its pool slot from create to end (a pool that counts
+deferred tasks); the ticket is released when the batch ends.
 """
 
 from __future__ import annotations
@@ -14,11 +21,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
-from anthropic_batch import storage
-from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
+from anthropic_batch import queue_budget, storage
+from anthropic_batch.ledger import (
+    SubmissionLedger,
+    handle_from_entry,
+    is_fully_canceled,
+    ledger_root_for,
+    submit_idempotently,
+)
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
+from anthropic_batch.sensors import BatchWaitMixin
 from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS
 
 #: Rough bytes per input token for the projection (JSON-escaped English text runs at ~4).
 BYTES_PER_TOKEN = 4
@@ -72,7 +88,7 @@ def projected_cost_usd(model: str, n_requests: int, n_bytes: int, max_tokens: in
         return None
 
 
-class SubmitBatchOperator(BaseOperator):
+class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
     """
     Submit one chunk file as a Message Batch (or run it synchronously in ``mode=sync``).
 
@@ -82,7 +98,17 @@ class SubmitBatchOperator(BaseOperator):
         (``{root}/{pipeline}/work/date=...``), else the configured storage root.
     :param conn_id: the Anthropic connection.
     :param attempt: submission attempt number (1 for the first submission).
+    :param wait: also wait for the batch to end in this task (deferred), returning the handle then;
+        the chunk keeps this task's pool slot from create to end.
+    :param queue_budget_requests: the pipeline's queue budget (requests in progress); with it (or a
+        deployment budget) the chunk waits for admission before its batch is created.
+    :param admission_poll_seconds: how often a chunk that is not admitted checks again.
+    :param queue_root: storage root of the ticket queue (default: the deployment's storage root).
+    :param poll_interval, max_poll_interval, deadline_hours, cancel_wait_hours, max_transient_seconds:
+        the wait, as for :class:`~anthropic_batch.sensors.BatchSensor`.
     """
+
+    wait_method = "wait_complete"
 
     template_fields: Sequence[str] = ("chunk_path", "work_dir", "storage_root")
     operator_extra_links = (AnthropicConsoleBatchLink(),)
@@ -96,6 +122,15 @@ class SubmitBatchOperator(BaseOperator):
         storage_root: str | None = None,
         conn_id: str = DEFAULT_CONN_ID,
         attempt: int = 1,
+        wait: bool = False,
+        queue_budget_requests: int | None = None,
+        admission_poll_seconds: float = 30.0,
+        queue_root: str | None = None,
+        poll_interval: float = 30.0,
+        max_poll_interval: float = 600.0,
+        deadline_hours: float = 30.0,
+        cancel_wait_hours: float = 2.0,
+        max_transient_seconds: float = DEFAULT_MAX_TRANSIENT_SECONDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -104,8 +139,84 @@ class SubmitBatchOperator(BaseOperator):
         self.storage_root = storage_root
         self.conn_id = conn_id
         self.attempt = attempt
+        self.wait = wait
+        self.queue_budget_requests = queue_budget_requests
+        self.admission_poll_seconds = admission_poll_seconds
+        self.queue_root = queue_root
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.deadline_hours = deadline_hours
+        self.cancel_wait_hours = cancel_wait_hours
+        self.max_transient_seconds = max_transient_seconds
+        self.handle: dict[str, Any] = {}
+
+    def _ledger(self) -> SubmissionLedger:
+        return SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root))
+
+    def _ledger_path(self, context: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """(ledger entry path, chunk info, submission identity) of this task's chunk."""
+        manifest = load_manifest(self.work_dir)
+        chunk = find_chunk(manifest, self.chunk_path)
+        identity = submission_identity(context["ti"], manifest)
+        path = self._ledger().entry_path(
+            identity["dag_id"], identity["partition"], identity["task_id"], chunk["fingerprint"]
+        )
+        return str(path), chunk, identity
+
+    def admission_complete(self, context: Any, event: Any = None) -> dict[str, Any]:
+        """Resume after an admission wait: check again (and submit when admitted)."""
+        return self.execute(context)
 
     def execute(self, context: Any) -> dict[str, Any]:
+        ledger_path, chunk, identity = self._ledger_path(context)
+        entry = storage.read_json(ledger_path) or {}
+        # Re-attaching to a recorded batch needs no admission: its own ticket already counts it.
+        needs_batch = not entry.get("batch_id") or is_fully_canceled(entry)
+        self._ticket_owner = queue_budget.ticket_owner(identity)
+        if identity["mode"] != "sync" and needs_batch:
+            queue_budget.admit_or_defer(
+                self,
+                ledger_path=ledger_path,
+                identity=identity,
+                n_requests=int(chunk["n_requests"]),
+                pipeline_budget=self.queue_budget_requests,
+                admission_poll_seconds=self.admission_poll_seconds,
+                method_name="admission_complete",
+                queue_root=self.queue_root,
+                conn_id=self.conn_id,
+            )
+        handle = self._submit(context)
+        if not self.wait:
+            return handle
+        self.handle = handle
+        if self._is_sync():
+            return handle
+        self._start_wait()  # returns only when the batch has ended already (else defers)
+        return handle
+
+    def wait_complete(
+        self, context: Any, event: dict[str, Any] | None = None, canceling: bool = False
+    ) -> dict[str, Any]:
+        """Resume after the batch's trigger; returns the handle once the batch has ended."""
+        ledger_path, _, identity = self._ledger_path(context)
+        self._ticket_owner = queue_budget.ticket_owner(identity)
+        entry = storage.read_json(ledger_path)
+        if not entry or not entry.get("batch_id"):
+            raise AirflowFailException(f"Ledger entry {ledger_path} has no batch; clear the task to submit.")
+        self.handle = handle_from_entry(entry, ledger_path)
+        self._on_wait_event(event, canceling)
+        return self.handle
+
+    def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Record the end (as the sensor does) and release this task's queue ticket."""
+        batch = super()._finish(batch)
+        ledger_path = self.handle.get("ledger_path")
+        owner = getattr(self, "_ticket_owner", None)
+        if ledger_path and owner:
+            queue_budget.TicketQueue(self.queue_root).release_owned(owner, str(ledger_path))
+        return batch
+
+    def _submit(self, context: Any) -> dict[str, Any]:
         from anthropic_batch.hooks import BatchHook  # the SDK: not at DAG parse time
 
         manifest = load_manifest(self.work_dir)
@@ -126,7 +237,7 @@ class SubmitBatchOperator(BaseOperator):
         ti = context["ti"]
         handle = submit_idempotently(
             BatchHook(conn_id=self.conn_id),
-            SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root)),
+            self._ledger(),
             chunk_path=str(chunk["path"]),
             chunk_fingerprint=chunk["fingerprint"],
             n_requests=int(chunk["n_requests"]),

@@ -14,6 +14,8 @@ from anthropic_batch.dag_factory import (
     build_pipeline_dag,
     ensure_pool_command,
     run_partition,
+    ensure_pool_commands,
+    pipeline_pool,
 )
 from anthropic_batch.pipeline_config import POOL_NAME, load_pipelines
 
@@ -33,7 +35,6 @@ def test_task_chain(bulk):
         "prepare",
         "sample_refine",
         "batch.submit",
-        "batch.wait",
         "batch.collect",
         "gather_results",
         "resubmit",
@@ -41,8 +42,7 @@ def test_task_chain(bulk):
     }
     assert bulk.get_task("sample_refine").upstream_task_ids == {"prepare"}
     assert bulk.get_task("batch.submit").upstream_task_ids == {"prepare", "sample_refine"}
-    assert bulk.get_task("batch.wait").upstream_task_ids == {"batch.submit"}
-    assert bulk.get_task("batch.collect").upstream_task_ids == {"batch.submit", "batch.wait"}
+    assert bulk.get_task("batch.collect").upstream_task_ids == {"batch.submit"}
     assert bulk.get_task("gather_results").upstream_task_ids == {"batch.collect"}
     assert bulk.get_task("resubmit").upstream_task_ids == {"gather_results"}
     assert bulk.get_task("publish").upstream_task_ids == {"resubmit"}
@@ -54,19 +54,27 @@ def test_batch_group_is_mapped_over_prepare_so_indices_align(bulk):
     (expand_input,) = [group._expand_input]
     assert "chunk_path" in expand_input.value
     # every task of the group is mapped through the group, not expanded on its own
-    for task_id in ("batch.submit", "batch.wait", "batch.collect"):
+    for task_id in ("batch.submit", "batch.collect"):
         task = bulk.get_task(task_id)
         assert task.task_group.group_id == "batch"
 
 
 def test_pool_and_deferral(bulk, configs):
-    for task_id in ("batch.submit", "batch.wait", "resubmit"):
-        assert bulk.get_task(task_id).pool == POOL_NAME
-    assert bulk.get_task("batch.wait").deferrable is True
-    assert bulk.get_task("prepare").pool != POOL_NAME
+    """Each pipeline has its own pool; submit creates *and* waits (one slot from create to end)."""
+    cfg = configs["bulk_extraction"]
+    for task_id in ("batch.submit", "resubmit"):
+        assert bulk.get_task(task_id).pool == pipeline_pool(cfg)
+        assert bulk.get_task(task_id).queue_budget_requests == cfg.queue_budget_requests
+    assert bulk.get_task("batch.submit").wait is True
+    assert bulk.get_task("prepare").pool != pipeline_pool(cfg)
     command = ensure_pool_command(list(configs.values()))
     assert command[:3] == ["pools", "set", POOL_NAME] and "--include-deferred" in command
     assert int(command[3]) == max(c.pool_slots_total for c in configs.values())
+    commands = {c[2]: c for c in ensure_pool_commands(list(configs.values()))}
+    for config in configs.values():
+        created = commands[pipeline_pool(config)]
+        assert int(created[3]) == config.pool_slots_total and "--include-deferred" in created
+    assert len({pipeline_pool(c) for c in configs.values()}) == len(configs)
 
 
 def test_params_docs_tags_owner_schedule(bulk, configs):
