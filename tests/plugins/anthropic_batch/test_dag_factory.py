@@ -13,9 +13,9 @@ from anthropic_batch.dag_factory import (
     build_all,
     build_pipeline_dag,
     ensure_pool_command,
-    run_partition,
     ensure_pool_commands,
     pipeline_pool,
+    run_partition,
 )
 from anthropic_batch.pipeline_config import POOL_NAME, load_pipelines
 
