@@ -34,7 +34,7 @@ submitting operator goes through. Every write to an entry is conditional (``stor
 ``mode="sync"`` is a backend of its own, :func:`sync_backend.run_chunk`, run by the worker that
 owns the entry (so two urgent reruns never both pay): the chunk goes through the synchronous
 Messages API now, with its progress persisted in parts so that a crash resumes without paying
-again. A sync submission that finds a batch of the same chunk still in flight takes that entry over
+again. A sync submission that finds a batch of the same chunk (in flight or ended) takes that entry over
 by compare-and-swap and hands the batch to the backend, which cancels it and reuses its answers.
 """
 
@@ -610,9 +610,10 @@ SYNC_IDENTITY_FIELDS = (
 
 
 def _sync_takes_over(mode: str, found: dict[str, Any]) -> bool:
-    """Whether a ``mode=sync`` submission takes over the batch recorded in ``found``: a batch (not an
-    earlier sync run) that has not been seen to end; an ended batch is re-attached and collected."""
-    return mode == "sync" and found.get("mode") != "sync" and found.get("state") != LedgerState.ENDED.value
+    """Whether a ``mode=sync`` submission takes over the batch recorded in ``found`` (a batch, not
+    an earlier sync run): in flight it is canceled; either way its answers are reused and only the
+    rest is sent now (``sync_backend``)."""
+    return mode == "sync" and found.get("mode") != "sync"
 
 
 def _claim_timeout_message(path: PathLike, entry: dict[str, Any], waited: float) -> str:
