@@ -2,7 +2,7 @@
 
 Runs when `bulk_extraction` publishes a partition (its Asset) and, as a safety net, every morning at
 06:30 UTC. It aggregates the day's extraction per ticket category, asks the model for one short
-narrative per category in **one** Message Batch (prepare -> submit -> wait -> collect -> resubmit,
+narrative per category in **one** Message Batch (prepare -> submit and wait -> collect -> resubmit,
 the same operators as every pipeline), and renders `reports/date=YYYY-MM-DD/report.html` (inline
 SVG charts: volumes, status breakdown, cost and savings over the last days) and `report.md`.
 
