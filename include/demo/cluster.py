@@ -465,10 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cluster.start()
-        from anthropic_batch.dag_factory import ensure_pool_command
+        from anthropic_batch.dag_factory import ensure_pool_commands
         from anthropic_batch.pipeline_config import load_pipelines
 
-        cluster.airflow_cli(*ensure_pool_command(load_pipelines()))
+        for command in ensure_pool_commands(load_pipelines()):  # one pool per pipeline
+            cluster.airflow_cli(*command)
         today = dt.datetime.now(dt.UTC).date()
         for offset in range(args.days + 1):
             upload_demo_tickets(cluster, today - dt.timedelta(days=offset), args.per_day)

@@ -72,10 +72,11 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         env=env,
     ) as af:
         print(f"\ncluster up in {time.monotonic() - started:.0f}s")
-        from anthropic_batch.dag_factory import ensure_pool_command
+        from anthropic_batch.dag_factory import ensure_pool_commands
         from anthropic_batch.pipeline_config import load_pipelines
 
-        af.airflow_cli(*ensure_pool_command(load_pipelines()))
+        for command in ensure_pool_commands(load_pipelines()):  # one pool per pipeline
+            af.airflow_cli(*command)
         af.wait_for_dag(DAG_ID, timeout=240)
         af.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
         try:

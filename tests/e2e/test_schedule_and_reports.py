@@ -48,10 +48,11 @@ def setup(tmp_path_factory) -> Iterator[tuple[StandaloneAirflow, Path, dt.date]]
         }
         home = tmp_path_factory.mktemp("schedule-airflow")
         with StandaloneAirflow(home, port=free_port(), env=env) as af:
-            from anthropic_batch.dag_factory import ensure_pool_command
+            from anthropic_batch.dag_factory import ensure_pool_commands
             from anthropic_batch.pipeline_config import load_pipelines
 
-            af.airflow_cli(*ensure_pool_command(load_pipelines()))
+            for command in ensure_pool_commands(load_pipelines()):  # one pool per pipeline
+                af.airflow_cli(*command)
             af.wait_for_dag(DAG_ID, timeout=240)
             af.wait_for_dag(REPORT_DAG_ID, timeout=120)
             assert af.import_errors() == []
