@@ -24,6 +24,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 log = logging.getLogger(__name__)
 
 PRICE_TABLE_AS_OF = "2026-10-21"
@@ -103,6 +105,39 @@ class ModelPrice:
         }
 
 
+class CostBreakdown(BaseModel):
+    """Tokens and dollars of a run, split the way the bill splits them (the run summary's
+    ``cost_breakdown``, the reports and the Batches page show exactly these fields).
+
+    ``*_usd`` fields are what was paid. ``cache_saving_usd`` is what the cache reads saved against
+    paying those tokens as plain input, minus the premium paid to write the cache (negative when
+    writes were never read back). ``batch_saving_usd`` is the synchronous price of the same usage
+    minus the price paid. Both savings are at the price actually paid (batch or synchronous).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    input_usd: float = 0.0
+    output_usd: float = 0.0
+    cache_write_usd: float = 0.0
+    cache_read_usd: float = 0.0
+    cache_saving_usd: float = 0.0
+    batch_saving_usd: float = 0.0
+
+    @property
+    def total_usd(self) -> float:
+        return self.input_usd + self.output_usd + self.cache_write_usd + self.cache_read_usd
+
+    def __add__(self, other: CostBreakdown) -> CostBreakdown:
+        return CostBreakdown(
+            **{name: getattr(self, name) + getattr(other, name) for name in CostBreakdown.model_fields}
+        )
+
+
 def _usage_int(usage: Mapping[str, Any], key: str) -> int:
     value = usage.get(key)
     return int(value) if value else 0
@@ -156,6 +191,40 @@ class PriceTable:
             + _usage_int(usage, "cache_read_input_tokens") * p.cache_read
         ) / _PER_TOKEN
         return total * self.batch_discount if batch else total
+
+    def breakdown(
+        self, model: str, usage: Mapping[str, Any], *, batch: bool, cache_ttl: str = "5m"
+    ) -> CostBreakdown:
+        """The :class:`CostBreakdown` of a usage block (one response's, or token totals of a run:
+        ``input_tokens``, ``output_tokens``, ``cache_creation_input_tokens``,
+        ``cache_read_input_tokens``; ``cache_ttl`` prices the writes)."""
+        if cache_ttl not in ("5m", "1h"):
+            raise ValueError(f"cache_ttl must be '5m' or '1h', not {cache_ttl!r}")
+        p = self.price(model)
+        paid = self.batch_discount if batch else Decimal(1)
+        n_in = _usage_int(usage, "input_tokens")
+        n_out = _usage_int(usage, "output_tokens")
+        n_write = _usage_int(usage, "cache_creation_input_tokens")
+        n_read = _usage_int(usage, "cache_read_input_tokens")
+        write_price = p.cache_write_1h if cache_ttl == "1h" else p.cache_write_5m
+
+        def usd(tokens: int, price: Decimal) -> float:
+            return float(tokens * price * paid / _PER_TOKEN)
+
+        parts = CostBreakdown(
+            input_tokens=n_in,
+            output_tokens=n_out,
+            cache_write_tokens=n_write,
+            cache_read_tokens=n_read,
+            input_usd=usd(n_in, p.input),
+            output_usd=usd(n_out, p.output),
+            cache_write_usd=usd(n_write, write_price),
+            cache_read_usd=usd(n_read, p.cache_read),
+            cache_saving_usd=usd(n_read, p.input - p.cache_read) - usd(n_write, write_price - p.input),
+        )
+        return parts.model_copy(
+            update={"batch_saving_usd": parts.total_usd / float(paid) - parts.total_usd if batch else 0.0}
+        )
 
     def cost(self, model: str, usage: Mapping[str, Any], *, batch: bool, cache_ttl: str = "5m") -> float:
         """Cost in USD of one response's ``usage`` block, batch or synchronous price."""

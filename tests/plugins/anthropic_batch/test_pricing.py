@@ -144,3 +144,30 @@ def test_bad_override_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(pricing.PRICES_ENV, json.dumps({"models": {"x": {"output": 1}}}))
     with pytest.raises(ValueError, match="needs 'input'"):
         load_price_table()
+
+
+def test_breakdown_splits_cache_and_batch_savings():
+    from anthropic_batch.pricing import CostBreakdown, builtin_price_table
+
+    table = builtin_price_table()
+    usage = {
+        "input_tokens": 1_000_000,
+        "output_tokens": 100_000,
+        "cache_creation_input_tokens": 200_000,
+        "cache_read_input_tokens": 2_000_000,
+    }
+    b = table.breakdown("claude-sonnet-4-6", usage, batch=True)
+    # Sonnet 4.6: input 3, output 15, write 3.75, read 0.30 USD/Mtok; batch pays half.
+    assert b.input_usd == pytest.approx(1.5)
+    assert b.output_usd == pytest.approx(0.75)
+    assert b.cache_write_usd == pytest.approx(0.375)
+    assert b.cache_read_usd == pytest.approx(0.30)
+    assert b.total_usd == pytest.approx(float(table.cost_decimal("claude-sonnet-4-6", usage, batch=True)))
+    # reads saved (3 - 0.3) * 2 Mtok / 2 = 2.70; the write premium cost (3.75 - 3) * 0.2 / 2 = 0.075
+    assert b.cache_saving_usd == pytest.approx(2.625)
+    assert b.batch_saving_usd == pytest.approx(b.total_usd)
+    sync = table.breakdown("claude-sonnet-4-6", usage, batch=False)
+    assert sync.batch_saving_usd == 0 and sync.total_usd == pytest.approx(2 * b.total_usd)
+    summed = b + b
+    assert isinstance(summed, CostBreakdown) and summed.cache_read_tokens == 4_000_000
+    assert CostBreakdown.model_validate_json(b.model_dump_json()) == b
