@@ -47,11 +47,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
-from anthropic_batch.status import CancelReason
+from anthropic_batch.status import (
+    REQUEST_COUNT_KEYS,
+    CancelReason,
+    LedgerState,
+    ProcessingStatus,
+    RequestCountKey,
+)
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -76,14 +81,6 @@ CLAIM_WAIT_SECONDS = 3600.0
 ORPHAN_SETTLE_SECONDS = 30.0
 #: Creates that may fail ambiguously (and be found not to exist) before the task gives up.
 MAX_AMBIGUOUS_CREATES = 3
-
-
-class LedgerState(StrEnum):
-    """Lifecycle of a ledger entry."""
-
-    INTENT = "intent"
-    SUBMITTED = "submitted"
-    ENDED = "ended"
 
 
 class AmbiguousSubmissionError(RuntimeError):
@@ -115,10 +112,12 @@ def is_fully_canceled(batch: MessageBatch | dict[str, Any]) -> bool:
     """True for an ended batch whose every request was canceled (nothing processed, nothing billed)."""
     data = batch if isinstance(batch, dict) else batch.model_dump(mode="json")
     counts = data.get("request_counts") or {}
-    total = sum(
-        int(counts.get(k) or 0) for k in ("processing", "succeeded", "errored", "canceled", "expired")
+    total = sum(int(counts.get(k) or 0) for k in REQUEST_COUNT_KEYS)
+    return (
+        data.get("processing_status") == ProcessingStatus.ENDED
+        and total > 0
+        and counts.get(RequestCountKey.CANCELED) == total
     )
-    return data.get("processing_status") == "ended" and total > 0 and counts.get("canceled") == total
 
 
 def ambiguity_message(path: ObjectStoragePath, candidates: list[MessageBatch], n_requests: int) -> str:
@@ -805,7 +804,7 @@ def _was_fully_canceled(hook: BatchHook, entry: dict[str, Any]) -> bool:
         return False
     if is_fully_canceled(entry):
         return True
-    if entry.get("processing_status") == "ended":
+    if entry.get("processing_status") == ProcessingStatus.ENDED:
         return False
     try:
         return is_fully_canceled(hook.get_batch(entry["batch_id"]))
@@ -859,7 +858,7 @@ def _recover_orphan(
     verified: list[MessageBatch] = []
     pending: list[MessageBatch] = []
     for batch in found:
-        if batch.processing_status != "ended":
+        if batch.processing_status != ProcessingStatus.ENDED:
             pending.append(batch)
         elif batch.archived_at is not None:
             log.info("Batch %s is archived; its results cannot prove it is ours. Skipping it.", batch.id)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CONN_ID",
+    "ENDED_COUNT_KEYS",
     "FAILED_COUNT_KEYS",
     "FATAL_ERROR_TYPES",
     "REQUEST_COUNT_KEYS",
@@ -25,7 +26,9 @@ __all__ = [
     "CancelReason",
     "ErrorType",
     "FailureClass",
+    "LedgerState",
     "ProcessingStatus",
+    "RequestCountKey",
     "RequestStatus",
     "ResultType",
     "RunMode",
@@ -88,6 +91,14 @@ class CancelReason(StrEnum):
     USER = "user"  # an explicit user decision: canceled requests are dead-lettered
 
 
+class LedgerState(StrEnum):
+    """Lifecycle of a submission ledger entry (``state``; see ``ledger.py``)."""
+
+    INTENT = "intent"
+    SUBMITTED = "submitted"
+    ENDED = "ended"
+
+
 class ProcessingStatus(StrEnum):
     """``processing_status`` of a Message Batch: the same values as the provider's ``BatchStatus``.
 
@@ -127,6 +138,8 @@ FAILED_COUNT_KEYS: tuple[str, ...] = (
     RequestCountKey.CANCELED.value,
     RequestCountKey.EXPIRED.value,
 )
+#: The buckets of ended requests (all but ``processing``).
+ENDED_COUNT_KEYS: tuple[str, ...] = (RequestCountKey.SUCCEEDED.value, *FAILED_COUNT_KEYS)
 
 
 class ErrorType(StrEnum):
