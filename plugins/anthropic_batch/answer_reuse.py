@@ -51,6 +51,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
+from anthropic_batch.status import RequestStatus
 from anthropic_batch.storage import TMP_MARKER, PathLike
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def reusable_mask(table: pa.Table, structured: bool) -> pa.Array:
 
     if table.num_rows == 0:
         return pa.array([], pa.bool_())
-    mask = pc.and_(pc.equal(table["status"], "succeeded"), pc.is_valid(table[_FP]))
+    mask = pc.and_(pc.equal(table["status"], RequestStatus.SUCCEEDED.value), pc.is_valid(table[_FP]))
     truncated = pc.fill_null(pc.equal(table["stop_reason"], "max_tokens"), False)
     mask = pc.and_(mask, pc.invert(truncated))
     if structured:

@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from anthropic_batch.status import RequestStatus
+
 GROUP_FIELD = "category"
 UNKNOWN_GROUP = "unclassified"
 HISTORY_DAYS = 14
@@ -78,7 +80,7 @@ def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> 
     dead = storage.read_parquet(dead_path).to_pandas() if dead_path.exists() else None
 
     parsed = [_parse_json(v) for v in data.get("output_json", [])]
-    succeeded = data["status"] == "succeeded" if "status" in data else []
+    succeeded = data["status"] == RequestStatus.SUCCEEDED.value if "status" in data else []
     groups: dict[str, list[dict[str, Any]]] = {}
     for ok, fields in zip(succeeded, parsed, strict=False):
         if not ok:
@@ -287,10 +289,10 @@ def attach_narratives(report: dict[str, Any], results: Any, key: str = "category
     for group in report["groups"]:
         row = by_key.get(group["name"])
         if row is None:
-            group["narrative_status"] = "missing"
+            group["narrative_status"] = RequestStatus.MISSING.value
             continue
         group["narrative_status"] = str(row.get("status"))
-        if row.get("status") == "succeeded" and row.get("output_text"):
+        if row.get("status") == RequestStatus.SUCCEEDED and row.get("output_text"):
             group["narrative"] = str(row["output_text"]).strip()
     report["narrative_cost"] = {"cost_usd": round(cost, 6), "sync_cost_usd": round(sync_cost, 6)}
     return report
@@ -303,14 +305,14 @@ def _inline_counts(counts: Mapping[str, int]) -> str:
 # ----------------------------------------------------------------------------- SVG charts
 
 _PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"]
-_STATUS_COLOURS = {
-    "succeeded": "#59a14f",
-    "errored": "#e15759",
-    "invalid_output": "#f28e2b",
-    "expired": "#9c755f",
-    "canceled": "#bab0ac",
-    "missing": "#b07aa1",
-    "needs_followup": "#edc948",
+_STATUS_COLOURS: dict[str, str] = {
+    RequestStatus.SUCCEEDED.value: "#59a14f",
+    RequestStatus.ERRORED.value: "#e15759",
+    RequestStatus.INVALID_OUTPUT.value: "#f28e2b",
+    RequestStatus.EXPIRED.value: "#9c755f",
+    RequestStatus.CANCELED.value: "#bab0ac",
+    RequestStatus.MISSING.value: "#b07aa1",
+    RequestStatus.NEEDS_FOLLOWUP.value: "#edc948",
 }
 _E = html.escape
 

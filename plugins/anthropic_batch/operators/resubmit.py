@@ -68,7 +68,7 @@ from anthropic_batch.batch_requests import (
 from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
 from anthropic_batch.operators.collect import collect_batch
 from anthropic_batch.operators.submit import submission_identity
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus
 from anthropic_batch.triggers import BatchPollTrigger
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ class ResubmitFailuresOperator(BaseOperator):
                 f"batches already submitted."
             )
         status = event.get("status")
-        if status != "ended":
+        if status != ProcessingStatus.ENDED:
             raise AirflowException(
                 f"Retry batch {handle['batch_id']} (attempt {attempt}) did not end: {status}: "
                 f"{event.get('message')}. A retry of this task re-attaches to the same batch."

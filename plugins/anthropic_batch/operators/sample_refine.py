@@ -55,7 +55,7 @@ from anthropic_batch.batch_requests import (
     sha256_hex,
 )
 from anthropic_batch.pricing import load_price_table
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import DEFAULT_CONN_ID, RequestStatus
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -237,13 +237,13 @@ def _passed(row: Mapping[str, Any]) -> bool:
     from anthropic_batch.results import classify_failure
 
     return (
-        row["status"] == "succeeded"
+        row["status"] == RequestStatus.SUCCEEDED
         and classify_failure(row["status"], row.get("error_type"), row.get("stop_reason")) is None
     )
 
 
 def _failure_reason(row: Mapping[str, Any]) -> str:
-    if row["status"] == "succeeded" and row.get("stop_reason") == "max_tokens":
+    if row["status"] == RequestStatus.SUCCEEDED and row.get("stop_reason") == "max_tokens":
         return "answer cut off at max_tokens (raise max_tokens)"
     parts = [p for p in (row.get("error_type"), row.get("error_message")) if p]
     return ": ".join(parts) or row["status"]
