@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
 from anthropic_batch.output_models import format_validation_error, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
 from anthropic_batch.status import (
@@ -382,17 +382,13 @@ class ParseContext:
         from anthropic_batch.output_models import load_output_model
 
         if manifest is None:
-            manifest = storage.read_json(storage.joinpath(work_dir, "requests", "manifest.json"))
-            if manifest is None:
-                raise FileNotFoundError(f"no requests/manifest.json under {work_dir}: run prepare first")
+            manifest = layout.read_manifest(work_dir)
         spec = manifest.get("spec") or {}
         key_columns = list(spec.get("key_columns") or [])
         ref = spec.get("output_model")
         output_model = load_output_model(ref, include_dir or spec.get("include_dir")) if ref else None
         with _system_allocator():
-            keys = storage.read_parquet(
-                storage.joinpath(work_dir, "requests", "keys.parquet"), use_threads=False
-            )
+            keys = storage.read_parquet(layout.keys_file(work_dir), use_threads=False)
             if chunk_indices is not None:
                 mask = pc.is_in(keys.column("chunk_index"), pa.array(list(chunk_indices), pa.int32()))
                 if pc.sum(mask).as_py() != keys.num_rows:  # (a single-chunk run keeps every row)

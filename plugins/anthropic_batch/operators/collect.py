@@ -24,6 +24,7 @@ from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
 from anthropic_batch.cancel import takeover_cancel_reason, user_cancel_reason
+from anthropic_batch.layout import attempt_dir, results_file  # noqa: F401  (re-exported)
 from anthropic_batch.ledger import (
     ForeignBatchError,
     LedgerState,
@@ -147,14 +148,7 @@ def stored_stats(path: ObjectStoragePath) -> dict[str, Any]:
     }
 
 
-def attempt_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
-    """``work_dir/results/attempt-NN``."""
-    return storage.as_path(work_dir) / "results" / f"attempt-{attempt:02d}"
-
-
-def results_file(work_dir: storage.PathLike, attempt: int, batch_id: str) -> ObjectStoragePath:
-    """``work_dir/results/attempt-NN/<batch_id>.parquet``."""
-    return attempt_dir(work_dir, attempt) / f"{batch_id}.parquet"
+# attempt_dir / results_file (``work_dir/results/attempt-NN/<batch_id>.parquet``): see layout.py.
 
 
 def price_table_for_mode(mode: str, prices: PriceTable | None = None) -> PriceTable:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
 from anthropic_batch.batch_requests import (
     canonical_json,
     iter_chunk_lines,
@@ -505,7 +505,7 @@ class SampleRefineOperator(BaseOperator):
             lines, reuse = answer_sample(
                 requests,
                 client,
-                work / "sample" / ANSWERS_FILE,
+                layout.sample_dir(work) / ANSWERS_FILE,
                 concurrency=self.concurrency,
                 transient_rounds=self.transient_rounds,
             )
@@ -539,7 +539,7 @@ class SampleRefineOperator(BaseOperator):
         report["n_reused_answers"] = reuse["n_reused"]
         paid = [r for r in rows if r["custom_id"] not in reuse["reused_ids"]]
         report["sample_cost_paid_usd"] = round(sum(float(r.get("sync_cost_usd") or 0) for r in paid), 6)
-        paths = write_report(work / "sample", report)
+        paths = write_report(layout.sample_dir(work), report)
         markdown = render_markdown(report)
         if not report["passed"]:
             self.log.error("Sample check failed; nothing was submitted.\n%s", markdown)
