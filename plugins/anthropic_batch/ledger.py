@@ -49,7 +49,8 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
+from anthropic_batch.layout import sync_results_path  # noqa: F401  (re-exported)
 from anthropic_batch.status import (
     REQUEST_COUNT_KEYS,
     CancelReason,
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEDGER_DIR = "_ledger"
+LEDGER_DIR = layout.LEDGER_DIR
 #: How far apart the clocks of our workers and the API may be. Orphan search looks this far before
 #: the create started (a worker clock up to this much fast still finds its own orphan), and a
 #: heartbeat older than a lease plus this much is dead without waiting out a lease.
@@ -158,13 +159,6 @@ def handle_from_entry(entry: dict[str, Any], ledger_path: PathLike) -> dict[str,
     }
 
 
-def sync_results_path(chunk_path: PathLike) -> ObjectStoragePath:
-    """``{work_dir}/sync/chunk-NNNNN.results.jsonl`` for ``{work_dir}/requests/chunk-NNNNN.jsonl``."""
-    chunk = as_path(chunk_path)
-    stem = chunk.name.removesuffix(".jsonl")
-    return chunk.parent.parent / "sync" / f"{stem}.results.jsonl"
-
-
 def ended_fields(batch: dict[str, Any]) -> dict[str, Any]:
     """Ledger fields for a batch that has ended (what the sensor records)."""
     return {**batch_fields(batch), "state": LedgerState.ENDED.value}
@@ -179,9 +173,9 @@ def ledger_root_for(work_dir: PathLike, storage_root: str | None = None) -> Obje
     """
     if storage_root:
         return storage.storage_root(storage_root)
-    work = as_path(work_dir)
-    if work.name.startswith("date=") and work.parent.name == "work":
-        return work.parent.parent.parent
+    parts = layout.parse_work_dir(work_dir)
+    if parts is not None:
+        return parts.root
     return storage.storage_root()
 
 
@@ -191,12 +185,12 @@ class SubmissionLedger:
 
     def __init__(self, root: PathLike) -> None:
         self.root = as_path(root)
-        self.base = self.root / LEDGER_DIR
+        self.base = storage.ledger_root(self.root)
 
     def entry_path(
         self, dag_id: str, partition: str, task_id: str, chunk_fingerprint: str
     ) -> ObjectStoragePath:
-        return self.base / dag_id / partition / task_id / f"{chunk_fingerprint}.json"
+        return layout.ledger_entry_path(self.base, dag_id, partition, task_id, chunk_fingerprint)
 
     def read(self, path: PathLike) -> dict[str, Any] | None:
         return storage.read_json(path)
@@ -215,7 +209,7 @@ class SubmissionLedger:
         """Every entry (optionally of one DAG and/or partition), each with ``ledger_path`` added."""
         if not self.base.exists():
             return
-        pattern = f"{dag_id or '*'}/{partition or '*'}/*/*.json"
+        pattern = layout.ledger_glob(dag_id, partition)
         for path in sorted(self.base.glob(pattern), key=str):
             if storage.TMP_MARKER in path.name:
                 continue

@@ -72,11 +72,11 @@ def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> 
     from anthropic_batch import partition, storage
 
     directory = partition.published_dir(_path(extraction_dir)) or _path(extraction_dir)
-    summary = storage.read_json(directory / "summary.json")
+    summary = storage.read_json(directory / partition.SUMMARY_FILE)
     if summary is None:
-        raise FileNotFoundError(f"no published partition at {directory} (summary.json missing)")
-    data = storage.read_parquet(directory / "data.parquet").to_pandas()
-    dead_path = directory / "dead_letter.parquet"
+        raise FileNotFoundError(f"no published partition at {directory} ({partition.SUMMARY_FILE} missing)")
+    data = storage.read_parquet(directory / partition.DATA_FILE).to_pandas()
+    dead_path = directory / partition.DEAD_LETTER_FILE
     dead = storage.read_parquet(dead_path).to_pandas() if dead_path.exists() else None
 
     parsed = [_parse_json(v) for v in data.get("output_json", [])]
@@ -218,9 +218,15 @@ def report_dates(
 
 def _partition_dates(directory: Any) -> set[str]:
     """The ``YYYY-MM-DD`` of every ``date=...`` entry directly under ``directory`` (one listing)."""
+    from anthropic_batch.layout import PARTITION_PREFIX
+
     if not directory.exists():
         return set()
-    names = (p.name.removeprefix("date=") for p in directory.iterdir() if p.name.startswith("date="))
+    names = (
+        p.name.removeprefix(PARTITION_PREFIX)
+        for p in directory.iterdir()
+        if p.name.startswith(PARTITION_PREFIX)
+    )
     return {n for n in names if _DATE_RE.match(n)}
 
 
@@ -229,8 +235,8 @@ def unreported_dates(root: Any, pipeline: str, first: str, last: str) -> list[st
     from anthropic_batch import storage
 
     root = _path(root)
-    published = _partition_dates(root / pipeline / "extractions")
-    candidates = published - _partition_dates(root / "reports")
+    published = _partition_dates(root / pipeline / storage.EXTRACTIONS_DIR)
+    candidates = published - _partition_dates(root / storage.REPORTS_DIR)
     return sorted(
         d
         for d in candidates

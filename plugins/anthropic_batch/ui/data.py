@@ -353,11 +353,12 @@ def partition_of_run_id(
 # -- dead letters ------------------------------------------------------------------------------------
 def dead_letter_path(root: ObjectStoragePath, pipeline: str, partition: str) -> ObjectStoragePath:
     """Where a run's published dead letters are (always derived from the layout, never from input)."""
-    from anthropic_batch.partition import published_files
+    from anthropic_batch.layout import extraction_dir
+    from anthropic_batch.partition import DEAD_LETTER_FILE, published_files
 
-    directory = root / pipeline / "extractions" / f"date={partition}"
+    directory = extraction_dir(root, pipeline, partition)
     published = published_files(directory)  # the committed generation's file
-    return published.dead_letter_path if published is not None else directory / "dead_letter.parquet"
+    return published.dead_letter_path if published is not None else directory / DEAD_LETTER_FILE
 
 
 def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, Any]:
