@@ -103,7 +103,7 @@ with DAG(
         """Pick the dates, aggregate each published partition, write one prompt table for all of them."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from anthropic_batch import partition, report, storage
+        from anthropic_batch import layout, partition, report, storage
 
         dates = report.report_dates(
             params.get("date"),
@@ -145,13 +145,13 @@ with DAG(
             if not date_rows:
                 log.warning("%s %s has no classified rows to report on.", SOURCE_PIPELINE, date)
                 continue
-            storage.atomic_write_json(work / "aggregates" / f"date={date}.json", aggregates)
+            storage.atomic_write_json(layout.report_aggregates_path(work, date), aggregates)
             rows.extend(date_rows)
             reported[date] = str(storage.report_dir(root, date))
         if not rows:
             raise AirflowSkipException(f"nothing to report for {SOURCE_PIPELINE} on {', '.join(dates)}")
         log.info("Reporting on %d date(s): %s", len(reported), ", ".join(reported))
-        groups = work / "inputs" / "groups.jsonl"
+        groups = layout.report_groups_path(work)
         storage.atomic_write_bytes(
             groups, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
         )
@@ -203,14 +203,14 @@ with DAG(
     @task
     def render(planned: dict[str, Any], merged_path: str) -> dict[str, dict[str, str]]:
         """Attach each date's narratives and write its report.json, report.html and report.md."""
-        from anthropic_batch import report, storage
+        from anthropic_batch import layout, report, storage
         from anthropic_batch.pricing import load_price_table
 
         work = storage.as_path(planned["work_dir"])
         results = storage.read_parquet(merged_path)
         written = {}
         for date in planned["dates"]:
-            aggregates = storage.read_json(work / "aggregates" / f"date={date}.json")
+            aggregates = storage.read_json(layout.report_aggregates_path(work, date))
             aggregates = report.attach_narratives(aggregates, results)
             aggregates["generated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             aggregates["price_table_as_of"] = load_price_table().as_of

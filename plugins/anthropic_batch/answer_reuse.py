@@ -50,7 +50,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
+from anthropic_batch.status import RequestStatus
 from anthropic_batch.storage import TMP_MARKER, PathLike
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REUSED_FILE = "reused.parquet"
+REUSED_FILE = layout.REUSED_FILE
 #: The manifest section written by ``apply_reuse``.
 MANIFEST_KEY = "reuse"
 #: ``attempt`` of a reused row: not sent by this run.
@@ -90,7 +91,7 @@ def reusable_mask(table: pa.Table, structured: bool) -> pa.Array:
 
     if table.num_rows == 0:
         return pa.array([], pa.bool_())
-    mask = pc.and_(pc.equal(table["status"], "succeeded"), pc.is_valid(table[_FP]))
+    mask = pc.and_(pc.equal(table["status"], RequestStatus.SUCCEEDED.value), pc.is_valid(table[_FP]))
     truncated = pc.fill_null(pc.equal(table["stop_reason"], "max_tokens"), False)
     mask = pc.and_(mask, pc.invert(truncated))
     if structured:
@@ -125,17 +126,8 @@ def _still_valid(answers: pa.Table, output_model: type[BaseModel] | None) -> pa.
 def work_dir_answer_files(work: ObjectStoragePath) -> list[ObjectStoragePath]:
     """The partition's collected results, newest first: ``results/reused.parquet`` and the
     ``results/attempt-NN/*.parquet`` files (highest attempt first)."""
-    results = work / "results"
-    if not results.exists():
-        return []
-    files: list[ObjectStoragePath] = []
-    for directory in sorted(results.iterdir(), key=lambda p: p.name, reverse=True):
-        if directory.name.startswith("attempt-") and directory.is_dir():
-            files += sorted(
-                (f for f in directory.iterdir() if f.name.endswith(".parquet") and TMP_MARKER not in f.name),
-                key=lambda p: p.name,
-            )
-    reused = results / REUSED_FILE
+    files = layout.attempt_result_files(work, newest_first=True)
+    reused = layout.reused_results_path(work)
     return [reused, *files] if reused.exists() else files
 
 
@@ -333,7 +325,7 @@ def _repack_chunks(
     from anthropic_batch.batch_requests import _ChunkWriter, chunk_name, iter_chunk_lines
     from anthropic_batch.results import custom_id_of_line
 
-    requests_dir = work / "requests"
+    requests_dir = layout.requests_dir(work)
     old_index = keys["chunk_index"].to_numpy()
     is_reused = np.asarray(pc.fill_null(reused, False).to_numpy(zero_copy_only=False), dtype=bool)
     n_reused = np.bincount(old_index[is_reused], minlength=len(chunks))
@@ -459,7 +451,7 @@ def apply_reuse(
     key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
     structured = output_model is not None
     use_cache = cache_dir is not None and cache_max_age_days is not None
-    keys_path = work / "requests" / "keys.parquet"
+    keys_path = layout.keys_path(work)
     keys = storage.read_parquet(keys_path)
     wanted = pc.unique(keys[_FP].drop_null()) if keys.num_rows else pa.array([], pa.string())
 
@@ -476,7 +468,7 @@ def apply_reuse(
             from_cache = _still_valid(_pick([cached]), output_model) if cached is not None else None
     reused, mask, found = _reused_rows(keys, _pick([own, from_cache]), key_columns)
     n_from_cache = int(pc.sum(pc.is_in(reused[_FP], from_cache[_FP])).as_py() or 0) if from_cache else 0
-    reused_path = work / "results" / REUSED_FILE
+    reused_path = layout.reused_results_path(work)
     storage.write_parquet_atomic(reused_path, reused, reused.schema)
 
     n_reused = reused.num_rows
@@ -502,7 +494,7 @@ def apply_reuse(
         "cache_max_age_days": cache_max_age_days if use_cache else None,
     }
     manifest[MANIFEST_KEY] = section
-    storage.atomic_write_json(work / "requests" / "manifest.json", manifest)
+    storage.atomic_write_json(layout.manifest_path(work), manifest)
     if n_reused:
         log.info(
             "Reused %d earlier answer(s) (%d from the answer cache; $%.4f already paid): %d of %d "

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import ObjectStoragePath
 from pydantic import BaseModel
 
+from anthropic_batch import layout
+from anthropic_batch.layout import chunk_name, read_manifest  # noqa: F401  (re-exported)
 from anthropic_batch.output_models import OUTPUT_MODES, output_params
 from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer, open_binary
 
@@ -473,10 +475,6 @@ def body_size(n_requests: int, total_line_bytes: int) -> int:
     return BODY_OVERHEAD + total_line_bytes + max(n_requests - 1, 0)
 
 
-def chunk_name(index: int) -> str:
-    return f"chunk-{index:05d}.jsonl"
-
-
 class _ChunkWriter:
     """Writes one chunk file atomically while counting requests, body bytes and the file hash."""
 
@@ -717,7 +715,7 @@ def prepare_requests(
     request_limit_name = "max_request_bytes" if max_request_bytes else "max_bytes_per_chunk"
 
     work = as_path(out_dir)
-    requests_dir = work / "requests"
+    requests_dir = layout.requests_dir(work)
     template = _jinja_env().from_string(spec.prompt_template)
     params_json_for = _params_serializer(spec.base_params())
 
@@ -738,9 +736,9 @@ def prepare_requests(
     n_requests = n_rejected = n_input = 0
 
     with (
-        open_atomic_writer(requests_dir / "keys.parquet") as keys_handle,
+        open_atomic_writer(layout.keys_path(work)) as keys_handle,
         pq.ParquetWriter(keys_handle, keys_schema) as keys_writer,
-        open_atomic_writer(work / "rejected.parquet") as rej_handle,
+        open_atomic_writer(layout.rejected_path(work)) as rej_handle,
         pq.ParquetWriter(rej_handle, dl_schema) as rej_writer,
     ):
         try:
@@ -869,21 +867,14 @@ def prepare_requests(
             **spec_extra,
         },
         "mode": "batch",
-        "keys_path": str(requests_dir / "keys.parquet"),
-        "rejected_path": str(work / "rejected.parquet"),
+        "keys_path": str(layout.keys_path(work)),
+        "rejected_path": str(layout.rejected_path(work)),
         "warnings": warnings,
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **extra,
     }
-    atomic_write_json(requests_dir / "manifest.json", manifest)
+    atomic_write_json(layout.manifest_path(work), manifest)
     return manifest
 
 
-def read_manifest(work: PathLike) -> dict[str, Any]:
-    """The manifest of a work dir (``requests/manifest.json``); a clear error when it is missing."""
-    from anthropic_batch.storage import read_json
-
-    manifest = read_json(as_path(work) / "requests" / "manifest.json")
-    if manifest is None:
-        raise FileNotFoundError(f"no requests/manifest.json under {work}: run prepare first")
-    return manifest
+# read_manifest: see layout.read_manifest (re-exported above).

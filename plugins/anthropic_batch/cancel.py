@@ -99,7 +99,8 @@ def cancel_by_user(entry: dict[str, Any], user: str, *, conn_id: str = DEFAULT_C
         # Ended, or already canceling (by the deadline, the Console or another user): nothing to do,
         # and the ledger keeps whoever asked first.
         update_entry(entry["ledger_path"], **batch_fields(current))
-        done = "ended" if current.processing_status == BatchStatus.ENDED else "been asked to cancel"
+        ended = current.processing_status == BatchStatus.ENDED
+        done = BatchStatus.ENDED.value if ended else "been asked to cancel"
         raise NotCancelable(f"Batch {batch_id} has already {done}; nothing to cancel.")
     batch = hook.cancel_batch(batch_id)
     return record_cancel(entry["ledger_path"], CancelReason.USER, by=user, batch=batch)

@@ -46,10 +46,10 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, task, task_group
 
+from anthropic_batch import layout
+from anthropic_batch.layout import PARTITION_TEMPLATE
 from anthropic_batch.pipeline_config import INCLUDE_DIR, POOL_NAME, PipelineConfig
 
-#: The partition of a run (``run_partition``): its logical date; without one, the last complete interval.
-PARTITION_TEMPLATE = "{{ batch_partition() }}"
 #: Demos and tests shorten every poll interval with this env var (seconds), read at parse time.
 POLL_INTERVAL_ENV = "ANTHROPIC_BATCH_POLL_INTERVAL"
 
@@ -256,9 +256,9 @@ def build_pipeline_dag(config: PipelineConfig) -> DAG:
     from anthropic_batch.operators.resubmit import ResubmitFailuresOperator
     from anthropic_batch.operators.sample_refine import SampleRefineOperator
 
-    root = "{{ batch_storage_root(" + repr(config.storage_root) + ") }}"
-    work_dir = f"{root}/{config.name}/work/date={PARTITION_TEMPLATE}"
-    extraction_dir = f"{root}/{config.name}/extractions/date={PARTITION_TEMPLATE}"
+    root = layout.storage_root_template(config.storage_root)
+    work_dir = layout.work_dir_template(root, config.name, PARTITION_TEMPLATE)
+    extraction_dir = layout.extraction_dir_template(root, config.name, PARTITION_TEMPLATE)
     poll_interval, max_poll_interval = _poll_intervals(config)
 
     default_args: dict[str, Any] = {

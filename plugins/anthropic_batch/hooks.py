@@ -31,6 +31,8 @@ from airflow.providers.anthropic.hooks.anthropic import AnthropicHook, _ClientFa
 from airflow.providers.common.compat.connection import get_async_connection
 from anthropic.types.messages import MessageBatch
 
+from anthropic_batch.status import fatal_api_errors, transient_api_errors
+
 #: SDK retries for plain reads (retrieve, list, cancel). The SDK backs off exponentially (capped at
 #: 8 s) and honours retry-after; 4 retries ride out a short overload without hiding an outage.
 DEFAULT_MAX_RETRIES = 4
@@ -40,11 +42,7 @@ _REJECTED_BEFORE_CREATE = (anthropic.RateLimitError, anthropic.OverloadedError)
 #: Failures after which we cannot know whether the server created the batch.
 _AMBIGUOUS_CREATE = (anthropic.APIConnectionError, anthropic.InternalServerError)
 #: Auth / billing problems: retrying never helps.
-FATAL_ERRORS = (
-    anthropic.AuthenticationError,
-    anthropic.PermissionDeniedError,
-    anthropic.PaymentRequiredError,
-)
+FATAL_ERRORS = fatal_api_errors()
 
 # A result line starts with its custom_id in practice; custom ids are [A-Za-z0-9_-]{1,64}, so no escapes.
 _CUSTOM_ID_PREFIX = re.compile(rb'^\s*\{\s*"custom_id"\s*:\s*"([A-Za-z0-9_-]{1,64})"')
@@ -395,11 +393,5 @@ def _is_stream_drop(err: Exception) -> bool:
     While the body is iterated, read errors arrive as raw httpx2 transport errors, not wrapped.
     """
     return isinstance(
-        err,
-        anthropic.APIConnectionError
-        | anthropic.InternalServerError
-        | anthropic.RateLimitError
-        | _StreamFragment
-        | httpx2.TransportError
-        | httpx2.StreamError,
+        err, (*transient_api_errors(), _StreamFragment, httpx2.TransportError, httpx2.StreamError)
     )

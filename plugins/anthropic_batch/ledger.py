@@ -47,11 +47,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from anthropic_batch import storage
-from anthropic_batch.status import CancelReason
+from anthropic_batch import layout, storage
+from anthropic_batch.layout import sync_results_path  # noqa: F401  (re-exported)
+from anthropic_batch.status import (
+    REQUEST_COUNT_KEYS,
+    CancelReason,
+    LedgerState,
+    ProcessingStatus,
+    RequestCountKey,
+)
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -62,7 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEDGER_DIR = "_ledger"
+LEDGER_DIR = layout.LEDGER_DIR
 #: How far apart the clocks of our workers and the API may be. Orphan search looks this far before
 #: the create started (a worker clock up to this much fast still finds its own orphan), and a
 #: heartbeat older than a lease plus this much is dead without waiting out a lease.
@@ -76,14 +82,6 @@ CLAIM_WAIT_SECONDS = 3600.0
 ORPHAN_SETTLE_SECONDS = 30.0
 #: Creates that may fail ambiguously (and be found not to exist) before the task gives up.
 MAX_AMBIGUOUS_CREATES = 3
-
-
-class LedgerState(StrEnum):
-    """Lifecycle of a ledger entry."""
-
-    INTENT = "intent"
-    SUBMITTED = "submitted"
-    ENDED = "ended"
 
 
 class AmbiguousSubmissionError(RuntimeError):
@@ -115,10 +113,12 @@ def is_fully_canceled(batch: MessageBatch | dict[str, Any]) -> bool:
     """True for an ended batch whose every request was canceled (nothing processed, nothing billed)."""
     data = batch if isinstance(batch, dict) else batch.model_dump(mode="json")
     counts = data.get("request_counts") or {}
-    total = sum(
-        int(counts.get(k) or 0) for k in ("processing", "succeeded", "errored", "canceled", "expired")
+    total = sum(int(counts.get(k) or 0) for k in REQUEST_COUNT_KEYS)
+    return (
+        data.get("processing_status") == ProcessingStatus.ENDED
+        and total > 0
+        and counts.get(RequestCountKey.CANCELED) == total
     )
-    return data.get("processing_status") == "ended" and total > 0 and counts.get("canceled") == total
 
 
 def ambiguity_message(path: ObjectStoragePath, candidates: list[MessageBatch], n_requests: int) -> str:
@@ -159,13 +159,6 @@ def handle_from_entry(entry: dict[str, Any], ledger_path: PathLike) -> dict[str,
     }
 
 
-def sync_results_path(chunk_path: PathLike) -> ObjectStoragePath:
-    """``{work_dir}/sync/chunk-NNNNN.results.jsonl`` for ``{work_dir}/requests/chunk-NNNNN.jsonl``."""
-    chunk = as_path(chunk_path)
-    stem = chunk.name.removesuffix(".jsonl")
-    return chunk.parent.parent / "sync" / f"{stem}.results.jsonl"
-
-
 def ended_fields(batch: dict[str, Any]) -> dict[str, Any]:
     """Ledger fields for a batch that has ended (what the sensor records)."""
     return {**batch_fields(batch), "state": LedgerState.ENDED.value}
@@ -180,9 +173,9 @@ def ledger_root_for(work_dir: PathLike, storage_root: str | None = None) -> Obje
     """
     if storage_root:
         return storage.storage_root(storage_root)
-    work = as_path(work_dir)
-    if work.name.startswith("date=") and work.parent.name == "work":
-        return work.parent.parent.parent
+    parts = layout.parse_work_dir(work_dir)
+    if parts is not None:
+        return parts.root
     return storage.storage_root()
 
 
@@ -192,12 +185,12 @@ class SubmissionLedger:
 
     def __init__(self, root: PathLike) -> None:
         self.root = as_path(root)
-        self.base = self.root / LEDGER_DIR
+        self.base = storage.ledger_root(self.root)
 
     def entry_path(
         self, dag_id: str, partition: str, task_id: str, chunk_fingerprint: str
     ) -> ObjectStoragePath:
-        return self.base / dag_id / partition / task_id / f"{chunk_fingerprint}.json"
+        return layout.ledger_entry_path(self.base, dag_id, partition, task_id, chunk_fingerprint)
 
     def read(self, path: PathLike) -> dict[str, Any] | None:
         return storage.read_json(path)
@@ -216,7 +209,7 @@ class SubmissionLedger:
         """Every entry (optionally of one DAG and/or partition), each with ``ledger_path`` added."""
         if not self.base.exists():
             return
-        pattern = f"{dag_id or '*'}/{partition or '*'}/*/*.json"
+        pattern = layout.ledger_glob(dag_id, partition)
         for path in sorted(self.base.glob(pattern), key=str):
             if storage.TMP_MARKER in path.name:
                 continue
@@ -805,7 +798,7 @@ def _was_fully_canceled(hook: BatchHook, entry: dict[str, Any]) -> bool:
         return False
     if is_fully_canceled(entry):
         return True
-    if entry.get("processing_status") == "ended":
+    if entry.get("processing_status") == ProcessingStatus.ENDED:
         return False
     try:
         return is_fully_canceled(hook.get_batch(entry["batch_id"]))
@@ -859,7 +852,7 @@ def _recover_orphan(
     verified: list[MessageBatch] = []
     pending: list[MessageBatch] = []
     for batch in found:
-        if batch.processing_status != "ended":
+        if batch.processing_status != ProcessingStatus.ENDED:
             pending.append(batch)
         elif batch.archived_at is not None:
             log.info("Batch %s is archived; its results cannot prove it is ours. Skipping it.", batch.id)

@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from anthropic_batch.status import RequestStatus
+
 GROUP_FIELD = "category"
 UNKNOWN_GROUP = "unclassified"
 HISTORY_DAYS = 14
@@ -70,15 +72,15 @@ def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> 
     from anthropic_batch import partition, storage
 
     directory = partition.published_dir(_path(extraction_dir)) or _path(extraction_dir)
-    summary = storage.read_json(directory / "summary.json")
+    summary = storage.read_json(directory / partition.SUMMARY_FILE)
     if summary is None:
-        raise FileNotFoundError(f"no published partition at {directory} (summary.json missing)")
-    data = storage.read_parquet(directory / "data.parquet").to_pandas()
-    dead_path = directory / "dead_letter.parquet"
+        raise FileNotFoundError(f"no published partition at {directory} ({partition.SUMMARY_FILE} missing)")
+    data = storage.read_parquet(directory / partition.DATA_FILE).to_pandas()
+    dead_path = directory / partition.DEAD_LETTER_FILE
     dead = storage.read_parquet(dead_path).to_pandas() if dead_path.exists() else None
 
     parsed = [_parse_json(v) for v in data.get("output_json", [])]
-    succeeded = data["status"] == "succeeded" if "status" in data else []
+    succeeded = data["status"] == RequestStatus.SUCCEEDED.value if "status" in data else []
     groups: dict[str, list[dict[str, Any]]] = {}
     for ok, fields in zip(succeeded, parsed, strict=False):
         if not ok:
@@ -216,9 +218,15 @@ def report_dates(
 
 def _partition_dates(directory: Any) -> set[str]:
     """The ``YYYY-MM-DD`` of every ``date=...`` entry directly under ``directory`` (one listing)."""
+    from anthropic_batch.layout import PARTITION_PREFIX
+
     if not directory.exists():
         return set()
-    names = (p.name.removeprefix("date=") for p in directory.iterdir() if p.name.startswith("date="))
+    names = (
+        p.name.removeprefix(PARTITION_PREFIX)
+        for p in directory.iterdir()
+        if p.name.startswith(PARTITION_PREFIX)
+    )
     return {n for n in names if _DATE_RE.match(n)}
 
 
@@ -227,8 +235,8 @@ def unreported_dates(root: Any, pipeline: str, first: str, last: str) -> list[st
     from anthropic_batch import storage
 
     root = _path(root)
-    published = _partition_dates(root / pipeline / "extractions")
-    candidates = published - _partition_dates(root / "reports")
+    published = _partition_dates(root / pipeline / storage.EXTRACTIONS_DIR)
+    candidates = published - _partition_dates(root / storage.REPORTS_DIR)
     return sorted(
         d
         for d in candidates
@@ -287,10 +295,10 @@ def attach_narratives(report: dict[str, Any], results: Any, key: str = "category
     for group in report["groups"]:
         row = by_key.get(group["name"])
         if row is None:
-            group["narrative_status"] = "missing"
+            group["narrative_status"] = RequestStatus.MISSING.value
             continue
         group["narrative_status"] = str(row.get("status"))
-        if row.get("status") == "succeeded" and row.get("output_text"):
+        if row.get("status") == RequestStatus.SUCCEEDED and row.get("output_text"):
             group["narrative"] = str(row["output_text"]).strip()
     report["narrative_cost"] = {"cost_usd": round(cost, 6), "sync_cost_usd": round(sync_cost, 6)}
     return report
@@ -303,14 +311,14 @@ def _inline_counts(counts: Mapping[str, int]) -> str:
 # ----------------------------------------------------------------------------- SVG charts
 
 _PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"]
-_STATUS_COLOURS = {
-    "succeeded": "#59a14f",
-    "errored": "#e15759",
-    "invalid_output": "#f28e2b",
-    "expired": "#9c755f",
-    "canceled": "#bab0ac",
-    "missing": "#b07aa1",
-    "needs_followup": "#edc948",
+_STATUS_COLOURS: dict[str, str] = {
+    RequestStatus.SUCCEEDED.value: "#59a14f",
+    RequestStatus.ERRORED.value: "#e15759",
+    RequestStatus.INVALID_OUTPUT.value: "#f28e2b",
+    RequestStatus.EXPIRED.value: "#9c755f",
+    RequestStatus.CANCELED.value: "#bab0ac",
+    RequestStatus.MISSING.value: "#b07aa1",
+    RequestStatus.NEEDS_FOLLOWUP.value: "#edc948",
 }
 _E = html.escape
 

@@ -40,10 +40,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
 from anthropic_batch.output_models import format_validation_error, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
-from anthropic_batch.status import USER_CANCELED_ERROR_TYPE, FailureClass, RequestStatus
+from anthropic_batch.status import (
+    FATAL_ERROR_TYPES,
+    RETRIABLE_ERROR_TYPES,
+    USER_CANCELED_ERROR_TYPE,
+    FailureClass,
+    RequestStatus,
+    ResultType,
+)
 
 if TYPE_CHECKING:
     from anthropic_batch.storage import PathLike
@@ -129,9 +136,16 @@ DEAD_LETTER_SCHEMA = dead_letter_schema()
 
 # -- classification ---------------------------------------------------------------------------------
 
-RETRIABLE_ERROR_TYPES = frozenset({"api_error", "overloaded_error", "rate_limit_error"})
-FATAL_ERROR_TYPES = frozenset({"authentication_error", "permission_error", "billing_error"})
-_RETRIABLE_STATUSES = frozenset({"expired", "canceled", "missing", "invalid_output"})
+# RETRIABLE_ERROR_TYPES / FATAL_ERROR_TYPES live in status.py (imported above, re-exported here).
+_RETRIABLE_STATUSES = frozenset(
+    s.value
+    for s in (
+        RequestStatus.EXPIRED,
+        RequestStatus.CANCELED,
+        RequestStatus.MISSING,
+        RequestStatus.INVALID_OUTPUT,
+    )
+)
 
 
 def classify_failure(
@@ -151,15 +165,15 @@ def classify_failure(
     """
     status = str(status.value if isinstance(status, RequestStatus) else status)
     truncated = stop_reason == "max_tokens"
-    if status == "succeeded":
+    if status == RequestStatus.SUCCEEDED:
         return FailureClass.RETRIABLE if truncated and retry_truncated else None
     if truncated and not retry_truncated:
         return FailureClass.PERMANENT
-    if status == "canceled" and error_type == USER_CANCELED_ERROR_TYPE:
+    if status == RequestStatus.CANCELED and error_type == USER_CANCELED_ERROR_TYPE:
         return FailureClass.PERMANENT  # a user's explicit Cancel: never paid for again
     if status in _RETRIABLE_STATUSES:
         return FailureClass.RETRIABLE
-    if status == "errored":
+    if status == RequestStatus.ERRORED:
         if error_type in RETRIABLE_ERROR_TYPES:
             return FailureClass.RETRIABLE
         if error_type in FATAL_ERROR_TYPES:
@@ -368,17 +382,13 @@ class ParseContext:
         from anthropic_batch.output_models import load_output_model
 
         if manifest is None:
-            manifest = storage.read_json(storage.joinpath(work_dir, "requests", "manifest.json"))
-            if manifest is None:
-                raise FileNotFoundError(f"no requests/manifest.json under {work_dir}: run prepare first")
+            manifest = layout.read_manifest(work_dir)
         spec = manifest.get("spec") or {}
         key_columns = list(spec.get("key_columns") or [])
         ref = spec.get("output_model")
         output_model = load_output_model(ref, include_dir or spec.get("include_dir")) if ref else None
         with _system_allocator():
-            keys = storage.read_parquet(
-                storage.joinpath(work_dir, "requests", "keys.parquet"), use_threads=False
-            )
+            keys = storage.read_parquet(layout.keys_file(work_dir), use_threads=False)
             if chunk_indices is not None:
                 mask = pc.is_in(keys.column("chunk_index"), pa.array(list(chunk_indices), pa.int32()))
                 if pc.sum(mask).as_py() != keys.num_rows:  # (a single-chunk run keeps every row)
@@ -418,6 +428,13 @@ _TUPLE_COLUMNS = OUTCOME_COLUMNS[:-3]  # everything except batch_id, attempt, re
 _NO_USAGE = (None, None, None, None, 0.0, 0.0)
 
 
+# Plain-str statuses for the per-line hot path (a module global is cheaper than an enum attribute).
+_SUCCEEDED: str = RequestStatus.SUCCEEDED.value
+_ERRORED: str = RequestStatus.ERRORED.value
+_NEEDS_FOLLOWUP: str = RequestStatus.NEEDS_FOLLOWUP.value
+_INVALID_OUTPUT: str = RequestStatus.INVALID_OUTPUT.value
+
+
 def _row_builder(ctx: ParseContext):
     """A function decoded line -> row tuple, specialised for ``ctx`` (everything bound as locals).
 
@@ -443,7 +460,7 @@ def _row_builder(ctx: ParseContext):
         # One function per line, the succeeded case inline: this runs 100,000 times per batch.
         result = line.result
         msg = result.message
-        if msg is None or result.type != "succeeded":
+        if msg is None or result.type != _SUCCEEDED:
             return other(result)
         content = msg.content
         stop = msg.stop_reason
@@ -464,12 +481,12 @@ def _row_builder(ctx: ParseContext):
                     elif foreign_tool is None:
                         foreign_tool = block.name or "?"
             text = "".join(texts)
-        status = "succeeded"
+        status = _SUCCEEDED
         error_type = error_message = output_json = None
         if stop == "pause_turn":
-            status, error_type, error_message = "needs_followup", "pause_turn", "the model paused its turn"
+            status, error_type, error_message = _NEEDS_FOLLOWUP, "pause_turn", "the model paused its turn"
         elif foreign_tool is not None or (stop == "tool_use" and forced_input is None):
-            status, error_type = "needs_followup", "tool_use"
+            status, error_type = _NEEDS_FOLLOWUP, "tool_use"
             error_message = f"the model asked for tool {foreign_tool!r}; a batch cannot continue a tool loop"
         elif validator is not None:
             if tool_mode:
@@ -496,7 +513,7 @@ def _row_builder(ctx: ParseContext):
                 except ValidationError as exc:
                     error_message = invalid(exc)
             if output_json is None:
-                status, error_type = "invalid_output", "validation_error"
+                status, error_type = _INVALID_OUTPUT, "validation_error"
                 if stop == "max_tokens":
                     error_message = f"answer truncated at max_tokens; {error_message}"
         model_id = msg.model or default_model
@@ -525,19 +542,19 @@ def _row_builder(ctx: ParseContext):
 
     def other(result: _Result) -> tuple:
         kind = result.type
-        if kind == "errored":
+        if kind == _ERRORED:
             err = result.error
             body = err.error if err is not None else None
             error_type = (body.type if body is not None else None) or (err.type if err is not None else None)
             message = body.message if body is not None else None
-            return ("errored", error_type, message, None, None, None, default_model, *no_usage)
-        if kind == "canceled" and user_cancel_reason:
+            return (_ERRORED, error_type, message, None, None, None, default_model, *no_usage)
+        if kind == ResultType.CANCELED and user_cancel_reason:
             reason = user_cancel_reason
             return (kind, USER_CANCELED_ERROR_TYPE, reason, None, None, None, default_model, *no_usage)
-        if kind in ("canceled", "expired"):
+        if kind in (ResultType.CANCELED, ResultType.EXPIRED):
             return (kind, None, None, None, None, None, default_model, *no_usage)
         reason = f"result type {kind!r} is not documented"
-        return ("errored", "unknown_result_type", reason, None, None, None, default_model, *no_usage)
+        return (_ERRORED, "unknown_result_type", reason, None, None, None, default_model, *no_usage)
 
     return build
 
@@ -550,7 +567,7 @@ def _row_tuple(line: _Line, ctx: ParseContext) -> tuple:
 
 
 def _malformed_tuple(ctx: ParseContext, reason: str) -> tuple:
-    return ("errored", "malformed_result", reason[:2000], None, None, None, ctx.default_model, *_NO_USAGE)
+    return (_ERRORED, "malformed_result", reason[:2000], None, None, None, ctx.default_model, *_NO_USAGE)
 
 
 def parse_result_line(line: bytes | str, ctx: ParseContext) -> dict[str, Any]:
@@ -771,7 +788,7 @@ def collect_lines(
                 values.append(build(decoded))
             if expected_custom_ids is not None:
                 missing_row = (
-                    "missing",
+                    RequestStatus.MISSING.value,
                     None,
                     "no result line was returned for this request",
                     None,
@@ -850,7 +867,8 @@ _CLASS_OF_CODE: dict[int, FailureClass | None] = {
     _CODE_PERMANENT: FailureClass.PERMANENT,
     _CODE_FATAL: FailureClass.FATAL,
 }
-_ANSWER_STATUSES = frozenset({"invalid_output", "needs_followup"})  # an answer, not a usable one
+# An answer, not a usable one.
+_ANSWER_STATUSES = frozenset({RequestStatus.INVALID_OUTPUT.value, RequestStatus.NEEDS_FOLLOWUP.value})
 _MERGE_COLUMNS = ["custom_id", "status", "error_type", "stop_reason", "attempt"]
 _DECIDE_SCHEMA = pa.schema(
     [
@@ -913,14 +931,14 @@ def failure_codes(
 ) -> np.ndarray:
     """``classify_failure`` for whole columns, as int8 codes (0 usable, 1 retriable, 2 permanent,
     3 fatal). Kept equal to the scalar function by a test."""
-    succeeded = _is(status, "succeeded")
+    succeeded = _is(status, RequestStatus.SUCCEEDED)
     truncated = _is(stop_reason, "max_tokens")
-    errored = _is(status, "errored")
+    errored = _is(status, RequestStatus.ERRORED)
     codes = np.full(len(status), _CODE_PERMANENT, np.int8)
     codes[_is_in(status, _RETRIABLE_STATUSES)] = _CODE_RETRIABLE
     codes[errored & _is_in(error_type, RETRIABLE_ERROR_TYPES)] = _CODE_RETRIABLE
     codes[errored & _is_in(error_type, FATAL_ERROR_TYPES)] = _CODE_FATAL
-    codes[_is(status, "canceled") & _is(error_type, USER_CANCELED_ERROR_TYPE)] = _CODE_PERMANENT
+    codes[_is(status, RequestStatus.CANCELED) & _is(error_type, USER_CANCELED_ERROR_TYPE)] = _CODE_PERMANENT
     if not retry_truncated:
         codes[truncated & ~succeeded] = _CODE_PERMANENT
     codes[succeeded] = _CODE_RETRIABLE if retry_truncated else _CODE_OK
@@ -933,7 +951,7 @@ def answer_rank(status: pa.Array, stop_reason: pa.Array) -> np.ndarray:
     any answer beats none (errored, canceled, expired, missing: 0)."""
     truncated = _is(stop_reason, "max_tokens")
     answer = _is_in(status, _ANSWER_STATUSES)
-    succeeded = _is(status, "succeeded")
+    succeeded = _is(status, RequestStatus.SUCCEEDED)
     rank = np.zeros(len(status), np.int8)
     rank[answer] = 2
     rank[answer & ~truncated] = 3
@@ -1092,7 +1110,7 @@ def _decide_rows(
             [
                 ids, files, rows, pa.array(np.zeros(n, np.int32)), pa.array(np.full(n, -1, np.int8)),
                 pa.array(np.full(n, _CODE_RETRIABLE, np.int8)), pa.array(np.zeros(n, np.bool_)),
-                chunk, pa.array(["missing"] * n, pa.string()), nulls,
+                chunk, pa.array([RequestStatus.MISSING.value] * n, pa.string()), nulls,
             ],
             schema=_DECIDE_SCHEMA,
         )  # fmt: skip
@@ -1219,7 +1237,7 @@ def _missing_rows(keys: pa.RecordBatch | pa.Table, schema: pa.Schema, key_column
     for k in key_columns:
         data[k] = _column(keys, k).cast(pa.string())
     data["request_fingerprint"] = _column(keys, "request_fingerprint").cast(pa.string())
-    data["status"] = pa.array(["missing"] * n, pa.string())
+    data["status"] = pa.array([RequestStatus.MISSING.value] * n, pa.string())
     data["error_message"] = pa.array([_MISSING_MESSAGE] * n, pa.string())
     data["cost_usd"] = pa.array(np.zeros(n))
     data["sync_cost_usd"] = pa.array(np.zeros(n))
@@ -1473,7 +1491,7 @@ def dead_letter_rows(
                 merged, max_attempts, retry_truncated=retry_truncated, attempts=attempts
             ).to_numpy(zero_copy_only=False)
         )
-    dead = ~_is(_column(merged, "status"), "succeeded") & ~retry
+    dead = ~_is(_column(merged, "status"), RequestStatus.SUCCEEDED) & ~retry
     if not dead.any():
         return schema.empty_table()
     failed = merged.filter(pa.array(dead))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -148,21 +148,20 @@ def _ledger_reader(root: ObjectStoragePath) -> Callable[[str], dict[str, Any] | 
 
 def _is_ledger_entry(rel: str) -> bool:
     # _ledger/{dag_id}/{partition}/{task_id}/{fingerprint}.json, never a temporary file.
-    parts = rel.split("/")
-    return len(parts) == 5 and parts[-1].endswith(".json") and storage.TMP_MARKER not in parts[-1]
+    return layout.parse_ledger_entry(rel) is not None
 
 
 def ledger_entries(
     root: PathLike, dag_id: str | None = None, partition: str | None = None
 ) -> list[dict[str, Any]]:
     """Every ledger entry (optionally of one DAG / partition), each with ``ledger_path``, by path."""
-    from anthropic_batch.ledger import LEDGER_DIR
-
     root = as_path(root)
-    listing = {rel: sig for rel, sig in _listing(root, root / LEDGER_DIR).items() if _is_ledger_entry(rel)}
+    listing = {
+        rel: sig for rel, sig in _listing(root, layout.ledger_root(root)).items() if _is_ledger_entry(rel)
+    }
     entries = []
     for rel, entry in _sync(root, LEDGER_INDEX, listing, _ledger_reader(root)).items():
-        _, entry_dag, entry_partition, _, _ = rel.split("/")
+        entry_dag, entry_partition, _, _ = layout.parse_ledger_entry(rel)  # type: ignore[misc]
         if entry is None or (dag_id and entry_dag != dag_id) or (partition and entry_partition != partition):
             continue
         entries.append({**entry, "ledger_path": str(root / rel)})
@@ -173,7 +172,11 @@ def ledger_entries(
 def _partition_dir(rel: str) -> str | None:
     """``{pipeline}/extractions/date=D`` for a file that decides what that partition publishes."""
     parts = rel.split("/")
-    if len(parts) < 4 or parts[1] != "extractions" or not parts[2].startswith("date="):
+    if (
+        len(parts) < 4
+        or parts[1] != layout.EXTRACTIONS_DIR
+        or not parts[2].startswith(layout.PARTITION_PREFIX)
+    ):
         return None
     name = parts[-1]
     # The summary itself (directly, or in a generation directory) and the commit file naming it.
@@ -200,7 +203,7 @@ def _summary_reader(root: ObjectStoragePath) -> Callable[[str], dict[str, Any] |
         # The directory is the source of truth for where the run's files are.
         pipeline, _, date_dir = rel_dir.split("/")
         data.setdefault("pipeline", pipeline)
-        data.setdefault("partition", date_dir.removeprefix("date="))
+        data.setdefault("partition", date_dir.removeprefix(layout.PARTITION_PREFIX))
         return data
 
     return read
@@ -221,7 +224,7 @@ def summaries(root: PathLike, partition: str | None = None) -> list[dict[str, An
         if info.get("type") != "directory" or name.startswith(("_", ".")):
             continue
         # One listing per pipeline (a missing extractions/ lists as empty).
-        for rel, sig in _listing(root, root / name / "extractions").items():
+        for rel, sig in _listing(root, root / name / layout.EXTRACTIONS_DIR).items():
             directory = _partition_dir(rel)
             if directory is not None:
                 files.setdefault(directory, []).append(f"{rel.rsplit('/', 1)[-1]}={sig}")
@@ -231,7 +234,8 @@ def summaries(root: PathLike, partition: str | None = None) -> list[dict[str, An
     return [
         data
         for rel, data in found.items()
-        if data is not None and (partition is None or rel.split("/")[2] == f"date={partition}")
+        if data is not None
+        and (partition is None or rel.split("/")[2] == f"{layout.PARTITION_PREFIX}{partition}")
     ]
 
 

@@ -36,7 +36,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from anthropic_batch.cancel import CancelReason, record_cancel
 from anthropic_batch.ledger import ended_fields, update_entry
 from anthropic_batch.links import AnthropicConsoleBatchLink
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus, RequestCountKey
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS, BatchPollTrigger, describe
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class BatchWaitMixin:
         return {
             "id": self.batch_id,
             "type": "message_batch",
-            "processing_status": "ended",
+            "processing_status": ProcessingStatus.ENDED.value,
             "request_counts": entry.get("request_counts"),
             "created_at": entry.get("created_at"),
             "ended_at": entry.get("ended_at"),
@@ -143,10 +143,10 @@ class BatchWaitMixin:
         self.log.info(
             "Batch %s ended: succeeded=%s errored=%s canceled=%s expired=%s.",
             batch["id"],
-            counts.get("succeeded"),
-            counts.get("errored"),
-            counts.get("canceled"),
-            counts.get("expired"),
+            counts.get(RequestCountKey.SUCCEEDED),
+            counts.get(RequestCountKey.ERRORED),
+            counts.get(RequestCountKey.CANCELED),
+            counts.get(RequestCountKey.EXPIRED),
         )
         return batch
 
@@ -188,7 +188,7 @@ class BatchWaitMixin:
                 max_transient_seconds=self.max_transient_seconds,
             ),
             method_name=self.wait_method,
-            kwargs={"canceling": canceling},
+            kwargs=dict(canceling=canceling),
             # A margin past the trigger's own deadline: the trigger reports it, not a bare timeout.
             timeout=timedelta(seconds=max(60.0, deadline - time.time()) + 600),
         )
@@ -211,7 +211,7 @@ class BatchWaitMixin:
             self.log.warning("First poll of %s failed (%s); deferring anyway.", self.batch_id, err)
         if batch is not None:
             self.log.info("%s", describe(batch, datetime.now(UTC)))
-            if batch.processing_status == "ended":
+            if batch.processing_status == ProcessingStatus.ENDED:
                 return self._finish(batch.model_dump(mode="json"))
         now = time.time()
         deadline = deadline_epoch(batch.created_at if batch else None, self.deadline_hours, now)
@@ -229,7 +229,7 @@ class BatchWaitMixin:
         if not event or "status" not in event:
             raise AirflowException(f"BatchPollTrigger returned no usable event: {event!r}")
         status = event["status"]
-        if status == "ended":
+        if status == ProcessingStatus.ENDED:
             return self._finish(event["batch"])
         if status == "deadline":
             # ``canceling`` comes from the deferral kwargs; the last seen batch says it too (dag.test
@@ -314,7 +314,7 @@ class BatchSensor(BatchWaitMixin, BaseSensorOperator):
         except FATAL_ERRORS as err:
             raise AirflowFailException(f"Cannot read batch {self.batch_id}: {err}") from err
         self.log.info("%s", describe(batch, datetime.now(UTC)))
-        if batch.processing_status == "ended":
+        if batch.processing_status == ProcessingStatus.ENDED:
             return PokeReturnValue(is_done=True, xcom_value=self._finish(batch.model_dump(mode="json")))
         now = time.time()
         deadline = deadline_epoch(batch.created_at, self.deadline_hours, now)

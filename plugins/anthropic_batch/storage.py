@@ -162,29 +162,39 @@ def check_root_shared(root: PathLike, setting: str = "the storage root") -> None
     )
 
 
+# The directories directly under the root. Everything below them: layout.py (which re-exports these).
+WORK_DIR = "work"
+EXTRACTIONS_DIR = "extractions"
+ANSWER_CACHE_DIR = "answer_cache"
+REPORTS_DIR = "reports"
+LEDGER_DIR = "_ledger"
+#: Hive-style partition directory prefix: ``date=YYYY-MM-DD``.
+PARTITION_PREFIX = "date="
+
+
 def work_dir(root: PathLike, pipeline: str, partition: str) -> ObjectStoragePath:
     """``{root}/{pipeline}/work/date={partition}``: requests, results and rejects of one run."""
-    return as_path(root) / pipeline / "work" / f"date={partition}"
+    return as_path(root) / pipeline / WORK_DIR / f"{PARTITION_PREFIX}{partition}"
 
 
 def extraction_dir(root: PathLike, pipeline: str, partition: str) -> ObjectStoragePath:
     """``{root}/{pipeline}/extractions/date={partition}``: the published output of one run."""
-    return as_path(root) / pipeline / "extractions" / f"date={partition}"
+    return as_path(root) / pipeline / EXTRACTIONS_DIR / f"{PARTITION_PREFIX}{partition}"
 
 
 def answer_cache_dir(root: PathLike, pipeline: str) -> ObjectStoragePath:
     """``{root}/{pipeline}/answer_cache``: answers already paid for, by fingerprint (answer_reuse)."""
-    return as_path(root) / pipeline / "answer_cache"
+    return as_path(root) / pipeline / ANSWER_CACHE_DIR
 
 
 def report_dir(root: PathLike, partition: str) -> ObjectStoragePath:
     """``{root}/reports/date={partition}``: the overnight report."""
-    return as_path(root) / "reports" / f"date={partition}"
+    return as_path(root) / REPORTS_DIR / f"{PARTITION_PREFIX}{partition}"
 
 
 def ledger_root(root: PathLike) -> ObjectStoragePath:
     """``{root}/_ledger``: submission ledger entries."""
-    return as_path(root) / "_ledger"
+    return as_path(root) / LEDGER_DIR
 
 
 def is_local(path: ObjectStoragePath) -> bool:

@@ -51,6 +51,7 @@ from anthropic_batch.ledger import (
     sync_results_path,
     utc_now,
 )
+from anthropic_batch.status import REQUEST_COUNT_KEYS, ProcessingStatus, ResultType
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -75,7 +76,6 @@ OVERLAP_WAIT_SECONDS = 60.0
 TAKEOVER_FILE = "takeover.json"
 _PART_PREFIX = "part-"
 _BATCH_PREFIX = "batch-"
-_RESULT_TYPES = ("processing", "succeeded", "errored", "canceled", "expired")
 
 
 # -- paths -----------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def answered_lines(results_path: PathLike) -> dict[str, bytes]:
 
 def count_results(lines: Iterable[bytes]) -> dict[str, int]:
     """``request_counts`` of result lines (the API's buckets)."""
-    counts = dict.fromkeys(_RESULT_TYPES, 0)
+    counts = dict.fromkeys(REQUEST_COUNT_KEYS, 0)
     for line in lines:
         kind = json.loads(line)["result"]["type"]
         counts[kind] = counts.get(kind, 0) + 1
@@ -208,7 +208,7 @@ def _wait_ended(hook: BatchHook, batch_id: str, timeout_s: float, sleep: Callabl
     while True:
         batch = hook.get_batch(batch_id)
         remaining = deadline - time.monotonic()
-        if batch.processing_status == "ended" or remaining <= 0:
+        if batch.processing_status == ProcessingStatus.ENDED or remaining <= 0:
             return batch
         sleep(min(delay, remaining))
         delay = min(delay * 2, 10.0)
@@ -217,7 +217,9 @@ def _wait_ended(hook: BatchHook, batch_id: str, timeout_s: float, sleep: Callabl
 def _succeeded_lines(hook: BatchHook, batch_id: str) -> list[bytes]:
     """The batch's answers: its ``succeeded`` result lines (what was paid for)."""
     return [
-        line for line in hook.iter_result_lines(batch_id) if json.loads(line)["result"]["type"] == "succeeded"
+        line
+        for line in hook.iter_result_lines(batch_id)
+        if json.loads(line)["result"]["type"] == ResultType.SUCCEEDED
     ]
 
 
@@ -233,13 +235,13 @@ def _take_over(
     batch_id = str(entry["batch_id"])
     batch = hook.get_batch(batch_id)
     status_before = batch.processing_status
-    if status_before != "ended":
+    if status_before != ProcessingStatus.ENDED:
         log.warning(
             "mode=sync: batch %s of this chunk is %s; canceling it and answering the rest now.",
             batch_id,
             status_before,
         )
-        if status_before == "in_progress":
+        if status_before == ProcessingStatus.IN_PROGRESS:
             try:
                 hook.cancel_batch(batch_id)
             except Exception as exc:  # e.g. it ended meanwhile; what it answered is what counts
@@ -248,15 +250,15 @@ def _take_over(
     record: dict[str, Any] = {
         "batch_id": batch_id,
         "status_at_takeover": status_before,
-        "canceled_by_takeover": status_before != "ended",
+        "canceled_by_takeover": status_before != ProcessingStatus.ENDED,
         "taken_over_at": rfc3339(utc_now()),
         "n_reused": 0,
-        "ended_in_time": batch.processing_status == "ended",
+        "ended_in_time": batch.processing_status == ProcessingStatus.ENDED,
         "n_paid_twice": 0,
         "paid_twice_custom_ids": [],
         "unresolved": False,
     }
-    if batch.processing_status == "ended":
+    if batch.processing_status == ProcessingStatus.ENDED:
         reused = _succeeded_lines(hook, batch_id)
         # Written before the ledger changes: a crash in between takes the batch over again, harmlessly.
         storage.atomic_write_bytes(
@@ -288,7 +290,7 @@ def _resolve_overlap(
     """For a batch that had not ended at takeover: which requests it answered that we paid again."""
     try:
         batch = _wait_ended(hook, record["batch_id"], wait_seconds, sleep)
-        if batch.processing_status != "ended":
+        if batch.processing_status != ProcessingStatus.ENDED:
             record["unresolved"] = True
             return
         twice = sorted(
@@ -429,7 +431,7 @@ def run_chunk(
             writer.add(line)
             record = json.loads(line)
             done[record["custom_id"]] = line
-            if record["result"]["type"] == "succeeded":
+            if record["result"]["type"] == ResultType.SUCCEEDED:
                 answered_now.add(record["custom_id"])
     finally:
         writer.flush()  # whatever was answered before an error is kept for the retry
@@ -459,7 +461,7 @@ def run_chunk(
         state=LedgerState.ENDED.value,
         batch_id="sync_" + str(identity["chunk_fingerprint"])[:24],
         submitted_at=entry.get("submitted_at") or now,
-        processing_status="ended",
+        processing_status=ProcessingStatus.ENDED.value,
         request_counts=counts,
         created_at=entry.get("intent_at"),
         ended_at=now,

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 import anthropic
 
+from anthropic_batch.status import RETRIABLE_ERROR_TYPES, ErrorType, ResultType
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -65,7 +67,7 @@ def _errored(custom_id: str, error_type: str, message: str, request_id: str | No
     return {
         "custom_id": custom_id,
         "result": {
-            "type": "errored",
+            "type": ResultType.ERRORED.value,
             "error": {
                 "type": "error",
                 "error": {"type": error_type, "message": message},
@@ -83,19 +85,19 @@ def _error_from_exception(custom_id: str, exc: Exception) -> dict[str, Any]:
         return _errored(custom_id, error_type, message, exc.request_id)
     if isinstance(exc, anthropic.APIConnectionError):
         # After the SDK's retries: transient by nature, so classified like a server error.
-        return _errored(custom_id, "api_error", f"connection error after retries: {exc}")
+        return _errored(custom_id, ErrorType.API_ERROR.value, f"connection error after retries: {exc}")
     # The SDK refused the request locally (bad parameter types, unknown model limits, ...).
-    return _errored(custom_id, "invalid_request_error", f"{type(exc).__name__}: {exc}")
+    return _errored(custom_id, ErrorType.INVALID_REQUEST.value, f"{type(exc).__name__}: {exc}")
 
 
 def _type_for_status(status_code: int) -> str:
     if status_code == 429:
-        return "rate_limit_error"
+        return ErrorType.RATE_LIMIT.value
     if status_code == 529:
-        return "overloaded_error"
+        return ErrorType.OVERLOADED.value
     if status_code >= 500:
-        return "api_error"
-    return "invalid_request_error"
+        return ErrorType.API_ERROR.value
+    return ErrorType.INVALID_REQUEST.value
 
 
 def call_one(client: anthropic.Anthropic, request: dict[str, Any]) -> dict[str, Any]:
@@ -112,16 +114,14 @@ def call_one(client: anthropic.Anthropic, request: dict[str, Any]) -> dict[str, 
         message = response.json()
     except (anthropic.AnthropicError, ValueError, TypeError) as exc:
         return _error_from_exception(custom_id, exc)
-    return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
+    return {"custom_id": custom_id, "result": {"type": ResultType.SUCCEEDED.value, "message": message}}
 
 
 def is_transient(line: bytes) -> bool:
     """True for an ``errored`` line whose error is transient (rate limit, overload, server error):
     the same request may well succeed a moment later, so it says nothing about the request itself."""
-    from anthropic_batch.results import RETRIABLE_ERROR_TYPES
-
     result = json.loads(line).get("result") or {}
-    if result.get("type") != "errored":
+    if result.get("type") != ResultType.ERRORED:
         return False
     error = result.get("error") or {}
     return (error.get("error") or {}).get("type") in RETRIABLE_ERROR_TYPES

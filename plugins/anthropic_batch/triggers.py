@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus, transient_api_errors
 
 if TYPE_CHECKING:
     import anthropic
@@ -66,12 +66,12 @@ def is_transient(error: BaseException) -> bool:
 
     return isinstance(
         error,
-        anthropic.RateLimitError
-        | anthropic.InternalServerError
-        | anthropic.APIConnectionError
-        | anthropic.NotFoundError
-        | anthropic.ConflictError
-        | anthropic.RequestTimeoutError,
+        (
+            *transient_api_errors(),
+            anthropic.NotFoundError,
+            anthropic.ConflictError,
+            anthropic.RequestTimeoutError,
+        ),
     )
 
 
@@ -220,8 +220,8 @@ class BatchPollTrigger(BaseTrigger):
                 last_batch = batch
                 now = datetime.now(UTC)
                 self.log.info("%s", describe(batch, now))
-                if batch.processing_status == "ended":
-                    return self._event("ended", batch=batch.model_dump(mode="json"))
+                if batch.processing_status == ProcessingStatus.ENDED:
+                    return self._event(ProcessingStatus.ENDED.value, batch=batch.model_dump(mode="json"))
                 snapshot = batch_snapshot(batch)
                 changed = last_snapshot is not None and snapshot != last_snapshot
                 if last_snapshot is not None:

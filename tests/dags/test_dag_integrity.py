@@ -24,6 +24,7 @@ PARSE_TIME_MODULES = (
     "anthropic_batch.pipeline_config",
     "anthropic_batch.status",
     "anthropic_batch.storage",
+    "anthropic_batch.layout",
     "anthropic_batch.batch_requests",
     "anthropic_batch.ledger",
     "anthropic_batch.links",

@@ -24,6 +24,7 @@ from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
 from anthropic_batch.cancel import takeover_cancel_reason, user_cancel_reason
+from anthropic_batch.layout import attempt_dir, results_file  # noqa: F401  (re-exported)
 from anthropic_batch.ledger import (
     ForeignBatchError,
     LedgerState,
@@ -35,7 +36,13 @@ from anthropic_batch.ledger import (
     utc_now,
 )
 from anthropic_batch.pricing import PriceTable, load_price_table
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import (
+    DEFAULT_CONN_ID,
+    ENDED_COUNT_KEYS,
+    ProcessingStatus,
+    RequestCountKey,
+    RequestStatus,
+)
 
 if TYPE_CHECKING:
     from anthropic_batch.hooks import BatchHook
@@ -46,13 +53,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Which RESULT statuses come from which ``request_counts`` bucket of the batch.
-_COUNT_BUCKET = {
-    "succeeded": "succeeded",
-    "invalid_output": "succeeded",
-    "needs_followup": "succeeded",
-    "errored": "errored",
-    "canceled": "canceled",
-    "expired": "expired",
+_COUNT_BUCKET: dict[str, str] = {
+    RequestStatus.SUCCEEDED: RequestCountKey.SUCCEEDED.value,
+    RequestStatus.INVALID_OUTPUT: RequestCountKey.SUCCEEDED.value,
+    RequestStatus.NEEDS_FOLLOWUP: RequestCountKey.SUCCEEDED.value,
+    RequestStatus.ERRORED: RequestCountKey.ERRORED.value,
+    RequestStatus.CANCELED: RequestCountKey.CANCELED.value,
+    RequestStatus.EXPIRED: RequestCountKey.EXPIRED.value,
 }
 
 
@@ -124,7 +131,7 @@ def stored_stats(path: ObjectStoragePath) -> dict[str, Any]:
         "n_duplicates": 0,
         "n_unknown": 0,
         "n_malformed": 0,
-        "n_missing": int(counts.get("missing", 0)),
+        "n_missing": int(counts.get(RequestStatus.MISSING, 0)),
         "counts_by_status": counts,
         "tokens": {
             "input": int(total("input_tokens")),
@@ -141,14 +148,7 @@ def stored_stats(path: ObjectStoragePath) -> dict[str, Any]:
     }
 
 
-def attempt_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
-    """``work_dir/results/attempt-NN``."""
-    return storage.as_path(work_dir) / "results" / f"attempt-{attempt:02d}"
-
-
-def results_file(work_dir: storage.PathLike, attempt: int, batch_id: str) -> ObjectStoragePath:
-    """``work_dir/results/attempt-NN/<batch_id>.parquet``."""
-    return attempt_dir(work_dir, attempt) / f"{batch_id}.parquet"
+# attempt_dir / results_file (``work_dir/results/attempt-NN/<batch_id>.parquet``): see layout.py.
 
 
 def price_table_for_mode(mode: str, prices: PriceTable | None = None) -> PriceTable:
@@ -168,9 +168,10 @@ def chunk_index_of(manifest: Mapping[str, Any], chunk_path: str) -> int | None:
 
 def request_counts_by_bucket(counts_by_status: Mapping[str, int]) -> dict[str, int]:
     """Collected row counts folded into the API's ``request_counts`` buckets (missing rows apart)."""
-    buckets = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0, "missing": 0}
+    missing, errored = RequestStatus.MISSING.value, RequestCountKey.ERRORED.value
+    buckets = dict.fromkeys((*ENDED_COUNT_KEYS, missing), 0)
     for status, n in counts_by_status.items():
-        buckets[_COUNT_BUCKET.get(status, "missing" if status == "missing" else "errored")] += n
+        buckets[_COUNT_BUCKET.get(status, missing if status == missing else errored)] += n
     return buckets
 
 
@@ -223,7 +224,7 @@ def collect_batch(
         lines: Iterable[bytes] = iter_chunk_lines(str(handle["results_path"]))
     else:
         batch = hook.get_batch(batch_id).model_dump(mode="json")
-        if batch["processing_status"] != "ended":
+        if batch["processing_status"] != ProcessingStatus.ENDED:
             raise BatchNotEndedError(
                 f"Batch {batch_id} is {batch['processing_status']}, not ended: wait for it first."
             )
@@ -295,15 +296,15 @@ def _check_counts(batch_id: str, api_counts: Mapping[str, Any], counts_by_status
     ours = request_counts_by_bucket(counts_by_status)
     differs = {
         bucket: (int(api_counts.get(bucket) or 0), ours[bucket])
-        for bucket in ("succeeded", "errored", "canceled", "expired")
+        for bucket in ENDED_COUNT_KEYS
         if int(api_counts.get(bucket) or 0) != ours[bucket]
     }
-    if differs or ours["missing"]:
+    if differs or ours[RequestStatus.MISSING]:
         log.warning(
             "Batch %s: collected rows differ from request_counts (api, rows): %s; %d missing.",
             batch_id,
             differs,
-            ours["missing"],
+            ours[RequestStatus.MISSING],
         )
 
 

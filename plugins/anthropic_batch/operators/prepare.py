@@ -27,7 +27,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
 from anthropic_batch.answer_reuse import apply_reuse, cache_dir_for
 from anthropic_batch.batch_requests import (
     DEFAULT_MAX_BYTES_PER_CHUNK,
@@ -260,7 +260,7 @@ class PrepareRequestsOperator(BaseOperator):
         mode = resolve_mode(self.mode, n_to_send, self.auto_sync_max_requests, deadline=deadline)
         if manifest.get("mode") != mode.value:
             manifest["mode"] = mode.value
-            storage.atomic_write_json(work / "requests" / "manifest.json", manifest)
+            storage.atomic_write_json(layout.manifest_path(work), manifest)
 
         chunks = manifest["chunks"]
         for warning in manifest.get("warnings") or ():

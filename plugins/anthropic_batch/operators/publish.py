@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
-from anthropic_batch import partition, storage
+from anthropic_batch import layout, partition, storage
 from anthropic_batch.answer_reuse import cache_after_publish, summary_fields
 from anthropic_batch.partition import (  # noqa: F401  (re-exported: the partition's file names)
     COMMIT_FILE,
@@ -115,22 +115,10 @@ def billed_paths(work_dir: ObjectStoragePath, merged_path: storage.PathLike | No
     The files are those the resubmit step merged (its ``merged.json`` record) when it exists;
     otherwise every ``results/attempt-NN/*.parquet`` of the work dir.
     """
-    from anthropic_batch.operators.resubmit import merge_record_path
-
-    record = storage.read_json(merge_record_path(merged_path)) if merged_path else None
+    record = storage.read_json(layout.merge_record_path(merged_path)) if merged_path else None
     if record and record.get("results_paths") is not None:
         return [str(p) for p in record["results_paths"]]
-    results = work_dir / "results"
-    if not results.exists():
-        return []
-    paths = []
-    for attempt_dir in sorted(results.iterdir(), key=lambda p: p.name):
-        if not attempt_dir.name.startswith("attempt-") or not attempt_dir.is_dir():
-            continue
-        for file in sorted(attempt_dir.iterdir(), key=lambda p: p.name):
-            if file.name.endswith(".parquet") and storage.TMP_MARKER not in file.name:
-                paths.append(str(file))
-    return paths
+    return [str(file) for file in layout.attempt_result_files(work_dir)]
 
 
 def billed_spend(paths: Sequence[storage.PathLike]) -> Spend:
@@ -309,12 +297,10 @@ class PublishPartitionOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         work_dir = storage.as_path(self.work_dir)
         target = storage.as_path(self.extraction_dir)
-        manifest = storage.read_json(work_dir / "requests" / "manifest.json")
-        if manifest is None:
-            raise FileNotFoundError(f"no manifest at {work_dir / 'requests' / 'manifest.json'}")
+        manifest = layout.read_manifest(work_dir)
         spec = manifest.get("spec") or {}
         key_columns = spec.get("key_columns") or []
-        sample_report = storage.read_json(work_dir / "sample" / "report.json")
+        sample_report = storage.read_json(layout.sample_dir(work_dir) / "report.json")
         ti = context["ti"]
         billed = billed_spend(billed_paths(work_dir, self.merged_path))
 
@@ -344,7 +330,7 @@ class PublishPartitionOperator(BaseOperator):
         published, summary = publish_partition(
             target,
             merged_path=self.merged_path,
-            dead_letter_sources=[work_dir / "rejected.parquet", work_dir / "dead_letter.parquet"],
+            dead_letter_sources=[layout.rejected_path(work_dir), layout.dead_letter_path(work_dir)],
             key_columns=key_columns,
             make_summary=make_summary,
             dag_id=ti.dag_id,

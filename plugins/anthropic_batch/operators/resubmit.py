@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from anthropic_batch import queue_budget, storage
+from anthropic_batch import layout, queue_budget, storage
 from anthropic_batch.answer_reuse import merge_inputs
 from anthropic_batch.batch_requests import (
     DEFAULT_MAX_BYTES_PER_CHUNK,
@@ -65,10 +65,17 @@ from anthropic_batch.batch_requests import (
     sha256_hex,
     write_chunk,
 )
+from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit loop's paths)
+    RESUBMIT_STATE_FILE,
+    RETRY_LIST_FILE,
+    merge_record_path,
+    resubmit_state_path,
+    retry_dir,
+)
 from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
 from anthropic_batch.operators.collect import collect_batch
 from anthropic_batch.operators.submit import submission_identity
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus
 from anthropic_batch.triggers import BatchPollTrigger
 
 if TYPE_CHECKING:
@@ -83,22 +90,7 @@ log = logging.getLogger(__name__)
 #: model's own limit the API answers invalid_request_error, which is dead-lettered, not retried.
 MAX_TOKENS_CAP = 128_000
 
-#: The resubmit loop's state file under ``work_dir/results/`` (see module docstring).
-RESUBMIT_STATE_FILE = "resubmit-state.json"
-
-#: The merge's list of requests to resubmit, under ``work_dir/results/`` (``results.RETRY_SCHEMA``).
-RETRY_LIST_FILE = "retry.parquet"
-
-
-def retry_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
-    """``work_dir/requests/retry-NN``: the chunks submitted as attempt NN (NN >= 2)."""
-    return storage.as_path(work_dir) / "requests" / f"retry-{attempt:02d}"
-
-
-def merge_record_path(merged_path: storage.PathLike) -> ObjectStoragePath:
-    """``results/merged.json`` beside ``results/merged.parquet``: which files the merge used."""
-    merged = storage.as_path(merged_path)
-    return merged.parent / (merged.name.removesuffix(".parquet") + ".json")
+# The paths of the resubmit loop (state file, retry list, retry chunks, merge record) are in layout.py.
 
 
 def write_merge_record(
@@ -119,11 +111,6 @@ def write_merge_record(
             "rounds": [dict(r) for r in rounds],
         },
     )
-
-
-def resubmit_state_path(work_dir: storage.PathLike) -> ObjectStoragePath:
-    """``work_dir/results/resubmit-state.json``: the resubmit loop's state across deferrals."""
-    return storage.as_path(work_dir) / "results" / RESUBMIT_STATE_FILE
 
 
 def task_identity(context: Context) -> dict[str, Any]:
@@ -266,7 +253,7 @@ class ResubmitFailuresOperator(BaseOperator):
                 f"batches already submitted."
             )
         status = event.get("status")
-        if status != "ended":
+        if status != ProcessingStatus.ENDED:
             raise AirflowException(
                 f"Retry batch {handle['batch_id']} (attempt {attempt}) did not end: {status}: "
                 f"{event.get('message')}. A retry of this task re-attaches to the same batch."
@@ -352,7 +339,7 @@ class ResubmitFailuresOperator(BaseOperator):
         manifest = read_manifest(work)
         spec = manifest.get("spec") or {}
         key_columns = list(spec.get("key_columns") or [])
-        merged_path = work / "results" / "merged.parquet"
+        merged_path = layout.merged_path(work)
         retry_truncated = self.retry_truncated
         if retry_truncated is None:
             retry_truncated = bool(spec.get("output_model"))
@@ -362,11 +349,11 @@ class ResubmitFailuresOperator(BaseOperator):
             [*merge_inputs(manifest), *paths],
             merged_path,
             key_columns,
-            expected_keys=work / "requests" / "keys.parquet",
+            expected_keys=layout.keys_path(work),
             max_attempts=None if attempt >= self.max_attempts else self.max_attempts,
             retry_truncated=retry_truncated,
-            retry_path=work / "results" / RETRY_LIST_FILE,
-            dead_letter_path=work / "dead_letter.parquet",
+            retry_path=layout.retry_list_path(work),
+            dead_letter_path=layout.dead_letter_path(work),
         )
         self.log.info(
             "Merged after attempt %d (best answer per request): %s", attempt, stats.counts_by_status
@@ -445,7 +432,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
         from anthropic_batch.results import custom_id_of_line
 
-        retry_path = storage.as_path(self.work_dir) / "results" / RETRY_LIST_FILE
+        retry_path = layout.retry_list_path(self.work_dir)
         table = storage.read_parquet(
             retry_path, ["source_attempt", "chunk_index", "source_file"], use_threads=False
         )
@@ -536,9 +523,7 @@ class ResubmitFailuresOperator(BaseOperator):
             self.max_bytes_per_chunk,
         )
         for index, group in enumerate(groups):
-            infos.append(
-                write_chunk(group, directory / f"retry-{attempt:02d}-chunk-{index:05d}.jsonl", index)
-            )
+            infos.append(write_chunk(group, directory / layout.retry_chunk_name(attempt, index), index))
         return infos
 
     # -- queue budget (budget branch): one retry batch at a time, each admitted before it is created --

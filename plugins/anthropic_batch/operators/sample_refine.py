@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from anthropic_batch import storage
+from anthropic_batch import layout, storage
 from anthropic_batch.batch_requests import (
     canonical_json,
     iter_chunk_lines,
@@ -55,7 +55,7 @@ from anthropic_batch.batch_requests import (
     sha256_hex,
 )
 from anthropic_batch.pricing import load_price_table
-from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.status import DEFAULT_CONN_ID, RequestStatus
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -237,13 +237,13 @@ def _passed(row: Mapping[str, Any]) -> bool:
     from anthropic_batch.results import classify_failure
 
     return (
-        row["status"] == "succeeded"
+        row["status"] == RequestStatus.SUCCEEDED
         and classify_failure(row["status"], row.get("error_type"), row.get("stop_reason")) is None
     )
 
 
 def _failure_reason(row: Mapping[str, Any]) -> str:
-    if row["status"] == "succeeded" and row.get("stop_reason") == "max_tokens":
+    if row["status"] == RequestStatus.SUCCEEDED and row.get("stop_reason") == "max_tokens":
         return "answer cut off at max_tokens (raise max_tokens)"
     parts = [p for p in (row.get("error_type"), row.get("error_message")) if p]
     return ": ".join(parts) or row["status"]
@@ -505,7 +505,7 @@ class SampleRefineOperator(BaseOperator):
             lines, reuse = answer_sample(
                 requests,
                 client,
-                work / "sample" / ANSWERS_FILE,
+                layout.sample_dir(work) / ANSWERS_FILE,
                 concurrency=self.concurrency,
                 transient_rounds=self.transient_rounds,
             )
@@ -539,7 +539,7 @@ class SampleRefineOperator(BaseOperator):
         report["n_reused_answers"] = reuse["n_reused"]
         paid = [r for r in rows if r["custom_id"] not in reuse["reused_ids"]]
         report["sample_cost_paid_usd"] = round(sum(float(r.get("sync_cost_usd") or 0) for r in paid), 6)
-        paths = write_report(work / "sample", report)
+        paths = write_report(layout.sample_dir(work), report)
         markdown = render_markdown(report)
         if not report["passed"]:
             self.log.error("Sample check failed; nothing was submitted.\n%s", markdown)

@@ -23,7 +23,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from anthropic_batch import queue_budget, storage
+from anthropic_batch import layout, queue_budget, storage
 from anthropic_batch.ledger import (
     SubmissionLedger,
     handle_from_entry,
@@ -41,11 +41,7 @@ BYTES_PER_TOKEN = 4
 
 
 def load_manifest(work_dir: storage.PathLike) -> dict[str, Any]:
-    path = storage.as_path(work_dir) / "requests" / "manifest.json"
-    manifest = storage.read_json(path)
-    if manifest is None:
-        raise FileNotFoundError(f"No manifest at {path}: run the prepare task for this work_dir first.")
-    return manifest
+    return layout.read_manifest(work_dir)
 
 
 def find_chunk(manifest: dict[str, Any], chunk_path: str) -> dict[str, Any]:

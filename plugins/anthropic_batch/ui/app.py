@@ -32,6 +32,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from anthropic_batch.status import RequestStatus
 from anthropic_batch.ui import data
 from anthropic_batch.ui.auth import (
     Forbidden,
@@ -115,7 +116,7 @@ def fmt_expiry(seconds: Any) -> str:
     if seconds is None:
         return ""
     if seconds <= 0:
-        return "expired"
+        return RequestStatus.EXPIRED.value
     minutes = int(seconds // 60)
     hours, minutes = divmod(minutes, 60)
     return f"in {hours}h {minutes:02d}m" if hours else f"in {minutes}m"
@@ -312,7 +313,7 @@ def _run_detail(request: Request, user: Any, dag_id: str, partition: str, limit:
         dead = data.read_dead_letters(data.dead_letter_path(root, run["pipeline"], partition), limit)
     else:
         dead = {"exists": False, "total": 0, "columns": [], "rows": [], "by_reason": [], "error": None}
-    failures = {k: v for k, v in run["counts_by_status"].items() if k != "succeeded" and v}
+    failures = {k: v for k, v in run["counts_by_status"].items() if k != RequestStatus.SUCCEEDED and v}
     return {"run": run, "batches": overview["batches"], "dead_letters": dead, "failures": failures}
 
 

@@ -19,6 +19,15 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from anthropic_batch.status import (
+    FAILED_COUNT_KEYS,
+    REQUEST_COUNT_KEYS,
+    LedgerState,
+    ProcessingStatus,
+    RequestCountKey,
+    RunMode,
+)
+
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
@@ -27,9 +36,8 @@ log = logging.getLogger(__name__)
 PARTITION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 #: An Anthropic API key anywhere in text we display (defence in depth: none should ever be stored).
 API_KEY_RE = re.compile(r"sk-ant-[A-Za-z0-9_\-]{4,}")
-REQUEST_COUNT_KEYS = ("processing", "succeeded", "errored", "canceled", "expired")
-FAILED_COUNT_KEYS = ("errored", "canceled", "expired")
-ACTIVE_STATUSES = frozenset({"in_progress", "canceling"})
+# REQUEST_COUNT_KEYS and FAILED_COUNT_KEYS come from status.py (imported above).
+ACTIVE_STATUSES = frozenset({ProcessingStatus.IN_PROGRESS.value, ProcessingStatus.CANCELING.value})
 #: Longest text cell shown in the HTML dead-letter table (the JSON API returns the full text).
 MAX_CELL_CHARS = 400
 
@@ -99,18 +107,20 @@ def read_summaries(root: ObjectStoragePath, partition: str | None = None) -> lis
 def batch_status(entry: dict[str, Any]) -> str:
     """What a user should read as the batch's status."""
     state = entry.get("state")
-    if state == "intent":
+    ended = ProcessingStatus.ENDED.value
+    if state == LedgerState.INTENT:
         return "submitting"
-    if entry.get("mode") == "sync":
-        return "ended" if state == "ended" else "running"
-    return entry.get("processing_status") or ("ended" if state == "ended" else "in_progress")
+    if entry.get("mode") == RunMode.SYNC:
+        return ended if state == LedgerState.ENDED else "running"
+    in_progress = ProcessingStatus.IN_PROGRESS.value
+    return entry.get("processing_status") or (ended if state == LedgerState.ENDED else in_progress)
 
 
 def batch_badge(status: str, counts: dict[str, int]) -> str:
     """The badge style for a status: ok, partial, failed, active, warn or muted."""
     if status in ACTIVE_STATUSES or status == "running":
-        return "warn" if status == "canceling" else "active"
-    if status == "ended":
+        return "warn" if status == ProcessingStatus.CANCELING else "active"
+    if status == ProcessingStatus.ENDED:
         total = sum(counts.values())
         failed = sum(counts[k] for k in FAILED_COUNT_KEYS)
         if not total:
@@ -203,7 +213,7 @@ def run_row(
         "n_input_records": None,
         "n_rows": sum(b["n_requests"] or 0 for b in batches) or None,
         "counts_by_status": {},
-        "n_succeeded": sum(b["request_counts"]["succeeded"] for b in batches),
+        "n_succeeded": sum(b["request_counts"][RequestCountKey.SUCCEEDED] for b in batches),
         "n_dead_letters": None,
         "cost_usd": sum(batch_cost) if batch_cost else None,
         "sync_cost_usd": sum(batch_sync) if batch_sync else None,
@@ -226,7 +236,7 @@ def run_row(
             n_input_records=_int(summary.get("n_input_records")),
             n_rows=_int(summary.get("n_rows")),
             counts_by_status=counts,
-            n_succeeded=counts.get("succeeded", 0),
+            n_succeeded=counts.get(RequestCountKey.SUCCEEDED, 0),
             n_dead_letters=_int(summary.get("n_dead_letters")),
             cost_usd=_num(summary.get("cost_usd")),
             sync_cost_usd=_num(summary.get("sync_cost_usd")),
@@ -343,11 +353,12 @@ def partition_of_run_id(
 # -- dead letters ------------------------------------------------------------------------------------
 def dead_letter_path(root: ObjectStoragePath, pipeline: str, partition: str) -> ObjectStoragePath:
     """Where a run's published dead letters are (always derived from the layout, never from input)."""
-    from anthropic_batch.partition import published_files
+    from anthropic_batch.layout import extraction_dir
+    from anthropic_batch.partition import DEAD_LETTER_FILE, published_files
 
-    directory = root / pipeline / "extractions" / f"date={partition}"
+    directory = extraction_dir(root, pipeline, partition)
     published = published_files(directory)  # the committed generation's file
-    return published.dead_letter_path if published is not None else directory / "dead_letter.parquet"
+    return published.dead_letter_path if published is not None else directory / DEAD_LETTER_FILE
 
 
 def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, Any]:
