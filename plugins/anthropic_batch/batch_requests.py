@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import ObjectStoragePath
 from pydantic import BaseModel
 
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.output_models import OUTPUT_MODES, output_params
 from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer, open_binary
 
@@ -89,7 +90,7 @@ PREPARE_STAGE = "prepare"
 REJECTED_STATUS = "rejected"
 
 
-class BatchRequestError(ValueError):
+class BatchRequestError(AnthropicBatchError, ValueError):
     """A request spec or input that would fail in the API: refused before any money is spent."""
 
 

@@ -31,6 +31,8 @@ from airflow.providers.anthropic.hooks.anthropic import AnthropicHook, _ClientFa
 from airflow.providers.common.compat.connection import get_async_connection
 from anthropic.types.messages import MessageBatch
 
+from anthropic_batch.errors import AnthropicBatchError
+
 #: SDK retries for plain reads (retrieve, list, cancel). The SDK backs off exponentially (capped at
 #: 8 s) and honours retry-after; 4 retries ride out a short overload without hiding an outage.
 DEFAULT_MAX_RETRIES = 4
@@ -52,7 +54,7 @@ _CUSTOM_ID_PREFIX = re.compile(rb'^\s*\{\s*"custom_id"\s*:\s*"([A-Za-z0-9_-]{1,6
 T = TypeVar("T")
 
 
-class BatchCreateError(RuntimeError):
+class BatchCreateError(AnthropicBatchError, RuntimeError):
     """The batch could not be created, or whether it was created could not be decided."""
 
 
@@ -64,7 +66,7 @@ class AmbiguousCreateError(BatchCreateError):
         self.started = started
 
 
-class ResultsDownloadError(RuntimeError):
+class ResultsDownloadError(AnthropicBatchError, RuntimeError):
     """The results stream kept failing after bounded retries."""
 
 

@@ -51,6 +51,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.status import CancelReason
 from anthropic_batch.storage import PathLike, as_path
 
@@ -86,7 +87,7 @@ class LedgerState(StrEnum):
     ENDED = "ended"
 
 
-class AmbiguousSubmissionError(RuntimeError):
+class AmbiguousSubmissionError(AnthropicBatchError, RuntimeError):
     """Several batches could be the one a dead worker created; a human has to pick."""
 
 
@@ -240,15 +241,15 @@ class SubmissionLedger:
 
 
 # -- claims: compare-and-swap on the entry ---------------------------------------------------------
-class LostClaimError(RuntimeError):
+class LostClaimError(AnthropicBatchError, RuntimeError):
     """Another worker took this chunk's entry over (or it was deleted) while we held it."""
 
 
-class ClaimTimeoutError(RuntimeError):
+class ClaimTimeoutError(AnthropicBatchError, RuntimeError):
     """A live worker kept this chunk's intent longer than we were willing to wait for its batch id."""
 
 
-class ForeignBatchError(RuntimeError):
+class ForeignBatchError(AnthropicBatchError, RuntimeError):
     """A batch's results answer requests that are not this chunk's: it is not ours to publish."""
 
 

@@ -30,6 +30,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from anthropic_batch.errors import AnthropicBatchError
+
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
     from fsspec import AbstractFileSystem
@@ -46,7 +48,7 @@ _CONDITION_FAILED = frozenset({409, 412})
 _bound: set[tuple[str, str | None]] = set()
 
 
-class ConditionalWriteUnsupported(NotImplementedError):
+class ConditionalWriteUnsupported(AnthropicBatchError, NotImplementedError):
     """The path's store has no conditional writes here (named in the message)."""
 
 

@@ -25,13 +25,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from anthropic_batch.errors import AnthropicBatchError
+
 OUTPUT_MODES = ("json_schema", "tool")
 _MODULE_PREFIX = "anthropic_batch_output_models"
 _TOOL_NAME_RE = re.compile(r"[^a-zA-Z0-9_-]")
 _MAX_ERROR_CHARS = 2000
 
 
-class OutputModelError(ValueError):
+class OutputModelError(AnthropicBatchError, ValueError):
     """An output model reference cannot be loaded."""
 
 

@@ -24,6 +24,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from anthropic_batch.errors import AnthropicBatchError
+
 log = logging.getLogger(__name__)
 
 PRICE_TABLE_AS_OF = "2026-10-21"
@@ -54,7 +56,7 @@ _LIST_PRICES: dict[str, tuple[str, str]] = {
 }
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(AnthropicBatchError, KeyError):
     """No price is known for a model."""
 
     def __str__(self) -> str:  # KeyError would quote the message

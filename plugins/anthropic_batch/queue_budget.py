@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from anthropic_batch import storage
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.ledger import LedgerState
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.storage import PathLike, as_path
@@ -63,7 +64,7 @@ PRUNE_AFTER = 3600.0
 MAX_CREATE_ATTEMPTS = 50
 
 
-class QueueBudgetError(ValueError):
+class QueueBudgetError(AnthropicBatchError, ValueError):
     """A chunk that can never be admitted (bigger than a budget)."""
 
 

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from anthropic_batch import storage
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.output_models import format_validation_error, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
 from anthropic_batch.status import USER_CANCELED_ERROR_TYPE, FailureClass, RequestStatus
@@ -226,7 +227,7 @@ _decode_line = msgspec.json.Decoder(_Line, strict=False).decode
 _decode_id = msgspec.json.Decoder(_IdOnly, strict=False).decode
 
 
-class MalformedResultLine(ValueError):
+class MalformedResultLine(AnthropicBatchError, ValueError):
     """A result line that does not have the documented shape."""
 
 

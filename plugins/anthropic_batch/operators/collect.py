@@ -24,6 +24,7 @@ from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import storage
 from anthropic_batch.cancel import takeover_cancel_reason, user_cancel_reason
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.ledger import (
     ForeignBatchError,
     LedgerState,
@@ -56,11 +57,11 @@ _COUNT_BUCKET = {
 }
 
 
-class BatchNotEndedError(RuntimeError):
+class BatchNotEndedError(AnthropicBatchError, RuntimeError):
     """Results were asked for before the batch ended."""
 
 
-class ResultsArchivedError(RuntimeError):
+class ResultsArchivedError(AnthropicBatchError, RuntimeError):
     """The API archived a batch's results and no collected file of it is in storage."""
 
 

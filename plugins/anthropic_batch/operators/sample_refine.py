@@ -54,6 +54,7 @@ from anthropic_batch.batch_requests import (
     read_manifest,
     sha256_hex,
 )
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.pricing import load_price_table
 from anthropic_batch.status import DEFAULT_CONN_ID
 
@@ -78,7 +79,7 @@ TRANSIENT_BACKOFF_CAP_S = 30.0
 ANSWERS_FILE = "answers.jsonl"
 
 
-class TransientSampleError(RuntimeError):
+class TransientSampleError(AnthropicBatchError, RuntimeError):
     """The API kept failing transiently for some sampled requests: retry the task later.
 
     Deliberately not an ``AirflowFailException``: Airflow's task retries apply, and the answers
