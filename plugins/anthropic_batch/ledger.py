@@ -207,10 +207,6 @@ class SubmissionLedger:
         storage.atomic_write_json(path, entry)
         return entry
 
-    def update(self, path: PathLike, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into the entry at ``path`` (atomic rewrite); returns the new entry."""
-        return update_entry(path, **fields)
-
     def iter_entries(
         self, dag_id: str | None = None, partition: str | None = None
     ) -> Iterator[dict[str, Any]]:

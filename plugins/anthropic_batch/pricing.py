@@ -163,11 +163,6 @@ class PriceTable:
         """Cost in USD of one response's ``usage`` block, batch or synchronous price."""
         return float(self.cost_decimal(model, usage, batch=batch, cache_ttl=cache_ttl))
 
-    def cost_pair(self, model: str, usage: Mapping[str, Any], cache_ttl: str = "5m") -> tuple[float, float]:
-        """``(batch_cost, sync_cost)`` of the same usage: what was paid and what sync would have cost."""
-        sync = self.cost_decimal(model, usage, batch=False, cache_ttl=cache_ttl)
-        return float(sync * self.batch_discount), float(sync)
-
     def rates(self, model: str) -> tuple[float, float, float, float, float]:
         """Synchronous USD *per token* as floats: (input, output, write 5m, write 1h, read).
 

@@ -49,6 +49,7 @@ from anthropic_batch.ledger import (
     handle_from_entry,
     rfc3339,
     sync_results_path,
+    update_entry,
     utc_now,
 )
 from anthropic_batch.storage import PathLike, as_path
@@ -381,7 +382,7 @@ def run_chunk(
             "Chunk answered synchronously before (%s); re-attaching, nothing is sent.", entry["batch_id"]
         )
         if entry.get("chunk_path") != chunk_path:
-            entry = ledger.update(path, chunk_path=chunk_path)
+            entry = update_entry(path, chunk_path=chunk_path)
         return handle_from_entry(entry, path)
 
     results_path = sync_results_path(chunk_path)
@@ -397,7 +398,7 @@ def run_chunk(
         takeovers.append(
             _take_over(hook, entry, results_path, cancel_wait_seconds=cancel_wait_seconds, sleep=sleep)
         )
-        entry = ledger.update(
+        entry = update_entry(
             path,
             **new_entry(identity, previous),
             taken_over_batch_ids=[*(entry.get("taken_over_batch_ids") or []), entry["batch_id"]],
@@ -407,7 +408,7 @@ def run_chunk(
         takeovers = _read_takeovers(results_path)  # an interrupted run of this chunk: resume it
     else:
         previous = list((entry or {}).get("previous_batch_ids") or [])
-        entry = ledger.update(path, **new_entry(identity, previous))
+        entry = update_entry(path, **new_entry(identity, previous))
 
     done = answered_lines(results_path)
     if done:
@@ -454,7 +455,7 @@ def run_chunk(
 
     now = rfc3339(utc_now())
     counts = count_results(done.values())
-    entry = ledger.update(
+    entry = update_entry(
         path,
         state=LedgerState.ENDED.value,
         batch_id="sync_" + str(identity["chunk_fingerprint"])[:24],

@@ -25,6 +25,7 @@ from anthropic_batch.ledger import (
     rfc3339,
     submit_idempotently,
     sync_results_path,
+    update_entry,
 )
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
 
@@ -108,13 +109,13 @@ def test_ledger_files_round_trip(tmp_path):
     assert str(path).endswith(f"_ledger/d/2026-11-01/t/{'f' * 64}.json")
     assert ledger.read(path) is None
     ledger.write(path, {"state": "intent", "batch_id": None})
-    assert ledger.update(path, state="submitted", batch_id="msgbatch_x")["batch_id"] == "msgbatch_x"
+    assert update_entry(path, state="submitted", batch_id="msgbatch_x")["batch_id"] == "msgbatch_x"
     entries = list(ledger.iter_entries())
     assert [(e["batch_id"], e["ledger_path"]) for e in entries] == [("msgbatch_x", str(path))]
     assert ledger.known_batch_ids(partition="2026-11-01") == {"msgbatch_x"}
     assert not any(".tmp-" in p.name for p in Path(tmp_path).rglob("*"))
     with pytest.raises(FileNotFoundError):
-        ledger.update(ledger.entry_path("d", "p", "t", "missing"), state="x")
+        update_entry(ledger.entry_path("d", "p", "t", "missing"), state="x")
 
 
 def test_ledger_root_for(tmp_path, monkeypatch):
