@@ -685,7 +685,7 @@ def prepare_requests(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anthropic_batch.results import dead_letter_schema
+    from anthropic_batch.table_schemas import dead_letter_schema
 
     warnings = spec.validate()
     key_columns = list(key_columns)

@@ -164,7 +164,7 @@ def write_dead_letters(
     """
     import pyarrow.compute as pc
 
-    from anthropic_batch.results import dead_letter_schema
+    from anthropic_batch.table_schemas import dead_letter_schema
 
     schema = dead_letter_schema(key_columns)
     result = RowCounts()

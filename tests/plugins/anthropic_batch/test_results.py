@@ -576,11 +576,6 @@ def test_has_fatal(tmp_path):
     assert has_fatal(pq.read_table(p))
 
 
-def test_key_columns_may_not_shadow_result_columns():
-    with pytest.raises(ValueError, match="clash"):
-        result_schema(["status"])
-
-
 # -- best answer per record (issue 10 item 5) ---------------------------------------------------------
 
 
