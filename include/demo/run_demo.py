@@ -161,7 +161,7 @@ def print_results(root: str, date: str) -> None:
 def print_resubmit_rounds(root: str, date: str, summary: dict) -> None:
     """The resubmit rounds of the run: how many requests each retried and why (``merged.json``)."""
     from anthropic_batch import storage
-    from anthropic_batch.operators.resubmit import merge_record_path
+    from anthropic_batch.collection import merge_record_path
 
     merged_path = storage.work_dir(root, "bulk_extraction", date) / "results" / "merged.parquet"
     rounds = (storage.read_json(merge_record_path(merged_path)) or {}).get("rounds") or []

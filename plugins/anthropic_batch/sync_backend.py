@@ -1,6 +1,6 @@
 """The synchronous mode as a backend: answer one chunk through the Messages API, now.
 
-:func:`ledger.submit_idempotently` hands every ``mode="sync"`` submission to :func:`run_chunk`. It
+:func:`submission.submit_idempotently` hands every ``mode="sync"`` submission to :func:`run_chunk`. It
 writes batch-format result lines (``sync_runner``) to ``{work_dir}/sync/chunk-NNNNN.results.jsonl``
 and records the chunk in its ledger entry as an ended pseudo-batch ``sync_<fingerprint[:24]>``, the
 BatchHandle the sensor, the links and collect read today.
@@ -47,6 +47,7 @@ from anthropic_batch.ledger import (
     LedgerState,
     SubmissionLedger,
     handle_from_entry,
+    intent_fields,
     rfc3339,
     sync_results_path,
     update_entry,
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     from anthropic_batch.pricing import PriceTable
 
 # hooks, sync_runner (the anthropic SDK) and pyarrow are imported inside the functions that use
-# them: ledger imports this module lazily, but keep it light all the same.
+# them: publish (imported at DAG parse time) imports this module.
 
 log = logging.getLogger(__name__)
 
@@ -312,30 +313,6 @@ def _resolve_overlap(
 
 
 # -- the backend ---------------------------------------------------------------------------------------
-def new_entry(identity: Mapping[str, Any], previous_batch_ids: list[str]) -> dict[str, Any]:
-    """A fresh ``intent`` ledger entry for a synchronous run of a chunk."""
-    return {
-        "ledger_key": "/".join(
-            str(identity[k]) for k in ("dag_id", "partition", "task_id", "chunk_fingerprint")
-        ),
-        **identity,
-        "mode": "sync",
-        "state": LedgerState.INTENT.value,
-        "intent_at": rfc3339(utc_now()),
-        "submitted_at": None,
-        "batch_id": None,
-        "processing_status": None,
-        "request_counts": None,
-        "created_at": None,
-        "expires_at": None,
-        "ended_at": None,
-        "results_path": None,
-        "cost_usd": None,
-        "sync_cost_usd": None,
-        "previous_batch_ids": previous_batch_ids,
-    }
-
-
 def run_chunk(
     hook: BatchHook,
     ledger: SubmissionLedger,
@@ -354,7 +331,7 @@ def run_chunk(
     """
     Answer a chunk synchronously and return its BatchHandle; see the module docstring.
 
-    :param path: the chunk's ledger entry path, which this worker owns (``ledger.submit_idempotently``
+    :param path: the chunk's ledger entry path, which this worker owns (``submission.submit_idempotently``
         claimed it); ``entry`` the entry to act on: the claimed intent, or the batch entry that was
         taken over. Writes merge into the entry (compare-and-swap), keeping the owner's fields.
     :param fresh: the intent was just created (not a dead worker's): files left under this chunk
@@ -400,7 +377,7 @@ def run_chunk(
         )
         entry = update_entry(
             path,
-            **new_entry(identity, previous),
+            **intent_fields(**{**identity, "mode": "sync"}, previous_batch_ids=previous),
             taken_over_batch_ids=[*(entry.get("taken_over_batch_ids") or []), entry["batch_id"]],
         )
         _write_takeovers(results_path, takeovers)
@@ -408,7 +385,9 @@ def run_chunk(
         takeovers = _read_takeovers(results_path)  # an interrupted run of this chunk: resume it
     else:
         previous = list((entry or {}).get("previous_batch_ids") or [])
-        entry = update_entry(path, **new_entry(identity, previous))
+        entry = update_entry(
+            path, **intent_fields(**{**identity, "mode": "sync"}, previous_batch_ids=previous)
+        )
 
     done = answered_lines(results_path)
     if done:

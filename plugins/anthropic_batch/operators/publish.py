@@ -34,6 +34,7 @@ from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import partition, storage
 from anthropic_batch.answer_reuse import cache_after_publish, summary_fields
+from anthropic_batch.collection import merge_record_path
 from anthropic_batch.partition import (  # noqa: F401  (re-exported: the partition's file names)
     COMMIT_FILE,
     DATA_FILE,
@@ -115,8 +116,6 @@ def billed_paths(work_dir: ObjectStoragePath, merged_path: storage.PathLike | No
     The files are those the resubmit step merged (its ``merged.json`` record) when it exists;
     otherwise every ``results/attempt-NN/*.parquet`` of the work dir.
     """
-    from anthropic_batch.operators.resubmit import merge_record_path
-
     record = storage.read_json(merge_record_path(merged_path)) if merged_path else None
     if record and record.get("results_paths") is not None:
         return [str(p) for p in record["results_paths"]]

@@ -18,7 +18,7 @@ One task runs every retry round of a run:
    model (a cut-off JSON answer is rarely usable) and off for free text (a cut-off text is an
    answer: paying again is the pipeline's choice); a retry never loses the answer it tries to
    improve, because the merge keeps the best one;
-4. each retry chunk is submitted through ``ledger.submit_idempotently`` (so a retried task re-attaches
+4. each retry chunk is submitted through ``submission.submit_idempotently`` (so a retried task re-attaches
    instead of paying twice), one at a time and each after queue admission
    (:mod:`anthropic_batch.queue_budget`; the task defers while it waits), so the task's one pool slot
    stands for one batch; the task then *defers* on ``BatchPollTrigger`` (no worker slot held while
@@ -65,10 +65,10 @@ from anthropic_batch.batch_requests import (
     sha256_hex,
     write_chunk,
 )
-from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
-from anthropic_batch.operators.collect import collect_batch
-from anthropic_batch.operators.submit import submission_identity
+from anthropic_batch.collection import collect_batch, write_merge_record
+from anthropic_batch.ledger import SubmissionLedger, ledger_root_for
 from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.submission import submission_identity, submit_idempotently
 from anthropic_batch.triggers import BatchPollTrigger
 
 if TYPE_CHECKING:
@@ -93,32 +93,6 @@ RETRY_LIST_FILE = "retry.parquet"
 def retry_dir(work_dir: storage.PathLike, attempt: int) -> ObjectStoragePath:
     """``work_dir/requests/retry-NN``: the chunks submitted as attempt NN (NN >= 2)."""
     return storage.as_path(work_dir) / "requests" / f"retry-{attempt:02d}"
-
-
-def merge_record_path(merged_path: storage.PathLike) -> ObjectStoragePath:
-    """``results/merged.json`` beside ``results/merged.parquet``: which files the merge used."""
-    merged = storage.as_path(merged_path)
-    return merged.parent / (merged.name.removesuffix(".parquet") + ".json")
-
-
-def write_merge_record(
-    merged_path: storage.PathLike,
-    paths: Sequence[str],
-    attempt: int,
-    rounds: Sequence[Mapping[str, Any]] = (),
-) -> None:
-    """Record the attempt files behind the merge, so the summary bills exactly this run's files
-    (an earlier run of the same partition may have left other attempt files in the work dir), and
-    the resubmit rounds (attempt, how many requests, why, which batches)."""
-    storage.atomic_write_json(
-        merge_record_path(merged_path),
-        {
-            "merged_path": str(merged_path),
-            "results_paths": list(paths),
-            "attempts": attempt,
-            "rounds": [dict(r) for r in rounds],
-        },
-    )
 
 
 def resubmit_state_path(work_dir: storage.PathLike) -> ObjectStoragePath:
