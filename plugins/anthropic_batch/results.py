@@ -15,6 +15,12 @@ collecting into a local file does not import Airflow (``storage`` is imported fo
 only), and Arrow buffers come from the system allocator while collecting (see
 ``_system_allocator``). ``make bench`` (``benchmarks/bench_collect.py``) measures all of this.
 
+No process-wide switch outlives our own work: the allocator swap and the GC pause (``_our_work``)
+are entered only around this module's CPU loops and restored after each; the result lines are
+pulled from their source (the SDK's download, a file) in blocks between them, so code that is not
+ours (the HTTP client, Airflow, the worker's other threads between blocks) runs under the process's
+own settings.
+
 A line that does not decode is never fatal: it is counted (and becomes an ``errored`` row with
 ``error_type = "malformed_result"`` when its custom_id can still be read). Unknown custom_ids are
 counted and reported, not written. A custom_id seen twice (e.g. a resumed download) counts once.
@@ -24,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -42,7 +49,7 @@ from pydantic import BaseModel, ValidationError
 
 from anthropic_batch import storage
 from anthropic_batch.errors import AnthropicBatchError
-from anthropic_batch.output_models import format_validation_error, output_tool_name
+from anthropic_batch.output_models import format_validation_error, load_output_model, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
 from anthropic_batch.status import USER_CANCELED_ERROR_TYPE, FailureClass, RequestStatus
 from anthropic_batch.table_schemas import (  # noqa: F401  (re-exported: results' readers import them here)
@@ -315,8 +322,6 @@ class ParseContext:
 
         ``chunk_indices`` limits the loaded keys to those chunks (less memory for one batch).
         """
-        from anthropic_batch.output_models import load_output_model
-
         if manifest is None:
             manifest = storage.read_json(storage.joinpath(work_dir, "requests", "manifest.json"))
             if manifest is None:
@@ -553,9 +558,27 @@ class CollectStats:
     malformed_samples: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _our_work() -> Iterator[None]:
+    """Our CPU loop's settings (GC paused, system allocator), restored on exit: enter it only
+    around our own code, never while pulling from a source that is not ours."""
+    with _gc_paused(), _system_allocator():
+        yield
+
+
+def _blocks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of up to ``size``, pulled outside :func:`_our_work`."""
+    iterator = iter(items)
+    while block := list(itertools.islice(iterator, size)):
+        yield block
+
+
+#: Result lines pulled from their source at a time (about 2 MB of JSONL): bounds the memory held
+#: while the switches of ``_our_work`` are toggled only once per block.
+_PULL_BLOCK = 2_000
 
 
 @contextlib.contextmanager
@@ -689,72 +712,78 @@ def collect_lines(
     decode_errors = (msgspec.DecodeError, msgspec.ValidationError)
     build = _row_builder(ctx)
     n_lines = 0
-    with _gc_paused(), _system_allocator(), storage.open_atomic_writer(out_path) as handle:
+    # The writer's encoders draw from the system pool as the rows do (see _system_allocator).
+    pool = pa.system_memory_pool()
+    with storage.open_atomic_writer(out_path) as handle:
         stats.out_path = storage.path_url(out_path)
-        with pq.ParquetWriter(handle, schema, **_WRITER_OPTIONS) as writer:
-            for line in lines:
-                if len(positions) >= convert_every:
-                    flush(writer)
-                if type(line) is not bytes:
-                    line = line.encode("utf-8") if isinstance(line, str) else bytes(line)
-                # The common case, inline: one complete line per item. A trailing newline is JSON
-                # whitespace to the decoder, so the line is not copied to strip it.
-                newline = line.find(b"\n")
-                if 0 <= newline < len(line) - 1:
-                    add_line(line.rstrip(b"\r\n"))
-                    continue
-                try:
-                    decoded = decode(line)
-                except decode_errors:
-                    add_line(line.rstrip(b"\r\n"))
-                    continue
-                position = row_of.get(decoded.custom_id)
-                if position is None:
-                    add_line(line.rstrip(b"\r\n"))
-                    continue
-                n_lines += 1
-                if written[position]:
-                    stats.n_duplicates += 1
-                    continue
-                written[position] = 1
-                positions.append(position)
-                values.append(build(decoded))
-            if expected_custom_ids is not None:
-                missing_row = (
-                    "missing",
-                    None,
-                    "no result line was returned for this request",
-                    None,
-                    None,
-                    None,
-                    ctx.default_model,
-                    *_NO_USAGE,
-                )
-                unindexed: list[str] = []  # expected, but not among the prepared keys: null key columns
-                for custom_id in sorted(set(expected_custom_ids)):
-                    position = row_of.get(custom_id)
-                    if position is None:
-                        unindexed.append(custom_id)
-                        continue
-                    if written[position]:
-                        continue
-                    if len(positions) >= convert_every:
-                        flush(writer)
-                    written[position] = 1
-                    positions.append(position)
-                    values.append(missing_row)
-                    stats.n_missing += 1
-                if unindexed:
-                    to_arrow()  # these go last, after the buffered rows
-                    null_keys = [pa.nulls(len(unindexed), pa.string())] * n_keys
-                    ids = pa.array(unindexed, pa.string())
-                    record_batch(
-                        [ids, *null_keys],
-                        pa.nulls(len(unindexed), pa.string()),
-                        [missing_row] * len(unindexed),
+        with pq.ParquetWriter(handle, schema, memory_pool=pool, **_WRITER_OPTIONS) as writer:
+            for block in _blocks(lines, _PULL_BLOCK):
+                with _our_work():
+                    for line in block:
+                        if len(positions) >= convert_every:
+                            flush(writer)
+                        if type(line) is not bytes:
+                            line = line.encode("utf-8") if isinstance(line, str) else bytes(line)
+                        # The common case, inline: one complete line per item. A trailing newline is
+                        # JSON whitespace to the decoder, so the line is not copied to strip it.
+                        newline = line.find(b"\n")
+                        if 0 <= newline < len(line) - 1:
+                            add_line(line.rstrip(b"\r\n"))
+                            continue
+                        try:
+                            decoded = decode(line)
+                        except decode_errors:
+                            add_line(line.rstrip(b"\r\n"))
+                            continue
+                        position = row_of.get(decoded.custom_id)
+                        if position is None:
+                            add_line(line.rstrip(b"\r\n"))
+                            continue
+                        n_lines += 1
+                        if written[position]:
+                            stats.n_duplicates += 1
+                            continue
+                        written[position] = 1
+                        positions.append(position)
+                        values.append(build(decoded))
+            with _our_work():
+                if expected_custom_ids is not None:
+                    missing_row = (
+                        "missing",
+                        None,
+                        "no result line was returned for this request",
+                        None,
+                        None,
+                        None,
+                        ctx.default_model,
+                        *_NO_USAGE,
                     )
-                    stats.n_missing += len(unindexed)
-            flush(writer, final=True)
+                    # expected, but not among the prepared keys: null key columns
+                    unindexed: list[str] = []
+                    for custom_id in sorted(set(expected_custom_ids)):
+                        position = row_of.get(custom_id)
+                        if position is None:
+                            unindexed.append(custom_id)
+                            continue
+                        if written[position]:
+                            continue
+                        if len(positions) >= convert_every:
+                            flush(writer)
+                        written[position] = 1
+                        positions.append(position)
+                        values.append(missing_row)
+                        stats.n_missing += 1
+                    if unindexed:
+                        to_arrow()  # these go last, after the buffered rows
+                        null_keys = [pa.nulls(len(unindexed), pa.string())] * n_keys
+                        ids = pa.array(unindexed, pa.string())
+                        record_batch(
+                            [ids, *null_keys],
+                            pa.nulls(len(unindexed), pa.string()),
+                            [missing_row] * len(unindexed),
+                        )
+                        stats.n_missing += len(unindexed)
+                flush(writer, final=True)
 
     stats.n_lines += n_lines
     stats.n_rows = sum(status_counts.values())
@@ -766,6 +795,7 @@ def collect_lines(
 
 def expected_ids_from_chunk(chunk_path: PathLike) -> set[str]:
     """The custom_ids of a chunk file (what its batch's results must cover)."""
+    # batch_requests imports Airflow: collecting into a local file runs without it
     from anthropic_batch.batch_requests import iter_chunk_lines
 
     ids = set()
@@ -976,8 +1006,6 @@ class MergeStats:
     n_buckets: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
