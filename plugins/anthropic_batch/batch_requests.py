@@ -29,7 +29,14 @@ from pydantic import BaseModel
 
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.output_models import OUTPUT_MODES, output_params
-from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer, open_binary
+from anthropic_batch.storage import (
+    PathLike,
+    as_path,
+    atomic_write_json,
+    open_atomic_writer,
+    open_binary,
+    read_json,
+)
 
 if TYPE_CHECKING:
     import jinja2
@@ -109,6 +116,7 @@ def _finalize(value: Any) -> Any:
 
 
 def _jinja_env() -> jinja2.Environment:
+    # jinja2: only where a template is rendered
     import jinja2
 
     return jinja2.Environment(
@@ -325,6 +333,7 @@ def _format_of(name: str) -> str:
 
 
 def _read_csv_as_strings(handle) -> pa.Table:
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
@@ -375,6 +384,7 @@ def _parse_jsonl_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _column(values: list[Any]) -> pa.Array:
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
 
     try:
@@ -388,6 +398,7 @@ def _column(values: list[Any]) -> pa.Array:
 
 
 def _read_jsonl(handle, name: str) -> tuple[pa.Table, list[UnreadableRecord]]:
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
 
     records: list[dict[str, Any]] = []
@@ -418,6 +429,7 @@ def read_source(
     A file that cannot be read at all (corrupt Parquet, unreadable CSV) raises ``BatchRequestError``
     naming the file.
     """
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -460,6 +472,7 @@ def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: s
 
 def template_variables(template_source: str) -> set[str]:
     """The variables a prompt template reads from the record (Jinja globals such as ``range`` excluded)."""
+    # jinja2: only where a template is rendered
     from jinja2 import meta
 
     env = _jinja_env()
@@ -639,6 +652,7 @@ def _unreadable_rejects(
     unreadable: Sequence[UnreadableRecord], key_columns: Sequence[str], schema: pa.Schema
 ) -> pa.Table:
     """Dead-letter rows (stage prepare) for source lines that are not records: file, line, reason."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
 
     rows = []
@@ -682,6 +696,7 @@ def prepare_requests(
     *records* are rejected into ``rejected.parquet``, and so are the ``unreadable`` source lines.
     ``template_name`` names the prompt template in errors (default: "the prompt template").
     """
+    # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -882,7 +897,6 @@ def prepare_requests(
 
 def read_manifest(work: PathLike) -> dict[str, Any]:
     """The manifest of a work dir (``requests/manifest.json``); a clear error when it is missing."""
-    from anthropic_batch.storage import read_json
 
     manifest = read_json(as_path(work) / "requests" / "manifest.json")
     if manifest is None:

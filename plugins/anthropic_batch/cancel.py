@@ -86,6 +86,7 @@ def cancel_by_user(entry: dict[str, Any], user: str, *, conn_id: str = DEFAULT_C
     status in the entry, and returns the updated entry. Raises :class:`NotCancelable` when there is
     nothing to cancel (the cancel fields are not written then).
     """
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import BatchHook
     from anthropic_batch.status import BatchStatus
 

@@ -98,6 +98,7 @@ def _foreign_message(err: ForeignBatchError, batch_id: str, ledger_path: str | N
 
 def stored_stats(path: ObjectStoragePath) -> dict[str, Any]:
     """Collection stats of a RESULT file already in storage (what ``collect_lines`` reported)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.compute as pc
 
     table = storage.read_parquet(
@@ -194,6 +195,7 @@ def collect_batch(
     :returns: collection stats (``CollectStats`` as a dict) plus ``results_path``, ``batch_id``,
         ``attempt``, ``mode`` and ``request_counts`` (the API's, batch mode only).
     """
+    # the anthropic SDK: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
     import anthropic
 
     from anthropic_batch.batch_requests import iter_chunk_lines, read_manifest

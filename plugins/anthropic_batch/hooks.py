@@ -35,6 +35,7 @@ from airflow.providers.anthropic.hooks.anthropic import FIRST_PARTY_PLATFORMS, A
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from anthropic.types.messages import MessageBatch
 
+from anthropic_batch.batch_requests import iter_batch_body
 from anthropic_batch.errors import AnthropicBatchError
 
 #: SDK retries for plain reads (retrieve, list, cancel). The SDK backs off exponentially (capped at
@@ -222,7 +223,6 @@ class BatchHook(AnthropicHook):
         failure (connection lost, timeout, 5xx: the batch may or may not exist) raises
         :class:`AmbiguousCreateError`; the ledger policy then looks for the batch before any resend.
         """
-        from anthropic_batch.batch_requests import iter_batch_body
 
         self._require_batches_api()
         body = iter_batch_body(chunk_path)

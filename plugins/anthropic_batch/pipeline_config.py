@@ -151,6 +151,7 @@ class PipelineConfig(_Section):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
+        # croniter: only to read a schedule
         from croniter import croniter
 
         if value is None or value in ("@once", "@continuous") or value in _CRON_PRESETS:

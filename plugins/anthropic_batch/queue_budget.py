@@ -372,6 +372,7 @@ def admit_or_defer(
 ) -> None:
     """Take or re-check this chunk's queue ticket; defer (and come back to ``method_name``) until
     it is admitted. Returns when admitted, or at once when no budget is configured."""
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import BatchHook
 
     budget = deployment_budget()
@@ -382,6 +383,7 @@ def admit_or_defer(
     entry = storage.read_json(ledger_path) or {}
 
     def batch_ended(batch_id: str) -> bool:
+        # status.BatchStatus is the provider's: loading it imports the anthropic SDK
         from anthropic_batch.status import BatchStatus
 
         return BatchHook(conn_id=conn_id).get_batch(batch_id).processing_status == BatchStatus.ENDED
@@ -405,6 +407,7 @@ def admit_or_defer(
     operator.log.info("Queue budget: %s.", admission.describe(n_requests))
     if admission.admitted:
         return
+    # Airflow's module only on this path: callers that never take it stay light
     from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 
     recheck = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=admission_poll_seconds)

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from anthropic_batch import storage
+from anthropic_batch import partition, storage
 
 GROUP_FIELD = "category"
 UNKNOWN_GROUP = "unclassified"
@@ -58,7 +58,6 @@ def _counts(values: Iterable[Any]) -> dict[str, int]:
 
 def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> dict[str, Any]:
     """Numbers of one published partition: totals, status counts, dead-letter reasons, per-group stats."""
-    from anthropic_batch import partition
 
     directory = partition.published_dir(storage.as_path(extraction_dir)) or storage.as_path(extraction_dir)
     summary = storage.read_json(directory / "summary.json")
@@ -128,7 +127,6 @@ def _short_reason(reason: Any) -> str:
 
 def load_history(root: Any, pipeline: str, date: str, days: int = HISTORY_DAYS) -> list[dict[str, Any]]:
     """The run summaries of ``pipeline`` for the ``days`` days ending at ``date`` (those that exist)."""
-    from anthropic_batch import partition
 
     end = dt.date.fromisoformat(date)
     history = []
@@ -165,6 +163,7 @@ def event_partition(event: Any, schedule: str | None = None) -> str | None:
     run = getattr(event, "source_dag_run", None)
     if run is None:
         return None
+    # dag_factory loads Airflow's DAG classes: the report renders without them
     from anthropic_batch.dag_factory import run_partition
 
     run_after = getattr(run, "run_after", None) or getattr(run, "start_date", None) or event.timestamp

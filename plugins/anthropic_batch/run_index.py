@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
+from anthropic_batch.ledger import LEDGER_DIR
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -156,7 +157,6 @@ def ledger_entries(
     root: PathLike, dag_id: str | None = None, partition: str | None = None
 ) -> list[dict[str, Any]]:
     """Every ledger entry (optionally of one DAG / partition), each with ``ledger_path``, by path."""
-    from anthropic_batch.ledger import LEDGER_DIR
 
     root = as_path(root)
     listing = {rel: sig for rel, sig in _listing(root, root / LEDGER_DIR).items() if _is_ledger_entry(rel)}

@@ -74,6 +74,7 @@ from anthropic_batch.ledger import (
     update_entry,
     utc_now,
 )
+from anthropic_batch.pricing import load_price_table
 from anthropic_batch.status import CancelReason
 from anthropic_batch.storage import PathLike
 
@@ -129,6 +130,7 @@ def iter_verified_lines(
     custom_ids carry a digest of their request (``batch_requests.make_custom_id``), so a batch of
     another date or pipeline with the same keys but other text does not match.
     """
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import custom_id_of
 
     for line in lines:
@@ -149,6 +151,7 @@ def iter_verified_lines(
 
 def _is_ours(hook: BatchHook, batch_id: str, chunk_path: str) -> bool:
     """Whether every result line of an ended batch answers a request of the chunk."""
+    # loads pyarrow: kept out of DAG parsing
     from anthropic_batch.results import expected_ids_from_chunk
 
     lines = hook.iter_result_lines(batch_id)
@@ -618,7 +621,6 @@ def submission_identity(ti: Any, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def projected_cost_usd(model: str, n_requests: int, n_bytes: int, max_tokens: int | None) -> float | None:
     """Upper-bound batch cost: input ~ bytes/4 tokens, every answer using its full max_tokens."""
-    from anthropic_batch.pricing import load_price_table
 
     try:
         table = load_price_table()

@@ -123,6 +123,7 @@ def answered_lines(results_path: PathLike) -> dict[str, bytes]:
     Read in this order: the final results file (a crash after writing it, before the ledger said
     so), reused batch answers, the parts, and the ``.partial`` file of the earlier single-file format.
     """
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import custom_id_of
 
     results = as_path(results_path)
@@ -150,6 +151,7 @@ def count_results(lines: Iterable[bytes]) -> dict[str, int]:
 
 
 def _iter_chunk_requests(chunk_path: PathLike, skip: set[str]) -> Iterator[dict[str, Any]]:
+    # batch_requests imports Airflow (ObjectStoragePath): this module stays without it
     from anthropic_batch.batch_requests import iter_chunk_requests
 
     for request in iter_chunk_requests(chunk_path):
@@ -345,6 +347,7 @@ def run_chunk(
         (:data:`CANCEL_WAIT_SECONDS`); ``overlap_wait_seconds`` (:data:`OVERLAP_WAIT_SECONDS`): how
         long, after answering, to wait for one that had not, to count the requests paid twice.
     """
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.sync_runner import run_requests_sync
 
     # Module constants read at call time (not bound as defaults), so a deployment can tune them.
@@ -474,6 +477,7 @@ def _read_takeovers(results_path: PathLike) -> list[dict[str, Any]]:
 # -- for collect and publish ----------------------------------------------------------------------
 def batch_priced_ids(results_path: PathLike) -> set[str]:
     """custom_ids of a sync chunk whose answers were reused from a batch (billed at batch price)."""
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import custom_id_of
 
     return {
@@ -492,6 +496,7 @@ def reprice_batch_answers(parquet_path: PathLike, results_path: PathLike, prices
     ids = batch_priced_ids(results_path)
     if not ids:
         return None
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 

@@ -118,6 +118,7 @@ def call_one(client: anthropic.Anthropic, request: dict[str, Any]) -> dict[str, 
 def is_transient(line: bytes) -> bool:
     """True for an ``errored`` line whose error is transient (rate limit, overload, server error):
     the same request may well succeed a moment later, so it says nothing about the request itself."""
+    # loads pyarrow: kept out of DAG parsing
     from anthropic_batch.results import RETRIABLE_ERROR_TYPES
 
     result = json.loads(line).get("result") or {}

@@ -43,6 +43,7 @@ class CollectResultsOperator(BaseOperator):
         self.conn_id = conn_id
 
     def execute(self, context: Context) -> str:
+        # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
         handle = dict(self.handle)

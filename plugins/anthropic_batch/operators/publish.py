@@ -84,6 +84,7 @@ class Spend:
 
 def _batches(path: storage.PathLike, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
     """A Parquet file's record batches, one row group at a time (only the ``columns`` it has)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.parquet as pq
 
     with storage.open_binary(path) as handle:
@@ -95,6 +96,7 @@ def _batches(path: storage.PathLike, columns: Sequence[str] | None = None) -> It
 
 def stream_counts(path: storage.PathLike, column: str) -> RowCounts:
     """Row count, value counts of ``column`` and the largest ``attempt`` of a Parquet file, streamed."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.compute as pc
 
     result = RowCounts()
@@ -134,6 +136,7 @@ def billed_paths(work_dir: ObjectStoragePath, merged_path: storage.PathLike | No
 
 def billed_spend(paths: Sequence[storage.PathLike]) -> Spend:
     """Tokens, cost and batch ids summed over ``paths``, a few columns at a time."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.compute as pc
 
     spend = Spend()
@@ -161,6 +164,7 @@ def write_dead_letters(
 
     Sources that do not exist are skipped; returns the row count and the count per ``stage``.
     """
+    # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
     import pyarrow.compute as pc
 
     from anthropic_batch.table_schemas import dead_letter_schema

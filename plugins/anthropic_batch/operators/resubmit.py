@@ -148,6 +148,7 @@ def _chunk_groups(lines: Iterable[bytes], max_requests: int, max_bytes: int) -> 
 
 def _iter_retry_list(path: storage.PathLike) -> Iterator[Any]:
     """The retry list's record batches, one row group at a time."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.parquet as pq
 
     with storage.open_binary(path) as handle:
@@ -320,6 +321,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
         ``rounds`` lists the resubmit rounds so far (recorded in ``merged.json`` at the end).
         """
+        # loads pyarrow: kept out of DAG parsing
         from anthropic_batch.results import merge_attempts
 
         work = storage.as_path(self.work_dir)
@@ -414,6 +416,7 @@ class ResubmitFailuresOperator(BaseOperator):
         ``keys.parquet``; later ones from the retry chunk whose requests the results file of that
         attempt answered.
         """
+        # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
         import numpy as np
         import pyarrow as pa
 
@@ -458,6 +461,7 @@ class ResubmitFailuresOperator(BaseOperator):
     @staticmethod
     def _group_keys(table: Any) -> Any:
         """Per retry-list row: its prepared chunk index (attempt 1) or results file index (later)."""
+        # pyarrow/numpy: kept out of DAG parsing
         import numpy as np
 
         attempt = table.column("source_attempt").to_numpy()
@@ -529,6 +533,7 @@ class ResubmitFailuresOperator(BaseOperator):
         One batch at a time, so the task's one pool slot and one ticket stand for one batch: a retry
         round never has more requests in progress than one chunk.
         """
+        # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
         info, rest = infos[0], infos[1:]
@@ -579,6 +584,7 @@ class ResubmitFailuresOperator(BaseOperator):
     # -- end of the queue budget part --
 
     def _collect(self, handle: Mapping[str, Any], attempt: int) -> str:
+        # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
         stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir, attempt=attempt)
