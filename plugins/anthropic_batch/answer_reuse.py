@@ -51,6 +51,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import layout, storage
+from anthropic_batch.ledger import ledger_root_for
 from anthropic_batch.status import RequestStatus
 from anthropic_batch.storage import TMP_MARKER, PathLike
 
@@ -76,6 +77,7 @@ _FP = "request_fingerprint"
 
 
 def _answer_columns() -> list[str]:
+    # loads pyarrow: kept out of DAG parsing
     from anthropic_batch.results import OUTCOME_COLUMNS
 
     return list(OUTCOME_COLUMNS)
@@ -86,6 +88,7 @@ def _answer_columns() -> list[str]:
 
 def reusable_mask(table: pa.Table, structured: bool) -> pa.Array:
     """Rows that are successful, valid answers: succeeded, not truncated, with JSON when structured."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -101,6 +104,7 @@ def reusable_mask(table: pa.Table, structured: bool) -> pa.Array:
 
 def _still_valid(answers: pa.Table, output_model: type[BaseModel] | None) -> pa.Table:
     """Drop answers whose ``output_json`` no longer validates (a validator changed, say)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     from pydantic import ValidationError
 
@@ -133,6 +137,7 @@ def work_dir_answer_files(work: ObjectStoragePath) -> list[ObjectStoragePath]:
 
 def _read_answers(path: PathLike, wanted: pa.Array, structured: bool) -> pa.Table | None:
     """The reusable answers (OUTCOME columns) in one RESULT file for the ``wanted`` fingerprints."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -169,6 +174,7 @@ def _cache_file_date(name: str) -> date | None:
 def _read_matches(path: ObjectStoragePath, wanted: pa.Array, columns: Sequence[str]) -> pa.Table | None:
     """The rows of one cache file whose fingerprint is in ``wanted``: the fingerprint column first,
     then only the row groups that hold a match (most files of a small lookup stop at the first read)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import numpy as np
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -200,6 +206,7 @@ def lookup_cache(
     Only the buckets of ``wanted`` are listed, only files younger than ``max_age_days`` (by name)
     are opened, newest first, and a fingerprint found is not looked for in older files.
     """
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -251,6 +258,7 @@ def write_cache(
     today: date | None = None,
 ) -> int:
     """Add the answers this run paid for (valid, ``attempt`` >= 1) to the cache; returns how many."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -283,6 +291,7 @@ def write_cache(
 
 def _pick(answers: Sequence[pa.Table | None]) -> pa.Table | None:
     """One answer per fingerprint (the first listed wins: the files come newest first)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -318,6 +327,7 @@ def _repack_chunks(
     same limits, after the kept ones. Files are renamed to ``chunk-NNNNN`` only once every original
     has been read, in an order that never overwrites one still to be moved.
     """
+    # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -399,6 +409,7 @@ def _reused_rows(
 ) -> tuple[pa.Table, pa.Array, pa.Table]:
     """RESULT rows for the prepared requests that have an answer, the mask of those requests in
     ``keys``, and the answers used (one per row, with their original cost)."""
+    # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -444,6 +455,7 @@ def apply_reuse(
     written to ``requests/manifest.json``). ``cache_dir`` with ``cache_max_age_days`` turns the
     pipeline's answer cache on.
     """
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -561,6 +573,5 @@ def iter_cache_files(cache_dir: PathLike) -> Iterator[ObjectStoragePath]:
 
 def cache_dir_for(work_dir: PathLike, pipeline: str) -> ObjectStoragePath:
     """The answer cache of ``pipeline`` in the storage root ``work_dir`` sits in."""
-    from anthropic_batch.ledger import ledger_root_for
 
     return storage.answer_cache_dir(ledger_root_for(work_dir), pipeline)

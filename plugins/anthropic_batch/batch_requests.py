@@ -28,9 +28,16 @@ from airflow.sdk import ObjectStoragePath
 from pydantic import BaseModel
 
 from anthropic_batch import layout
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.layout import chunk_name, read_manifest  # noqa: F401  (re-exported)
 from anthropic_batch.output_models import OUTPUT_MODES, output_params
-from anthropic_batch.storage import PathLike, as_path, atomic_write_json, open_atomic_writer, open_binary
+from anthropic_batch.storage import (
+    PathLike,
+    as_path,
+    atomic_write_json,
+    open_atomic_writer,
+    open_binary,
+)
 
 if TYPE_CHECKING:
     import jinja2
@@ -91,7 +98,7 @@ PREPARE_STAGE = "prepare"
 REJECTED_STATUS = "rejected"
 
 
-class BatchRequestError(ValueError):
+class BatchRequestError(AnthropicBatchError, ValueError):
     """A request spec or input that would fail in the API: refused before any money is spent."""
 
 
@@ -110,6 +117,7 @@ def _finalize(value: Any) -> Any:
 
 
 def _jinja_env() -> jinja2.Environment:
+    # jinja2: only where a template is rendered
     import jinja2
 
     return jinja2.Environment(
@@ -326,6 +334,7 @@ def _format_of(name: str) -> str:
 
 
 def _read_csv_as_strings(handle) -> pa.Table:
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
@@ -376,6 +385,7 @@ def _parse_jsonl_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _column(values: list[Any]) -> pa.Array:
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
 
     try:
@@ -389,6 +399,7 @@ def _column(values: list[Any]) -> pa.Array:
 
 
 def _read_jsonl(handle, name: str) -> tuple[pa.Table, list[UnreadableRecord]]:
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
 
     records: list[dict[str, Any]] = []
@@ -419,6 +430,7 @@ def read_source(
     A file that cannot be read at all (corrupt Parquet, unreadable CSV) raises ``BatchRequestError``
     naming the file.
     """
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -461,6 +473,7 @@ def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: s
 
 def template_variables(template_source: str) -> set[str]:
     """The variables a prompt template reads from the record (Jinja globals such as ``range`` excluded)."""
+    # jinja2: only where a template is rendered
     from jinja2 import meta
 
     env = _jinja_env()
@@ -636,6 +649,7 @@ def _unreadable_rejects(
     unreadable: Sequence[UnreadableRecord], key_columns: Sequence[str], schema: pa.Schema
 ) -> pa.Table:
     """Dead-letter rows (stage prepare) for source lines that are not records: file, line, reason."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
 
     rows = []
@@ -679,10 +693,11 @@ def prepare_requests(
     *records* are rejected into ``rejected.parquet``, and so are the ``unreadable`` source lines.
     ``template_name`` names the prompt template in errors (default: "the prompt template").
     """
+    # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anthropic_batch.results import dead_letter_schema
+    from anthropic_batch.table_schemas import dead_letter_schema
 
     warnings = spec.validate()
     key_columns = list(key_columns)

@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from anthropic_batch import storage
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.ledger import LedgerState, SubmissionLedger, batch_fields, rfc3339, update_entry, utc_now
 from anthropic_batch.status import DEFAULT_CONN_ID, USER_CANCELED_ERROR_TYPE, CancelReason  # noqa: F401
 from anthropic_batch.storage import PathLike
 
 
-class NotCancelable(Exception):
+class NotCancelable(AnthropicBatchError):
     """The batch cannot be canceled (already ended, never submitted, or run synchronously)."""
 
 
@@ -85,6 +86,7 @@ def cancel_by_user(entry: dict[str, Any], user: str, *, conn_id: str = DEFAULT_C
     status in the entry, and returns the updated entry. Raises :class:`NotCancelable` when there is
     nothing to cancel (the cancel fields are not written then).
     """
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import BatchHook
     from anthropic_batch.status import BatchStatus
 

@@ -48,6 +48,12 @@ from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, task, task
 
 from anthropic_batch import layout
 from anthropic_batch.layout import PARTITION_TEMPLATE
+from anthropic_batch.operators.collect import CollectResultsOperator
+from anthropic_batch.operators.prepare import PrepareRequestsOperator
+from anthropic_batch.operators.publish import PublishPartitionOperator
+from anthropic_batch.operators.resubmit import ResubmitFailuresOperator
+from anthropic_batch.operators.sample_refine import SampleRefineOperator
+from anthropic_batch.operators.submit import SubmitBatchOperator
 from anthropic_batch.pipeline_config import INCLUDE_DIR, POOL_NAME, PipelineConfig
 
 #: Demos and tests shorten every poll interval with this env var (seconds), read at parse time.
@@ -70,6 +76,7 @@ def last_complete_interval_start(schedule: str | None, run_after: dt.datetime) -
 
     Without a cron schedule (None, ``@once``, ``@continuous``) an interval is one day: yesterday.
     """
+    # croniter: only to read a schedule
     from croniter import croniter
 
     run_after = run_after.astimezone(dt.UTC).replace(tzinfo=None)
@@ -97,6 +104,7 @@ def run_partition(logical_date: dt.datetime | None, run_after: dt.datetime, sche
 
 def partition_macro(schedule: str | None) -> Any:
     """The DAG macro ``batch_partition()``: ``run_partition`` of the run being rendered."""
+    # jinja2: only where a template is rendered
     import jinja2
 
     @jinja2.pass_context
@@ -200,8 +208,6 @@ def add_batch_stage(
     the group is skipped; ``gather_results`` still runs (an empty list, so the run can publish its
     rejects) unless ``skip_if_no_chunks``, which lets the skip flow downstream.
     """
-    from anthropic_batch.operators.collect import CollectResultsOperator
-    from anthropic_batch.operators.submit import SubmitBatchOperator
 
     @task_group(group_id="batch")
     def batch(chunk_path: str):
@@ -251,10 +257,6 @@ def gather_results(paths: Any) -> list[str]:
 
 def build_pipeline_dag(config: PipelineConfig) -> DAG:
     """The DAG for one declared pipeline (see the module docstring for its shape)."""
-    from anthropic_batch.operators.prepare import PrepareRequestsOperator
-    from anthropic_batch.operators.publish import PublishPartitionOperator
-    from anthropic_batch.operators.resubmit import ResubmitFailuresOperator
-    from anthropic_batch.operators.sample_refine import SampleRefineOperator
 
     root = layout.storage_root_template(config.storage_root)
     work_dir = layout.work_dir_template(root, config.name, PARTITION_TEMPLATE)

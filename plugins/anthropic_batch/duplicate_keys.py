@@ -41,6 +41,7 @@ class DuplicateCounts:
 
     def slice(self, start: int, stop: int) -> tuple[list[int], list[int]]:
         """Counts of rows ``start:stop`` as Python lists (cheap per-row lookups in the caller's loop)."""
+        # pyarrow/numpy: kept out of DAG parsing
         import numpy as np
 
         lo, hi = np.searchsorted(self.positions, [start, stop])
@@ -73,6 +74,7 @@ def duplicate_counts(
     key_str: Callable[[object], str | None],
 ) -> DuplicateCounts:
     """Count, exactly, the records sharing each record's custom_id and keys (rows with null keys: 0)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import numpy as np
 
     n = table.num_rows
@@ -116,6 +118,7 @@ def _confirm(
     is_candidate: np.ndarray,
 ) -> DuplicateCounts:
     """Exact counts for the candidate rows only (Arrow group-by; no per-key Python objects kept)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import numpy as np
     import pyarrow as pa
 

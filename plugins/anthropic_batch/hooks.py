@@ -9,6 +9,10 @@
 - ``aget_batch`` / ``acancel_batch`` use the async client, for the triggerer's event loop.
 
 The connection is the provider's: type ``anthropic``, API key in *password*, base URL in *host*.
+Only the provider's public API is used: ``get_conn`` / ``get_async_conn`` build the clients,
+``get_batch`` / ``cancel_batch`` / ``list_batches`` call the API with the provider's platform check
+(the Message Batches API exists on the ``anthropic`` and ``aws`` platforms only), and the
+connection is read through the public ``get_connection``.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any, TypeVar
 
 import anthropic
 import httpx2
-from airflow.providers.anthropic.hooks.anthropic import AnthropicHook, _ClientFactories
-from airflow.providers.common.compat.connection import get_async_connection
+from airflow.providers.anthropic.exceptions import AnthropicError
+from airflow.providers.anthropic.hooks.anthropic import FIRST_PARTY_PLATFORMS, AnthropicHook
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from anthropic.types.messages import MessageBatch
 
+from anthropic_batch.batch_requests import iter_batch_body
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.status import fatal_api_errors, transient_api_errors
 
 #: SDK retries for plain reads (retrieve, list, cancel). The SDK backs off exponentially (capped at
@@ -50,7 +56,7 @@ _CUSTOM_ID_PREFIX = re.compile(rb'^\s*\{\s*"custom_id"\s*:\s*"([A-Za-z0-9_-]{1,6
 T = TypeVar("T")
 
 
-class BatchCreateError(RuntimeError):
+class BatchCreateError(AnthropicBatchError, RuntimeError):
     """The batch could not be created, or whether it was created could not be decided."""
 
 
@@ -62,7 +68,7 @@ class AmbiguousCreateError(BatchCreateError):
         self.started = started
 
 
-class ResultsDownloadError(RuntimeError):
+class ResultsDownloadError(AnthropicBatchError, RuntimeError):
     """The results stream kept failing after bounded retries."""
 
 
@@ -144,40 +150,61 @@ class BatchHook(AnthropicHook):
     ) -> None:
         super().__init__(conn_id=conn_id, **kwargs)
         self._sleep = sleep
+        self._extra: dict[str, Any] | None = None  # the connection's extra, read once
 
     # -- clients ---------------------------------------------------------------------------------
-    def _configured_max_retries(self) -> int | None:
-        return self._connection.extra_dejson.get("anthropic_client_kwargs", {}).get("max_retries")
+    def _connection_extra(self) -> dict[str, Any]:
+        if self._extra is None:
+            self._extra = dict(self.get_connection(self.conn_id).extra_dejson)
+        return self._extra
+
+    @staticmethod
+    def _with_retry_policy(client: T, extra: dict[str, Any]) -> T:
+        """``client`` with :data:`DEFAULT_MAX_RETRIES` unless the connection sets ``max_retries``."""
+        if (extra.get("anthropic_client_kwargs") or {}).get("max_retries") is None:
+            return client.with_options(max_retries=DEFAULT_MAX_RETRIES)  # type: ignore[attr-defined]
+        return client
+
+    def _require_batches_api(self, platform: str | None = None) -> None:
+        """The provider's platform rule for the Message Batches API, for the calls it has no method for."""
+        platform = platform or (self._connection_extra().get("platform") or "anthropic").lower()
+        if platform not in FIRST_PARTY_PLATFORMS:
+            raise AnthropicError(
+                f"The Message Batches API is not available on the {platform!r} platform (connection "
+                f"{self.conn_id!r}). Use the first-party Anthropic API (platform='anthropic') or "
+                "Claude Platform on AWS (platform='aws')."
+            )
 
     def get_conn(self) -> anthropic.Anthropic:
-        client = super().get_conn()
-        if self._configured_max_retries() is None:
-            client = client.with_options(max_retries=DEFAULT_MAX_RETRIES)
-        return client
+        return self._with_retry_policy(super().get_conn(), self._connection_extra())
 
     async def get_async_conn(self, *, shared_http: bool = False) -> anthropic.AsyncAnthropic:
         """
         The async client. ``shared_http=True`` builds it on the event loop's shared HTTP pool
         (:func:`shared_async_http_client`); such a client must NOT be closed by the caller.
+
+        The shared pool needs the client built around it, which the provider's public builder does
+        not offer: for an API key (or environment credentials) on the ``anthropic`` platform, the
+        case of the poll triggers, the client is built here from the same connection fields the
+        provider reads (key in *password*, base URL in *host*, ``anthropic_client_kwargs``); any
+        other configuration (workload identity, ``aws``) gets the provider's client, on its own pool.
         """
-        if not shared_http:
-            client = await super().get_async_conn()
-        else:
-            if "_connection" not in self.__dict__:
-                self._connection = await get_async_connection(self.conn_id, hook=self)
+        conn = await get_async_connection(self.conn_id, hook=self)
+        extra = self._extra = dict(await get_async_extra_dejson(conn))
+        platform = (extra.get("platform") or "anthropic").lower()
+        if shared_http:
+            self._require_batches_api(platform)
+        if shared_http and platform == "anthropic" and not extra.get("workload_identity"):
+            kwargs = dict(extra.get("anthropic_client_kwargs") or {})
+            base_url = kwargs.pop("base_url", None) or conn.host or None
+            api_key = kwargs.pop("api_key", None) or conn.password or None
+            if api_key:
+                kwargs["api_key"] = api_key
             http = shared_async_http_client()
-            client = self._build_client(
-                _ClientFactories(
-                    anthropic=partial(anthropic.AsyncAnthropic, http_client=http),
-                    bedrock=partial(anthropic.AsyncAnthropicBedrock, http_client=http),
-                    vertex=partial(anthropic.AsyncAnthropicVertex, http_client=http),
-                    aws=partial(anthropic.AsyncAnthropicAWS, http_client=http),
-                    foundry=partial(anthropic.AsyncAnthropicFoundry, http_client=http),
-                )
-            )
-        if self._configured_max_retries() is None:
-            client = client.with_options(max_retries=DEFAULT_MAX_RETRIES)
-        return client
+            client = anthropic.AsyncAnthropic(base_url=base_url, http_client=http, **kwargs)
+        else:
+            client = await super().get_async_conn()
+        return self._with_retry_policy(client, extra)
 
     # -- create ----------------------------------------------------------------------------------
     def create_batch_from_chunk(self, chunk_path: Any, *, max_attempts: int = 5) -> MessageBatch:
@@ -193,8 +220,8 @@ class BatchHook(AnthropicHook):
         failure (connection lost, timeout, 5xx: the batch may or may not exist) raises
         :class:`AmbiguousCreateError`; the ledger policy then looks for the batch before any resend.
         """
-        from anthropic_batch.batch_requests import iter_batch_body
 
+        self._require_batches_api()
         body = iter_batch_body(chunk_path)
         # A declared length (one cheap pass over the file) instead of chunked transfer encoding:
         # proxies handle it better and an oversized body is refused before it is uploaded.
@@ -240,14 +267,10 @@ class BatchHook(AnthropicHook):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def get_batch(self, batch_id: str) -> MessageBatch:
-        """Retrieve a batch (tolerating the early 404 just after create)."""
-        return self._retry_not_found(
-            lambda: self.conn.messages.batches.retrieve(batch_id), what=f"retrieve {batch_id}"
-        )
-
-    def cancel_batch(self, batch_id: str) -> MessageBatch:
-        """Ask the API to cancel a batch (it goes to ``canceling``)."""
-        return self.conn.messages.batches.cancel(batch_id)
+        """Retrieve a batch (the provider's, with its platform check), tolerating the early 404
+        just after create."""
+        retrieve = super().get_batch
+        return self._retry_not_found(lambda: retrieve(batch_id), what=f"retrieve {batch_id}")
 
     def iter_result_lines(self, batch_id: str, *, max_resumes: int = 5) -> Iterator[bytes]:
         """
@@ -260,6 +283,7 @@ class BatchHook(AnthropicHook):
         treated as a drop; after the last resume the missing ones are left to the caller (they
         become ``missing`` rows), with a warning.
         """
+        self._require_batches_api()
         batches = self.conn.messages.batches.with_streaming_response
         seen: set[str] = set()
         expected: int | None = None
@@ -339,7 +363,7 @@ class BatchHook(AnthropicHook):
         if created_after.tzinfo is None:
             raise ValueError("created_after must be timezone-aware")
         found: list[MessageBatch] = []
-        for batch in self.conn.messages.batches.list(limit=100):
+        for batch in self.list_batches(limit=100):
             if batch.created_at < created_after:
                 break
             if total_requests(batch) == n_requests:
@@ -351,12 +375,14 @@ class BatchHook(AnthropicHook):
         """Retrieve a batch with the async client (one attempt per SDK retry policy; closes the client)."""
         client = await self.get_async_conn()
         async with client:
+            self._require_batches_api()
             return await client.messages.batches.retrieve(batch_id)
 
     async def acancel_batch(self, batch_id: str) -> MessageBatch:
         """Cancel a batch with the async client (closes the client)."""
         client = await self.get_async_conn()
         async with client:
+            self._require_batches_api()
             return await client.messages.batches.cancel(batch_id)
 
 

@@ -14,6 +14,7 @@ An empty string means "no link" (e.g. ``mode="sync"`` has no Console page).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperatorLink
@@ -23,6 +24,7 @@ BATCH_ID_XCOM_KEY = "batch_id"
 
 
 def _xcom(ti_key: Any, key: str) -> Any:
+    # Airflow's module only on this path: callers that never take it stay light
     from airflow.sdk.execution_time.xcom import XCom
 
     try:
@@ -62,7 +64,6 @@ def as_url(location: str) -> str:
     """Local paths become ``file://`` URLs; URLs pass through."""
     if "://" in location:
         return location
-    from pathlib import Path
 
     return Path(location).resolve().as_uri()
 

@@ -30,6 +30,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from anthropic_batch.errors import AnthropicBatchError
+
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
     from fsspec import AbstractFileSystem
@@ -46,7 +48,7 @@ _CONDITION_FAILED = frozenset({409, 412})
 _bound: set[tuple[str, str | None]] = set()
 
 
-class ConditionalWriteUnsupported(NotImplementedError):
+class ConditionalWriteUnsupported(AnthropicBatchError, NotImplementedError):
     """The path's store has no conditional writes here (named in the message)."""
 
 
@@ -59,6 +61,7 @@ def bind_filesystem(protocol: str, conn_id: str | None) -> None:
     """
     if protocol in LOCAL_PROTOCOLS or (protocol, conn_id) in _bound:
         return
+    # Airflow's module only on this path: callers that never take it stay light
     from airflow.sdk.io import attach, has_fs
 
     if not has_fs(protocol):
@@ -80,10 +83,12 @@ def bind_filesystem(protocol: str, conn_id: str | None) -> None:
 
 
 def _s3_filesystem(conn_id: str | None) -> AbstractFileSystem:
+    # fsspec/s3fs: only for object-store URLs
     from s3fs import S3FileSystem
 
     if conn_id is None:
         return S3FileSystem()
+    # Airflow's module only on this path: callers that never take it stay light
     from airflow.sdk import BaseHook
 
     conn = BaseHook.get_connection(conn_id)
@@ -153,6 +158,7 @@ def _kind(path: ObjectStoragePath) -> str:
 
 # S3 through s3fs: its coroutine API (``_call_s3``) runs on the filesystem's own event loop.
 def _s3_put(path: ObjectStoragePath, data: bytes, **condition: str) -> bool:
+    # fsspec/s3fs: only for object-store URLs
     from fsspec.asyn import sync
 
     fs = path.fs
@@ -171,6 +177,7 @@ def _s3_put(path: ObjectStoragePath, data: bytes, **condition: str) -> bool:
 
 
 def _s3_get(path: ObjectStoragePath) -> tuple[bytes, str] | None:
+    # fsspec/s3fs: only for object-store URLs
     from fsspec.asyn import sync
 
     fs = path.fs
@@ -195,6 +202,7 @@ def _http_status(exc: BaseException) -> int | None:
 
 # GCS through gcsfs's JSON API calls (generation preconditions); not covered by tests here.
 def _gcs_put(path: ObjectStoragePath, data: bytes, generation: str) -> bool:
+    # fsspec/s3fs: only for object-store URLs
     from fsspec.asyn import sync
 
     fs = path.fs

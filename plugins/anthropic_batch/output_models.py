@@ -16,14 +16,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import json
 import re
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+
+from anthropic_batch.errors import AnthropicBatchError
 
 OUTPUT_MODES = ("json_schema", "tool")
 _MODULE_PREFIX = "anthropic_batch_output_models"
@@ -31,7 +31,7 @@ _TOOL_NAME_RE = re.compile(r"[^a-zA-Z0-9_-]")
 _MAX_ERROR_CHARS = 2000
 
 
-class OutputModelError(ValueError):
+class OutputModelError(AnthropicBatchError, ValueError):
     """An output model reference cannot be loaded."""
 
 
@@ -126,48 +126,6 @@ def output_params(model_cls: type[BaseModel], mode: str = "json_schema") -> dict
     raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {mode!r}")
 
 
-def extract_output(
-    message: Mapping[str, Any], mode: str | None, tool_name: str | None = None
-) -> tuple[str, dict[str, Any] | None, bool]:
-    """``(text, structured, needs_followup)`` from a raw Message dict.
-
-    ``structured`` is the parsed JSON (json_schema mode) or the forced tool's input (tool mode),
-    ``None`` when absent or not parseable. ``needs_followup`` is true when the model asks for a
-    tool we did not force, or paused its turn: a batch cannot continue either.
-    """
-    texts: list[str] = []
-    tool_inputs: list[tuple[str | None, Any]] = []
-    for block in message.get("content") or ():
-        kind = block.get("type")
-        if kind == "text":
-            texts.append(block.get("text") or "")
-        elif kind == "tool_use":
-            tool_inputs.append((block.get("name"), block.get("input")))
-    text = "".join(texts)
-    stop_reason = message.get("stop_reason")
-
-    structured: dict[str, Any] | None = None
-    foreign_tool = False
-    for name, tool_input in tool_inputs:
-        if mode == "tool" and (tool_name is None or name == tool_name) and structured is None:
-            structured = tool_input if isinstance(tool_input, dict) else None
-        else:
-            foreign_tool = True
-    if mode == "json_schema" and text.strip():
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        structured = parsed if isinstance(parsed, dict) else None
-
-    needs_followup = (
-        stop_reason == "pause_turn"
-        or foreign_tool
-        or (stop_reason == "tool_use" and not (mode == "tool" and structured is not None))
-    )
-    return text, structured, needs_followup
-
-
 def format_validation_error(exc: ValidationError) -> str:
     """A compact one-line summary of a pydantic ValidationError."""
     parts = []
@@ -175,27 +133,3 @@ def format_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
         parts.append(f"{loc}: {err.get('msg')}")
     return "; ".join(parts)[:_MAX_ERROR_CHARS]
-
-
-def validate_output(
-    model_cls: type[BaseModel], structured: Mapping[str, Any] | None
-) -> tuple[str | None, str | None]:
-    """``(json_text, None)`` when ``structured`` validates against ``model_cls``, else ``(None, error)``."""
-    if structured is None:
-        return None, "no structured output in the answer"
-    try:
-        obj = model_cls.model_validate(structured)
-    except ValidationError as exc:
-        return None, format_validation_error(exc)
-    return obj.model_dump_json(), None
-
-
-def validate_output_json(model_cls: type[BaseModel], text: str | bytes) -> tuple[str | None, str | None]:
-    """Like ``validate_output`` but straight from JSON text (one parse, in pydantic-core)."""
-    if not text or not str(text).strip():
-        return None, "empty answer where JSON was expected"
-    try:
-        obj = model_cls.model_validate_json(text)
-    except ValidationError as exc:
-        return None, format_validation_error(exc)
-    return obj.model_dump_json(), None

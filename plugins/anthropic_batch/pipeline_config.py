@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from anthropic_batch.errors import AnthropicBatchError
+
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]
 #: ``include/``: prompt templates, output schemas and pipeline files are referenced relative to it.
 INCLUDE_DIR = CHECKOUT_DIR / "include"
@@ -33,7 +35,7 @@ _CRON_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yea
 _OUTPUT_MODEL_REF = re.compile(r"^(?P<file>[\w./-]+\.py):(?P<name>[A-Za-z_]\w*)$")
 
 
-class PipelineConfigError(ValueError):
+class PipelineConfigError(AnthropicBatchError, ValueError):
     """A pipeline file is missing, unreadable or invalid; the message names the file and the fields."""
 
 
@@ -149,6 +151,7 @@ class PipelineConfig(_Section):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
+        # croniter: only to read a schedule
         from croniter import croniter
 
         if value is None or value in ("@once", "@continuous") or value in _CRON_PRESETS:

@@ -26,6 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from anthropic_batch.errors import AnthropicBatchError
+
 log = logging.getLogger(__name__)
 
 PRICE_TABLE_AS_OF = "2026-10-21"
@@ -56,7 +58,7 @@ _LIST_PRICES: dict[str, tuple[str, str]] = {
 }
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(AnthropicBatchError, KeyError):
     """No price is known for a model."""
 
     def __str__(self) -> str:  # KeyError would quote the message
@@ -229,11 +231,6 @@ class PriceTable:
     def cost(self, model: str, usage: Mapping[str, Any], *, batch: bool, cache_ttl: str = "5m") -> float:
         """Cost in USD of one response's ``usage`` block, batch or synchronous price."""
         return float(self.cost_decimal(model, usage, batch=batch, cache_ttl=cache_ttl))
-
-    def cost_pair(self, model: str, usage: Mapping[str, Any], cache_ttl: str = "5m") -> tuple[float, float]:
-        """``(batch_cost, sync_cost)`` of the same usage: what was paid and what sync would have cost."""
-        sync = self.cost_decimal(model, usage, batch=False, cache_ttl=cache_ttl)
-        return float(sync * self.batch_discount), float(sync)
 
     def rates(self, model: str) -> tuple[float, float, float, float, float]:
         """Synchronous USD *per token* as floats: (input, output, write 5m, write 1h, read).

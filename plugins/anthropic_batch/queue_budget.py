@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from anthropic_batch import storage
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.ledger import LedgerState
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.storage import PathLike, as_path
@@ -63,7 +64,7 @@ PRUNE_AFTER = 3600.0
 MAX_CREATE_ATTEMPTS = 50
 
 
-class QueueBudgetError(ValueError):
+class QueueBudgetError(AnthropicBatchError, ValueError):
     """A chunk that can never be admitted (bigger than a budget)."""
 
 
@@ -371,6 +372,7 @@ def admit_or_defer(
 ) -> None:
     """Take or re-check this chunk's queue ticket; defer (and come back to ``method_name``) until
     it is admitted. Returns when admitted, or at once when no budget is configured."""
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import BatchHook
 
     budget = deployment_budget()
@@ -381,6 +383,7 @@ def admit_or_defer(
     entry = storage.read_json(ledger_path) or {}
 
     def batch_ended(batch_id: str) -> bool:
+        # status.BatchStatus is the provider's: loading it imports the anthropic SDK
         from anthropic_batch.status import BatchStatus
 
         return BatchHook(conn_id=conn_id).get_batch(batch_id).processing_status == BatchStatus.ENDED
@@ -404,6 +407,7 @@ def admit_or_defer(
     operator.log.info("Queue budget: %s.", admission.describe(n_requests))
     if admission.admitted:
         return
+    # Airflow's module only on this path: callers that never take it stay light
     from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 
     recheck = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=admission_poll_seconds)

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from anthropic_batch import partition, storage
 from anthropic_batch.status import RequestStatus
 
 GROUP_FIELD = "category"
@@ -39,17 +40,6 @@ _SAMPLE_SUMMARIES = 6
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 # ----------------------------------------------------------------------------- aggregation
-
-
-def _path(location: Any) -> Any:
-    """An ObjectStoragePath; local paths become ``file://`` URLs without percent-encoding (``date=``)."""
-    import os
-
-    from anthropic_batch import storage
-
-    if isinstance(location, str | os.PathLike) and "://" not in os.fspath(location):
-        location = "file://" + os.path.abspath(os.path.expanduser(os.fspath(location)))
-    return storage.as_path(location)
 
 
 def _parse_json(text: Any) -> dict[str, Any]:
@@ -69,9 +59,8 @@ def _counts(values: Iterable[Any]) -> dict[str, int]:
 
 def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> dict[str, Any]:
     """Numbers of one published partition: totals, status counts, dead-letter reasons, per-group stats."""
-    from anthropic_batch import partition, storage
 
-    directory = partition.published_dir(_path(extraction_dir)) or _path(extraction_dir)
+    directory = partition.published_dir(storage.as_path(extraction_dir)) or storage.as_path(extraction_dir)
     summary = storage.read_json(directory / partition.SUMMARY_FILE)
     if summary is None:
         raise FileNotFoundError(f"no published partition at {directory} ({partition.SUMMARY_FILE} missing)")
@@ -139,13 +128,14 @@ def _short_reason(reason: Any) -> str:
 
 def load_history(root: Any, pipeline: str, date: str, days: int = HISTORY_DAYS) -> list[dict[str, Any]]:
     """The run summaries of ``pipeline`` for the ``days`` days ending at ``date`` (those that exist)."""
-    from anthropic_batch import partition, storage
 
     end = dt.date.fromisoformat(date)
     history = []
     for offset in range(days - 1, -1, -1):
         day = (end - dt.timedelta(days=offset)).isoformat()
-        summary = partition.read_published_summary(storage.extraction_dir(_path(root), pipeline, day))
+        summary = partition.read_published_summary(
+            storage.extraction_dir(storage.as_path(root), pipeline, day)
+        )
         if summary is None:
             continue
         history.append(
@@ -174,6 +164,7 @@ def event_partition(event: Any, schedule: str | None = None) -> str | None:
     run = getattr(event, "source_dag_run", None)
     if run is None:
         return None
+    # dag_factory loads Airflow's DAG classes: the report renders without them
     from anthropic_batch.dag_factory import run_partition
 
     run_after = getattr(run, "run_after", None) or getattr(run, "start_date", None) or event.timestamp
@@ -232,9 +223,8 @@ def _partition_dates(directory: Any) -> set[str]:
 
 def unreported_dates(root: Any, pipeline: str, first: str, last: str) -> list[str]:
     """Dates in ``[first, last]`` that ``pipeline`` has published (``_SUCCESS``) but that have no report."""
-    from anthropic_batch import storage
 
-    root = _path(root)
+    root = storage.as_path(root)
     published = _partition_dates(root / pipeline / storage.EXTRACTIONS_DIR)
     candidates = published - _partition_dates(root / storage.REPORTS_DIR)
     return sorted(
@@ -610,9 +600,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 def write_report(report_dir: Any, report: Mapping[str, Any]) -> dict[str, str]:
     """Write report.json, report.html and report.md atomically under ``report_dir``; return their URLs."""
-    from anthropic_batch import storage
 
-    directory = _path(report_dir)
+    directory = storage.as_path(report_dir)
     paths = {
         "json": storage.atomic_write_json(directory / "report.json", report),
         "html": storage.atomic_write_bytes(directory / "report.html", render_html(report).encode("utf-8")),

@@ -15,6 +15,12 @@ collecting into a local file does not import Airflow (``storage`` is imported fo
 only), and Arrow buffers come from the system allocator while collecting (see
 ``_system_allocator``). ``make bench`` (``benchmarks/bench_collect.py``) measures all of this.
 
+No process-wide switch outlives our own work: the allocator swap and the GC pause (``_our_work``)
+are entered only around this module's CPU loops and restored after each; the result lines are
+pulled from their source (the SDK's download, a file) in blocks between them, so code that is not
+ours (the HTTP client, Airflow, the worker's other threads between blocks) runs under the process's
+own settings.
+
 A line that does not decode is never fatal: it is counted (and becomes an ``errored`` row with
 ``error_type = "malformed_result"`` when its custom_id can still be read). Unknown custom_ids are
 counted and reported, not written. A custom_id seen twice (e.g. a resumed download) counts once.
@@ -24,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -41,7 +48,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from anthropic_batch import layout, storage
-from anthropic_batch.output_models import format_validation_error, output_tool_name
+from anthropic_batch.errors import AnthropicBatchError
+from anthropic_batch.output_models import format_validation_error, load_output_model, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
 from anthropic_batch.status import (
     FATAL_ERROR_TYPES,
@@ -50,6 +58,13 @@ from anthropic_batch.status import (
     FailureClass,
     RequestStatus,
     ResultType,
+)
+from anthropic_batch.table_schemas import (  # noqa: F401  (re-exported: results' readers import them here)
+    DEAD_LETTER_SCHEMA,
+    OUTCOME_COLUMNS,
+    RESULT_SCHEMA,
+    dead_letter_schema,
+    result_schema,
 )
 
 if TYPE_CHECKING:
@@ -74,64 +89,6 @@ def _system_allocator() -> Iterator[None]:
         yield
     finally:
         pa.set_memory_pool(previous)
-
-
-# -- schemas ----------------------------------------------------------------------------------------
-
-_RESULT_FIELDS_AFTER_KEYS: list[tuple[str, pa.DataType]] = [
-    ("status", pa.string()),
-    ("error_type", pa.string()),
-    ("error_message", pa.string()),
-    ("output_text", pa.string()),
-    ("output_json", pa.string()),
-    ("stop_reason", pa.string()),
-    ("model", pa.string()),
-    ("input_tokens", pa.int64()),
-    ("output_tokens", pa.int64()),
-    ("cache_creation_input_tokens", pa.int64()),
-    ("cache_read_input_tokens", pa.int64()),
-    ("cost_usd", pa.float64()),
-    ("sync_cost_usd", pa.float64()),
-    ("batch_id", pa.string()),
-    ("attempt", pa.int32()),
-    ("request_fingerprint", pa.string()),
-]
-OUTCOME_COLUMNS = [name for name, _ in _RESULT_FIELDS_AFTER_KEYS]
-
-_DEAD_LETTER_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("custom_id", pa.string()),
-    ("stage", pa.string()),
-    ("status", pa.string()),
-    ("error_type", pa.string()),
-    ("reason", pa.string()),
-    ("attempts", pa.int32()),
-    ("last_batch_id", pa.string()),
-    ("record_json", pa.string()),
-]
-
-
-def _check_key_columns(key_columns: Sequence[str], reserved: Iterable[str]) -> None:
-    clash = sorted(set(key_columns) & set(reserved))
-    if clash:
-        raise ValueError(f"key column names {clash} clash with result columns; rename them in the input")
-
-
-def result_schema(key_columns: Sequence[str] = ()) -> pa.Schema:
-    """RESULT schema: ``custom_id``, the key columns (strings), then the outcome columns."""
-    _check_key_columns(key_columns, ["custom_id", *OUTCOME_COLUMNS])
-    return pa.schema(
-        [("custom_id", pa.string())] + [(k, pa.string()) for k in key_columns] + _RESULT_FIELDS_AFTER_KEYS
-    )
-
-
-def dead_letter_schema(key_columns: Sequence[str] = ()) -> pa.Schema:
-    """DEAD_LETTER schema: the key columns (strings), then ``custom_id``, stage, reason..."""
-    _check_key_columns(key_columns, [name for name, _ in _DEAD_LETTER_FIELDS])
-    return pa.schema([(k, pa.string()) for k in key_columns] + _DEAD_LETTER_FIELDS)
-
-
-RESULT_SCHEMA = result_schema()
-DEAD_LETTER_SCHEMA = dead_letter_schema()
 
 
 # -- classification ---------------------------------------------------------------------------------
@@ -240,7 +197,7 @@ _decode_line = msgspec.json.Decoder(_Line, strict=False).decode
 _decode_id = msgspec.json.Decoder(_IdOnly, strict=False).decode
 
 
-class MalformedResultLine(ValueError):
+class MalformedResultLine(AnthropicBatchError, ValueError):
     """A result line that does not have the documented shape."""
 
 
@@ -379,8 +336,6 @@ class ParseContext:
 
         ``chunk_indices`` limits the loaded keys to those chunks (less memory for one batch).
         """
-        from anthropic_batch.output_models import load_output_model
-
         if manifest is None:
             manifest = layout.read_manifest(work_dir)
         spec = manifest.get("spec") or {}
@@ -620,9 +575,27 @@ class CollectStats:
     malformed_samples: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _our_work() -> Iterator[None]:
+    """Our CPU loop's settings (GC paused, system allocator), restored on exit: enter it only
+    around our own code, never while pulling from a source that is not ours."""
+    with _gc_paused(), _system_allocator():
+        yield
+
+
+def _blocks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of up to ``size``, pulled outside :func:`_our_work`."""
+    iterator = iter(items)
+    while block := list(itertools.islice(iterator, size)):
+        yield block
+
+
+#: Result lines pulled from their source at a time (about 2 MB of JSONL): bounds the memory held
+#: while the switches of ``_our_work`` are toggled only once per block.
+_PULL_BLOCK = 2_000
 
 
 @contextlib.contextmanager
@@ -756,72 +729,78 @@ def collect_lines(
     decode_errors = (msgspec.DecodeError, msgspec.ValidationError)
     build = _row_builder(ctx)
     n_lines = 0
-    with _gc_paused(), _system_allocator(), storage.open_atomic_writer(out_path) as handle:
+    # The writer's encoders draw from the system pool as the rows do (see _system_allocator).
+    pool = pa.system_memory_pool()
+    with storage.open_atomic_writer(out_path) as handle:
         stats.out_path = storage.path_url(out_path)
-        with pq.ParquetWriter(handle, schema, **_WRITER_OPTIONS) as writer:
-            for line in lines:
-                if len(positions) >= convert_every:
-                    flush(writer)
-                if type(line) is not bytes:
-                    line = line.encode("utf-8") if isinstance(line, str) else bytes(line)
-                # The common case, inline: one complete line per item. A trailing newline is JSON
-                # whitespace to the decoder, so the line is not copied to strip it.
-                newline = line.find(b"\n")
-                if 0 <= newline < len(line) - 1:
-                    add_line(line.rstrip(b"\r\n"))
-                    continue
-                try:
-                    decoded = decode(line)
-                except decode_errors:
-                    add_line(line.rstrip(b"\r\n"))
-                    continue
-                position = row_of.get(decoded.custom_id)
-                if position is None:
-                    add_line(line.rstrip(b"\r\n"))
-                    continue
-                n_lines += 1
-                if written[position]:
-                    stats.n_duplicates += 1
-                    continue
-                written[position] = 1
-                positions.append(position)
-                values.append(build(decoded))
-            if expected_custom_ids is not None:
-                missing_row = (
-                    RequestStatus.MISSING.value,
-                    None,
-                    "no result line was returned for this request",
-                    None,
-                    None,
-                    None,
-                    ctx.default_model,
-                    *_NO_USAGE,
-                )
-                unindexed: list[str] = []  # expected, but not among the prepared keys: null key columns
-                for custom_id in sorted(set(expected_custom_ids)):
-                    position = row_of.get(custom_id)
-                    if position is None:
-                        unindexed.append(custom_id)
-                        continue
-                    if written[position]:
-                        continue
-                    if len(positions) >= convert_every:
-                        flush(writer)
-                    written[position] = 1
-                    positions.append(position)
-                    values.append(missing_row)
-                    stats.n_missing += 1
-                if unindexed:
-                    to_arrow()  # these go last, after the buffered rows
-                    null_keys = [pa.nulls(len(unindexed), pa.string())] * n_keys
-                    ids = pa.array(unindexed, pa.string())
-                    record_batch(
-                        [ids, *null_keys],
-                        pa.nulls(len(unindexed), pa.string()),
-                        [missing_row] * len(unindexed),
+        with pq.ParquetWriter(handle, schema, memory_pool=pool, **_WRITER_OPTIONS) as writer:
+            for block in _blocks(lines, _PULL_BLOCK):
+                with _our_work():
+                    for line in block:
+                        if len(positions) >= convert_every:
+                            flush(writer)
+                        if type(line) is not bytes:
+                            line = line.encode("utf-8") if isinstance(line, str) else bytes(line)
+                        # The common case, inline: one complete line per item. A trailing newline is
+                        # JSON whitespace to the decoder, so the line is not copied to strip it.
+                        newline = line.find(b"\n")
+                        if 0 <= newline < len(line) - 1:
+                            add_line(line.rstrip(b"\r\n"))
+                            continue
+                        try:
+                            decoded = decode(line)
+                        except decode_errors:
+                            add_line(line.rstrip(b"\r\n"))
+                            continue
+                        position = row_of.get(decoded.custom_id)
+                        if position is None:
+                            add_line(line.rstrip(b"\r\n"))
+                            continue
+                        n_lines += 1
+                        if written[position]:
+                            stats.n_duplicates += 1
+                            continue
+                        written[position] = 1
+                        positions.append(position)
+                        values.append(build(decoded))
+            with _our_work():
+                if expected_custom_ids is not None:
+                    missing_row = (
+                        RequestStatus.MISSING.value,
+                        None,
+                        "no result line was returned for this request",
+                        None,
+                        None,
+                        None,
+                        ctx.default_model,
+                        *_NO_USAGE,
                     )
-                    stats.n_missing += len(unindexed)
-            flush(writer, final=True)
+                    # expected, but not among the prepared keys: null key columns
+                    unindexed: list[str] = []
+                    for custom_id in sorted(set(expected_custom_ids)):
+                        position = row_of.get(custom_id)
+                        if position is None:
+                            unindexed.append(custom_id)
+                            continue
+                        if written[position]:
+                            continue
+                        if len(positions) >= convert_every:
+                            flush(writer)
+                        written[position] = 1
+                        positions.append(position)
+                        values.append(missing_row)
+                        stats.n_missing += 1
+                    if unindexed:
+                        to_arrow()  # these go last, after the buffered rows
+                        null_keys = [pa.nulls(len(unindexed), pa.string())] * n_keys
+                        ids = pa.array(unindexed, pa.string())
+                        record_batch(
+                            [ids, *null_keys],
+                            pa.nulls(len(unindexed), pa.string()),
+                            [missing_row] * len(unindexed),
+                        )
+                        stats.n_missing += len(unindexed)
+                flush(writer, final=True)
 
     stats.n_lines += n_lines
     stats.n_rows = sum(status_counts.values())
@@ -833,6 +812,7 @@ def collect_lines(
 
 def expected_ids_from_chunk(chunk_path: PathLike) -> set[str]:
     """The custom_ids of a chunk file (what its batch's results must cover)."""
+    # batch_requests imports Airflow: collecting into a local file runs without it
     from anthropic_batch.batch_requests import iter_chunk_lines
 
     ids = set()
@@ -1044,8 +1024,6 @@ class MergeStats:
     n_buckets: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 

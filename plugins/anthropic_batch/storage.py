@@ -16,6 +16,7 @@ none of it. Any other URL goes through ``ObjectStoragePath``, imported on first 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ PathLike: TypeAlias = "str | os.PathLike | ObjectStoragePath"
 
 def as_path(path: PathLike) -> ObjectStoragePath:
     """An ``ObjectStoragePath`` for a URL, a plain local path (made ``file://``) or a path object."""
+    # Airflow's module only on this path: callers that never take it stay light
     from airflow.sdk import ObjectStoragePath
 
     if isinstance(path, ObjectStoragePath):
@@ -284,6 +286,7 @@ def write_parquet_atomic(
 
     ``schema`` is required for an iterable of batches (it may be empty); tables are cast to it.
     """
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -312,6 +315,7 @@ def read_parquet(path: PathLike, columns: list[str] | None = None, *, use_thread
     ``use_threads=False`` for small files read on a memory budget: each reader thread grows its
     own malloc arena.
     """
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.parquet as pq
 
     # ParquetFile, not pq.read_table: the latter loads pyarrow.dataset (~50 MB of RSS) for nothing.
@@ -333,7 +337,6 @@ def read_parquet(path: PathLike, columns: list[str] | None = None, *, use_thread
 
 
 def _content_version(data: bytes) -> str:
-    import hashlib
 
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -397,7 +400,7 @@ def replace_if_version(path: PathLike, data: bytes, version: str) -> bool:
         from anthropic_batch import object_store
 
         return object_store.replace_if_version(as_path(path), data, version)
-    import fcntl
+    import fcntl  # Unix only, and only for local files
 
     directory, name = os.path.split(local[0])
     tmp_name = _write_local_temp(directory, name, data)

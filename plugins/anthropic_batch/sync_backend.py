@@ -1,6 +1,6 @@
 """The synchronous mode as a backend: answer one chunk through the Messages API, now.
 
-:func:`ledger.submit_idempotently` hands every ``mode="sync"`` submission to :func:`run_chunk`. It
+:func:`submission.submit_idempotently` hands every ``mode="sync"`` submission to :func:`run_chunk`. It
 writes batch-format result lines (``sync_runner``) to ``{work_dir}/sync/chunk-NNNNN.results.jsonl``
 and records the chunk in its ledger entry as an ended pseudo-batch ``sync_<fingerprint[:24]>``, the
 BatchHandle the sensor, the links and collect read today.
@@ -47,8 +47,10 @@ from anthropic_batch.ledger import (
     LedgerState,
     SubmissionLedger,
     handle_from_entry,
+    intent_fields,
     rfc3339,
     sync_results_path,
+    update_entry,
     utc_now,
 )
 from anthropic_batch.status import REQUEST_COUNT_KEYS, ProcessingStatus, ResultType
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     from anthropic_batch.pricing import PriceTable
 
 # hooks, sync_runner (the anthropic SDK) and pyarrow are imported inside the functions that use
-# them: ledger imports this module lazily, but keep it light all the same.
+# them: publish (imported at DAG parse time) imports this module.
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ def answered_lines(results_path: PathLike) -> dict[str, bytes]:
     Read in this order: the final results file (a crash after writing it, before the ledger said
     so), reused batch answers, the parts, and the ``.partial`` file of the earlier single-file format.
     """
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import custom_id_of
 
     results = as_path(results_path)
@@ -148,6 +151,7 @@ def count_results(lines: Iterable[bytes]) -> dict[str, int]:
 
 
 def _iter_chunk_requests(chunk_path: PathLike, skip: set[str]) -> Iterator[dict[str, Any]]:
+    # batch_requests imports Airflow (ObjectStoragePath): this module stays without it
     from anthropic_batch.batch_requests import iter_chunk_requests
 
     for request in iter_chunk_requests(chunk_path):
@@ -313,30 +317,6 @@ def _resolve_overlap(
 
 
 # -- the backend ---------------------------------------------------------------------------------------
-def new_entry(identity: Mapping[str, Any], previous_batch_ids: list[str]) -> dict[str, Any]:
-    """A fresh ``intent`` ledger entry for a synchronous run of a chunk."""
-    return {
-        "ledger_key": "/".join(
-            str(identity[k]) for k in ("dag_id", "partition", "task_id", "chunk_fingerprint")
-        ),
-        **identity,
-        "mode": "sync",
-        "state": LedgerState.INTENT.value,
-        "intent_at": rfc3339(utc_now()),
-        "submitted_at": None,
-        "batch_id": None,
-        "processing_status": None,
-        "request_counts": None,
-        "created_at": None,
-        "expires_at": None,
-        "ended_at": None,
-        "results_path": None,
-        "cost_usd": None,
-        "sync_cost_usd": None,
-        "previous_batch_ids": previous_batch_ids,
-    }
-
-
 def run_chunk(
     hook: BatchHook,
     ledger: SubmissionLedger,
@@ -355,7 +335,7 @@ def run_chunk(
     """
     Answer a chunk synchronously and return its BatchHandle; see the module docstring.
 
-    :param path: the chunk's ledger entry path, which this worker owns (``ledger.submit_idempotently``
+    :param path: the chunk's ledger entry path, which this worker owns (``submission.submit_idempotently``
         claimed it); ``entry`` the entry to act on: the claimed intent, or the batch entry that was
         taken over. Writes merge into the entry (compare-and-swap), keeping the owner's fields.
     :param fresh: the intent was just created (not a dead worker's): files left under this chunk
@@ -369,6 +349,7 @@ def run_chunk(
         (:data:`CANCEL_WAIT_SECONDS`); ``overlap_wait_seconds`` (:data:`OVERLAP_WAIT_SECONDS`): how
         long, after answering, to wait for one that had not, to count the requests paid twice.
     """
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.sync_runner import run_requests_sync
 
     # Module constants read at call time (not bound as defaults), so a deployment can tune them.
@@ -383,7 +364,7 @@ def run_chunk(
             "Chunk answered synchronously before (%s); re-attaching, nothing is sent.", entry["batch_id"]
         )
         if entry.get("chunk_path") != chunk_path:
-            entry = ledger.update(path, chunk_path=chunk_path)
+            entry = update_entry(path, chunk_path=chunk_path)
         return handle_from_entry(entry, path)
 
     results_path = sync_results_path(chunk_path)
@@ -399,9 +380,9 @@ def run_chunk(
         takeovers.append(
             _take_over(hook, entry, results_path, cancel_wait_seconds=cancel_wait_seconds, sleep=sleep)
         )
-        entry = ledger.update(
+        entry = update_entry(
             path,
-            **new_entry(identity, previous),
+            **intent_fields(**{**identity, "mode": "sync"}, previous_batch_ids=previous),
             taken_over_batch_ids=[*(entry.get("taken_over_batch_ids") or []), entry["batch_id"]],
         )
         _write_takeovers(results_path, takeovers)
@@ -409,7 +390,9 @@ def run_chunk(
         takeovers = _read_takeovers(results_path)  # an interrupted run of this chunk: resume it
     else:
         previous = list((entry or {}).get("previous_batch_ids") or [])
-        entry = ledger.update(path, **new_entry(identity, previous))
+        entry = update_entry(
+            path, **intent_fields(**{**identity, "mode": "sync"}, previous_batch_ids=previous)
+        )
 
     done = answered_lines(results_path)
     if done:
@@ -456,7 +439,7 @@ def run_chunk(
 
     now = rfc3339(utc_now())
     counts = count_results(done.values())
-    entry = ledger.update(
+    entry = update_entry(
         path,
         state=LedgerState.ENDED.value,
         batch_id="sync_" + str(identity["chunk_fingerprint"])[:24],
@@ -496,6 +479,7 @@ def _read_takeovers(results_path: PathLike) -> list[dict[str, Any]]:
 # -- for collect and publish ----------------------------------------------------------------------
 def batch_priced_ids(results_path: PathLike) -> set[str]:
     """custom_ids of a sync chunk whose answers were reused from a batch (billed at batch price)."""
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.hooks import custom_id_of
 
     return {
@@ -514,6 +498,7 @@ def reprice_batch_answers(parquet_path: PathLike, results_path: PathLike, prices
     ids = batch_priced_ids(results_path)
     if not ids:
         return None
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow as pa
     import pyarrow.compute as pc
 

@@ -12,9 +12,10 @@ import pytest
 
 from anthropic_batch.cancel import user_canceled_batches
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.ledger import SubmissionLedger
+from anthropic_batch.submission import submit_idempotently
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
-from tests.plugins.anthropic_batch.test_ledger import submit_kwargs
+from tests.plugins.anthropic_batch.test_submission import submit_kwargs
 
 PREFIX = "/anthropic-batches"
 DAG_ID = "bulk_extraction"

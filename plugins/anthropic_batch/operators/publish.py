@@ -83,6 +83,7 @@ class Spend:
 
 def _batches(path: storage.PathLike, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
     """A Parquet file's record batches, one row group at a time (only the ``columns`` it has)."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.parquet as pq
 
     with storage.open_binary(path) as handle:
@@ -94,6 +95,7 @@ def _batches(path: storage.PathLike, columns: Sequence[str] | None = None) -> It
 
 def stream_counts(path: storage.PathLike, column: str) -> RowCounts:
     """Row count, value counts of ``column`` and the largest ``attempt`` of a Parquet file, streamed."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.compute as pc
 
     result = RowCounts()
@@ -123,6 +125,7 @@ def billed_paths(work_dir: ObjectStoragePath, merged_path: storage.PathLike | No
 
 def billed_spend(paths: Sequence[storage.PathLike]) -> Spend:
     """Tokens, cost and batch ids summed over ``paths``, a few columns at a time."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.compute as pc
 
     spend = Spend()
@@ -150,9 +153,10 @@ def write_dead_letters(
 
     Sources that do not exist are skipped; returns the row count and the count per ``stage``.
     """
+    # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
     import pyarrow.compute as pc
 
-    from anthropic_batch.results import dead_letter_schema
+    from anthropic_batch.table_schemas import dead_letter_schema
 
     schema = dead_letter_schema(key_columns)
     result = RowCounts()

@@ -18,7 +18,7 @@ One task runs every retry round of a run:
    model (a cut-off JSON answer is rarely usable) and off for free text (a cut-off text is an
    answer: paying again is the pipeline's choice); a retry never loses the answer it tries to
    improve, because the merge keeps the best one;
-4. each retry chunk is submitted through ``ledger.submit_idempotently`` (so a retried task re-attaches
+4. each retry chunk is submitted through ``submission.submit_idempotently`` (so a retried task re-attaches
    instead of paying twice), one at a time and each after queue admission
    (:mod:`anthropic_batch.queue_budget`; the task defers while it waits), so the task's one pool slot
    stands for one batch; the task then *defers* on ``BatchPollTrigger`` (no worker slot held while
@@ -65,6 +65,7 @@ from anthropic_batch.batch_requests import (
     sha256_hex,
     write_chunk,
 )
+from anthropic_batch.collection import collect_batch, write_merge_record
 from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit loop's paths)
     RESUBMIT_STATE_FILE,
     RETRY_LIST_FILE,
@@ -72,10 +73,9 @@ from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit l
     resubmit_state_path,
     retry_dir,
 )
-from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
-from anthropic_batch.operators.collect import collect_batch
-from anthropic_batch.operators.submit import submission_identity
+from anthropic_batch.ledger import SubmissionLedger, ledger_root_for
 from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus
+from anthropic_batch.submission import submission_identity, submit_idempotently
 from anthropic_batch.triggers import BatchPollTrigger
 
 if TYPE_CHECKING:
@@ -89,28 +89,6 @@ log = logging.getLogger(__name__)
 #: Upper bound for a grown ``max_tokens`` (the largest output any current model accepts); beyond a
 #: model's own limit the API answers invalid_request_error, which is dead-lettered, not retried.
 MAX_TOKENS_CAP = 128_000
-
-# The paths of the resubmit loop (state file, retry list, retry chunks, merge record) are in layout.py.
-
-
-def write_merge_record(
-    merged_path: storage.PathLike,
-    paths: Sequence[str],
-    attempt: int,
-    rounds: Sequence[Mapping[str, Any]] = (),
-) -> None:
-    """Record the attempt files behind the merge, so the summary bills exactly this run's files
-    (an earlier run of the same partition may have left other attempt files in the work dir), and
-    the resubmit rounds (attempt, how many requests, why, which batches)."""
-    storage.atomic_write_json(
-        merge_record_path(merged_path),
-        {
-            "merged_path": str(merged_path),
-            "results_paths": list(paths),
-            "attempts": attempt,
-            "rounds": [dict(r) for r in rounds],
-        },
-    )
 
 
 def task_identity(context: Context) -> dict[str, Any]:
@@ -161,6 +139,7 @@ def _chunk_groups(lines: Iterable[bytes], max_requests: int, max_bytes: int) -> 
 
 def _iter_retry_list(path: storage.PathLike) -> Iterator[Any]:
     """The retry list's record batches, one row group at a time."""
+    # pyarrow/numpy: kept out of DAG parsing
     import pyarrow.parquet as pq
 
     with storage.open_binary(path) as handle:
@@ -333,6 +312,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
         ``rounds`` lists the resubmit rounds so far (recorded in ``merged.json`` at the end).
         """
+        # loads pyarrow: kept out of DAG parsing
         from anthropic_batch.results import merge_attempts
 
         work = storage.as_path(self.work_dir)
@@ -427,6 +407,7 @@ class ResubmitFailuresOperator(BaseOperator):
         ``keys.parquet``; later ones from the retry chunk whose requests the results file of that
         attempt answered.
         """
+        # pyarrow/numpy: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
         import numpy as np
         import pyarrow as pa
 
@@ -471,6 +452,7 @@ class ResubmitFailuresOperator(BaseOperator):
     @staticmethod
     def _group_keys(table: Any) -> Any:
         """Per retry-list row: its prepared chunk index (attempt 1) or results file index (later)."""
+        # pyarrow/numpy: kept out of DAG parsing
         import numpy as np
 
         attempt = table.column("source_attempt").to_numpy()
@@ -540,6 +522,7 @@ class ResubmitFailuresOperator(BaseOperator):
         One batch at a time, so the task's one pool slot and one ticket stand for one batch: a retry
         round never has more requests in progress than one chunk.
         """
+        # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
         info, rest = infos[0], infos[1:]
@@ -590,6 +573,7 @@ class ResubmitFailuresOperator(BaseOperator):
     # -- end of the queue budget part --
 
     def _collect(self, handle: Mapping[str, Any], attempt: int) -> str:
+        # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
         stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir, attempt=attempt)

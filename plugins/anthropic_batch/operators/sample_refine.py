@@ -54,6 +54,7 @@ from anthropic_batch.batch_requests import (
     read_manifest,
     sha256_hex,
 )
+from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.pricing import load_price_table
 from anthropic_batch.status import DEFAULT_CONN_ID, RequestStatus
 
@@ -78,7 +79,7 @@ TRANSIENT_BACKOFF_CAP_S = 30.0
 ANSWERS_FILE = "answers.jsonl"
 
 
-class TransientSampleError(RuntimeError):
+class TransientSampleError(AnthropicBatchError, RuntimeError):
     """The API kept failing transiently for some sampled requests: retry the task later.
 
     Deliberately not an ``AirflowFailException``: Airflow's task retries apply, and the answers
@@ -159,6 +160,7 @@ def answer_sample(
         ``n_calls``, ``rounds``, ``transient`` (custom_id -> last error line, for requests still
         failing transiently).
     """
+    # the anthropic SDK: kept out of DAG parsing
     import time
 
     from anthropic_batch.hooks import backoff_delay
@@ -223,6 +225,7 @@ def _count_one(client: anthropic.Anthropic, line: bytes) -> int:
 
 def count_input_tokens(manifest: Mapping[str, Any], client: anthropic.Anthropic, *, concurrency: int) -> int:
     """Exact input tokens of every request of the run (one count_tokens call each)."""
+    # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.sync_runner import bounded_map
 
     def lines() -> Iterator[bytes]:
@@ -234,6 +237,7 @@ def count_input_tokens(manifest: Mapping[str, Any], client: anthropic.Anthropic,
 
 # -- the report -------------------------------------------------------------------------------------
 def _passed(row: Mapping[str, Any]) -> bool:
+    # loads pyarrow: kept out of DAG parsing
     from anthropic_batch.results import classify_failure
 
     return (
@@ -489,6 +493,7 @@ class SampleRefineOperator(BaseOperator):
         self.transient_rounds = transient_rounds
 
     def execute(self, context: Context) -> dict[str, Any]:
+        # the anthropic SDK: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
         from anthropic_batch.results import ParseContext, parse_result_line
 

@@ -2,7 +2,7 @@
 
 Mapped over the chunk paths that prepare returns. Everything else comes from the run's manifest
 (``{work_dir}/requests/manifest.json``): model, pipeline, partition, mode and the chunk's fingerprint.
-The submission goes through :func:`anthropic_batch.ledger.submit_idempotently`, so concurrent,
+The submission goes through :func:`anthropic_batch.submission.submit_idempotently`, so concurrent,
 retried or re-run tasks of one chunk (two runs of a date, a zombie beside its retry) make one batch
 and all re-attach to it instead of paying again. The batch id is pushed to XCom
 (key ``batch_id``) the moment it is known, for the Console link; the BatchHandle is returned.
@@ -23,65 +23,24 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from anthropic_batch import layout, queue_budget, storage
+from anthropic_batch import queue_budget, storage
 from anthropic_batch.ledger import (
     SubmissionLedger,
     handle_from_entry,
     is_fully_canceled,
     ledger_root_for,
-    submit_idempotently,
 )
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
 from anthropic_batch.sensors import BatchWaitMixin
 from anthropic_batch.status import DEFAULT_CONN_ID
+from anthropic_batch.submission import (
+    find_chunk,
+    load_manifest,
+    projected_cost_usd,
+    submission_identity,
+    submit_idempotently,
+)
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS
-
-#: Rough bytes per input token for the projection (JSON-escaped English text runs at ~4).
-BYTES_PER_TOKEN = 4
-
-
-def load_manifest(work_dir: storage.PathLike) -> dict[str, Any]:
-    return layout.read_manifest(work_dir)
-
-
-def find_chunk(manifest: dict[str, Any], chunk_path: str) -> dict[str, Any]:
-    """The manifest's ChunkInfo for ``chunk_path`` (matched by full path, else by file name)."""
-    wanted = str(storage.as_path(chunk_path))
-    chunks = manifest.get("chunks") or []
-    for chunk in chunks:
-        if str(storage.as_path(chunk["path"])) == wanted:
-            return chunk
-    name = wanted.rsplit("/", 1)[-1]
-    matches = [c for c in chunks if str(c["path"]).rsplit("/", 1)[-1] == name]
-    if len(matches) == 1:
-        return matches[0]
-    raise ValueError(f"Chunk {chunk_path} is not in the manifest ({len(chunks)} chunks listed).")
-
-
-def submission_identity(ti: Any, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Who submits what, as the ledger keys it: the task instance and the run in ``manifest``."""
-    spec = manifest.get("spec") or {}
-    return {
-        "dag_id": ti.dag_id,
-        "task_id": ti.task_id,
-        "run_id": ti.run_id,
-        "map_index": -1 if getattr(ti, "map_index", None) is None else int(ti.map_index),
-        "partition": str(spec.get("partition")),
-        "pipeline": str(spec.get("pipeline")),
-        "mode": str(manifest.get("mode") or "batch"),
-    }
-
-
-def projected_cost_usd(model: str, n_requests: int, n_bytes: int, max_tokens: int | None) -> float | None:
-    """Upper-bound batch cost: input ~ bytes/4 tokens, every answer using its full max_tokens."""
-    from anthropic_batch.pricing import load_price_table
-
-    try:
-        table = load_price_table()
-        usage = {"input_tokens": n_bytes // BYTES_PER_TOKEN, "output_tokens": n_requests * (max_tokens or 0)}
-        return round(table.cost(model, usage, batch=True), 4)
-    except Exception:  # an unknown model must not block the submission; the report shows real cost
-        return None
 
 
 class SubmitBatchOperator(BatchWaitMixin, BaseOperator):

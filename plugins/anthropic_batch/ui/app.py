@@ -32,6 +32,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from anthropic_batch import storage
 from anthropic_batch.status import RequestStatus
 from anthropic_batch.ui import data
 from anthropic_batch.ui.auth import (
@@ -47,6 +48,7 @@ from anthropic_batch.ui.auth import (
     require_user,
     user_name,
 )
+from anthropic_batch.ui.charts import bar_chart, line_chart
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 #: Airflow's own rule for DAG ids; anything else cannot name a run of ours.
@@ -123,6 +125,7 @@ def fmt_expiry(seconds: Any) -> str:
 
 
 def _environment():
+    # jinja2: only where a template is rendered
     import jinja2
 
     env = jinja2.Environment(
@@ -264,7 +267,6 @@ def create_app(storage_root: str | None = None) -> FastAPI:
 
 # -- route helpers -----------------------------------------------------------------------------------
 def _root(request: Request):
-    from anthropic_batch import storage
 
     return storage.storage_root(request.app.state.storage_root)
 
@@ -349,6 +351,7 @@ def _cancelable_entry(
 
 async def _cancel(request: Request, user: Any, dag_id: str, partition: str, batch_id: str) -> dict[str, Any]:
     """Cancel through the hook and record who and when; blocking I/O runs off the event loop."""
+    # the API server's modules: only inside the UI app
     from starlette.concurrency import run_in_threadpool
 
     from anthropic_batch.cancel import NotCancelable, cancel_by_user
@@ -361,7 +364,6 @@ async def _cancel(request: Request, user: Any, dag_id: str, partition: str, batc
 
 
 def _charts(series: list[dict[str, Any]]) -> dict[str, Any]:
-    from anthropic_batch.ui.charts import bar_chart, line_chart
 
     return {
         "cost": bar_chart(

@@ -47,12 +47,14 @@ def bearer_token(request: Request) -> str | None:
 
 def request_token(request: Request) -> str | None:
     """The JWT of the request: the bearer header first, else the Airflow UI's ``_token`` cookie."""
+    # the API server's modules: only inside the UI app
     from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
 
     return bearer_token(request) or request.cookies.get(COOKIE_NAME_JWT_TOKEN) or None
 
 
 def auth_manager() -> BaseAuthManager:
+    # the API server's modules: only inside the UI app
     from airflow.api_fastapi.app import get_auth_manager
 
     return get_auth_manager()
@@ -60,6 +62,7 @@ def auth_manager() -> BaseAuthManager:
 
 async def require_user(request: Request) -> Any:
     """FastAPI dependency: the authenticated Airflow user allowed to open the Airflow website."""
+    # the API server's modules: only inside the UI app
     from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
     from jwt import InvalidTokenError
 
@@ -83,6 +86,7 @@ def readable_dag_ids(user: Any, dag_ids: set[str]) -> set[str]:
 
 def require_dag_read(user: Any, dag_id: str) -> None:
     """Raise :class:`Forbidden` unless ``user`` may read runs of ``dag_id``."""
+    # the API server's modules: only inside the UI app
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 
     allowed = auth_manager().is_authorized_dag(
@@ -94,6 +98,7 @@ def require_dag_read(user: Any, dag_id: str) -> None:
 
 def may_edit_dag(user: Any, dag_id: str) -> bool:
     """Whether ``user`` may change runs of ``dag_id`` (clear, mark, and here: cancel its batches)."""
+    # the API server's modules: only inside the UI app
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 
     return auth_manager().is_authorized_dag(

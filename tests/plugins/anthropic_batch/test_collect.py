@@ -13,13 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from anthropic_batch.batch_requests import iter_chunk_requests
+from anthropic_batch.collection import BatchNotEndedError, collect_batch, request_counts_by_bucket
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.operators.collect import (
-    BatchNotEndedError,
-    CollectResultsOperator,
-    collect_batch,
-    request_counts_by_bucket,
-)
+from anthropic_batch.operators.collect import CollectResultsOperator
 from tests.plugins.anthropic_batch._operator_context import (
     make_context,
     prepare_run,

@@ -184,3 +184,50 @@ def test_bad_key_is_fatal(emulator, monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW_CONN_BADKEY", json.dumps(conn))
     with pytest.raises(anthropic.AuthenticationError):
         BatchHook("badkey", sleep=no_sleep).create_batch_from_chunk(make_chunk(tmp_path, 1)["path"])
+
+
+# -- the provider's public API only (issue 8) -------------------------------------------------------
+def _conn(monkeypatch, conn_id: str, **extra) -> str:
+    conn = {"conn_type": "anthropic", "password": "sk-test", "host": "http://127.0.0.1:9", "extra": extra}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+    return conn_id
+
+
+def test_batch_calls_keep_the_providers_platform_check(monkeypatch, tmp_path):
+    """Bedrock serves no Message Batches API: every batch call fails at once, naming the platform."""
+    from airflow.providers.anthropic.exceptions import AnthropicError
+
+    hook = BatchHook(_conn(monkeypatch, "on_bedrock", platform="bedrock", aws_region="us-east-1"))
+    calls = [
+        lambda: hook.get_batch("msgbatch_x"),
+        lambda: hook.cancel_batch("msgbatch_x"),
+        lambda: hook.find_orphan_batches(datetime.now(UTC), 1),
+        lambda: list(hook.iter_result_lines("msgbatch_x")),
+        lambda: hook.create_batch_from_chunk(make_chunk(tmp_path, 1)["path"]),
+    ]
+    for call in calls:
+        with pytest.raises(AnthropicError, match="bedrock"):
+            call()
+
+
+async def test_shared_pool_client_keeps_the_connection_and_the_retry_policy(monkeypatch):
+    from anthropic_batch.hooks import DEFAULT_MAX_RETRIES, shared_async_http_client
+
+    client = await BatchHook(_conn(monkeypatch, "shared_default")).get_async_conn(shared_http=True)
+    assert client._client is shared_async_http_client()  # the loop's pool, no client of its own
+    assert (client.api_key, str(client.base_url).rstrip("/")) == ("sk-test", "http://127.0.0.1:9")
+    assert client.max_retries == DEFAULT_MAX_RETRIES
+    configured = _conn(monkeypatch, "shared_zero", anthropic_client_kwargs={"max_retries": 0, "timeout": 7})
+    client = await BatchHook(configured).get_async_conn(shared_http=True)
+    assert (client.max_retries, client.timeout) == (0, 7)
+    own = await BatchHook(configured).get_async_conn()
+    assert own._client is not shared_async_http_client() and own.max_retries == 0
+    await own.close()
+
+
+def test_sync_client_retry_policy(monkeypatch):
+    from anthropic_batch.hooks import DEFAULT_MAX_RETRIES
+
+    assert BatchHook(_conn(monkeypatch, "sync_default")).conn.max_retries == DEFAULT_MAX_RETRIES
+    configured = _conn(monkeypatch, "sync_one", anthropic_client_kwargs={"max_retries": 1})
+    assert BatchHook(configured).conn.max_retries == 1

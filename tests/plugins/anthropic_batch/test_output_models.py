@@ -9,13 +9,11 @@ from pydantic import BaseModel, Field
 
 from anthropic_batch.output_models import (
     OutputModelError,
-    extract_output,
     load_output_model,
     output_params,
     output_tool_name,
-    validate_output,
-    validate_output_json,
 )
+from anthropic_batch.results import ParseContext, parse_result_line
 
 
 class Ticket(BaseModel):
@@ -23,10 +21,6 @@ class Ticket(BaseModel):
 
     category: str
     urgency: int = Field(ge=1, le=5)
-
-
-def _message(content, stop_reason="end_turn"):
-    return {"type": "message", "role": "assistant", "content": content, "stop_reason": stop_reason}
 
 
 def test_load_output_model_by_reference(tmp_path):
@@ -91,68 +85,78 @@ def test_output_params_forced_tool():
         output_params(Ticket, "xml")
 
 
+# Answers are extracted and validated on the real path: a result line through results.parse_result_line.
+def _row(content, stop_reason="end_turn", *, model=Ticket, mode="json_schema"):
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-haiku-4-5",
+        "content": content,
+        "stop_reason": stop_reason,
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    }
+    line = json.dumps({"custom_id": "r1", "result": {"type": "succeeded", "message": message}})
+    row = parse_result_line(line, ParseContext(key_columns=[], keys={}, output_model=model, output_mode=mode))
+    return row["status"], row["output_text"], row["output_json"], row["error_message"]
+
+
 def test_extract_json_schema_answer():
-    text, structured, followup = extract_output(
-        _message(
-            [{"type": "text", "text": '{"category": "billing",'}, {"type": "text", "text": '"urgency": 2}'}]
-        ),
-        "json_schema",
+    status, text, output_json, _ = _row(
+        [{"type": "text", "text": '{"category": "billing",'}, {"type": "text", "text": '"urgency": 2}'}]
     )
     assert text == '{"category": "billing","urgency": 2}'
-    assert structured == {"category": "billing", "urgency": 2}
-    assert followup is False
+    assert json.loads(output_json) == {"category": "billing", "urgency": 2}
+    assert status == "succeeded"
 
 
 def test_extract_unparsable_json_gives_no_structure():
-    text, structured, followup = extract_output(
-        _message([{"type": "text", "text": "Sure! {"}]), "json_schema"
-    )
-    assert (text, structured, followup) == ("Sure! {", None, False)
+    status, text, output_json, error = _row([{"type": "text", "text": "Sure! {"}])
+    assert (status, text, output_json) == ("invalid_output", "Sure! {", None)
+    assert "JSON" in error
 
 
 def test_extract_forced_tool_answer():
-    msg = _message(
-        [{"type": "tool_use", "id": "t1", "name": "Ticket", "input": {"category": "bug", "urgency": 5}}],
-        stop_reason="tool_use",
-    )
-    assert extract_output(msg, "tool", tool_name="Ticket") == ("", {"category": "bug", "urgency": 5}, False)
+    content = [{"type": "tool_use", "id": "t1", "name": "Ticket", "input": {"category": "bug", "urgency": 5}}]
+    status, text, output_json, _ = _row(content, "tool_use", mode="tool")
+    assert (status, text) == ("succeeded", "")
+    assert json.loads(output_json) == {"category": "bug", "urgency": 5}
 
 
 def test_extract_foreign_tool_or_pause_needs_followup():
-    foreign = _message(
-        [
-            {"type": "text", "text": "let me look"},
-            {"type": "tool_use", "name": "search", "input": {"q": "x"}},
-        ],
-        stop_reason="tool_use",
-    )
-    assert extract_output(foreign, "tool", tool_name="Ticket") == ("let me look", None, True)
-    assert extract_output(foreign, None)[2] is True
-    assert extract_output(foreign, "json_schema")[2] is True
-    paused = _message([{"type": "text", "text": "..."}], stop_reason="pause_turn")
-    assert extract_output(paused, None)[2] is True
+    foreign = [
+        {"type": "text", "text": "let me look"},
+        {"type": "tool_use", "name": "search", "input": {"q": "x"}},
+    ]
+    assert _row(foreign, "tool_use", mode="tool")[:3] == ("needs_followup", "let me look", None)
+    assert _row(foreign, "tool_use", model=None, mode=None)[0] == "needs_followup"
+    assert _row(foreign, "tool_use")[0] == "needs_followup"
+    assert _row([{"type": "text", "text": "..."}], "pause_turn", model=None, mode=None)[0] == "needs_followup"
 
 
 def test_extract_plain_text_without_output_model():
-    assert extract_output(_message([{"type": "text", "text": "hello"}]), None) == ("hello", None, False)
+    row = _row([{"type": "text", "text": "hello"}], model=None, mode=None)
+    assert row[:3] == ("succeeded", "hello", None)
 
 
 def test_validate_output():
-    json_text, error = validate_output(Ticket, {"category": "x", "urgency": 3})
-    assert error is None
-    assert json.loads(json_text) == {"category": "x", "urgency": 3}
-    json_text, error = validate_output(Ticket, {"category": "x", "urgency": 9})
-    assert json_text is None
+    content = [{"type": "tool_use", "id": "t1", "name": "Ticket", "input": {"category": "x", "urgency": 3}}]
+    status, _, output_json, error = _row(content, "tool_use", mode="tool")
+    assert (status, error) == ("succeeded", None)
+    assert json.loads(output_json) == {"category": "x", "urgency": 3}
+    content[0]["input"]["urgency"] = 9
+    status, _, output_json, error = _row(content, "tool_use", mode="tool")
+    assert (status, output_json) == ("invalid_output", None)
     assert "urgency" in error
-    assert validate_output(Ticket, None) == (None, "no structured output in the answer")
+    assert _row([], mode="tool")[3] == "no Ticket tool_use block in the answer"
 
 
 def test_validate_output_json():
-    assert validate_output_json(Ticket, '{"category":"x","urgency":1}')[1] is None
-    json_text, error = validate_output_json(Ticket, "not json")
-    assert json_text is None
+    assert _row([{"type": "text", "text": '{"category":"x","urgency":1}'}])[3] is None
+    status, _, output_json, error = _row([{"type": "text", "text": "not json"}])
+    assert (status, output_json) == ("invalid_output", None)
     assert "JSON" in error
-    assert validate_output_json(Ticket, "  ")[1] == "empty answer where JSON was expected"
+    assert _row([{"type": "text", "text": "  "}])[3] == "empty answer where JSON was expected"
 
 
 def test_edited_schema_file_is_reloaded(tmp_path):

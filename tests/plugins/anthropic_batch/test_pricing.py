@@ -46,19 +46,19 @@ def test_sync_cost_with_cache_tokens_5m_and_1h():
     )
 
 
-def test_batch_is_half_and_cost_pair():
+def test_batch_is_half():
     table = builtin_price_table()
-    batch, sync = table.cost_pair("claude-sonnet-4-5", USAGE)
+    batch, sync = (table.cost("claude-sonnet-4-5", USAGE, batch=b) for b in (True, False))
     assert sync == pytest.approx(5.85, abs=1e-9)
     assert batch == pytest.approx(2.925, abs=1e-9)
-    assert table.cost("claude-sonnet-4-5", USAGE, batch=True) == batch
+    assert batch == pytest.approx(sync * float(table.batch_discount), abs=1e-12)
 
 
 def test_small_request_is_exact_to_the_cent():
     table = builtin_price_table()
     usage = {"input_tokens": 1234, "output_tokens": 567, "cache_read_input_tokens": 0}
     # haiku-4-5: (1234 * 1 + 567 * 5) / 1e6 = 0.004069 sync, 0.0020345 batch
-    batch, sync = table.cost_pair("claude-haiku-4-5", usage)
+    batch, sync = (table.cost("claude-haiku-4-5", usage, batch=b) for b in (True, False))
     assert round(sync, 6) == 0.004069
     assert round(batch, 7) == 0.0020345
     # 10,000 such requests summed stay exact to the cent
@@ -123,7 +123,9 @@ def test_env_override_file_and_partial_entry(monkeypatch, tmp_path):
     table = load_price_table()
     p = table.price("claude-haiku-4-5")
     assert (float(p.input), float(p.output), float(p.cache_read)) == (1.0, 6.0, 0.1)
-    batch, sync = table.cost_pair("claude-haiku-4-5", {"output_tokens": 1_000_000})
+    batch, sync = (
+        table.cost("claude-haiku-4-5", {"output_tokens": 1_000_000}, batch=b) for b in (True, False)
+    )
     assert (sync, batch) == (pytest.approx(6.0), pytest.approx(2.4))
 
 

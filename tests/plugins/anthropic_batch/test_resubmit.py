@@ -13,11 +13,11 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
 from anthropic_batch.batch_requests import iter_chunk_requests
+from anthropic_batch.collection import merge_record_path
 from anthropic_batch.operators.collect import CollectResultsOperator
 from anthropic_batch.operators.resubmit import (
     ResubmitFailuresOperator,
     grow_max_tokens,
-    merge_record_path,
     resubmit_state_path,
 )
 from anthropic_batch.triggers import BatchPollTrigger

@@ -576,11 +576,6 @@ def test_has_fatal(tmp_path):
     assert has_fatal(pq.read_table(p))
 
 
-def test_key_columns_may_not_shadow_result_columns():
-    with pytest.raises(ValueError, match="clash"):
-        result_schema(["status"])
-
-
 # -- best answer per record (issue 10 item 5) ---------------------------------------------------------
 
 
@@ -831,3 +826,27 @@ def test_requests_a_user_canceled_are_dead_lettered_not_retried(tmp_path):
     assert stats.n_retry == 0
     dead = {r["custom_id"]: r for r in pq.read_table(tmp_path / "dead.parquet").to_pylist()}
     assert set(dead) == {"b", "c"} and all("canceled by alice" in r["reason"] for r in dead.values())
+
+
+# -- no process-wide switch outside our own work (issue 8) ----------------------------------------------
+def test_collect_pulls_its_lines_under_the_process_settings_and_restores_them(tmp_path, monkeypatch):
+    """The source of the lines (the SDK's download) is not our code: it never runs with the GC
+    paused or Arrow's pool swapped, and both are as before once collect_lines returns."""
+    import gc
+
+    from anthropic_batch import results
+
+    monkeypatch.setattr(results, "_PULL_BLOCK", 2)  # several blocks from six lines
+    pool_before = pa.default_memory_pool().backend_name
+    seen: list[tuple[bool, str]] = []
+
+    def source():
+        for cid in ("a", "b", "c", "d", "e", "f"):
+            seen.append((gc.isenabled(), pa.default_memory_pool().backend_name))
+            yield succeeded(cid, text('{"category": "x", "urgency": 1}'))
+
+    assert gc.isenabled()
+    stats = collect_lines(source(), tmp_path / "r.parquet", ctx(), expected_custom_ids=["a", "z"])
+    assert stats.n_rows == 7 and stats.n_missing == 1
+    assert seen == [(True, pool_before)] * 6
+    assert gc.isenabled() and pa.default_memory_pool().backend_name == pool_before

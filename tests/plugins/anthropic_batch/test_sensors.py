@@ -9,12 +9,13 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskD
 
 from anthropic_batch.cancel import user_canceled_batches
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.ledger import SubmissionLedger
 from anthropic_batch.sensors import BatchSensor, batch_id_of, deadline_epoch
+from anthropic_batch.submission import submit_idempotently
 from anthropic_batch.triggers import BatchPollTrigger
 from tests.plugins.anthropic_batch._operator_context import make_context
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
-from tests.plugins.anthropic_batch.test_ledger import submit_kwargs
+from tests.plugins.anthropic_batch.test_submission import submit_kwargs
 from tests.plugins.anthropic_batch.test_triggers import first_event
 
 

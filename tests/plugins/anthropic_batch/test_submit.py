@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
-from anthropic_batch.operators.submit import SubmitBatchOperator, find_chunk, projected_cost_usd
+from anthropic_batch.operators.submit import SubmitBatchOperator
+from anthropic_batch.submission import find_chunk, projected_cost_usd
 from tests.plugins.anthropic_batch._operator_context import make_context
 from tests.plugins.anthropic_batch.test_hooks import MODEL, make_chunk, sdk_client, use_emulator
 

@@ -12,10 +12,11 @@ import pytest
 
 from anthropic_batch import storage, sync_runner
 from anthropic_batch.batch_requests import write_chunk
+from anthropic_batch.collection import collect_batch
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
-from anthropic_batch.operators.collect import collect_batch
+from anthropic_batch.ledger import SubmissionLedger
 from anthropic_batch.pricing import load_price_table
+from anthropic_batch.submission import submit_idempotently
 from tests.plugins.anthropic_batch._operator_context import (
     prepare_run,
     submit_chunks,

@@ -14,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.ledger import SubmissionLedger, rfc3339, submit_idempotently
+from anthropic_batch.ledger import SubmissionLedger, rfc3339
+from anthropic_batch.submission import submit_idempotently
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
-from tests.plugins.anthropic_batch.test_ledger import REPO, listed, submit_kwargs
+from tests.plugins.anthropic_batch.test_submission import REPO, listed, submit_kwargs
 
 
 @pytest.fixture
@@ -97,7 +98,8 @@ def test_concurrent_submitting_processes_make_one_batch(emu, tmp_path):
 import json, os, sys, time
 from pathlib import Path
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.ledger import SubmissionLedger, submit_idempotently
+from anthropic_batch.ledger import SubmissionLedger
+from anthropic_batch.submission import submit_idempotently
 hook = BatchHook({emu.conn_id!r})
 ready = Path({str(ready)!r})
 def create():

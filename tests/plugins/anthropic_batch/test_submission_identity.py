@@ -11,11 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from anthropic_batch import ledger as ledger_module
+from anthropic_batch import submission as submission_module
+from anthropic_batch.collection import collect_batch
 from anthropic_batch.hooks import BatchHook
-from anthropic_batch.ledger import SubmissionLedger, rfc3339, submit_idempotently
-from anthropic_batch.operators.collect import collect_batch
+from anthropic_batch.ledger import SubmissionLedger, rfc3339
 from anthropic_batch.operators.prepare import PrepareRequestsOperator
 from anthropic_batch.operators.submit import SubmitBatchOperator
+from anthropic_batch.submission import submit_idempotently
 from tests.plugins.anthropic_batch._operator_context import (
     INCLUDE_DIR,
     MODEL,
@@ -138,7 +140,7 @@ def test_an_unrecorded_ended_batch_of_other_requests_is_verified_and_not_taken(e
 def test_an_unverifiable_running_batch_is_never_published(emulator_factory, monkeypatch, tmp_path):
     """Still running, the other batch cannot be verified and is attached provisionally; collect
     verifies it before writing anything, refuses it, and the chunk is then submitted anew."""
-    from anthropic_batch.ledger import ForeignBatchError
+    from anthropic_batch.submission import ForeignBatchError
 
     emu = emulator_factory("--processing-seconds", "3")
     use_emulator(monkeypatch, emu)
@@ -173,7 +175,8 @@ def test_a_worker_clock_minutes_fast_still_finds_its_orphan(emu, tmp_path, monke
     fast = timedelta(minutes=5)
     intent = die_at_intent(root, d1, D1, intent_at=datetime.now(UTC) + fast)
     orphan = BatchHook().create_batch_from_chunk(manifest_chunk(d1)["path"])  # what the dead worker sent
-    monkeypatch.setattr(ledger_module, "utc_now", lambda: datetime.now(UTC) + fast)
+    for module in (ledger_module, submission_module):  # the intent and the create fence
+        monkeypatch.setattr(module, "utc_now", lambda: datetime.now(UTC) + fast)
 
     handle = submit_date(d1, D1)
     assert handle["batch_id"] == orphan.id
