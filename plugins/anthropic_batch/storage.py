@@ -337,7 +337,6 @@ def read_parquet(path: PathLike, columns: list[str] | None = None, *, use_thread
 
 
 def _content_version(data: bytes) -> str:
-
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 

@@ -32,7 +32,6 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from anthropic_batch import storage
 from anthropic_batch.status import RequestStatus
 from anthropic_batch.ui import data
 from anthropic_batch.ui.auth import (
@@ -267,6 +266,8 @@ def create_app(storage_root: str | None = None) -> FastAPI:
 
 # -- route helpers -----------------------------------------------------------------------------------
 def _root(request: Request):
+    # the plugin (imported by every Airflow component) loads this module: storage only on use
+    from anthropic_batch import storage
 
     return storage.storage_root(request.app.state.storage_root)
 
@@ -364,7 +365,6 @@ async def _cancel(request: Request, user: Any, dag_id: str, partition: str, batc
 
 
 def _charts(series: list[dict[str, Any]]) -> dict[str, Any]:
-
     return {
         "cost": bar_chart(
             series,

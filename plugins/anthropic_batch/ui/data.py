@@ -19,8 +19,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from anthropic_batch import run_index
-from anthropic_batch.partition import published_files
 from anthropic_batch.status import (
     FAILED_COUNT_KEYS,
     REQUEST_COUNT_KEYS,
@@ -93,12 +91,16 @@ def read_ledger_entries(
     Read through the validated index (``run_index``): a listing, the index, and only the entries
     that changed since it was written.
     """
+    # the plugin (imported by every Airflow component) loads this module: storage only on use
+    from anthropic_batch import run_index
 
     return run_index.ledger_entries(root, dag_id=dag_id, partition=partition)
 
 
 def read_summaries(root: ObjectStoragePath, partition: str | None = None) -> list[dict[str, Any]]:
     """Published run summaries (optionally of one partition); unreadable files are logged and skipped."""
+    # the plugin (imported by every Airflow component) loads this module: storage only on use
+    from anthropic_batch import run_index
 
     return run_index.summaries(root, partition=partition)
 
@@ -353,8 +355,9 @@ def partition_of_run_id(
 # -- dead letters ------------------------------------------------------------------------------------
 def dead_letter_path(root: ObjectStoragePath, pipeline: str, partition: str) -> ObjectStoragePath:
     """Where a run's published dead letters are (always derived from the layout, never from input)."""
+    # the plugin (imported by every Airflow component) loads this module: storage only on use
     from anthropic_batch.layout import extraction_dir
-    from anthropic_batch.partition import DEAD_LETTER_FILE
+    from anthropic_batch.partition import DEAD_LETTER_FILE, published_files
 
     directory = extraction_dir(root, pipeline, partition)
     published = published_files(directory)  # the committed generation's file
@@ -366,7 +369,7 @@ def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, An
 
     An unreadable file is reported in ``error`` (the rest of the run page still renders).
     """
-    # pyarrow/numpy: kept out of DAG parsing
+    # pyarrow: kept out of the plugin's import (every Airflow component)
     import pyarrow as pa
 
     empty = {"exists": False, "total": 0, "columns": [], "rows": [], "by_reason": [], "error": None}
@@ -384,7 +387,7 @@ def read_dead_letters(path: ObjectStoragePath, limit: int = 200) -> dict[str, An
 
 
 def _read_dead_letters(path: ObjectStoragePath, limit: int) -> dict[str, Any]:
-    # pyarrow/numpy: kept out of DAG parsing
+    # pyarrow: kept out of the plugin's import (every Airflow component)
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
