@@ -215,7 +215,6 @@ def add_batch_stage(
             pool=pool,
             wait=True,
             queue_budget_requests=queue_budget_requests,
-            admission_poll_seconds=poll_interval,
             poll_interval=poll_interval,
             max_poll_interval=max_poll_interval,
             deadline_hours=deadline_hours,

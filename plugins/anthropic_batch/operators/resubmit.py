@@ -285,6 +285,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
     def admission_complete(self, context: Context, event: Any = None, **_kwargs: Any) -> str:
         """Resume after waiting for queue admission: check again, submit the next retry chunk."""
+        queue_budget.raise_for_admission_event(event)
         state = self._load_state(context, phase="admission")
         return self._submit_next(
             context,
@@ -577,7 +578,6 @@ class ResubmitFailuresOperator(BaseOperator):
                 identity=identity,
                 n_requests=int(info["n_requests"]),
                 pipeline_budget=self.queue_budget_requests,
-                admission_poll_seconds=self.poll_interval,
                 method_name="admission_complete",
                 conn_id=self.conn_id,
             )
