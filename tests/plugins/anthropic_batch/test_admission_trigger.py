@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,3 +204,22 @@ def test_admission_intervals_are_independent_of_the_batch_poll(monkeypatch):
     monkeypatch.setenv(queue_budget.ADMISSION_POLL_ENV, "soon")
     with pytest.raises(queue_budget.QueueBudgetError, match=queue_budget.ADMISSION_POLL_ENV):
         queue_budget.admission_intervals()
+
+
+def test_importable_by_classpath_in_a_fresh_interpreter():
+    """Like a triggerer: only plugins/ on sys.path, import by the serialized classpath."""
+    module, _, name = CLASSPATH.rpartition(".")
+    script = (
+        "import importlib\n"
+        f"cls = getattr(importlib.import_module({module!r}), {name!r})\n"
+        "t = cls(owner='o', ledger_path='/l.json', n_requests=1, pipeline='p', pipeline_budget=2)\n"
+        f"assert t.serialize()[0] == {CLASSPATH!r}\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[3] / "plugins")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd="/", capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
