@@ -211,4 +211,15 @@ def test_backfill_of_two_pipelines_stays_within_the_budgets(airflow, storage_roo
     # Every ticket ended released or dead: nothing is left holding the queue.
     from anthropic_batch.queue_budget import TicketQueue
 
+    tickets = TicketQueue(storage_root).tickets()
     assert list(TicketQueue(storage_root).live_requests()) == []
+    assert len(tickets) >= len(every)  # every batch was admitted (resubmit rounds included)
+    tries = [
+        ti.get("try_number") or 1
+        for dag_id in PIPELINES
+        for run_id in runs[dag_id].values()
+        for ti in airflow.task_instances(dag_id, run_id)
+        if ti["task_id"] == "batch.submit"
+    ]
+    chunks = {(t["owner"], t["ledger_path"]) for t in tickets}
+    print(f"{len(tickets)} tickets for {len(chunks)} chunks; batch.submit tries: max {max(tries)}")
