@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -36,6 +37,15 @@ from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS, jittered, next_interval
 
 CLASSPATH = "anthropic_batch.admission_trigger.AdmissionTrigger"
+
+
+class AdmissionEvent(StrEnum):
+    """The ``status`` of the one event an :class:`AdmissionTrigger` yields."""
+
+    ADMITTED = "admitted"
+    ATTACHED = "attached"
+    TIMEOUT = "timeout"
+    ERROR = "error"
 
 
 class AdmissionTrigger(BaseTrigger):
@@ -150,14 +160,14 @@ class AdmissionTrigger(BaseTrigger):
             try:
                 kind, outcome = await check()
             except queue_budget.QueueBudgetError as err:
-                return self._event("error", message=str(err), error_type=type(err).__name__)
+                return self._event(AdmissionEvent.ERROR, message=str(err), error_type=type(err).__name__)
             except Exception as err:  # storage trouble: keep the wait alive for a while
                 if failing_since is None:
                     failing_since = time.monotonic()
                 failing_for = time.monotonic() - failing_since
                 if failing_for > self.max_transient_seconds:
                     return self._event(
-                        "error",
+                        AdmissionEvent.ERROR,
                         message=f"Checking the ticket queue kept failing for {failing_for:.0f}s; last: "
                         f"{type(err).__name__}: {err}",
                         error_type=type(err).__name__,
@@ -171,11 +181,11 @@ class AdmissionTrigger(BaseTrigger):
                     self.log.info(
                         "Batch %s of %s exists already: no admission needed.", outcome, self.ledger_path
                     )
-                    return self._event("attached", batch_id=outcome)
+                    return self._event(AdmissionEvent.ATTACHED, batch_id=outcome)
                 message = outcome.describe(self.n_requests)
                 self.log.info("Queue budget: %s.", message)
                 if outcome.admitted:
-                    return self._event("admitted", seq=outcome.seq, message=message)
+                    return self._event(AdmissionEvent.ADMITTED, seq=outcome.seq, message=message)
                 ahead = (outcome.seq, outcome.ahead_requests, outcome.ahead_pipeline_requests)
                 if last_ahead is not None:
                     interval = next_interval(
@@ -191,11 +201,11 @@ class AdmissionTrigger(BaseTrigger):
                     self.owner, self.ledger_path
                 )
                 return self._event(
-                    "timeout",
+                    AdmissionEvent.TIMEOUT,
                     message=f"Not admitted by the deadline; the ticket for {self.ledger_path} is released.",
                 )
             # Beat well inside the lease whatever the interval: the ticket keeps its place.
             await asyncio.sleep(jittered(min(interval, self.lease_seconds / 4), remaining))
 
-    def _event(self, status: str, **fields: Any) -> TriggerEvent:
-        return TriggerEvent({"status": status, "ledger_path": self.ledger_path, **fields})
+    def _event(self, status: AdmissionEvent, **fields: Any) -> TriggerEvent:
+        return TriggerEvent({"status": str(status), "ledger_path": self.ledger_path, **fields})

@@ -51,7 +51,6 @@ from typing import Any
 
 from anthropic_batch import storage
 from anthropic_batch.ledger import LedgerState
-from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.storage import PathLike, as_path
 
 log = logging.getLogger(__name__)
@@ -450,85 +449,3 @@ def batch_ended_checker(conn_id: str) -> Callable[[str], bool]:
         return BatchHook(conn_id=conn_id).get_batch(batch_id).processing_status == BatchStatus.ENDED
 
     return batch_ended
-
-
-def admit_or_defer(
-    operator: Any,
-    *,
-    ledger_path: str,
-    identity: dict[str, Any],
-    n_requests: int,
-    pipeline_budget: int | None,
-    method_name: str,
-    admission_poll_seconds: float | None = None,
-    admission_max_poll_seconds: float | None = None,
-    queue_root: str | None = None,
-    conn_id: str = DEFAULT_CONN_ID,
-) -> None:
-    """Take (or take over) this chunk's queue ticket; when it is not admitted, defer on an
-    :class:`~anthropic_batch.admission_trigger.AdmissionTrigger`, which waits in the triggerer and
-    resumes ``method_name`` once, admitted. Returns when admitted, or at once when no budget is set."""
-    budget = deployment_budget()
-    if pipeline_budget is None and budget is None:
-        return
-    pipeline_budget = pipeline_budget if pipeline_budget is not None else budget
-    assert pipeline_budget is not None
-    entry = storage.read_json(ledger_path) or {}
-    owner = ticket_owner(identity)
-    queue = TicketQueue(queue_root, batch_ended=batch_ended_checker(conn_id))
-    try:
-        _, admission = acquire(
-            queue,
-            owner=owner,
-            ledger_path=ledger_path,
-            n_requests=n_requests,
-            pipeline=identity["pipeline"],
-            pipeline_budget=pipeline_budget,
-            budget=budget,
-            after_batch_id=entry.get("batch_id"),
-        )
-    except QueueBudgetError as err:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        raise AirflowFailException(str(err)) from err
-    operator.log.info("Queue budget: %s.", admission.describe(n_requests))
-    if admission.admitted:
-        return
-    from anthropic_batch.admission_trigger import AdmissionTrigger
-
-    first, largest = admission_intervals(admission_poll_seconds, admission_max_poll_seconds)
-    operator.log.info(
-        "Waiting for admission in the triggerer (checks every %gs growing to %gs; the ticket keeps "
-        "its place while the trigger beats it).",
-        first,
-        largest,
-    )
-    operator.defer(
-        trigger=AdmissionTrigger(
-            owner=owner,
-            ledger_path=ledger_path,
-            n_requests=n_requests,
-            pipeline=identity["pipeline"],
-            pipeline_budget=pipeline_budget,
-            budget=budget,
-            after_batch_id=entry.get("batch_id"),
-            queue_root=str(queue_root) if queue_root is not None else None,
-            conn_id=conn_id,
-            poll_interval=first,
-            max_poll_interval=largest,
-            lease_seconds=queue.lease_seconds,
-        ),
-        method_name=method_name,
-    )
-
-
-def raise_for_admission_event(event: Any) -> None:
-    """After an admission wait: fail clearly on the trigger's error or timeout; else return."""
-    if not isinstance(event, dict) or event.get("status") not in ("error", "timeout"):
-        return
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
-
-    message = f"Waiting for queue admission failed: {event.get('message')}"
-    if event.get("error_type") == QueueBudgetError.__name__:
-        raise AirflowFailException(message)
-    raise AirflowException(message + " (a retry takes over the same ticket)")

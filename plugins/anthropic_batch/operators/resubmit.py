@@ -68,6 +68,7 @@ from anthropic_batch.batch_requests import (
 from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, submit_idempotently
 from anthropic_batch.operators.collect import collect_batch
 from anthropic_batch.operators.submit import submission_identity
+from anthropic_batch.sensors import admit_or_defer, raise_for_admission_event
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.triggers import BatchPollTrigger
 
@@ -285,7 +286,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
     def admission_complete(self, context: Context, event: Any = None, **_kwargs: Any) -> str:
         """Resume after waiting for queue admission: check again, submit the next retry chunk."""
-        queue_budget.raise_for_admission_event(event)
+        raise_for_admission_event(event)
         state = self._load_state(context, phase="admission")
         return self._submit_next(
             context,
@@ -572,7 +573,7 @@ class ResubmitFailuresOperator(BaseOperator):
             self._save_state(
                 context, "admission", attempt=attempt, results_paths=paths, rounds=rounds, pending=infos
             )
-            queue_budget.admit_or_defer(
+            admit_or_defer(
                 self,
                 ledger_path=str(ledger_path),
                 identity=identity,

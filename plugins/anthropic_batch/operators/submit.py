@@ -34,7 +34,7 @@ from anthropic_batch.ledger import (
     submit_idempotently,
 )
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
-from anthropic_batch.sensors import BatchWaitMixin
+from anthropic_batch.sensors import BatchWaitMixin, admit_or_defer, raise_for_admission_event
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS
 
@@ -173,7 +173,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
     def admission_complete(self, context: Any, event: Any = None) -> dict[str, Any]:
         """Resume once after the admission trigger: submit (the ticket is admitted), re-attach (another
         try created the batch), or fail clearly on the trigger's error."""
-        queue_budget.raise_for_admission_event(event)
+        raise_for_admission_event(event)
         return self.execute(context)
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         needs_batch = not entry.get("batch_id") or is_fully_canceled(entry)
         self._ticket_owner = queue_budget.ticket_owner(identity)
         if identity["mode"] != "sync" and needs_batch:
-            queue_budget.admit_or_defer(
+            admit_or_defer(
                 self,
                 ledger_path=ledger_path,
                 identity=identity,

@@ -22,6 +22,7 @@ from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from anthropic_batch import queue_budget
 from anthropic_batch.admission_trigger import AdmissionTrigger
 from anthropic_batch.queue_budget import QueueBudgetError, TicketQueue, acquire
+from anthropic_batch.sensors import raise_for_admission_event
 from anthropic_batch.triggers import BatchPollTrigger
 from tests.plugins.anthropic_batch._operator_context import make_context
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator
@@ -423,10 +424,10 @@ def test_a_retried_or_rerun_submit_takes_over_its_waiting_ticket(emu, tmp_path):
 
 
 def test_admission_event_errors_fail_the_task_clearly():
-    queue_budget.raise_for_admission_event({"status": "admitted", "seq": 3})
-    queue_budget.raise_for_admission_event(None)  # dag.test may resume without an event
+    raise_for_admission_event({"status": "admitted", "seq": 3})
+    raise_for_admission_event(None)  # dag.test may resume without an event
     with pytest.raises(AirflowFailException, match="can never fit"):
-        queue_budget.raise_for_admission_event(
+        raise_for_admission_event(
             {
                 "status": "error",
                 "message": "A chunk of 9 requests can never fit",
@@ -434,6 +435,4 @@ def test_admission_event_errors_fail_the_task_clearly():
             }
         )
     with pytest.raises(Exception, match="kept failing"):
-        queue_budget.raise_for_admission_event(
-            {"status": "error", "message": "kept failing", "error_type": "OSError"}
-        )
+        raise_for_admission_event({"status": "error", "message": "kept failing", "error_type": "OSError"})
