@@ -365,19 +365,19 @@ def admit_or_defer(
     pipeline_budget = pipeline_budget if pipeline_budget is not None else budget
     assert pipeline_budget is not None
     entry = storage.read_json(ledger_path) or {}
-    owner = queue_budget.ticket_owner(identity)
+    # The ticket's terms, the same on the worker and in the trigger.
+    ticket = {
+        "owner": queue_budget.ticket_owner(identity),
+        "ledger_path": ledger_path,
+        "n_requests": n_requests,
+        "pipeline": identity["pipeline"],
+        "pipeline_budget": pipeline_budget,
+        "budget": budget,
+        "after_batch_id": entry.get("batch_id"),
+    }
     queue = queue_budget.TicketQueue(queue_root, batch_ended=queue_budget.batch_ended_checker(conn_id))
     try:
-        _, admission = queue_budget.acquire(
-            queue,
-            owner=owner,
-            ledger_path=ledger_path,
-            n_requests=n_requests,
-            pipeline=identity["pipeline"],
-            pipeline_budget=pipeline_budget,
-            budget=budget,
-            after_batch_id=entry.get("batch_id"),
-        )
+        _, admission = queue_budget.acquire(queue, **ticket)
     except queue_budget.QueueBudgetError as err:
         raise AirflowFailException(str(err)) from err
     operator.log.info("Queue budget: %s.", admission.describe(n_requests))
@@ -392,13 +392,7 @@ def admit_or_defer(
     )
     operator.defer(
         trigger=AdmissionTrigger(
-            owner=owner,
-            ledger_path=ledger_path,
-            n_requests=n_requests,
-            pipeline=identity["pipeline"],
-            pipeline_budget=pipeline_budget,
-            budget=budget,
-            after_batch_id=entry.get("batch_id"),
+            **ticket,
             queue_root=str(queue_root) if queue_root is not None else None,
             conn_id=conn_id,
             poll_interval=first,
