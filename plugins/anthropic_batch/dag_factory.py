@@ -19,17 +19,21 @@ of D processes D, a manual or REST run with a logical date L processes L's date,
 without a logical date processes the start of the last complete interval. A re-run of a date finds
 its earlier submissions in the ledger.
 
-Queue budget: ``submit`` (create + wait) and ``resubmit`` (one retry batch at a time) run in the
-pipeline's own pool ``anthropic_batches_{name}`` with one slot each. A slot stands for one batch of
-at most ``max_requests_per_chunk`` requests, so the pool size ``queue_budget_requests //
-max_requests_per_chunk`` (``PipelineConfig.pool_slots_total``) keeps the pipeline's in-progress
-requests under its budget. The pools must exist and count deferred tasks::
+Queue budget: every batch of a pipeline takes an admission ticket (:mod:`anthropic_batch.queue_budget`)
+that enforces ``queue_budget_requests`` in requests, and the optional deployment-wide budget across
+all pipelines; the ticket is held from admission until the batch ends. ``submit`` (create + wait)
+and ``resubmit`` (one retry batch at a time) run in the pipeline's own pool
+``anthropic_batches_{name}`` of ``queue_budget_requests // max_requests_per_chunk`` slots
+(``PipelineConfig.pool_slots_total``), which does *not* count deferred tasks: a chunk waiting for
+admission is deferred, and if it held a slot, the chunks already admitted (or whose batch ended)
+could not get one back to create their batch (or release their ticket): a deadlock seen on the real
+scheduler. The pools must exist::
 
-    airflow pools set anthropic_batches_<name> <slots> "Anthropic batch queue" --include-deferred
+    airflow pools set anthropic_batches_<name> <slots> "Anthropic batch queue"
 
-(``ensure_pool_commands`` gives the exact commands; the demo and the e2e set-up run them.) On top,
-every batch takes an admission ticket (:mod:`anthropic_batch.queue_budget`) that enforces the same
-pipeline budget in requests and the optional deployment-wide budget across all pipelines.
+(``ensure_pool_commands`` gives the exact commands; the demo and the e2e set-up run them.) The shared
+pool ``anthropic_batches`` (DAGs that call :func:`add_batch_stage` without a budget) counts deferred
+tasks: there it is the only limit.
 
 Mode: the DAG param ``mode`` (batch | sync | auto, default from the YAML) is resolved by ``prepare``
 and recorded in the manifest; every later task follows the manifest.
@@ -128,12 +132,12 @@ def pipeline_pool(config: PipelineConfig) -> str:
 
 def ensure_pool_commands(configs: list[PipelineConfig]) -> list[list[str]]:
     """``airflow pools set`` arguments for every pool the pipelines need: one per pipeline (sized
-    ``pool_slots_total``, counting deferred tasks) plus the shared one."""
+    ``pool_slots_total``; deferred tasks do not count, the admission tickets hold the budget, see
+    the module docstring) plus the shared one."""
     commands = [ensure_pool_command(configs)]
     for config in configs:
         description = f"Anthropic batches of {config.name}: {config.queue_budget_requests} requests"
-        slots = str(config.pool_slots_total)
-        commands.append(["pools", "set", pipeline_pool(config), slots, description, "--include-deferred"])
+        commands.append(["pools", "set", pipeline_pool(config), str(config.pool_slots_total), description])
     return commands
 
 
