@@ -7,9 +7,9 @@
 ``batch`` is a *mapped task group* expanded over the chunk paths ``prepare`` returns, so the
 collector of chunk *i* waits for the batch of chunk *i* only (index-aligned), and each chunk moves
 on as soon as its own batch ends. ``submit`` creates the batch *and* waits for it (deferred), so the
-chunk holds its pool slot from create to end. ``resubmit`` takes every collected results path,
-retries what is retriable in follow-up batches and merges; ``publish`` writes the partition and
-updates the pipeline's Asset (``anthropic-batch://{pipeline}/extractions``).
+chunk holds its admission ticket (or, in a pool that counts deferred tasks, its slot) from create
+to end. ``resubmit`` takes every collected results path, retries what is retriable in follow-up
+batches and merges; ``publish`` writes the partition and updates the pipeline's Asset (``anthropic-batch://{pipeline}/extractions``).
 
 Schedule and partition: a cron ``schedule`` becomes a ``CronDataIntervalTimetable`` (not Airflow 3's
 default ``CronTriggerTimetable``), so the run for a day starts once that day has *ended*, and its
@@ -198,8 +198,9 @@ def add_batch_stage(
     """``batch`` mapped task group over ``chunk_paths``: submit (create and wait) -> collect.
 
     Call inside a ``with dag:`` block. ``after`` (a task) runs before every submit. ``pool`` (one
-    slot per chunk, held from create to end) and ``queue_budget_requests`` (admission, see
-    :mod:`anthropic_batch.queue_budget`) bound the requests in progress. Returns the
+    slot per chunk; held from create to end in the shared pool, which counts deferred tasks) and
+    ``queue_budget_requests`` (admission, see :mod:`anthropic_batch.queue_budget`) bound the
+    requests in progress. Returns the
     collected results paths as a list (the XComArg of a small ``gather_results`` task). With no chunks
     the group is skipped; ``gather_results`` still runs (an empty list, so the run can publish its
     rejects) unless ``skip_if_no_chunks``, which lets the skip flow downstream.
@@ -209,8 +210,8 @@ def add_batch_stage(
 
     @task_group(group_id="batch")
     def batch(chunk_path: str):
-        # One deferrable task from create to end: the pool slot (deferred tasks count) is never
-        # released between the submit and the wait, so other runs cannot slip in between.
+        # One deferrable task from create to end: its ticket (or a slot of a pool that counts
+        # deferred tasks) is never released between the submit and the wait, so nothing slips in.
         submit = SubmitBatchOperator(
             task_id="submit",
             chunk_path=chunk_path,

@@ -85,7 +85,7 @@ class BatchWaitMixin:
     """Waiting for a batch to end, deferrable, with the deadline cancel (see the module docstring).
 
     Shared by :class:`BatchSensor` and ``SubmitBatchOperator(wait=True)`` (which creates and waits in
-    one task so the chunk keeps its pool slot from create to end). The host sets ``handle``,
+    one task so the chunk keeps its queue ticket from create to end). The host sets ``handle``,
     ``conn_id``, ``poll_interval``, ``max_poll_interval``, ``deadline_hours``, ``cancel_wait_hours``
     and ``max_transient_seconds``; ``wait_method`` names the method the trigger resumes.
     """

@@ -13,8 +13,8 @@ ticket (a retry or rerun takes over the chunk's ticket and keeps its place); whi
 admitted the task defers on an :class:`~anthropic_batch.admission_trigger.AdmissionTrigger`, which
 waits in the triggerer (no worker slot, ticket kept alive) and resumes the task once, admitted.
 ``wait=True`` then also waits for the batch in the same task (deferred on
-``BatchPollTrigger``), so the chunk holds its pool slot from create to end (a pool that counts
-deferred tasks); the ticket is released when the batch ends.
+``BatchPollTrigger``), so the chunk's ticket counts from admission to the batch's end, when it is
+released.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
     :param conn_id: the Anthropic connection.
     :param attempt: submission attempt number (1 for the first submission).
     :param wait: also wait for the batch to end in this task (deferred), returning the handle then;
-        the chunk keeps this task's pool slot from create to end.
+        the chunk's queue ticket (and a slot of a pool that counts deferred tasks) is held from create
+        to end.
     :param queue_budget_requests: the pipeline's queue budget (requests in progress); with it (or a
         deployment budget) the chunk waits for admission before its batch is created.
     :param admission_poll_seconds: first seconds between admission checks in the triggerer (None:
