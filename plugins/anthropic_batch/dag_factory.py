@@ -7,9 +7,9 @@
 ``batch`` is a *mapped task group* expanded over the chunk paths ``prepare`` returns, so the
 collector of chunk *i* waits for the batch of chunk *i* only (index-aligned), and each chunk moves
 on as soon as its own batch ends. ``submit`` creates the batch *and* waits for it (deferred), so the
-chunk holds its pool slot from create to end. ``resubmit`` takes every collected results path,
-retries what is retriable in follow-up batches and merges; ``publish`` writes the partition and
-updates the pipeline's Asset (``anthropic-batch://{pipeline}/extractions``).
+chunk holds its admission ticket (or, in a pool that counts deferred tasks, its slot) from create
+to end. ``resubmit`` takes every collected results path, retries what is retriable in follow-up
+batches and merges; ``publish`` writes the partition and updates the pipeline's Asset (``anthropic-batch://{pipeline}/extractions``).
 
 Schedule and partition: a cron ``schedule`` becomes a ``CronDataIntervalTimetable`` (not Airflow 3's
 default ``CronTriggerTimetable``), so the run for a day starts once that day has *ended*, and its
@@ -19,17 +19,21 @@ of D processes D, a manual or REST run with a logical date L processes L's date,
 without a logical date processes the start of the last complete interval. A re-run of a date finds
 its earlier submissions in the ledger.
 
-Queue budget: ``submit`` (create + wait) and ``resubmit`` (one retry batch at a time) run in the
-pipeline's own pool ``anthropic_batches_{name}`` with one slot each. A slot stands for one batch of
-at most ``max_requests_per_chunk`` requests, so the pool size ``queue_budget_requests //
-max_requests_per_chunk`` (``PipelineConfig.pool_slots_total``) keeps the pipeline's in-progress
-requests under its budget. The pools must exist and count deferred tasks::
+Queue budget: every batch of a pipeline takes an admission ticket (:mod:`anthropic_batch.queue_budget`)
+that enforces ``queue_budget_requests`` in requests, and the optional deployment-wide budget across
+all pipelines; the ticket is held from admission until the batch ends. ``submit`` (create + wait)
+and ``resubmit`` (one retry batch at a time) run in the pipeline's own pool
+``anthropic_batches_{name}`` of ``queue_budget_requests // max_requests_per_chunk`` slots
+(``PipelineConfig.pool_slots_total``), which does *not* count deferred tasks: a chunk waiting for
+admission is deferred, and if it held a slot, the chunks already admitted (or whose batch ended)
+could not get one back to create their batch (or release their ticket): a deadlock seen on the real
+scheduler. The pools must exist::
 
-    airflow pools set anthropic_batches_<name> <slots> "Anthropic batch queue" --include-deferred
+    airflow pools set anthropic_batches_<name> <slots> "Anthropic batch queue"
 
-(``ensure_pool_commands`` gives the exact commands; the demo and the e2e set-up run them.) On top,
-every batch takes an admission ticket (:mod:`anthropic_batch.queue_budget`) that enforces the same
-pipeline budget in requests and the optional deployment-wide budget across all pipelines.
+(``ensure_pool_commands`` gives the exact commands; the demo and the e2e set-up run them.) The shared
+pool ``anthropic_batches`` (DAGs that call :func:`add_batch_stage` without a budget) counts deferred
+tasks: there it is the only limit.
 
 Mode: the DAG param ``mode`` (batch | sync | auto, default from the YAML) is resolved by ``prepare``
 and recorded in the manifest; every later task follows the manifest.
@@ -136,12 +140,12 @@ def pipeline_pool(config: PipelineConfig) -> str:
 
 def ensure_pool_commands(configs: list[PipelineConfig]) -> list[list[str]]:
     """``airflow pools set`` arguments for every pool the pipelines need: one per pipeline (sized
-    ``pool_slots_total``, counting deferred tasks) plus the shared one."""
+    ``pool_slots_total``; deferred tasks do not count, the admission tickets hold the budget, see
+    the module docstring) plus the shared one."""
     commands = [ensure_pool_command(configs)]
     for config in configs:
         description = f"Anthropic batches of {config.name}: {config.queue_budget_requests} requests"
-        slots = str(config.pool_slots_total)
-        commands.append(["pools", "set", pipeline_pool(config), slots, description, "--include-deferred"])
+        commands.append(["pools", "set", pipeline_pool(config), str(config.pool_slots_total), description])
     return commands
 
 
@@ -202,8 +206,9 @@ def add_batch_stage(
     """``batch`` mapped task group over ``chunk_paths``: submit (create and wait) -> collect.
 
     Call inside a ``with dag:`` block. ``after`` (a task) runs before every submit. ``pool`` (one
-    slot per chunk, held from create to end) and ``queue_budget_requests`` (admission, see
-    :mod:`anthropic_batch.queue_budget`) bound the requests in progress. Returns the
+    slot per chunk; held from create to end in the shared pool, which counts deferred tasks) and
+    ``queue_budget_requests`` (admission, see :mod:`anthropic_batch.queue_budget`) bound the
+    requests in progress. Returns the
     collected results paths as a list (the XComArg of a small ``gather_results`` task). With no chunks
     the group is skipped; ``gather_results`` still runs (an empty list, so the run can publish its
     rejects) unless ``skip_if_no_chunks``, which lets the skip flow downstream.
@@ -211,8 +216,8 @@ def add_batch_stage(
 
     @task_group(group_id="batch")
     def batch(chunk_path: str):
-        # One deferrable task from create to end: the pool slot (deferred tasks count) is never
-        # released between the submit and the wait, so other runs cannot slip in between.
+        # One deferrable task from create to end: its ticket (or a slot of a pool that counts
+        # deferred tasks) is never released between the submit and the wait, so nothing slips in.
         submit = SubmitBatchOperator(
             task_id="submit",
             chunk_path=chunk_path,
@@ -221,7 +226,6 @@ def add_batch_stage(
             pool=pool,
             wait=True,
             queue_budget_requests=queue_budget_requests,
-            admission_poll_seconds=poll_interval,
             poll_interval=poll_interval,
             max_poll_interval=max_poll_interval,
             deadline_hours=deadline_hours,

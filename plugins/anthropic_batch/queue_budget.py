@@ -12,19 +12,26 @@ cannot express two limits for one task, so before it creates a batch a task take
 - A ticket is **admitted** when the live tickets before it plus itself fit: all of them within the
   deployment budget, and those of its pipeline within the pipeline budget. Tickets before it that
   are not admitted yet count too (strict FIFO: a big chunk is not starved by small ones). A ticket
-  that is not admitted is re-checked later (the task defers meanwhile, without a worker slot).
+  that is not admitted waits in the triggerer (:class:`~anthropic_batch.admission_trigger.AdmissionTrigger`,
+  no worker slot): the trigger re-checks with its own backoff and beats the ticket on every check,
+  and the task resumes once, when the ticket is admitted.
 - A ticket is **live** until it is released (its owner saw the batch end), its batch ended by its
   ledger entry (any waiter records that), or, while it has no batch, its heartbeat (or the ledger
-  intent's) is older than ``lease_seconds``: a dead task does not block the queue. A stale ticket
-  whose batch the ledger still shows running is checked against the API (``batch_ended``) so a
-  batch nobody waits for any more is not counted forever.
+  intent's) is older than ``lease_seconds``: a dead task (or a dead triggerer) does not block the
+  queue. A stale ticket whose batch the ledger still shows running is checked against the API
+  (``batch_ended``) so a batch nobody waits for any more is not counted forever.
+- A ticket's **owner** is the chunk's task: dag, partition, task and map index (:func:`ticket_owner`),
+  not the run or the try. A retry, a zombie beside its retry, or a rerun of the date takes over the
+  owner's ticket for the same ledger entry and keeps its place; duplicates (two tries taking a
+  ticket at once) collapse to the lowest one. Only a ticket the owner finds stale (no beat for half a
+  lease, the margin before observers drop it) is given up and replaced at the back.
 
-Why it holds: liveness is monotone (a ticket that expired is never revived: its owner re-queues at
-the back with a new ticket), and a ticket created later gets a larger ``seq``. So for the admitted
-live ticket with the largest ``seq``, every live admitted ticket was before it (or it) when it was
-admitted, and their sum fitted then; it only shrank since. Per pipeline the same argument applies
-to the pipeline's largest admitted ticket. Known limit: clocks must agree within a fraction of the
-lease (heartbeats are wall-clock timestamps written by different hosts).
+Why it holds: liveness is monotone (a ticket that went stale is never revived: its owner re-queues
+at the back with a new ticket, admitted or not), and a ticket created later gets a larger ``seq``. So
+for the admitted live ticket with the largest ``seq``, every live admitted ticket was before it (or
+it) when it was admitted, and their sum fitted then; it only shrank since. Per pipeline the same
+argument applies to the pipeline's largest admitted ticket. Known limit: clocks must agree within a
+fraction of the lease (heartbeats are wall-clock timestamps written by different hosts).
 
 Released tickets are pruned after :data:`PRUNE_AFTER` (never the highest ``seq``, so numbers are
 never reused).
@@ -33,7 +40,6 @@ never reused).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -46,7 +52,6 @@ from typing import Any
 from anthropic_batch import storage
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.ledger import LedgerState
-from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.storage import PathLike, as_path
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,11 @@ LEASE_SECONDS = 600.0
 PRUNE_AFTER = 3600.0
 #: Attempts at taking a sequence number before giving up (each conflict means another writer won).
 MAX_CREATE_ATTEMPTS = 50
+#: Env var: first seconds between admission checks in the triggerer (demos and tests shorten it).
+ADMISSION_POLL_ENV = "ANTHROPIC_BATCH_ADMISSION_POLL_INTERVAL"
+#: Default first and largest seconds between admission checks (independent of the batch poll).
+ADMISSION_POLL_SECONDS = 5.0
+ADMISSION_MAX_POLL_SECONDS = 60.0
 
 
 class QueueBudgetError(AnthropicBatchError, ValueError):
@@ -169,9 +179,26 @@ class TicketQueue:
                 found.append({**ticket, "seq": seq})
         return found
 
-    def _write(self, ticket: dict[str, Any]) -> None:
-        # Only the owner writes its ticket after creating it, so a plain atomic replace is enough.
-        storage.atomic_write_json(self._path(int(ticket["seq"])), ticket)
+    def _update(self, seq: int, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+        """Apply ``change`` to ticket ``seq`` by compare-and-swap; the ticket as stored afterwards.
+
+        Several writers may hold one ticket (a try and its retry, a worker and a trigger): a released
+        ticket is never written again (a late beat must not revive it), and no write is lost.
+        Returns None when the ticket is gone.
+        """
+        path = self._path(seq)
+        for _ in range(MAX_CREATE_ATTEMPTS):
+            current = storage.read_with_version(path)
+            if current is None:
+                return None
+            data, version = current
+            ticket = {**json.loads(data), "seq": seq}
+            if ticket.get("released_at"):
+                return ticket
+            updated = change(ticket)
+            if storage.replace_if_version(path, json.dumps(updated, sort_keys=True).encode(), version):
+                return updated
+        raise RuntimeError(f"Could not update queue ticket {path} after {MAX_CREATE_ATTEMPTS} tries")
 
     # -- liveness ------------------------------------------------------------------------------
     def _age(self, stamp: Any) -> float:
@@ -207,12 +234,45 @@ class TicketQueue:
         return bool(entry) and not batch_id and intent_age <= self.lease_seconds
 
     # -- the owner's side ---------------------------------------------------------------------
+    def owner_stale(self, ticket: dict[str, Any]) -> bool:
+        """Has the owner's own ticket gone stale (others may already have stopped counting it)?
+
+        Half a lease of margin: the owner gives up before any observer does. Admitted or not: a
+        ticket others stopped counting must not be revived, or the budget would not hold. The same
+        signs of life as :meth:`is_live`: the ticket's heartbeat, the ledger intent's while there is no
+        batch; a ticket whose batch exists counts until the batch ends.
+        """
+        entry = storage.read_json(ticket["ledger_path"]) if ticket.get("ledger_path") else None
+        batch_id = (entry or {}).get("batch_id")
+        if batch_id and batch_id != ticket.get("after_batch_id"):
+            return False
+        age = self._age(ticket.get("heartbeat_at"))
+        if entry and not batch_id:
+            age = min(age, self._age(entry.get("heartbeat_at")))
+        return age > self.lease_seconds / 2
+
     def find(self, owner: str, ledger_path: str) -> dict[str, Any] | None:
-        """The owner's unreleased ticket for ``ledger_path`` (a resumed or retried task finds it)."""
-        for ticket in reversed(self.tickets()):
-            if ticket.get("owner") == owner and ticket.get("ledger_path") == ledger_path:
-                return None if ticket.get("released_at") else ticket
-        return None
+        """The owner's ticket for ``ledger_path`` that a resumed, retried or re-run task takes over.
+
+        The lowest unreleased ticket the owner has not let go stale; every other unreleased ticket of
+        the owner for ``ledger_path`` (a zombie and its retry both took one, or a stale one) is
+        released, so the chunk never queues behind itself. None when there is none to take over.
+        """
+        mine = [
+            t
+            for t in self.tickets()
+            if t.get("owner") == owner and t.get("ledger_path") == ledger_path and not t.get("released_at")
+        ]
+        keep = next((t for t in mine if not self.owner_stale(t)), None)
+        for ticket in mine:
+            if ticket is not keep:
+                if self.owner_stale(ticket):
+                    log.warning("Queue ticket %s went stale; queueing again at the back.", ticket["seq"])
+                else:
+                    log.info("Queue ticket %s duplicates ticket %s of the same chunk; released.",
+                             ticket["seq"], keep and keep["seq"])  # fmt: skip
+                self.release(ticket)
+        return keep
 
     def take(
         self,
@@ -268,26 +328,17 @@ class TicketQueue:
         )
         return Admission(admitted, seq, ahead, ahead_pipeline, budget, pipeline_budget)
 
-    def expired(self, ticket: dict[str, Any]) -> bool:
-        """Has the owner's own ticket gone stale (others may already have stopped counting it)?
+    def beat(self, ticket: dict[str, Any], **fields: Any) -> dict[str, Any] | None:
+        """Refresh the heartbeat (and set ``fields``); the stored ticket, released or None if gone."""
+        now = _iso(self.clock())
+        return self._update(int(ticket["seq"]), lambda t: {**t, **fields, "heartbeat_at": now})
 
-        Half a lease of margin: the owner gives up before any observer does.
-        """
-        stale = self._age(ticket.get("heartbeat_at")) > self.lease_seconds / 2
-        return not ticket.get("admitted_at") and stale
-
-    def beat(self, ticket: dict[str, Any], **fields: Any) -> dict[str, Any]:
-        updated = {**ticket, **fields, "heartbeat_at": _iso(self.clock())}
-        self._write(updated)
-        return updated
-
-    def admit(self, ticket: dict[str, Any]) -> dict[str, Any]:
+    def admit(self, ticket: dict[str, Any]) -> dict[str, Any] | None:
         return self.beat(ticket, admitted_at=_iso(self.clock()))
 
-    def release(self, ticket: dict[str, Any]) -> dict[str, Any]:
-        updated = {**ticket, "released_at": _iso(self.clock())}
-        self._write(updated)
-        return updated
+    def release(self, ticket: dict[str, Any]) -> dict[str, Any] | None:
+        now = _iso(self.clock())
+        return self._update(int(ticket["seq"]), lambda t: {**t, "released_at": now})
 
     def release_owned(self, owner: str, ledger_path: str) -> int:
         """Release every unreleased ticket of ``owner`` for ``ledger_path``; how many."""
@@ -305,8 +356,11 @@ class TicketQueue:
         tickets = self.tickets()
         for ticket in tickets[:-1]:
             if ticket.get("released_at") and self._age(ticket["released_at"]) > PRUNE_AFTER:
+                path = self._path(int(ticket["seq"]))
                 with contextlib.suppress(FileNotFoundError):
-                    self._path(int(ticket["seq"])).unlink()
+                    path.unlink()
+                with contextlib.suppress(FileNotFoundError):  # replace_if_version's lock file
+                    (self.dir / f".{path.name}.lock").unlink()
 
     def live_requests(self) -> Iterator[tuple[str, int]]:
         """(pipeline, n_requests) of every live ticket (for the UI and tests)."""
@@ -326,92 +380,74 @@ def acquire(
     budget: int | None,
     after_batch_id: str | None = None,
 ) -> tuple[dict[str, Any], Admission]:
-    """Find or take the owner's ticket for ``ledger_path``, beat it and check it.
+    """Take over or take the owner's ticket for ``ledger_path``, beat it and check it.
 
-    Returns the ticket (marked admitted when it is) and the admission. A ticket of ours that went
-    stale (the task was away longer than half a lease) is released and replaced at the back.
+    Returns the ticket (marked admitted when it is) and the admission. The owner's live ticket is
+    taken over in place (a retry keeps its place); a stale one is released and replaced at the back.
     """
-    ticket = queue.find(owner, ledger_path)
-    if ticket is not None and queue.expired(ticket):
-        log.warning("Queue ticket %s went stale; queueing again at the back.", ticket["seq"])
-        queue.release(ticket)
-        ticket = None
+    ticket = None
+    for _ in range(MAX_CREATE_ATTEMPTS):
+        found = queue.find(owner, ledger_path)
+        if found is None:
+            queue.take(
+                owner=owner,
+                ledger_path=ledger_path,
+                n_requests=n_requests,
+                pipeline=pipeline,
+                pipeline_budget=pipeline_budget,
+                after_batch_id=after_batch_id,
+            )
+            # Another try of the chunk may have taken one at the same time: the lowest one wins.
+            found = queue.find(owner, ledger_path)
+            if found is None:
+                continue
+        beaten = queue.beat(found)
+        if beaten is not None and not beaten.get("released_at"):
+            ticket = beaten
+            break
     if ticket is None:
-        ticket = queue.take(
-            owner=owner,
-            ledger_path=ledger_path,
-            n_requests=n_requests,
-            pipeline=pipeline,
-            pipeline_budget=pipeline_budget,
-            after_batch_id=after_batch_id,
-        )
-    else:
-        ticket = queue.beat(ticket)
+        raise RuntimeError(f"Could not hold a queue ticket for {ledger_path} in {queue.dir}")
     admission = queue.check(ticket, budget)
     if admission.admitted and not ticket.get("admitted_at"):
-        ticket = queue.admit(ticket)
+        ticket = queue.admit(ticket) or ticket
     return ticket, admission
 
 
 def ticket_owner(identity: dict[str, Any]) -> str:
-    """Who holds a queue ticket: one task instance (a resumed or retried try finds its ticket)."""
-    return "/".join(str(identity[k]) for k in ("dag_id", "run_id", "task_id", "map_index"))
+    """Who holds a queue ticket: one chunk's task (dag, partition, task, map index).
+
+    Neither the run nor the try: a retry, a zombie beside its retry and a rerun of the date all take
+    over the same ticket (with the ledger entry, which is the chunk) instead of queueing behind it.
+    """
+    return "/".join(str(identity[k]) for k in ("dag_id", "partition", "task_id", "map_index"))
 
 
-def admit_or_defer(
-    operator: Any,
-    *,
-    ledger_path: str,
-    identity: dict[str, Any],
-    n_requests: int,
-    pipeline_budget: int | None,
-    admission_poll_seconds: float,
-    method_name: str,
-    queue_root: str | None = None,
-    conn_id: str = DEFAULT_CONN_ID,
-) -> None:
-    """Take or re-check this chunk's queue ticket; defer (and come back to ``method_name``) until
-    it is admitted. Returns when admitted, or at once when no budget is configured."""
-    # the anthropic SDK: kept out of DAG parsing
-    from anthropic_batch.hooks import BatchHook
+def admission_intervals(
+    poll_seconds: float | None = None, max_poll_seconds: float | None = None
+) -> tuple[float, float]:
+    """(first, largest) seconds between admission checks: given, else env
+    ``ANTHROPIC_BATCH_ADMISSION_POLL_INTERVAL`` (largest: 4x it), else 5 s and 60 s."""
+    raw = os.environ.get(ADMISSION_POLL_ENV)
+    if poll_seconds is None and raw:
+        try:
+            poll_seconds = float(raw)
+        except ValueError as err:
+            raise QueueBudgetError(f"{ADMISSION_POLL_ENV} must be a number of seconds, got {raw!r}") from err
+        if max_poll_seconds is None:
+            max_poll_seconds = max(poll_seconds, min(ADMISSION_MAX_POLL_SECONDS, poll_seconds * 4))
+    first = ADMISSION_POLL_SECONDS if poll_seconds is None else float(poll_seconds)
+    largest = ADMISSION_MAX_POLL_SECONDS if max_poll_seconds is None else float(max_poll_seconds)
+    return first, max(first, largest)
 
-    budget = deployment_budget()
-    if pipeline_budget is None and budget is None:
-        return
-    pipeline_budget = pipeline_budget if pipeline_budget is not None else budget
-    assert pipeline_budget is not None
-    entry = storage.read_json(ledger_path) or {}
+
+def batch_ended_checker(conn_id: str) -> Callable[[str], bool]:
+    """``batch_ended(batch_id)`` through the API, for :class:`TicketQueue` (the SDK loads lazily)."""
 
     def batch_ended(batch_id: str) -> bool:
-        # status.BatchStatus is the provider's: loading it imports the anthropic SDK
+        # the anthropic SDK and the provider's BatchStatus: kept out of DAG parsing
+        from anthropic_batch.hooks import BatchHook
         from anthropic_batch.status import BatchStatus
 
         return BatchHook(conn_id=conn_id).get_batch(batch_id).processing_status == BatchStatus.ENDED
 
-    queue = TicketQueue(queue_root, batch_ended=batch_ended)
-    try:
-        _, admission = acquire(
-            queue,
-            owner=ticket_owner(identity),
-            ledger_path=ledger_path,
-            n_requests=n_requests,
-            pipeline=identity["pipeline"],
-            pipeline_budget=pipeline_budget,
-            budget=budget,
-            after_batch_id=entry.get("batch_id"),
-        )
-    except QueueBudgetError as err:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        raise AirflowFailException(str(err)) from err
-    operator.log.info("Queue budget: %s.", admission.describe(n_requests))
-    if admission.admitted:
-        return
-    # Airflow's module only on this path: callers that never take it stay light
-    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-
-    recheck = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=admission_poll_seconds)
-    operator.defer(
-        trigger=DateTimeTrigger(moment=recheck),
-        method_name=method_name,
-    )
+    return batch_ended

@@ -21,6 +21,10 @@ sensor then sees the batch end and succeeds, and the canceled requests are dead-
 
 On ``ended`` the ledger entry is updated (status, counts, ended_at, expires_at) and the batch JSON
 is returned (XCom).
+
+The admission wait before a batch is created (queue budget, :func:`admit_or_defer`) lives here too:
+take or take over the chunk's ticket, and while it is not admitted defer on
+:class:`~anthropic_batch.admission_trigger.AdmissionTrigger` (resumes the task once).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from anthropic_batch import queue_budget, storage
+from anthropic_batch.admission_trigger import AdmissionEvent, AdmissionTrigger
 from anthropic_batch.cancel import CancelReason, record_cancel
 from anthropic_batch.ledger import ended_fields, update_entry
 from anthropic_batch.links import AnthropicConsoleBatchLink
@@ -81,7 +87,7 @@ class BatchWaitMixin:
     """Waiting for a batch to end, deferrable, with the deadline cancel (see the module docstring).
 
     Shared by :class:`BatchSensor` and ``SubmitBatchOperator(wait=True)`` (which creates and waits in
-    one task so the chunk keeps its pool slot from create to end). The host sets ``handle``,
+    one task so the chunk keeps its queue ticket from create to end). The host sets ``handle``,
     ``conn_id``, ``poll_interval``, ``max_poll_interval``, ``deadline_hours``, ``cancel_wait_hours``
     and ``max_transient_seconds``; ``wait_method`` names the method the trigger resumes.
     """
@@ -338,3 +344,77 @@ class BatchSensor(BatchWaitMixin, BaseSensorOperator):
         """Resume after the trigger: ended -> record and return; deadline -> cancel and wait for the
         cancellation (once); a deadline while canceling or an error -> fail clearly."""
         return self._on_wait_event(event, canceling)
+
+
+# -- the admission wait (queue budget): before a batch is created ------------------------------------
+def admit_or_defer(
+    operator: Any,
+    *,
+    ledger_path: str,
+    identity: dict[str, Any],
+    n_requests: int,
+    pipeline_budget: int | None,
+    method_name: str,
+    admission_poll_seconds: float | None = None,
+    admission_max_poll_seconds: float | None = None,
+    queue_root: str | None = None,
+    conn_id: str = DEFAULT_CONN_ID,
+) -> None:
+    """Take (or take over) this chunk's queue ticket; when it is not admitted, defer on an
+    :class:`~anthropic_batch.admission_trigger.AdmissionTrigger`, which waits in the triggerer and
+    resumes ``method_name`` once, admitted. Returns when admitted, or at once when no budget is set."""
+    budget = queue_budget.deployment_budget()
+    if pipeline_budget is None and budget is None:
+        return
+    pipeline_budget = pipeline_budget if pipeline_budget is not None else budget
+    assert pipeline_budget is not None
+    entry = storage.read_json(ledger_path) or {}
+    # The ticket's terms, the same on the worker and in the trigger.
+    ticket = {
+        "owner": queue_budget.ticket_owner(identity),
+        "ledger_path": ledger_path,
+        "n_requests": n_requests,
+        "pipeline": identity["pipeline"],
+        "pipeline_budget": pipeline_budget,
+        "budget": budget,
+        "after_batch_id": entry.get("batch_id"),
+    }
+    queue = queue_budget.TicketQueue(queue_root, batch_ended=queue_budget.batch_ended_checker(conn_id))
+    try:
+        _, admission = queue_budget.acquire(queue, **ticket)
+    except queue_budget.QueueBudgetError as err:
+        raise AirflowFailException(str(err)) from err
+    operator.log.info("Queue budget: %s.", admission.describe(n_requests))
+    if admission.admitted:
+        return
+    first, largest = queue_budget.admission_intervals(admission_poll_seconds, admission_max_poll_seconds)
+    operator.log.info(
+        "Waiting for admission in the triggerer (checks every %gs growing to %gs; the ticket keeps "
+        "its place while the trigger beats it).",
+        first,
+        largest,
+    )
+    operator.defer(
+        trigger=AdmissionTrigger(
+            **ticket,
+            queue_root=str(queue_root) if queue_root is not None else None,
+            conn_id=conn_id,
+            poll_interval=first,
+            max_poll_interval=largest,
+            lease_seconds=queue.lease_seconds,
+        ),
+        method_name=method_name,
+    )
+
+
+def raise_for_admission_event(event: Any) -> None:
+    """After an admission wait: fail clearly on the trigger's error or timeout; else return."""
+    if not isinstance(event, dict) or event.get("status") not in (
+        AdmissionEvent.ERROR,
+        AdmissionEvent.TIMEOUT,
+    ):
+        return
+    message = f"Waiting for queue admission failed: {event.get('message')}"
+    if event.get("error_type") == queue_budget.QueueBudgetError.__name__:
+        raise AirflowFailException(message)
+    raise AirflowException(message + " (a retry takes over the same ticket)")

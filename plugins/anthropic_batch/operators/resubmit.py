@@ -74,6 +74,7 @@ from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit l
     retry_dir,
 )
 from anthropic_batch.ledger import SubmissionLedger, ledger_root_for
+from anthropic_batch.sensors import admit_or_defer, raise_for_admission_event
 from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus
 from anthropic_batch.submission import submission_identity, submit_idempotently
 from anthropic_batch.triggers import BatchPollTrigger
@@ -251,6 +252,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
     def admission_complete(self, context: Context, event: Any = None, **_kwargs: Any) -> str:
         """Resume after waiting for queue admission: check again, submit the next retry chunk."""
+        raise_for_admission_event(event)
         state = self._load_state(context, phase="admission")
         return self._submit_next(
             context,
@@ -539,13 +541,12 @@ class ResubmitFailuresOperator(BaseOperator):
             self._save_state(
                 context, "admission", attempt=attempt, results_paths=paths, rounds=rounds, pending=infos
             )
-            queue_budget.admit_or_defer(
+            admit_or_defer(
                 self,
                 ledger_path=str(ledger_path),
                 identity=identity,
                 n_requests=int(info["n_requests"]),
                 pipeline_budget=self.queue_budget_requests,
-                admission_poll_seconds=self.poll_interval,
                 method_name="admission_complete",
                 conn_id=self.conn_id,
             )

@@ -9,10 +9,12 @@ and all re-attach to it instead of paying again. The batch id is pushed to XCom
 
 Queue budget (:mod:`anthropic_batch.queue_budget`): with ``queue_budget_requests`` set (the DAG
 factory does) or a deployment-wide budget configured, a chunk that has no batch yet first takes a
-ticket; while it is not admitted the task defers on a ``DateTimeTrigger`` (no worker slot) and
-checks again. ``wait=True`` then also waits for the batch in the same task (deferred on
-``BatchPollTrigger``), so the chunk holds its pool slot from create to end (a pool that counts
-deferred tasks); the ticket is released when the batch ends.
+ticket (a retry or rerun takes over the chunk's ticket and keeps its place); while it is not
+admitted the task defers on an :class:`~anthropic_batch.admission_trigger.AdmissionTrigger`, which
+waits in the triggerer (no worker slot, ticket kept alive) and resumes the task once, admitted.
+``wait=True`` then also waits for the batch in the same task (deferred on
+``BatchPollTrigger``), so the chunk's ticket counts from admission to the batch's end, when it is
+released.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from anthropic_batch.ledger import (
     ledger_root_for,
 )
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
-from anthropic_batch.sensors import BatchWaitMixin
+from anthropic_batch.sensors import BatchWaitMixin, admit_or_defer, raise_for_admission_event
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.submission import (
     find_chunk,
@@ -54,10 +56,14 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
     :param conn_id: the Anthropic connection.
     :param attempt: submission attempt number (1 for the first submission).
     :param wait: also wait for the batch to end in this task (deferred), returning the handle then;
-        the chunk keeps this task's pool slot from create to end.
+        the chunk's queue ticket (and a slot of a pool that counts deferred tasks) is held from create
+        to end.
     :param queue_budget_requests: the pipeline's queue budget (requests in progress); with it (or a
         deployment budget) the chunk waits for admission before its batch is created.
-    :param admission_poll_seconds: how often a chunk that is not admitted checks again.
+    :param admission_poll_seconds: first seconds between admission checks in the triggerer (None:
+        env ``ANTHROPIC_BATCH_ADMISSION_POLL_INTERVAL``, else 5 s); independent of ``poll_interval``.
+    :param admission_max_poll_seconds: the admission check interval grows toward this while nothing
+        ahead changes (None: 4x the env value, else 60 s).
     :param queue_root: storage root of the ticket queue (default: the deployment's storage root).
     :param poll_interval, max_poll_interval, deadline_hours, cancel_wait_hours, max_transient_seconds:
         the wait, as for :class:`~anthropic_batch.sensors.BatchSensor`.
@@ -79,7 +85,8 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         attempt: int = 1,
         wait: bool = False,
         queue_budget_requests: int | None = None,
-        admission_poll_seconds: float = 30.0,
+        admission_poll_seconds: float | None = None,
+        admission_max_poll_seconds: float | None = None,
         queue_root: str | None = None,
         poll_interval: float = 30.0,
         max_poll_interval: float = 600.0,
@@ -97,6 +104,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         self.wait = wait
         self.queue_budget_requests = queue_budget_requests
         self.admission_poll_seconds = admission_poll_seconds
+        self.admission_max_poll_seconds = admission_max_poll_seconds
         self.queue_root = queue_root
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
@@ -119,7 +127,9 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         return str(path), chunk, identity
 
     def admission_complete(self, context: Any, event: Any = None) -> dict[str, Any]:
-        """Resume after an admission wait: check again (and submit when admitted)."""
+        """Resume once after the admission trigger: submit (the ticket is admitted), re-attach (another
+        try created the batch), or fail clearly on the trigger's error."""
+        raise_for_admission_event(event)
         return self.execute(context)
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -129,13 +139,14 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         needs_batch = not entry.get("batch_id") or is_fully_canceled(entry)
         self._ticket_owner = queue_budget.ticket_owner(identity)
         if identity["mode"] != "sync" and needs_batch:
-            queue_budget.admit_or_defer(
+            admit_or_defer(
                 self,
                 ledger_path=ledger_path,
                 identity=identity,
                 n_requests=int(chunk["n_requests"]),
                 pipeline_budget=self.queue_budget_requests,
                 admission_poll_seconds=self.admission_poll_seconds,
+                admission_max_poll_seconds=self.admission_max_poll_seconds,
                 method_name="admission_complete",
                 queue_root=self.queue_root,
                 conn_id=self.conn_id,

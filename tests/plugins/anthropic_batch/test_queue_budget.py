@@ -1,11 +1,14 @@
 """Queue budget admission (issue 9, item 5): tickets in FIFO order, per-pipeline and deployment limits.
 
-Fast tests of :mod:`anthropic_batch.queue_budget` on local storage, plus the operator's side: a chunk
-that does not fit waits (defers) without creating a batch, and gets in when the batch ahead ends.
+Fast tests of :mod:`anthropic_batch.queue_budget` on local storage (a retry takes over its ticket, a
+stale ticket is never revived), plus the operator's side: a chunk that does not fit defers on the
+admission trigger without creating a batch, and resumes once, admitted, when the batch ahead ends.
+The trigger itself is tested in ``test_admission_trigger.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -14,11 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
 from anthropic_batch import queue_budget
+from anthropic_batch.admission_trigger import AdmissionTrigger
 from anthropic_batch.queue_budget import QueueBudgetError, TicketQueue, acquire
+from anthropic_batch.sensors import raise_for_admission_event
 from anthropic_batch.triggers import BatchPollTrigger
 from tests.plugins.anthropic_batch._operator_context import make_context
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator
@@ -57,10 +61,10 @@ def ledger_file(tmp_path: Path, name: str, **entry) -> str:
     return str(path)
 
 
-def take(queue, tmp_path, name, n, *, pipeline="p", pipeline_budget=100, budget=None):
+def take(queue, tmp_path, name, n, *, pipeline="p", pipeline_budget=100, budget=None, owner=None):
     return acquire(
         queue,
-        owner=f"owner-{name}",
+        owner=owner or f"owner-{name}",
         ledger_path=ledger_file(tmp_path, name),
         n_requests=n,
         pipeline=pipeline,
@@ -143,6 +147,97 @@ def test_a_waiting_ticket_that_went_stale_queues_again_at_the_back(queue, tmp_pa
     b2, _ = take(queue, tmp_path, "b", 50)
     assert b2["seq"] > b["seq"]
     assert json.loads((queue.dir / f"{b['seq']:012d}.json").read_text())["released_at"]
+
+
+def test_a_retry_takes_over_its_own_ticket_instead_of_queueing_behind_it(queue, tmp_path):
+    """A zombie try and its retry both took a ticket for one chunk (how a retry ended up "42
+    requests live ahead, budget 30", behind itself): the chunk holds the first one, keeps its place,
+    and the duplicate no longer counts."""
+    ledger = ledger_file(tmp_path, "x")
+    mine = {
+        "owner": "owner-x",
+        "ledger_path": ledger,
+        "n_requests": 10,
+        "pipeline": "p",
+        "pipeline_budget": 30,
+    }
+    first = queue.take(**mine)
+    take(queue, tmp_path, "y", 20, pipeline_budget=30)  # admitted: 10 + 20 <= 30
+    duplicate = queue.take(**mine)
+    ticket, admission = take(queue, tmp_path, "x", 10, pipeline_budget=30)
+    assert ticket["seq"] == first["seq"] and admission.admitted
+    assert admission.ahead_requests == 0
+    unreleased = [t["seq"] for t in queue.tickets() if not t["released_at"]]
+    assert unreleased == [first["seq"], 2] and duplicate["seq"] not in unreleased
+
+
+def test_the_owner_is_the_chunk_task_not_the_run_or_the_try():
+    """A retry (new try) or a rerun of the date (new run id) is the same owner: it takes over the ticket."""
+    base = {
+        "dag_id": "d",
+        "run_id": "scheduled__2026-10-20",
+        "task_id": "batch.submit",
+        "map_index": 2,
+        "partition": "2026-10-20",
+        "pipeline": "p",
+        "mode": "batch",
+    }
+    owner = queue_budget.ticket_owner(base)
+    assert owner == queue_budget.ticket_owner({**base, "run_id": "backfill__2026-10-20"})
+    assert owner != queue_budget.ticket_owner({**base, "partition": "2026-10-21"})
+    assert owner != queue_budget.ticket_owner({**base, "map_index": 3})
+
+
+def test_an_admitted_ticket_that_went_stale_is_not_revived(queue, tmp_path, clock):
+    a, first = take(queue, tmp_path, "a", 60)  # admitted, then its task died before creating a batch
+    assert first.admitted
+    clock.now += queue.lease_seconds + 1  # the others stopped counting a
+    _, b = take(queue, tmp_path, "b", 60)
+    assert b.admitted
+    a2, again = take(queue, tmp_path, "a", 60)  # a's retry comes back: behind b, not beside it
+    assert a2["seq"] > a["seq"] and not again.admitted and again.ahead_requests == 60
+
+
+def test_a_ticket_whose_ledger_intent_is_fresh_is_not_given_up(queue, tmp_path, clock):
+    """The owner is inside submit_idempotently (the intent beats): the ticket still counts, so a
+    retry must not re-queue (the batch being created would run uncounted)."""
+    a, _ = take(queue, tmp_path, "a", 60)
+    clock.now += queue.lease_seconds
+    stamp = datetime.fromtimestamp(clock.now, UTC).isoformat()
+    ledger_file(tmp_path, "a", state="intent", heartbeat_at=stamp)
+    assert queue.is_live(a) and not queue.owner_stale(a)
+    assert take(queue, tmp_path, "a", 60)[0]["seq"] == a["seq"]
+
+
+def test_concurrent_tries_of_one_chunk_hold_one_ticket(tmp_path):
+    queue = TicketQueue(tmp_path / "root")
+    ledger = ledger_file(tmp_path, "x")
+    barrier = threading.Barrier(8)
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        ticket, _ = acquire(
+            queue, owner="o", ledger_path=ledger, n_requests=5, pipeline="p", pipeline_budget=10, budget=None
+        )
+        with lock:
+            seqs.append(ticket["seq"])
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(seqs)) == 1
+    assert [t["seq"] for t in queue.tickets() if not t["released_at"]] == seqs[:1]
+
+
+def test_a_late_beat_never_revives_a_released_ticket(queue, tmp_path):
+    a, _ = take(queue, tmp_path, "a", 10)
+    queue.release(a)
+    assert queue.beat(a)["released_at"]  # e.g. a trigger of an earlier try beating after the release
+    assert not queue.is_live(queue.tickets()[0])
 
 
 def test_concurrent_takers_get_distinct_gap_free_numbers(tmp_path):
@@ -262,8 +357,10 @@ def test_submit_waits_for_admission_and_holds_the_budget_until_its_batch_ends(em
     assert waiting_batch.value.method_name == "wait_complete"
     with pytest.raises(TaskDeferred) as waiting_admission:
         op(chunks[1]).execute(second)
-    assert isinstance(waiting_admission.value.trigger, DateTimeTrigger)
+    trigger = waiting_admission.value.trigger
+    assert isinstance(trigger, AdmissionTrigger)
     assert waiting_admission.value.method_name == "admission_complete"
+    assert trigger.max_poll_interval == queue_budget.ADMISSION_MAX_POLL_SECONDS  # not the batch poll
     assert len(list(sdk_client(emu).messages.batches.list())) == 1  # the second chunk created nothing
 
     # The first batch ends: its task resumes, records the end, releases its ticket.
@@ -278,8 +375,64 @@ def test_submit_waits_for_admission_and_holds_the_budget_until_its_batch_ends(em
     assert handle["batch_id"] == batch_id
     tickets = TicketQueue(root).tickets()
     assert [bool(t["released_at"]) for t in tickets] == [True, False]  # the first one, by its owner
-    # Now the second chunk is admitted and creates its batch, waiting for it in the same task.
+    # The admission trigger (in the triggerer) sees the second ticket admitted; the task resumes once,
+    # creates its batch and waits for it in the same task.
+    admitted = asyncio.run(AdmissionTrigger(**trigger.serialize()[1]).run().__anext__()).payload
+    assert admitted["status"] == "admitted" and admitted["seq"] == tickets[1]["seq"]
     with pytest.raises(TaskDeferred) as second_batch:
-        op(chunks[1]).admission_complete(second)
+        op(chunks[1]).admission_complete(second, admitted)
     assert isinstance(second_batch.value.trigger, BatchPollTrigger)
     assert len(list(sdk_client(emu).messages.batches.list())) == 2
+
+
+def test_a_retried_or_rerun_submit_takes_over_its_waiting_ticket(emu, tmp_path):
+    """A new try, and a rerun of the date (new run id), of a chunk that waits for admission defer on
+    the same ticket: no second ticket, the place in the queue is kept."""
+    from anthropic_batch.operators.submit import SubmitBatchOperator
+
+    work, root = tmp_path / "work", tmp_path / "root"
+    chunks = [make_chunk(work, 4, index=0), make_chunk(work, 4, index=1, prefix="s")]
+    write_manifest(work, chunks)
+
+    def op(chunk):
+        return SubmitBatchOperator(
+            task_id="submit",
+            chunk_path=chunk["path"],
+            work_dir=str(work),
+            storage_root=str(root),
+            conn_id=emu.conn_id,
+            wait=True,
+            queue_budget_requests=5,
+            queue_root=str(root),
+            poll_interval=0.1,
+        )
+
+    with pytest.raises(TaskDeferred):
+        op(chunks[0]).execute(make_context(task_id="submit", map_index=0))
+    tries = [
+        make_context(task_id="submit", map_index=1),
+        make_context(task_id="submit", map_index=1, try_number=2),
+        make_context(task_id="submit", map_index=1, run_id="backfill__2026-11-01T00:00:00+00:00"),
+    ]
+    for context in tries:
+        with pytest.raises(TaskDeferred) as waiting:
+            op(chunks[1]).execute(context)
+        assert isinstance(waiting.value.trigger, AdmissionTrigger)
+    tickets = TicketQueue(root).tickets()
+    assert [(t["seq"], bool(t["released_at"])) for t in tickets] == [(1, False), (2, False)]
+    assert len(list(sdk_client(emu).messages.batches.list())) == 1
+
+
+def test_admission_event_errors_fail_the_task_clearly():
+    raise_for_admission_event({"status": "admitted", "seq": 3})
+    raise_for_admission_event(None)  # dag.test may resume without an event
+    with pytest.raises(AirflowFailException, match="can never fit"):
+        raise_for_admission_event(
+            {
+                "status": "error",
+                "message": "A chunk of 9 requests can never fit",
+                "error_type": "QueueBudgetError",
+            }
+        )
+    with pytest.raises(Exception, match="kept failing"):
+        raise_for_admission_event({"status": "error", "message": "kept failing", "error_type": "OSError"})
