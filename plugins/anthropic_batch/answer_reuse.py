@@ -455,16 +455,24 @@ def apply_reuse(
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from anthropic_batch.batch_requests import keys_path as read_keys_path
+    from anthropic_batch.batch_requests import read_keys
+
     work = storage.as_path(work_dir)
     key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
     structured = output_model is not None
     use_cache = cache_dir is not None and cache_max_age_days is not None
-    keys_path = work / "requests" / "keys.parquet"
-    keys = storage.read_parquet(keys_path)
+    keys_path = read_keys_path(work)
+    answer_files = work_dir_answer_files(work)
+    if not answer_files and not use_cache:
+        # Nothing to reuse (a first run): the day's keys are not read into memory for nothing.
+        keys = read_keys(work, [], columns=None)
+    else:
+        keys = storage.read_parquet(keys_path)
     wanted = pc.unique(keys[_FP].drop_null()) if keys.num_rows else pa.array([], pa.string())
 
     # The partition's own answers first (read before reused.parquet is rewritten below).
-    own = _pick([_read_answers(p, wanted, structured) for p in work_dir_answer_files(work)])
+    own = _pick([_read_answers(p, wanted, structured) for p in answer_files])
     own = _still_valid(own, output_model) if own is not None else None
     from_cache = None
     if use_cache and len(wanted):
