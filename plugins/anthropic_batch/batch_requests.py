@@ -373,7 +373,6 @@ def _column(values: list[Any]) -> pa.Array:
 
 #: Records per batch while prepare streams its source: bounds what one batch holds in memory.
 SOURCE_BATCH_ROWS = 10_000
-_JSONL_BLOCK_LINES = SOURCE_BATCH_ROWS
 
 
 def _jsonl_records(handle) -> Iterator[tuple[int, bytes, dict[str, Any] | None, str | None]]:
@@ -431,11 +430,11 @@ class SourceReader:
         source: str | ObjectStoragePath | pd.DataFrame | pa.Table,
         fmt: str | None = None,
         *,
-        batch_rows: int = SOURCE_BATCH_ROWS,
+        batch_rows: int | None = None,
     ):
         import pyarrow as pa
 
-        self.batch_rows = batch_rows
+        self.batch_rows = batch_rows or SOURCE_BATCH_ROWS
         self.unreadable: list[UnreadableRecord] = []
         self.num_rows: int | None = None  # None: not known before a full read (CSV)
         self._table: pa.Table | None = None
@@ -509,7 +508,7 @@ class SourceReader:
                         block_types.setdefault(key, [])
                 block.append(record)
                 n += 1
-                if len(block) >= _JSONL_BLOCK_LINES:
+                if len(block) >= self.batch_rows:
                     flush()
             if block:
                 flush()
