@@ -117,7 +117,7 @@ def test_a_jsonl_source_streams_in_batches_with_one_type_per_column(tmp_path, mo
     spec = RequestSpec(model="claude-haiku-4-5", max_tokens=10, prompt_template="{{ v }} {{ extra }}")
     manifest = prepare_requests(reader, ["ticket_id"], spec, work)
     assert manifest["n_input_records"] == 6 and manifest["n_requests"] == 2
-    rejected = pq.read_table((tmp_path / "work" / "rejected.parquet")).to_pylist()
+    rejected = pq.read_table(tmp_path / "work" / "rejected.parquet").to_pylist()
     # A key repeated across batches rejects both records; the unreadable line is there with its line.
     assert sorted((r["ticket_id"] or "", r["error_type"]) for r in rejected) == [
         ("", "unreadable_record"),
@@ -156,7 +156,6 @@ def test_collect_reads_only_the_keys_of_its_chunk(tmp_path, monkeypatch):
     for g in range(meta.num_row_groups):  # the layout: no row group spans two chunks
         stats = meta.row_group(g).column(at).statistics
         assert stats.min == stats.max
-
 
 
 @pytest.mark.parametrize("chunks", [[0, 3], []])
