@@ -47,6 +47,8 @@ _CUSTOM_ID_BAD_CHARS = re.compile(r"[^a-zA-Z0-9_-]+")
 _HASH_SUFFIX_LEN = 16
 #: Hex digits of the request fingerprint at the end of every custom_id (see make_custom_id).
 REQUEST_DIGEST_LEN = 8
+# A single key usable as the base as-is: custom_id characters, at most 64 - digest - "-" long.
+_PLAIN_ID_RE = re.compile(rf"^[a-zA-Z0-9_-]{{1,{64 - REQUEST_DIGEST_LEN - 1}}}$")
 
 BODY_PREFIX = b'{"requests":['
 BODY_SUFFIX = b"]}"
@@ -250,6 +252,8 @@ class RequestSpec:
 
 def _key_str(value: object) -> str | None:
     """A key value as the string stored in keys.parquet and used for custom ids; None when null."""
+    if type(value) is str:  # the common case first: it runs for every key of every record, twice
+        return value if value.strip() else None
     if value is None:
         return None
     if isinstance(value, float) and math.isnan(value):
@@ -273,6 +277,8 @@ def custom_id_base(key_values: Sequence[object]) -> str:
     ``-`` and a 16-hex-digit hash of all key values. Two records with equal bases are refused
     (duplicate keys or a collision), so custom_ids are unique whatever their request digests.
     """
+    if len(key_values) == 1 and type(key_values[0]) is str and _PLAIN_ID_RE.match(key_values[0]):
+        return key_values[0]  # one key that already fits: the common case, without the checks below
     if not key_values:
         raise ValueError("custom_id_base needs at least one key value")
     parts = [_key_str(v) for v in key_values]
@@ -807,8 +813,14 @@ def _params_serializer(base_params: Mapping[str, Any]):
     head = "{" + before + ("," if before else "") + '"messages":'
     tail = ("," + after if after else "") + "}"
 
+    head += '[{"content":'
+    tail = ',"role":"user"}]' + tail
+    # = canonical_json([{"content": prompt, "role": "user"}]) spliced in; the C string encoder that
+    # json.dumps(ensure_ascii=False) ends in, without building an encoder per record.
+    encode = json.encoder.encode_basestring
+
     def serialise(prompt: str) -> str:
-        return head + canonical_json([{"content": prompt, "role": "user"}]) + tail
+        return head + encode(prompt) + tail
 
     return serialise
 
@@ -994,7 +1006,7 @@ def prepare_requests(
                             )
                         continue
                     try:
-                        prompt = template.render(**record)
+                        prompt = template.render(record)
                     except Exception as exc:
                         reject(record, keys, custom_id, REJECT_TEMPLATE, f"{type(exc).__name__}: {exc}")
                         continue
@@ -1003,10 +1015,10 @@ def prepare_requests(
                         continue
                     params_json = params_json_for(prompt)
                     request_fingerprint = sha256_hex(params_json)
-                    custom_id = make_custom_id(keys, request_fingerprint)
-                    line = (
-                        '{"custom_id":' + json.dumps(custom_id) + ',"params":' + params_json + "}"
-                    ).encode()
+                    # = make_custom_id(keys, request_fingerprint), from the base already made; its
+                    # characters need no JSON escaping.
+                    custom_id = f"{custom_id}-{request_fingerprint[:REQUEST_DIGEST_LEN]}"
+                    line = ('{"custom_id":"' + custom_id + '","params":' + params_json + "}").encode()
                     if len(line) + BODY_OVERHEAD > request_limit:
                         reject(
                             record,
