@@ -464,12 +464,15 @@ def apply_reuse(
     use_cache = cache_dir is not None and cache_max_age_days is not None
     keys_path = read_keys_path(work)
     answer_files = work_dir_answer_files(work)
-    if not answer_files and not use_cache:
-        # Nothing to reuse (a first run): the day's keys are not read into memory for nothing.
-        keys = read_keys(work, [], columns=None)
-    else:
-        keys = storage.read_parquet(keys_path)
-    wanted = pc.unique(keys[_FP].drop_null()) if keys.num_rows else pa.array([], pa.string())
+    # Only the fingerprints to look answers up by; the day's whole keys are read only when some
+    # answer is found (a first run, or a rerun with nothing to reuse, never holds them).
+    fingerprints = (
+        storage.read_parquet(keys_path, columns=[_FP], use_threads=False)[_FP]
+        if answer_files or use_cache
+        else pa.chunked_array([], pa.string())
+    )
+    wanted = pc.unique(fingerprints.drop_null()) if len(fingerprints) else pa.array([], pa.string())
+    del fingerprints
 
     # The partition's own answers first (read before reused.parquet is rewritten below).
     own = _pick([_read_answers(p, wanted, structured) for p in answer_files])
@@ -482,7 +485,9 @@ def apply_reuse(
                 cache_dir, rest.to_pylist(), max_age_days=int(cache_max_age_days), structured=structured
             )
             from_cache = _still_valid(_pick([cached]), output_model) if cached is not None else None
-    reused, mask, found = _reused_rows(keys, _pick([own, from_cache]), key_columns)
+    answers = _pick([own, from_cache])
+    keys = storage.read_parquet(keys_path) if answers is not None else read_keys(work, [])
+    reused, mask, found = _reused_rows(keys, answers, key_columns)
     n_from_cache = int(pc.sum(pc.is_in(reused[_FP], from_cache[_FP])).as_py() or 0) if from_cache else 0
     reused_path = work / "results" / REUSED_FILE
     storage.write_parquet_atomic(reused_path, reused, reused.schema)

@@ -166,3 +166,23 @@ def test_read_keys_of_several_or_no_chunks(tmp_path, chunks):
     keys = batch_requests.read_keys(work, chunks)
     assert sorted(set(keys.column("chunk_index").to_pylist())) == chunks
     assert keys.num_rows == sum(10 if c < 3 else 5 for c in chunks)
+
+
+def test_a_rerun_with_nothing_to_reuse_reads_only_the_fingerprints_of_the_keys(tmp_path, monkeypatch):
+    from anthropic_batch import storage
+
+    source = tmp_path / "tickets.parquet"
+    pq.write_table(_tickets(50), source)
+    _prepare(tmp_path, source).execute(make_context(task_id="prepare"))
+    reads: list[list[str] | None] = []
+    real = storage.read_parquet
+
+    def spy(path, columns=None, **kwargs):
+        if str(path).endswith("keys.parquet"):
+            reads.append(columns)
+        return real(path, columns, **kwargs)
+
+    monkeypatch.setattr(storage, "read_parquet", spy)
+    # The rerun finds the (empty) reused-answers file of the first run, but no answer in it.
+    _prepare(tmp_path, source).execute(make_context(task_id="prepare"))
+    assert reads == [["request_fingerprint"]]
