@@ -11,7 +11,9 @@ Sample-refine is left out (it sends a fixed-size sample, whatever N is).
 Per task: wall time, CPU time (user + system of its processes), peak RSS (VmHWM; the largest of
 a mapped task's processes). Beside them, measured in the same run, a floor: a fresh process that
 reads the input Parquet and writes the same output Parquet (the published ``data.parquet``,
-streamed row group by row group) with pyarrow alone.
+streamed row group by row group) with pyarrow alone; and a second, ``floor2``, that adds the
+per-record work no implementation can skip: render each prompt, JSON-encode its request and decode
+a line back (``pipeline_floors``), printed for information beside the issue's PASS/MISS.
 
 Targets: every task's peak RSS < 500 MB (at 1,000,000 records), and total CPU of our tasks at most
 3x the floor. Run it at 100,000 and 1,000,000 and compare the peaks: a task whose peak grows with N
@@ -32,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.pipeline_floors import per_record_floor, pyarrow_floor
 
 REPO = Path(__file__).resolve().parents[1]
 for _p in (REPO / "plugins", REPO / "include", REPO):
@@ -138,27 +142,15 @@ def _operator(task: str, args: dict[str, Any]):
     raise ValueError(task)
 
 
-def _floor(args: dict[str, Any]) -> dict[str, Any]:
-    """Read the input and write the same output Parquet, with pyarrow alone."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(args["input"])
-    rows = table.num_rows
-    del table
-    source = pq.ParquetFile(args["output"])
-    with pq.ParquetWriter(args["copy"], source.schema_arrow) as writer:
-        for batch in source.iter_batches(batch_size=65_536):
-            writer.write_batch(batch)
-    return {"rows": rows}
-
-
 def child(spec: dict[str, Any]) -> None:
     from benchmarks.bench_collect import peak_rss_mb
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {"deferred": None}
     if spec["task"] == "floor":
-        out["result"] = _floor(spec["args"])
+        out["result"] = pyarrow_floor(spec["args"])
+    elif spec["task"] == "floor_per_record":
+        out["result"] = per_record_floor(spec["args"])
     elif spec["task"] == "startup":
         # What every task process pays before its work: the interpreter, Airflow and our modules.
         import anthropic_batch.operators.collect
@@ -174,6 +166,13 @@ def child(spec: dict[str, Any]) -> None:
 
         operator = _operator(spec["task"], spec["args"])
         context = _context(spec["task_id"], spec.get("map_index", -1))
+        profile_dir = os.environ.get("BENCH_PROFILE")
+        profiler = None
+        if profile_dir:  # BENCH_PROFILE=dir: one cProfile file per task process (pstats to read)
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         try:
             resume = spec.get("resume")
             if resume:
@@ -183,6 +182,12 @@ def child(spec: dict[str, Any]) -> None:
         except TaskDeferred as deferred:
             classpath, kwargs = deferred.trigger.serialize()
             out["deferred"] = {"classpath": classpath, "kwargs": kwargs, "method": deferred.method_name}
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                step = "resume" if spec.get("resume") else "execute"
+                name = f"{spec['task']}-{spec.get('map_index', -1)}-{step}-{os.getpid()}.prof"
+                profiler.dump_stats(str(Path(profile_dir) / name))
     out["wall"] = time.perf_counter() - t0
     out["peak_mb"] = peak_rss_mb()
     print("BENCH-RESULT " + json.dumps(out, default=str), flush=True)
@@ -335,6 +340,24 @@ def run_pipeline(n: int, directory: Path) -> dict[str, Any]:
         },
         env,
     )
+    # The second floor: the same, plus render, JSON-encode and decode a request per record.
+    base_params = directory / "base_params.json"
+    base_params.write_text(json.dumps(_base_params()))
+    run_task(
+        floor_stats,
+        "floor_per_record",
+        {
+            "task": "floor_per_record",
+            "args": {
+                "input": str(source),
+                "output": str(output),
+                "copy": str(directory / "floor2.parquet"),
+                "template": str(REPO / "include" / "prompts" / "support_ticket.j2"),
+                "base_params": str(base_params),
+            },
+        },
+        env,
+    )
     startup_stats = Stats()
     run_task(startup_stats, "startup", {"task": "startup", "args": {}}, env)
     return {
@@ -343,9 +366,19 @@ def run_pipeline(n: int, directory: Path) -> dict[str, Any]:
         "startup": startup_stats.rows["startup"],
         "tasks": stats.rows,
         "floor": floor_stats.rows["floor"],
+        "floor_per_record": floor_stats.rows["floor_per_record"],
         "total_wall": total_wall,
         "summary": {k: summary.get(k) for k in ("n_rows", "counts_by_status", "n_dead_letters", "attempts")},
     }
+
+
+def _base_params() -> dict[str, Any]:
+    """The params every request of the benchmark shares (what prepare builds, messages apart)."""
+    from anthropic_batch.batch_requests import RequestSpec
+    from anthropic_batch.output_models import load_output_model
+
+    model = load_output_model("schemas/support_ticket.py:SupportTicketExtraction", REPO / "include")
+    return RequestSpec(model=MODEL, max_tokens=512, prompt_template="-", output_model=model).base_params()
 
 
 def _published_data(root: Path) -> Path:
@@ -372,6 +405,12 @@ def report(result: dict[str, Any]) -> bool:
     print(f"{'floor':<10} {numbers}  (pyarrow alone)")
     ratio = total_cpu / floor["cpu"] if floor["cpu"] else float("inf")
     cpu_ok = ratio <= CPU_RATIO_TARGET
+    per_record = result.get("floor_per_record")
+    if per_record:
+        numbers = (
+            f"{1:>5} {per_record['wall']:>8.1f} {per_record['cpu']:>8.1f} {per_record['peak_mb']:>12.0f}"
+        )
+        print(f"{'floor2':<10} {numbers}  (+ render, JSON-encode and decode a request per record)")
     startup = result["startup"]
     n_procs = sum(row["processes"] for row in tasks.values())
     net_cpu = total_cpu - n_procs * startup["cpu"]
@@ -385,6 +424,12 @@ def report(result: dict[str, Any]) -> bool:
         f"CPU of our tasks {total_cpu:.1f}s = {ratio:.1f}x the floor "
         f"(target <= {CPU_RATIO_TARGET:.0f}x)  {'PASS' if cpu_ok else 'MISS'}"
     )
+    if per_record and per_record["cpu"]:
+        print(
+            f"against floor2 (the per-record work no implementation skips): CPU of our tasks "
+            f"{total_cpu / per_record['cpu']:.1f}x, less start-up {net_cpu / per_record['cpu']:.1f}x "
+            "(information)"
+        )
     return ok and cpu_ok
 
 

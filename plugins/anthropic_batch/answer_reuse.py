@@ -459,16 +459,26 @@ def apply_reuse(
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from anthropic_batch.batch_requests import read_keys
+
     work = storage.as_path(work_dir)
     key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
     structured = output_model is not None
     use_cache = cache_dir is not None and cache_max_age_days is not None
     keys_path = layout.keys_path(work)
-    keys = storage.read_parquet(keys_path)
-    wanted = pc.unique(keys[_FP].drop_null()) if keys.num_rows else pa.array([], pa.string())
+    answer_files = work_dir_answer_files(work)
+    # Only the fingerprints to look answers up by; the day's whole keys are read only when some
+    # answer is found (a first run, or a rerun with nothing to reuse, never holds them).
+    fingerprints = (
+        storage.read_parquet(keys_path, columns=[_FP], use_threads=False)[_FP]
+        if answer_files or use_cache
+        else pa.chunked_array([], pa.string())
+    )
+    wanted = pc.unique(fingerprints.drop_null()) if len(fingerprints) else pa.array([], pa.string())
+    del fingerprints
 
     # The partition's own answers first (read before reused.parquet is rewritten below).
-    own = _pick([_read_answers(p, wanted, structured) for p in work_dir_answer_files(work)])
+    own = _pick([_read_answers(p, wanted, structured) for p in answer_files])
     own = _still_valid(own, output_model) if own is not None else None
     from_cache = None
     if use_cache and len(wanted):
@@ -478,7 +488,9 @@ def apply_reuse(
                 cache_dir, rest.to_pylist(), max_age_days=int(cache_max_age_days), structured=structured
             )
             from_cache = _still_valid(_pick([cached]), output_model) if cached is not None else None
-    reused, mask, found = _reused_rows(keys, _pick([own, from_cache]), key_columns)
+    answers = _pick([own, from_cache])
+    keys = storage.read_parquet(keys_path) if answers is not None else read_keys(work, [])
+    reused, mask, found = _reused_rows(keys, answers, key_columns)
     n_from_cache = int(pc.sum(pc.is_in(reused[_FP], from_cache[_FP])).as_py() or 0) if from_cache else 0
     reused_path = layout.reused_results_path(work)
     storage.write_parquet_atomic(reused_path, reused, reused.schema)

@@ -56,6 +56,8 @@ _CUSTOM_ID_BAD_CHARS = re.compile(r"[^a-zA-Z0-9_-]+")
 _HASH_SUFFIX_LEN = 16
 #: Hex digits of the request fingerprint at the end of every custom_id (see make_custom_id).
 REQUEST_DIGEST_LEN = 8
+# A single key usable as the base as-is: custom_id characters, at most 64 - digest - "-" long.
+_PLAIN_ID_RE = re.compile(rf"^[a-zA-Z0-9_-]{{1,{64 - REQUEST_DIGEST_LEN - 1}}}$")
 
 BODY_PREFIX = b'{"requests":['
 BODY_SUFFIX = b"]}"
@@ -260,6 +262,8 @@ class RequestSpec:
 
 def _key_str(value: object) -> str | None:
     """A key value as the string stored in keys.parquet and used for custom ids; None when null."""
+    if type(value) is str:  # the common case first: it runs for every key of every record, twice
+        return value if value.strip() else None
     if value is None:
         return None
     if isinstance(value, float) and math.isnan(value):
@@ -283,6 +287,8 @@ def custom_id_base(key_values: Sequence[object]) -> str:
     ``-`` and a 16-hex-digit hash of all key values. Two records with equal bases are refused
     (duplicate keys or a collision), so custom_ids are unique whatever their request digests.
     """
+    if len(key_values) == 1 and type(key_values[0]) is str and _PLAIN_ID_RE.match(key_values[0]):
+        return key_values[0]  # one key that already fits: the common case, without the checks below
     if not key_values:
         raise ValueError("custom_id_base needs at least one key value")
     parts = [_key_str(v) for v in key_values]
@@ -331,22 +337,6 @@ def _format_of(name: str) -> str:
         if lower.endswith(suffix):
             return fmt
     raise BatchRequestError(f"cannot tell the format of {name!r}: use .parquet, .csv or .jsonl, or pass fmt")
-
-
-def _read_csv_as_strings(handle) -> pa.Table:
-    # pyarrow/numpy: kept out of DAG parsing
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
-
-    # CSV is text: read every column as a string so keys like "007" survive; empty cells are null.
-    header = pa_csv.open_csv(handle).schema.names
-    handle.seek(0)
-    return pa_csv.read_csv(
-        handle,
-        convert_options=pa_csv.ConvertOptions(
-            column_types={name: pa.string() for name in header}, strings_can_be_null=True
-        ),
-    )
 
 
 @dataclass(frozen=True)
@@ -398,12 +388,12 @@ def _column(values: list[Any]) -> pa.Array:
         )
 
 
-def _read_jsonl(handle, name: str) -> tuple[pa.Table, list[UnreadableRecord]]:
-    # pyarrow/numpy: kept out of DAG parsing
-    import pyarrow as pa
+#: Records per batch while prepare streams its source: bounds what one batch holds in memory.
+SOURCE_BATCH_ROWS = 10_000
 
-    records: list[dict[str, Any]] = []
-    unreadable: list[UnreadableRecord] = []
+
+def _jsonl_records(handle) -> Iterator[tuple[int, bytes, dict[str, Any] | None, str | None]]:
+    """``(line number, line, record or None, reason or None)`` per non-blank line."""
     for number, raw in enumerate(handle, start=1):
         line = raw.strip()
         if number == 1 and line.startswith(b"\xef\xbb\xbf"):
@@ -411,15 +401,243 @@ def _read_jsonl(handle, name: str) -> tuple[pa.Table, list[UnreadableRecord]]:
         if not line:
             continue
         record, reason = _parse_jsonl_line(line)
-        if reason is None:
-            records.append(record)
+        yield number, line, record, reason
+
+
+def _unify_type(types: Sequence[pa.DataType]) -> pa.DataType:
+    """The one type a whole JSONL column gets from its per-block types (text when they disagree),
+    as if it had been inferred over the whole column at once."""
+    import pyarrow as pa
+
+    known = [t for t in types if not pa.types.is_null(t)]
+    if not known:
+        return pa.null()
+    if all(t == known[0] for t in known):
+        return known[0]
+    try:
+        schemas = [pa.schema([("c", t)]) for t in known]
+        return pa.unify_schemas(schemas, promote_options="permissive").field("c").type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return pa.string()
+
+
+def _typed_column(values: list[Any], type_: pa.DataType) -> pa.Array:
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array(
+            [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values],
+            type=pa.string(),
+        )
+
+
+class SourceReader:
+    """A source table read in record batches, as often as needed, never whole.
+
+    ``iter_batches(columns)`` yields the records (or only ``columns``) in file order, in batches of
+    about ``batch_rows``; every call reads the source again, so prepare's two passes (keys, then
+    records) hold one batch at a time. Parquet is read row group by row group, CSV block by block,
+    JSONL line by line (a first scan finds its columns, their types and the unreadable lines).
+    """
+
+    def __init__(
+        self,
+        source: str | ObjectStoragePath | pd.DataFrame | pa.Table,
+        fmt: str | None = None,
+        *,
+        batch_rows: int | None = None,
+    ):
+        import pyarrow as pa
+
+        self.batch_rows = batch_rows or SOURCE_BATCH_ROWS
+        self.unreadable: list[UnreadableRecord] = []
+        self.num_rows: int | None = None  # None: not known before a full read (CSV)
+        self._table: pa.Table | None = None
+        self._jsonl_types: dict[str, pa.DataType] = {}
+        pd = sys.modules.get("pandas")  # a DataFrame implies pandas is loaded; no import needed to test
+        if isinstance(source, pa.Table) or (pd is not None and isinstance(source, pd.DataFrame)):
+            self._table = (
+                source if isinstance(source, pa.Table) else pa.Table.from_pandas(source, preserve_index=False)
+            )
+            self.fmt, self.path = "table", None
+            self.column_names = list(self._table.column_names)
+            self.num_rows = self._table.num_rows
+            return
+        self.path = as_path(source)
+        fmt = (fmt or _format_of(self.path.name)).lower()
+        if fmt not in ("parquet", "csv", "jsonl", "json", "ndjson"):
+            raise BatchRequestError(f"unsupported input format {fmt!r}: use parquet, csv or jsonl")
+        self.fmt = "jsonl" if fmt in ("json", "ndjson") else fmt
+        if not self.path.exists():
+            raise BatchRequestError(f"input file not found: {self.path}")
+        with self._errors_named():
+            if self.fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                with open_binary(self.path) as handle:
+                    parquet = pq.ParquetFile(handle)
+                    self.column_names = list(parquet.schema_arrow.names)
+                    self.num_rows = parquet.metadata.num_rows
+            elif self.fmt == "csv":
+                import pyarrow.csv as pa_csv
+
+                with open_binary(self.path) as handle:
+                    self.column_names = list(pa_csv.open_csv(handle).schema.names)
+            else:
+                self._scan_jsonl()
+
+    @contextlib.contextmanager
+    def _errors_named(self) -> Iterator[None]:
+        import pyarrow as pa
+
+        try:
+            yield
+        except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
+            if isinstance(exc, BatchRequestError):
+                raise
+            raise BatchRequestError(
+                f"cannot read {self.fmt} file {self.path}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _scan_jsonl(self) -> None:
+        """Columns (in first-seen order), their types over the whole file, and the unreadable lines."""
+        names: dict[str, None] = {}
+        block_types: dict[str, list[pa.DataType]] = {}
+        block: list[dict[str, Any]] = []
+        n = 0
+
+        def flush() -> None:
+            for name in names:
+                block_types.setdefault(name, []).append(_column([r.get(name) for r in block]).type)
+            block.clear()
+
+        with open_binary(self.path) as handle:
+            for number, line, record, reason in _jsonl_records(handle):
+                if reason is not None:
+                    text = line.decode("utf-8", errors="backslashreplace")
+                    self.unreadable.append(UnreadableRecord(str(self.path), number, reason, text, record))
+                    continue
+                for key in record:
+                    if key not in names:
+                        names[key] = None
+                        block_types.setdefault(key, [])
+                block.append(record)
+                n += 1
+                if len(block) >= self.batch_rows:
+                    flush()
+            if block:
+                flush()
+        self.column_names = list(names)
+        # Values stay what JSON says they are: a date-like string is not turned into a timestamp.
+        self._jsonl_types = {name: _unify_type(block_types[name]) for name in names}
+        self.num_rows = n
+
+    def iter_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The records in file order, in batches; only ``columns`` when given (all must exist)."""
+        wanted = list(columns) if columns is not None else list(self.column_names)
+        if self._table is not None:
+            yield from self._table.select(wanted).to_batches(max_chunksize=self.batch_rows)
+            return
+        with self._errors_named(), open_binary(self.path) as handle:
+            if self.fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                parquet = pq.ParquetFile(handle)
+                # One thread: each reader thread grows its own malloc arena (peak RSS, not speed).
+                yield from parquet.iter_batches(batch_size=self.batch_rows, columns=wanted, use_threads=False)
+            elif self.fmt == "csv":
+                yield from self._csv_batches(handle, wanted)
+            else:
+                yield from self._jsonl_batches(handle, wanted)
+
+    def _csv_batches(self, handle, wanted: list[str]) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+        import pyarrow.csv as pa_csv
+
+        # CSV is text: every column a string so keys like "007" survive; empty cells are null.
+        reader = pa_csv.open_csv(
+            handle,
+            read_options=pa_csv.ReadOptions(block_size=1 << 20),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={name: pa.string() for name in self.column_names},
+                strings_can_be_null=True,
+                include_columns=wanted,
+            ),
+        )
+        for batch in reader:
+            yield from pa.Table.from_batches([batch]).to_batches(max_chunksize=self.batch_rows)
+
+    def _jsonl_batches(self, handle, wanted: list[str]) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+
+        block: list[dict[str, Any]] = []
+
+        def batch() -> pa.RecordBatch:
+            arrays = [_typed_column([r.get(n) for r in block], self._jsonl_types[n]) for n in wanted]
+            return pa.RecordBatch.from_arrays(arrays, names=wanted)
+
+        for _number, _line, record, reason in _jsonl_records(handle):
+            if reason is None:
+                block.append(record)
+                if len(block) >= self.batch_rows:
+                    yield batch()
+                    block = []
+        if block:
+            yield batch()
+
+    def is_empty(self) -> bool:
+        """Whether the source has no record (reads at most its first batch)."""
+        if self.num_rows is not None:
+            return self.num_rows == 0
+        first = self.column_names[:1]
+        return not any(b.num_rows for b in self.iter_batches(first))
+
+    def read_all(self) -> pa.Table:
+        """The whole table (for small inputs and tests; prepare streams)."""
+        import pyarrow as pa
+
+        if self._table is not None:
+            return self._table
+        batches = list(self.iter_batches())
+        if not self.column_names:
+            return pa.table({})
+        if not batches:
+            if self.fmt == "jsonl":
+                return pa.table({n: pa.array([], type=self._jsonl_types[n]) for n in self.column_names})
+            return self._empty_table()
+        # A JSONL column falls back to text batch by batch; the whole column is text then.
+        types = [
+            _unify_type([b.schema.field(i).type for b in batches]) for i in range(len(self.column_names))
+        ]
+        schema = pa.schema(list(zip(self.column_names, types, strict=True)))
+        return pa.Table.from_batches([_cast_batch(b, schema) for b in batches], schema=schema)
+
+    def _empty_table(self) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with self._errors_named(), open_binary(self.path) as handle:
+            if self.fmt == "parquet":
+                return pq.ParquetFile(handle).schema_arrow.empty_table()
+        return pa.table({n: pa.array([], type=pa.string()) for n in self.column_names})
+
+
+def _cast_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    import pyarrow as pa
+
+    if batch.schema == schema:
+        return batch
+    arrays = []
+    for column, field_ in zip(batch.columns, schema, strict=True):
+        if column.type == field_.type:
+            arrays.append(column)
+        elif pa.types.is_string(field_.type) and not pa.types.is_string(column.type):
+            arrays.append(_typed_column(column.to_pylist(), pa.string()))
         else:
-            text = line.decode("utf-8", errors="backslashreplace")
-            unreadable.append(UnreadableRecord(name, number, reason, text, record))
-    # Values stay what JSON says they are: a date-like string is not turned into a timestamp.
-    names = list(dict.fromkeys(key for record in records for key in record))
-    table = pa.table({n: _column([r.get(n) for r in records]) for n in names}) if records else pa.table({})
-    return table, unreadable
+            arrays.append(column.cast(field_.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def read_source(
@@ -427,35 +645,11 @@ def read_source(
 ) -> tuple[pa.Table, list[UnreadableRecord]]:
     """The records of ``source`` and the lines that are not records (JSONL only; see ``UnreadableRecord``).
 
-    A file that cannot be read at all (corrupt Parquet, unreadable CSV) raises ``BatchRequestError``
-    naming the file.
+    Reads the whole table: prepare streams through ``SourceReader`` instead. A file that cannot be
+    read at all (corrupt Parquet, unreadable CSV) raises ``BatchRequestError`` naming the file.
     """
-    # pyarrow/numpy: kept out of DAG parsing
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if isinstance(source, pa.Table):
-        return source, []
-    pd = sys.modules.get("pandas")  # a DataFrame implies pandas is loaded; no import needed to test
-    if pd is not None and isinstance(source, pd.DataFrame):
-        return pa.Table.from_pandas(source, preserve_index=False), []
-    path = as_path(source)
-    fmt = (fmt or _format_of(path.name)).lower()
-    if fmt not in ("parquet", "csv", "jsonl", "json", "ndjson"):
-        raise BatchRequestError(f"unsupported input format {fmt!r}: use parquet, csv or jsonl")
-    if not path.exists():
-        raise BatchRequestError(f"input file not found: {path}")
-    try:
-        with open_binary(path) as handle:
-            if fmt == "parquet":
-                return pq.ParquetFile(handle).read(), []
-            if fmt == "csv":
-                return _read_csv_as_strings(handle), []
-            return _read_jsonl(handle, str(path))
-    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
-        if isinstance(exc, BatchRequestError):
-            raise
-        raise BatchRequestError(f"cannot read {fmt} file {path}: {type(exc).__name__}: {exc}") from exc
+    reader = SourceReader(source, fmt)
+    return reader.read_all(), reader.unreadable
 
 
 def load_table(source: str | ObjectStoragePath | pd.DataFrame | pa.Table, fmt: str | None = None) -> pa.Table:
@@ -627,8 +821,14 @@ def _params_serializer(base_params: Mapping[str, Any]):
     head = "{" + before + ("," if before else "") + '"messages":'
     tail = ("," + after if after else "") + "}"
 
+    head += '[{"content":'
+    tail = ',"role":"user"}]' + tail
+    # = canonical_json([{"content": prompt, "role": "user"}]) spliced in; the C string encoder that
+    # json.dumps(ensure_ascii=False) ends in, without building an encoder per record.
+    encode = json.encoder.encode_basestring
+
     def serialise(prompt: str) -> str:
-        return head + canonical_json([{"content": prompt, "role": "user"}]) + tail
+        return head + encode(prompt) + tail
 
     return serialise
 
@@ -674,7 +874,7 @@ def _unreadable_rejects(
 
 
 def prepare_requests(
-    table: pa.Table,
+    table: pa.Table | SourceReader,
     key_columns: Sequence[str],
     spec: RequestSpec,
     out_dir: PathLike,
@@ -688,6 +888,9 @@ def prepare_requests(
 ) -> dict[str, Any]:
     """Render, validate and write the requests of ``table`` under ``out_dir`` (the run's work_dir).
 
+    ``table`` is a table or a ``SourceReader``: a reader is streamed (its key columns once for the
+    duplicate check, then its records batch by batch), so memory holds one batch and the open
+    chunk's bookkeeping, whatever the size of the source; its unreadable lines are rejected too.
     Returns the manifest (also written to ``requests/manifest.json``). Raises ``BatchRequestError``
     for a bad spec, missing key columns or a template variable the input has no column for; bad
     *records* are rejected into ``rejected.parquet``, and so are the ``unreadable`` source lines.
@@ -703,27 +906,25 @@ def prepare_requests(
     key_columns = list(key_columns)
     if not key_columns:
         raise BatchRequestError("key_columns must name at least one column")
-    if table.num_rows == 0:
-        # No readable record (an empty file, or every line unreadable): nothing to check against.
-        for k in key_columns:
-            if k not in table.column_names:
-                table = table.append_column(k, pa.array([], type=pa.string()))
-    missing = [k for k in key_columns if k not in table.column_names]
-    if missing:
-        raise BatchRequestError(f"key columns {missing} not in the input (columns: {table.column_names})")
+    source = table if isinstance(table, SourceReader) else SourceReader(table)
+    unreadable = [*source.unreadable, *unreadable]
+    missing = [k for k in key_columns if k not in source.column_names]
+    # No readable record (an empty file, or every line unreadable): nothing to check against.
+    empty = source.is_empty() if missing else None
+    if missing and not empty:
+        raise BatchRequestError(f"key columns {missing} not in the input (columns: {source.column_names})")
     if not 1 <= max_requests_per_chunk <= MAX_REQUESTS_PER_BATCH:
         raise BatchRequestError(f"max_requests_per_chunk must be 1..{MAX_REQUESTS_PER_BATCH}")
     if not BODY_OVERHEAD < max_bytes_per_chunk <= MAX_BATCH_BYTES:
         raise BatchRequestError(f"max_bytes_per_chunk must be at most {MAX_BATCH_BYTES} bytes")
-    if table.num_rows:
+    absent = sorted(template_variables(spec.prompt_template) - set(source.column_names))
+    if absent and not (empty if empty is not None else source.is_empty()):
         # A misspelt variable would otherwise make every record a template error: a "successful"
         # run that publishes nothing. It is a mistake in the pipeline, not in the data.
-        absent = sorted(template_variables(spec.prompt_template) - set(table.column_names))
-        if absent:
-            raise BatchRequestError(
-                f"{template_name or 'the prompt template'} uses {', '.join(absent)}, which the input "
-                f"does not have (its columns: {', '.join(table.column_names)})"
-            )
+        raise BatchRequestError(
+            f"{template_name or 'the prompt template'} uses {', '.join(absent)}, which the input "
+            f"does not have (its columns: {', '.join(source.column_names)})"
+        )
     # The configured per-request limit (or the chunk size), as named in messages; a request must fit
     # in a batch body of its own, so its line gets BODY_OVERHEAD bytes less.
     request_limit = min(max_request_bytes or max_bytes_per_chunk, max_bytes_per_chunk)
@@ -738,7 +939,10 @@ def prepare_requests(
     # duplicate groups; by row position, in bounded memory (duplicate_keys.py).
     from anthropic_batch.duplicate_keys import duplicate_counts
 
-    dup_counts = duplicate_counts(table, key_columns, custom_id_base, _key_str)
+    def key_batches() -> Iterator[pa.RecordBatch]:
+        return iter(()) if missing else source.iter_batches(key_columns)
+
+    dup_counts = duplicate_counts(key_batches, key_columns, custom_id_base, _key_str, n_rows=source.num_rows)
 
     keys_schema = pa.schema(
         [("custom_id", pa.string())]
@@ -757,9 +961,17 @@ def prepare_requests(
         pq.ParquetWriter(rej_handle, dl_schema) as rej_writer,
     ):
         try:
-            for batch in table.to_batches(max_chunksize=10_000):
+            for batch in () if missing else source.iter_batches():
                 batch_id_counts, batch_key_counts = dup_counts.slice(n_input, n_input + batch.num_rows)
                 keys_rows: dict[str, list[Any]] = {name: [] for name in keys_schema.names}
+
+                def flush_keys(keys_rows=keys_rows) -> None:
+                    # Row groups never span two chunks, so collect reads only its chunk's (read_keys).
+                    if keys_rows["custom_id"]:
+                        keys_writer.write_table(pa.table(keys_rows, schema=keys_schema))
+                        for values in keys_rows.values():
+                            values.clear()
+
                 rej_rows: dict[str, list[Any]] = {name: [] for name in dl_schema.names}
 
                 def reject(record, keys, custom_id, error_type, reason, rej_rows=rej_rows):
@@ -804,7 +1016,7 @@ def prepare_requests(
                             )
                         continue
                     try:
-                        prompt = template.render(**record)
+                        prompt = template.render(record)
                     except Exception as exc:
                         reject(record, keys, custom_id, REJECT_TEMPLATE, f"{type(exc).__name__}: {exc}")
                         continue
@@ -813,10 +1025,10 @@ def prepare_requests(
                         continue
                     params_json = params_json_for(prompt)
                     request_fingerprint = sha256_hex(params_json)
-                    custom_id = make_custom_id(keys, request_fingerprint)
-                    line = (
-                        '{"custom_id":' + json.dumps(custom_id) + ',"params":' + params_json + "}"
-                    ).encode()
+                    # = make_custom_id(keys, request_fingerprint), from the base already made; its
+                    # characters need no JSON escaping.
+                    custom_id = f"{custom_id}-{request_fingerprint[:REQUEST_DIGEST_LEN]}"
+                    line = ('{"custom_id":"' + custom_id + '","params":' + params_json + "}").encode()
                     if len(line) + BODY_OVERHEAD > request_limit:
                         reject(
                             record,
@@ -832,6 +1044,7 @@ def prepare_requests(
                     ):
                         chunks.append(writer.close())
                         writer = None
+                        flush_keys()
                     if writer is None:
                         writer = _ChunkWriter(requests_dir / chunk_name(len(chunks)), len(chunks))
                     writer.write(line)
@@ -842,7 +1055,7 @@ def prepare_requests(
                     keys_rows["request_fingerprint"].append(request_fingerprint)
                     keys_rows["chunk_index"].append(writer.index)
 
-                keys_writer.write_table(pa.table(keys_rows, schema=keys_schema))
+                flush_keys()
                 rej_writer.write_table(pa.table(rej_rows, schema=dl_schema))
                 n_rejected += len(rej_rows["stage"])
             if writer is not None:
@@ -890,6 +1103,42 @@ def prepare_requests(
     }
     atomic_write_json(layout.manifest_path(work), manifest)
     return manifest
+
+
+def read_keys(
+    work: PathLike, chunk_indices: Iterable[int] | None = None, *, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """The rows of ``keys.parquet`` (all, or those of ``chunk_indices``), in file order.
+
+    For chunks, only the row groups whose ``chunk_index`` statistics can hold one of them are read:
+    prepare writes a row group per chunk at most (never one spanning two), so a chunk's collect
+    reads its own keys, not the day's. A file laid out otherwise (re-packed after answer reuse) is
+    still read correctly, row groups are then only skipped less.
+    """
+    # pyarrow: kept out of DAG parsing
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with open_binary(layout.keys_path(work)) as handle:
+        parquet = pq.ParquetFile(handle)
+        wanted_columns = list(columns) if columns is not None else None
+        if chunk_indices is None:
+            return parquet.read(columns=wanted_columns, use_threads=False)
+        wanted = sorted({int(i) for i in chunk_indices})
+        at = parquet.schema_arrow.get_field_index("chunk_index")
+        groups = []
+        for g in range(parquet.metadata.num_row_groups):
+            stats = parquet.metadata.row_group(g).column(at).statistics
+            if stats is None or not stats.has_min_max or any(stats.min <= i <= stats.max for i in wanted):
+                groups.append(g)
+        read_columns = (
+            None if wanted_columns is None else list(dict.fromkeys([*wanted_columns, "chunk_index"]))
+        )
+        table = parquet.read_row_groups(groups, columns=read_columns, use_threads=False)
+    mask = pc.is_in(table.column("chunk_index"), pa.array(wanted, pa.int32()))
+    table = table.filter(mask)
+    return table if wanted_columns is None else table.select(wanted_columns)
 
 
 # read_manifest: see layout.read_manifest (re-exported above).

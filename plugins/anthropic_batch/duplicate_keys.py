@@ -16,7 +16,7 @@ keys, plus Arrow tables for the candidates (the duplicates and ~n²/2³³ chance
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,39 +56,81 @@ class DuplicateCounts:
         return ids, keys
 
 
+#: The key columns of the source, batch by batch, in row order; called once per pass (a streamed
+#: source is read again rather than held).
+KeyBatches = Callable[[], Iterable["pa.RecordBatch"]]
+
+
+def _key_batches(source: pa.Table | KeyBatches, key_columns: Sequence[str]) -> KeyBatches:
+    if callable(source):
+        return source
+    return lambda: source.select(list(key_columns)).to_batches(max_chunksize=BATCH_ROWS)
+
+
 def _rows(
-    table: pa.Table, key_columns: Sequence[str], key_str: Callable[[object], str | None]
+    batches: KeyBatches, key_columns: Sequence[str], key_str: Callable[[object], str | None]
 ) -> Iterator[tuple[int, list[tuple[str | None, ...]]]]:
     """``(first row position, key tuples)`` per batch of the key columns."""
     pos = 0
-    for batch in table.select(list(key_columns)).to_batches(max_chunksize=BATCH_ROWS):
+    for batch in batches():
+        batch = batch.select(list(key_columns))
         columns = [col.to_pylist() for col in batch.columns]
         yield pos, [tuple(key_str(v) for v in row) for row in zip(*columns, strict=True)]
         pos += batch.num_rows
 
 
 def duplicate_counts(
-    table: pa.Table,
+    source: pa.Table | KeyBatches,
     key_columns: Sequence[str],
     custom_id_of: Callable[[Sequence[object]], str],
     key_str: Callable[[object], str | None],
+    *,
+    n_rows: int | None = None,
 ) -> DuplicateCounts:
-    """Count, exactly, the records sharing each record's custom_id and keys (rows with null keys: 0)."""
+    """Count, exactly, the records sharing each record's custom_id and keys (rows with null keys: 0).
+
+    ``source`` is a table or a function returning its key-column batches (read twice at most: all
+    of them, then again for the candidates only), so a streamed source is never held whole.
+    ``n_rows``, when known, lets the hashes be filled in place.
+    """
     # pyarrow/numpy: kept out of DAG parsing
     import numpy as np
 
-    n = table.num_rows
-    hashes = np.zeros(n, dtype=np.uint32)
-    valid = np.zeros(n, dtype=np.bool_)
-    for start, key_rows in _rows(table, key_columns, key_str):
-        ok = [None not in keys for keys in key_rows]
+    batches = _key_batches(source, key_columns)
+    if n_rows is None and not callable(source):
+        n_rows = source.num_rows
+    # Filled in place when the row count is known up front (a table, Parquet metadata); else one
+    # part per batch, joined at the end (a transient second copy: 5 bytes a record).
+    hashes = np.zeros(n_rows or 0, dtype=np.uint32)
+    valid = np.zeros(n_rows or 0, dtype=np.bool_)
+    hash_parts: list[np.ndarray] = []
+    valid_parts: list[np.ndarray] = []
+    n = 0
+    for start, key_rows in _rows(batches, key_columns, key_str):
+        ok = np.fromiter((None not in keys for keys in key_rows), dtype=np.bool_, count=len(key_rows))
         # hash() of a str is SipHash, stable within this process (all we need); 32 bits of it keep
         # the array at 4 bytes a record, and the ~n²/2³³ chance pairs are cleared by the exact check.
-        hashes[start : start + len(key_rows)] = [
-            hash(custom_id_of(keys)) & 0xFFFFFFFF if good else 0
-            for keys, good in zip(key_rows, ok, strict=True)
-        ]
-        valid[start : start + len(key_rows)] = ok
+        part = np.fromiter(
+            (
+                hash(custom_id_of(keys)) & 0xFFFFFFFF if good else 0
+                for keys, good in zip(key_rows, ok, strict=True)
+            ),
+            dtype=np.uint32,
+            count=len(key_rows),
+        )
+        n = start + len(key_rows)
+        if n_rows is not None and n <= n_rows:
+            hashes[start:n], valid[start:n] = part, ok
+        else:
+            hash_parts.append(part)
+            valid_parts.append(ok)
+    if hash_parts:
+        hashes = np.concatenate([hashes[: n - sum(len(p) for p in hash_parts)], *hash_parts])
+        valid = np.concatenate([valid[: len(hashes) - sum(len(p) for p in valid_parts)], *valid_parts])
+    elif n_rows is not None and n != n_rows:
+        hashes, valid = hashes[:n], valid[:n]
+    del hash_parts, valid_parts
+    n = len(hashes)
 
     ordered = hashes[valid]
     ordered.sort()  # in place: one 4-byte copy per record at the peak
@@ -107,11 +149,11 @@ def duplicate_counts(
     if not is_candidate.any():
         empty = np.zeros(0, dtype=np.int64)
         return DuplicateCounts(empty, empty.astype(np.int32), empty.astype(np.int32))
-    return _confirm(table, key_columns, custom_id_of, key_str, is_candidate)
+    return _confirm(batches, key_columns, custom_id_of, key_str, is_candidate)
 
 
 def _confirm(
-    table: pa.Table,
+    batches: KeyBatches,
     key_columns: Sequence[str],
     custom_id_of: Callable[[Sequence[object]], str],
     key_str: Callable[[object], str | None],
@@ -125,7 +167,8 @@ def _confirm(
     parts = []
     pos = 0
     # Batch by batch with a mask: Table.take on a chunked column would concatenate the whole column.
-    for batch in table.select(list(key_columns)).to_batches(max_chunksize=BATCH_ROWS):
+    for batch in batches():
+        batch = batch.select(list(key_columns))
         mask = is_candidate[pos : pos + batch.num_rows]
         positions = np.flatnonzero(mask) + pos
         pos += batch.num_rows

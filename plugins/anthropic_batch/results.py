@@ -343,11 +343,11 @@ class ParseContext:
         ref = spec.get("output_model")
         output_model = load_output_model(ref, include_dir or spec.get("include_dir")) if ref else None
         with _system_allocator():
-            keys = storage.read_parquet(layout.keys_file(work_dir), use_threads=False)
-            if chunk_indices is not None:
-                mask = pc.is_in(keys.column("chunk_index"), pa.array(list(chunk_indices), pa.int32()))
-                if pc.sum(mask).as_py() != keys.num_rows:  # (a single-chunk run keeps every row)
-                    keys = keys.filter(mask)
+            # batch_requests loads Jinja: only on this path
+            from anthropic_batch.batch_requests import read_keys
+
+            # Only the chunk's row groups are read, not the day's keys.
+            keys = read_keys(work_dir, chunk_indices)
             index = KeyIndex(keys, key_columns)
             del keys
         return cls(

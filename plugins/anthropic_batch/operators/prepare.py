@@ -1,6 +1,6 @@
 """PrepareRequestsOperator: turn the day's source table into request chunk files.
 
-Loads the source (Parquet / CSV / JSONL), renders one Messages request per record with the
+Streams the source (Parquet / CSV / JSONL) in record batches, renders one Messages request per record with the
 pipeline's Jinja prompt, and writes, under ``work_dir``: ``requests/chunk-NNNNN.jsonl`` (one batch
 each), ``requests/keys.parquet``, ``rejected.parquet`` (records refused before any spend, with the
 reason) and ``requests/manifest.json`` (the run's spec and resolved mode, which every downstream
@@ -34,8 +34,8 @@ from anthropic_batch.batch_requests import (
     MAX_REQUESTS_PER_BATCH,
     BatchRequestError,
     RequestSpec,
+    SourceReader,
     prepare_requests,
-    read_source,
 )
 from anthropic_batch.output_models import load_output_model
 from anthropic_batch.status import RunMode
@@ -218,22 +218,28 @@ class PrepareRequestsOperator(BaseOperator):
         # A bad mode or deadline fails before any file is written.
         deadline = parse_deadline(self.deadline)
         resolve_mode(self.mode, 0, self.auto_sync_max_requests)
-        table, unreadable = read_source(self.source, self.source_format)
-        log.info("Loaded %d records (%d columns) from %s.", table.num_rows, table.num_columns, self.source)
+        # Streamed: the source is read batch by batch (twice: keys, then records), never whole.
+        source = SourceReader(self.source, self.source_format)
+        unreadable = source.unreadable
+        log.info(
+            "Reading %s records (%d columns) from %s.",
+            "?" if source.num_rows is None else source.num_rows,
+            len(source.column_names),
+            self.source,
+        )
         for item in unreadable[:20]:
             log.warning("Unreadable record, dead-lettered: %s", item.message)
         if len(unreadable) > 20:
             log.warning("... and %d more unreadable records (all in rejected.parquet).", len(unreadable) - 20)
         work = storage.as_path(self.work_dir)
         manifest = prepare_requests(
-            table,
+            source,
             self.key_columns,
             spec,
             work,
             max_requests_per_chunk=self.max_requests_per_chunk,
             max_bytes_per_chunk=self.max_bytes_per_chunk,
             max_request_bytes=self.max_request_bytes,
-            unreadable=unreadable,
             template_name=self.template_name,
             extra_manifest={
                 "spec": {
