@@ -565,10 +565,9 @@ class PrefixCache:
     def put(self, key: str, finished: float, expires_at: float) -> None:
         """A request that finished at ``finished`` wrote or read (refreshing the TTL) the entry."""
         available, expires = self.entry(key)
-        if expires <= available or finished >= expires:
-            available = finished  # absent or expired: this request's write makes it readable
-        else:
-            available = min(available, finished)
+        # Absent or expired: this request's write makes it readable when it finishes.
+        fresh = expires <= available or finished >= expires
+        available = finished if fresh else min(available, finished)
         if (available, max(expires, expires_at)) != self.seen[key]:
             self.seen[key] = (available, max(expires, expires_at))
             self.dirty.add(key)

@@ -213,8 +213,6 @@ def _ttl(block: Any) -> int | None:
     return None
 
 
-
-
 def count_prompt(params: dict[str, Any]) -> PromptTokens:
     """Count input tokens in prompt order (schema, tools, system, messages) and note cache breakpoints.
 

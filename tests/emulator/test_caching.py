@@ -11,17 +11,23 @@ from batches_emulator import model
 from tests.emulator.conftest import client_for, wait_ended
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
-from anthropic_batch import caching  # noqa: E402
+from anthropic_batch import caching
 
 
 def system_of(n_tokens: int, ttl: str = "1h") -> list[dict]:
     """A system block whose prefix (3 overhead + text) is exactly ``n_tokens`` emulator tokens."""
-    return [{"type": "text", "text": "abcd" * (n_tokens - 3), "cache_control": {"type": "ephemeral", "ttl": ttl}}]
+    return [
+        {"type": "text", "text": "abcd" * (n_tokens - 3), "cache_control": {"type": "ephemeral", "ttl": ttl}}
+    ]
 
 
 def ask(client, model_id: str, system, question: str = "q", **kwargs):
     return client.messages.create(
-        model=model_id, max_tokens=50, system=system, messages=[{"role": "user", "content": question}], **kwargs
+        model=model_id,
+        max_tokens=50,
+        system=system,
+        messages=[{"role": "user", "content": question}],
+        **kwargs,
     ).usage
 
 
@@ -31,14 +37,19 @@ def client(emulator_factory):
 
 
 def test_the_emulator_table_mirrors_the_library_table():
-    assert model.CACHE_MIN_TOKENS == dict(caching.builtin_cache_minimums().models)
+    assert dict(caching.builtin_cache_minimums().models) == model.CACHE_MIN_TOKENS
     assert model.DEFAULT_CACHE_MIN_TOKENS == caching.DEFAULT_MIN_CACHEABLE_TOKENS
     assert model.CACHE_MIN_TOKENS_AS_OF == caching.CACHE_MINIMUMS_AS_OF
 
 
 @pytest.mark.parametrize(
     ("model_id", "minimum"),
-    [("claude-haiku-4-5", 4096), ("claude-sonnet-4-5", 1024), ("claude-opus-4-6", 4096), ("claude-opus-5", 512)],
+    [
+        ("claude-haiku-4-5", 4096),
+        ("claude-sonnet-4-5", 1024),
+        ("claude-opus-4-6", 4096),
+        ("claude-opus-5", 512),
+    ],
 )
 def test_below_the_minimum_nothing_is_cached_at_the_minimum_written_then_read(client, model_id, minimum):
     below = system_of(minimum - 1)

@@ -20,7 +20,9 @@ def test_builtin_minimums_are_dated_and_per_model():
 
 
 def test_env_override_wins_and_bad_values_name_the_source(monkeypatch, tmp_path):
-    monkeypatch.setenv(caching.CACHE_MINIMUMS_ENV, '{"as_of": "2027-01-01", "models": {"claude-haiku-4-5": 2048}}')
+    monkeypatch.setenv(
+        caching.CACHE_MINIMUMS_ENV, '{"as_of": "2027-01-01", "models": {"claude-haiku-4-5": 2048}}'
+    )
     table = caching.load_cache_minimums()
     assert (table.minimum("claude-haiku-4-5"), table.as_of) == (2048, "2027-01-01")
     assert table.minimum("claude-opus-4-6") == 4096
@@ -30,7 +32,7 @@ def test_env_override_wins_and_bad_values_name_the_source(monkeypatch, tmp_path)
     table = caching.load_cache_minimums()
     assert table.minimum("claude-opus-4-6") == 1000 and table.minimum("other") == 100
     monkeypatch.setenv(caching.CACHE_MINIMUMS_ENV, '{"claude-haiku-4-5": "lots"}')
-    with pytest.raises(ValueError, match="ANTHROPIC_BATCH_CACHE_MINIMUMS.*claude-haiku-4-5"):
+    with pytest.raises(ValueError, match=r"ANTHROPIC_BATCH_CACHE_MINIMUMS.*claude-haiku-4-5"):
         caching.load_cache_minimums()
 
 
