@@ -243,3 +243,26 @@ def check_shared_prefix(base_params: Mapping[str, Any], minimums: CacheMinimums 
         minimum=minimums.minimum(model),
         as_of=minimums.as_of,
     )
+
+
+def record_prefix_check(
+    base_params: Mapping[str, Any], work: Any, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Prepare's check: log a WARNING when the shared prefix marked for caching is below the
+    model's minimum, and keep the check in the manifest (``cache``) for the sample report."""
+    from anthropic_batch import storage
+
+    check = check_shared_prefix(base_params)
+    warning = check.warning()
+    if warning:
+        log.warning("Prompt caching: %s", warning)
+    elif check.cacheable:
+        log.info(
+            "Prompt caching: the shared prefix (about %d tokens) reaches the minimum of %d for %s.",
+            check.prefix_tokens,
+            check.minimum,
+            check.model,
+        )
+    manifest = {**manifest, "cache": {**check.to_dict(), "warning": warning}}
+    storage.atomic_write_json(storage.as_path(work) / "requests" / "manifest.json", manifest)
+    return manifest

@@ -37,6 +37,7 @@ from anthropic_batch.batch_requests import (
     prepare_requests,
     read_source,
 )
+from anthropic_batch.caching import record_prefix_check
 from anthropic_batch.output_models import load_output_model
 from anthropic_batch.status import RunMode
 
@@ -261,6 +262,8 @@ class PrepareRequestsOperator(BaseOperator):
         if manifest.get("mode") != mode.value:
             manifest["mode"] = mode.value
             storage.atomic_write_json(work / "requests" / "manifest.json", manifest)
+        # Issue 13: warn when the prefix marked for caching is too short to be cached.
+        manifest = record_prefix_check(spec.base_params(), work, manifest)
 
         chunks = manifest["chunks"]
         for warning in manifest.get("warnings") or ():

@@ -273,3 +273,27 @@ def test_a_corrupt_parquet_source_is_named(tmp_path):
     source.write_bytes(b"PAR1" + b"\0" * 64)
     with pytest.raises(BatchRequestError, match=f"cannot read parquet file .*{source}"):
         _operator(tmp_path, source).execute(make_context())
+
+
+def test_prepare_warns_when_the_prefix_marked_for_caching_is_below_the_minimum(tmp_path, caplog):
+    """Issue 13: a 60-token system prompt with cache_control is never cached by Haiku 4.5 (4,096)."""
+    source = _write_jsonl(tmp_path / "tickets.jsonl", TICKETS)
+    with caplog.at_level("WARNING"):
+        _operator(tmp_path, source).execute(make_context(task_id="prepare"))
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "caching" in r.getMessage()
+    ]
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    cache = manifest["cache"]
+    assert cache["marked"] and not cache["cacheable"] and cache["minimum"] == 4096
+    assert len(warnings) == 1
+    assert f"{cache['prefix_tokens']:,} tokens" in warnings[0] and "4,096" in warnings[0]
+
+
+def test_prepare_does_not_warn_for_a_cacheable_prefix(tmp_path, caplog):
+    source = _write_jsonl(tmp_path / "tickets.jsonl", TICKETS)
+    with caplog.at_level("WARNING"):
+        _operator(tmp_path, source, system_prompt="Rubric. " * 2100).execute(make_context(task_id="prepare"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "caching" in r.getMessage()]
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert manifest["cache"]["cacheable"] and manifest["cache"]["warning"] is None
