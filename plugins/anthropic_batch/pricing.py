@@ -132,6 +132,18 @@ class CostBreakdown(BaseModel):
     def total_usd(self) -> float:
         return self.input_usd + self.output_usd + self.cache_write_usd + self.cache_read_usd
 
+    def table_rows(self) -> list[tuple[str, int | None, float]]:
+        """``(label, tokens, usd)`` rows in the order every display shows them (report, Batches
+        page): what was paid per kind of token, then the two savings (no token count)."""
+        return [
+            ("input", self.input_tokens, self.input_usd),
+            ("output", self.output_tokens, self.output_usd),
+            ("cache writes", self.cache_write_tokens, self.cache_write_usd),
+            ("cache reads", self.cache_read_tokens, self.cache_read_usd),
+            ("saved by caching", None, self.cache_saving_usd),
+            ("saved by batching", None, self.batch_saving_usd),
+        ]
+
     def __add__(self, other: CostBreakdown) -> CostBreakdown:
         return CostBreakdown(
             **{name: getattr(self, name) + getattr(other, name) for name in CostBreakdown.model_fields}
