@@ -297,3 +297,21 @@ def test_prepare_does_not_warn_for_a_cacheable_prefix(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "caching" in r.getMessage()]
     manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
     assert manifest["cache"]["cacheable"] and manifest["cache"]["warning"] is None
+
+
+def test_the_shipped_extraction_rubric_is_read_from_its_file_and_is_long_enough_to_cache(tmp_path, caplog):
+    """Issue 13: the demo's system prompt is a real shared rubric that Haiku 4.5 can cache."""
+    import yaml
+
+    config = yaml.safe_load((INCLUDE_DIR / "pipelines" / "bulk_extraction.yaml").read_text())
+    source = _write_jsonl(tmp_path / "tickets.jsonl", TICKETS)
+    op = _operator(tmp_path, source, system_prompt=config["system_prompt"], model=config["model"])
+    with caplog.at_level("WARNING"):
+        paths = op.execute(make_context(task_id="prepare"))
+    [request, *_] = iter_chunk_requests(paths[0])
+    rubric = (INCLUDE_DIR / config["system_prompt"]).read_text(encoding="utf-8")
+    assert request["params"]["system"][0]["text"] == rubric
+    assert request["params"]["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    cache = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())["cache"]
+    assert cache["cacheable"] and cache["prefix_tokens"] >= cache["minimum"] == 4096
+    assert not [r for r in caplog.records if "caching" in r.getMessage() and r.levelname == "WARNING"]
