@@ -22,10 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -111,43 +109,16 @@ def builtin_cache_minimums() -> CacheMinimums:
     return CacheMinimums(models=dict(_MIN_CACHEABLE_TOKENS))
 
 
-def _variable_override() -> Any:
-    try:
-        from airflow.sdk import Variable
-
-        return Variable.get(CACHE_MINIMUMS_VARIABLE, default=None, deserialize_json=True)
-    except Exception as exc:  # no Airflow context or DB: the built-in table still works
-        log.debug("Variable %s not readable: %s", CACHE_MINIMUMS_VARIABLE, exc)
-        return None
-
-
-def _env_override() -> Any:
-    raw = os.environ.get(CACHE_MINIMUMS_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.startswith("{"):
-        path = Path(raw)
-        if not path.is_file():
-            raise ValueError(f"{CACHE_MINIMUMS_ENV} is neither JSON text nor an existing file: {raw!r}")
-        raw = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{CACHE_MINIMUMS_ENV} is not valid JSON: {exc}") from exc
-
-
 def load_cache_minimums() -> CacheMinimums:
     """The built-in table, overlaid by the Variable, then by env ``ANTHROPIC_BATCH_CACHE_MINIMUMS``."""
+    from anthropic_batch.pricing import json_overrides
+
     table = builtin_cache_minimums()
-    for source, data in (
-        (f"Variable {CACHE_MINIMUMS_VARIABLE}", _variable_override()),
-        (CACHE_MINIMUMS_ENV, _env_override()),
-    ):
-        if data is not None:
-            try:
-                table = table.overlay(data)
-            except ValueError as exc:
-                raise ValueError(f"bad cache minimums override in {source}: {exc}") from exc
+    for source, data in json_overrides(CACHE_MINIMUMS_VARIABLE, CACHE_MINIMUMS_ENV):
+        try:
+            table = table.overlay(data)
+        except ValueError as exc:
+            raise ValueError(f"bad cache minimums override in {source}: {exc}") from exc
     return table
 
 

@@ -61,3 +61,11 @@ def test_long_enough_prefix_is_cacheable_and_unmarked_prefix_is_not_checked():
 def test_automatic_caching_is_noted():
     params = spec("x", extra_params={"cache_control": {"type": "ephemeral"}}).base_params()
     assert caching.check_shared_prefix(params).automatic
+
+
+def test_variable_override_then_env(monkeypatch):
+    # Airflow resolves Variables from AIRFLOW_VAR_* outside tasks as well.
+    monkeypatch.setenv("AIRFLOW_VAR_ANTHROPIC_BATCH_CACHE_MINIMUMS", json.dumps({"claude-haiku-4-5": 1024}))
+    assert caching.load_cache_minimums().minimum("claude-haiku-4-5") == 1024
+    monkeypatch.setenv(caching.CACHE_MINIMUMS_ENV, json.dumps({"models": {"claude-haiku-4-5": 2048}}))
+    assert caching.load_cache_minimums().minimum("claude-haiku-4-5") == 2048
