@@ -33,11 +33,19 @@ Token formula (also used by count_tokens, so the two always agree):
     content tokens: text -> tokens(text); tool_use -> tokens(name) + tokens(JSON input);
     tool_result -> its content; image/document -> 1000; anything else -> tokens(canonical JSON).
     output = tokens(answer text), or tokens(tool name) + tokens(JSON input) for a tool_use.
-Prompt caching: parts are hashed in that order; a part with ``cache_control`` is a breakpoint. A
-breakpoint whose running total is >= ``--cache-min-tokens`` (1024) is cacheable: the longest prefix
-still cached (5 min, or 1 h for ``ttl: "1h"``, emulated time) is ``cache_read_input_tokens``, the rest
-up to the last breakpoint is ``cache_creation_input_tokens``; input_tokens is the remainder, so
-input + cache_creation + cache_read == count_tokens.
+Prompt caching: parts are hashed in that order; a part with ``cache_control`` is a breakpoint, and a
+top-level ``cache_control`` on the request (automatic caching, messages.create and batch params
+alike) adds one on the last content block of the last message. A breakpoint is cacheable when its
+running total reaches the model's minimum (``model.CACHE_MIN_TOKENS``, dated: 4,096 for Haiku 4.5
+and Opus 4.5/4.6, 1,024 for Sonnet 4.5/4.6, ...; ``--cache-min-tokens [MODEL=]N`` overrides); a
+shorter one neither writes nor reads, without an error. The longest prefix readable when the
+request started (5 min, or 1 h for ``ttl: "1h"``, emulated time, refreshed by each use) is
+``cache_read_input_tokens``, the rest up to the last cacheable breakpoint is
+``cache_creation_input_tokens``; input_tokens is the remainder, so
+input + cache_creation + cache_read == count_tokens. Batch requests run concurrently: each one runs
+for 10 % of ``--processing-seconds`` before it finishes, and an entry is readable only once the
+request that wrote it has finished, so the requests that started before the first write completed
+write too (as on the real API, where cache hits in a batch are best effort).
 
 Answers are deterministic functions of the prompt: prose text; with
 ``output_config.format = {"type":"json_schema","schema":...}`` JSON valid against the schema (also the
@@ -46,7 +54,7 @@ constraints ``anthropic.transform_schema`` moves into descriptions); with a forc
 ``max_tokens`` stop with truncated text when the answer does not fit.
 
 Other flags: ``--host`` (127.0.0.1), ``--port``, ``--max-requests`` (100000 per batch),
-``--cache-min-tokens``, ``--retry-after-ms``, ``--parent-pid`` (exit when that process is gone;
+``--cache-min-tokens [MODEL=]N``, ``--retry-after-ms``, ``--parent-pid`` (exit when that process is gone;
 ``EmulatorProcess`` passes its own), ``--log-level`` (uvicorn, default warning).
 
 Fault flags (all seeded by ``--seed``, reproducible):

@@ -61,7 +61,8 @@ class Settings:
     retry_after_ms: int = 100
     early_404_seconds: float = 0.0
     drop_results_after_lines: int | None = None
-    cache_min_tokens: int = 1024
+    # Overrides of the per-model minimum cacheable prefix (model.CACHE_MIN_TOKENS); "*" = every model.
+    cache_min_tokens: dict[str, int] = field(default_factory=dict)
     log_level: str = "warning"
     parent_pid: int | None = None
 
@@ -87,6 +88,17 @@ def _http_fault(text: str) -> HttpFault:
             f"expected ENDPOINT:STATUS:RATE with ENDPOINT in {', '.join(HTTP_FAULT_ENDPOINTS)}"
         )
     return HttpFault(parts[0], int(parts[1]), _rate(parts[2]))
+
+
+def _cache_min_tokens(text: str) -> tuple[str, int]:
+    name, sep, raw = text.rpartition("=")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MODEL=N (tokens), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a minimum must be >= 0 tokens, got {text!r}")
+    return (name if sep else "*"), value
 
 
 def _api_key(text: str) -> str:
@@ -207,9 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache-min-tokens",
-        type=int,
-        default=1024,
-        help="shortest cacheable prefix in tokens (default 1024)",
+        type=_cache_min_tokens,
+        action="append",
+        default=[],
+        metavar="[MODEL=]N",
+        help="shortest cacheable prefix in tokens, for every model (N) or one (MODEL=N; repeatable); "
+        "default: each model's documented minimum (batches_emulator.model.CACHE_MIN_TOKENS)",
     )
     p.add_argument(
         "--parent-pid",
@@ -252,7 +267,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         retry_after_ms=args.retry_after_ms,
         early_404_seconds=args.early_404_seconds,
         drop_results_after_lines=args.drop_results_after_lines,
-        cache_min_tokens=args.cache_min_tokens,
+        cache_min_tokens=dict(args.cache_min_tokens),
         log_level=args.log_level,
         parent_pid=args.parent_pid,
     )

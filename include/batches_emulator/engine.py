@@ -41,6 +41,10 @@ STORE_PART_BYTES = 16 * 1024 * 1024
 RESULT_LINES_PER_PART = 2000
 #: Batches up to this size are finalised inline (well under a second); larger ones in the background.
 INLINE_FINALIZE_MAX_REQUESTS = 2000
+#: How long one batch request is "being answered", as a fraction of --processing-seconds: requests
+#: of a batch run concurrently, and a cache entry is readable only once the request that wrote it
+#: has finished, so requests that started before the first write completed write again.
+REQUEST_RUN_FRACTION = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,9 @@ CREATE TABLE IF NOT EXISTS request_parts (
 CREATE TABLE IF NOT EXISTS result_parts (
     batch_id TEXT NOT NULL, part INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (batch_id, part)
 );
-CREATE TABLE IF NOT EXISTS prefix_cache (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cache_entries (
+    key TEXT PRIMARY KEY, available_at REAL NOT NULL, expires_at REAL NOT NULL
+);
 """
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -382,6 +388,7 @@ class Engine:
             plan, request = plans[i], requests[i]
             requests[i] = None  # type: ignore[call-overload]  # let each request go once answered
             finish = created + processing * plan.finish_fraction
+            start = finish - processing * REQUEST_RUN_FRACTION
             custom_id = request["custom_id"]
             if cancel_at is not None and (plan.stuck or finish > cancel_at):
                 result: dict[str, Any] = {"type": "canceled"}
@@ -397,7 +404,8 @@ class Engine:
                         in_batch=True,
                         cache=cache,
                         at=finish,
-                        min_cache_tokens=self.settings.cache_min_tokens,
+                        started=start,
+                        cache_min_tokens=self.settings.cache_min_tokens,
                         invalid_output=plan.invalid_output,
                         truncate=plan.truncate,
                     )
@@ -472,7 +480,7 @@ class Engine:
                 in_batch=False,
                 cache=cache,
                 at=self.now(),
-                min_cache_tokens=s.cache_min_tokens,
+                cache_min_tokens=s.cache_min_tokens,
                 invalid_output=invalid_output,
                 truncate=truncate,
             )
@@ -534,39 +542,62 @@ def errored(error_type: str, message: str) -> dict[str, Any]:
 
 
 class PrefixCache:
-    """Prompt-cache prefixes (hash -> emulated expiry), read through and written back in one go."""
+    """Prompt-cache entries (prefix hash -> readable from, expires at; emulated times), read through
+    and written back in one go."""
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
-        self.seen: dict[str, float] = {}
-        self.dirty: dict[str, float] = {}
+        self.seen: dict[str, tuple[float, float]] = {}
+        self.dirty: set[str] = set()
 
-    def expiry(self, key: str) -> float:
+    def entry(self, key: str) -> tuple[float, float]:
         if key not in self.seen:
-            row = self.db.execute("SELECT expires_at FROM prefix_cache WHERE key=?", (key,)).fetchone()
-            self.seen[key] = row[0] if row else 0.0
+            row = self.db.execute(
+                "SELECT available_at, expires_at FROM cache_entries WHERE key=?", (key,)
+            ).fetchone()
+            self.seen[key] = (row[0], row[1]) if row else (0.0, 0.0)
         return self.seen[key]
 
-    def put(self, key: str, expires_at: float) -> None:
-        if expires_at > self.expiry(key):
-            self.seen[key] = self.dirty[key] = expires_at
+    def readable(self, key: str, at: float) -> bool:
+        available, expires = self.entry(key)
+        return available <= at < expires
+
+    def put(self, key: str, finished: float, expires_at: float) -> None:
+        """A request that finished at ``finished`` wrote or read (refreshing the TTL) the entry."""
+        available, expires = self.entry(key)
+        # Absent or expired: this request's write makes it readable when it finishes.
+        fresh = expires <= available or finished >= expires
+        available = finished if fresh else min(available, finished)
+        if (available, max(expires, expires_at)) != self.seen[key]:
+            self.seen[key] = (available, max(expires, expires_at))
+            self.dirty.add(key)
 
     def flush(self, db: sqlite3.Connection | None = None) -> None:
         if self.dirty:
             (db or self.db).executemany(
-                "INSERT OR REPLACE INTO prefix_cache VALUES (?, ?)", self.dirty.items()
+                "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?)",
+                ((key, *self.seen[key]) for key in self.dirty),
             )
             self.dirty.clear()
 
 
 def usage_for(
-    prompt: model.PromptTokens, cache: PrefixCache, at: float, min_cache_tokens: int
+    prompt: model.PromptTokens,
+    cache: PrefixCache,
+    at: float,
+    min_cache_tokens: int,
+    started: float | None = None,
 ) -> dict[str, Any]:
-    """Split the prompt into uncached / cache-write / cache-read tokens (see the package docstring)."""
+    """Split the prompt into uncached / cache-write / cache-read tokens (see the package docstring).
+
+    The request runs from ``started`` (default ``at``) to ``at``: it reads the longest prefix whose
+    entry was readable when it started, and its own write becomes readable when it finishes.
+    """
+    started = at if started is None else started
     points = [bp for bp in prompt.breakpoints if bp[0] >= min_cache_tokens]
     read = 0
     for tokens, key, _ in points:
-        if cache.expiry(key) > at:
+        if cache.readable(key, started):
             read = max(read, tokens)
     creation_5m = creation_1h = 0
     if points and points[-1][0] > read:
@@ -575,7 +606,7 @@ def usage_for(
         else:
             creation_5m = points[-1][0] - read
     for _tokens, key, ttl in points:
-        cache.put(key, at + ttl)
+        cache.put(key, at, at + ttl)
     creation = creation_5m + creation_1h
     return {
         "input_tokens": prompt.total - read - creation,
@@ -595,13 +626,15 @@ def build_message(
     in_batch: bool,
     cache: PrefixCache,
     at: float,
-    min_cache_tokens: int,
+    cache_min_tokens: dict[str, int],
+    started: float | None = None,
     invalid_output: bool = False,
     truncate: bool = False,
 ) -> dict[str, Any]:
     model_id, prompt = model.validate_params(params, api_version=api_version, in_batch=in_batch)
     reply = model.answer(params, invalid_output=invalid_output, truncate=truncate)
-    usage = usage_for(prompt, cache, at, min_cache_tokens)
+    minimum = model.cache_min_tokens(model_id, cache_min_tokens)
+    usage = usage_for(prompt, cache, at, minimum, started)
     usage["output_tokens"] = reply.output_tokens
     usage["service_tier"] = "batch" if in_batch else "standard"
     return {

@@ -38,6 +38,26 @@ MODEL_ALIASES = {
     "claude-sonnet-4-5-20250929": "claude-sonnet-4-5",
 }
 
+#: Minimum cacheable prompt length per model (tokens): a breakpoint whose prefix is shorter neither
+#: writes nor reads the cache (no error). Mirrors ``anthropic_batch.caching`` (the library's dated,
+#: overridable table; tests/emulator/test_caching.py keeps the two equal): the emulator stands in for
+#: the API and runs without the library on its path. Override with ``--cache-min-tokens``.
+CACHE_MIN_TOKENS_AS_OF = "2026-11-30"
+CACHE_MIN_TOKENS: dict[str, int] = {
+    "claude-opus-5": 512,
+    "claude-sonnet-5": 1024,
+    "claude-opus-4-8": 1024,
+    "claude-opus-4-7": 2048,
+    "claude-opus-4-6": 4096,
+    "claude-opus-4-5": 4096,
+    "claude-sonnet-4-6": 1024,
+    "claude-sonnet-4-5": 1024,
+    "claude-haiku-4-5": 4096,
+    "claude-3-5-haiku": 2048,
+}
+#: Models without a published minimum (claude-*-5-5): the largest known one.
+DEFAULT_CACHE_MIN_TOKENS = 4096
+
 REQUEST_OVERHEAD_TOKENS = 3
 MESSAGE_OVERHEAD_TOKENS = 3
 NON_TEXT_BLOCK_TOKENS = 1_000  # images, documents: a flat charge
@@ -139,6 +159,17 @@ def json_tokens(value: Any) -> int:
     return math.ceil(len(canonical(value).encode("utf-8")) / 4)
 
 
+def cache_min_tokens(model_id: str, overrides: dict[str, int] | None = None) -> int:
+    """The minimum cacheable prefix of a (resolved) model: ``overrides`` ("*" = every model) first."""
+    overrides = overrides or {}
+    for table in (overrides, CACHE_MIN_TOKENS):
+        if model_id in table:
+            return table[model_id]
+        if table is overrides and "*" in overrides:
+            return overrides["*"]
+    return DEFAULT_CACHE_MIN_TOKENS
+
+
 def resolve_model(name: Any) -> str | None:
     if not isinstance(name, str):
         return None
@@ -209,18 +240,37 @@ def count_prompt(params: dict[str, Any]) -> PromptTokens:
         elif isinstance(content, list):
             parts.extend((block, _block_tokens(block)) for block in content)
     total = REQUEST_OVERHEAD_TOKENS + sum(tokens for _, tokens in parts)
-    if not any(_ttl(part) is not None for part, _ in parts):
+    ttls = [_ttl(part) for part, _ in parts]
+    # Automatic caching: a top-level cache_control puts a breakpoint on the last cacheable block
+    # (the last content block of the last message), with the request's TTL.
+    automatic = _ttl(params)
+    if automatic is not None:
+        last = max((i for i, (part, _) in enumerate(parts) if not _is_role(part)), default=None)
+        if last is not None and ttls[last] is None:
+            ttls[last] = automatic
+    if all(ttl is None for ttl in ttls):
         return PromptTokens(total)
     hasher = hashlib.sha256(str(resolve_model(params.get("model")) or params.get("model")).encode())
     running = REQUEST_OVERHEAD_TOKENS
     breakpoints: list[tuple[int, str, int]] = []
-    for part, tokens in parts:
+    for (part, tokens), ttl in zip(parts, ttls, strict=True):
         running += tokens
-        hasher.update(canonical(part).encode("utf-8"))
-        ttl = _ttl(part)
+        # The key ignores cache_control itself: the same prefix hits whether it was marked by a
+        # block breakpoint or by automatic caching.
+        hasher.update(canonical(_without_cache_control(part)).encode("utf-8"))
         if ttl is not None:
             breakpoints.append((running, hasher.copy().hexdigest(), ttl))
     return PromptTokens(total, breakpoints)
+
+
+def _is_role(part: Any) -> bool:
+    return isinstance(part, dict) and set(part) == {"role"}
+
+
+def _without_cache_control(part: Any) -> Any:
+    if isinstance(part, dict) and "cache_control" in part:
+        return {k: v for k, v in part.items() if k != "cache_control"}
+    return part
 
 
 # ---------------------------------------------------------------- validation

@@ -37,7 +37,7 @@ EMULATOR_FLAGS = ("--processing-seconds", "3", "--seed", "7")
 #: emulator can inject quickly, so the resubmit rounds show. (Expired requests are left out: the
 #: emulator can only expire a batch by fast-forwarding its clock, which would skew every timestamp.)
 #: Output faults are kept rarer than errors: they also reach the sample gate's synchronous calls
-#: (five requests, 60% must pass), which the demo's faults are not meant to trip.
+#: (twenty requests, 60% must pass), which the demo's faults are not meant to trip.
 FAULT_FLAGS = (
     "--error-rate", "overloaded_error=0.05",
     "--error-rate", "api_error=0.03",
@@ -156,6 +156,78 @@ def print_results(root: str, date: str) -> None:
         f"synchronously ${summary.get('sync_cost_usd', 0):.4f} "
         f"(saved ${summary.get('savings_usd', 0):.4f}; prices as of {summary.get('price_table_as_of')})"
     )
+    print_cost_check(root, date)
+
+
+def projection_vs_actual(root: str, date: str) -> dict:
+    """The sample gate's projection of the batch cost beside what the batches cost, and each first-
+    attempt batch's prompt-cache tokens (issue 13). The actual cost is the run summary's
+    ``cost_breakdown`` (every attempt's batch results; the sample's own synchronous cost apart)."""
+    from anthropic_batch import layout, partition, storage
+    from anthropic_batch.pricing import CostBreakdown
+
+    work = storage.work_dir(root, "bulk_extraction", date)
+    report = storage.read_json(layout.sample_report_path(work)) or {}
+    published = partition.published_files(storage.extraction_dir(root, "bulk_extraction", date))
+    summary = (published.read_summary() if published is not None else None) or {}
+    breakdown = summary.get("cost_breakdown") or {}
+    actual = CostBreakdown.model_validate(breakdown).total_usd
+    projection = report.get("projection") or {}
+    projected = float(report.get("projected_batch_cost_usd") or 0)
+    batches = []
+    attempt_dir = layout.attempt_dir(work, 1)
+    if attempt_dir.exists():
+        for path in sorted(attempt_dir.iterdir(), key=lambda p: p.name):
+            if not path.name.endswith(".parquet"):
+                continue
+            rows = storage.read_parquet(
+                str(path), columns=["cache_creation_input_tokens", "cache_read_input_tokens"]
+            ).to_pylist()
+            batches.append(
+                {
+                    "batch": path.name.removesuffix(".parquet"),
+                    "requests": len(rows),
+                    "cache_writes": sum(r["cache_creation_input_tokens"] or 0 for r in rows),
+                    "cache_reads": sum(r["cache_read_input_tokens"] or 0 for r in rows),
+                }
+            )
+    return {
+        "n_sampled": report.get("n_sampled"),
+        "projected_usd": projected,
+        "projected_without_caching_usd": float(
+            (projection.get("without_caching") or {}).get("batch_usd") or 0
+        ),
+        "actual_usd": actual,
+        "error_pct": (projected - actual) / actual * 100 if actual else None,
+        "cache_warning": report.get("cache_warning"),
+        "breakdown": breakdown,
+        "batches": batches,
+    }
+
+
+def print_cost_check(root: str, date: str) -> None:
+    check = projection_vs_actual(root, date)
+    if check["n_sampled"] is None or not check["actual_usd"]:
+        return
+    b = check["breakdown"]
+    print(
+        f"  projected from the {check['n_sampled']}-request sample: ${check['projected_usd']:.4f} "
+        f"with caching (${check['projected_without_caching_usd']:.4f} without); "
+        f"the batches cost ${check['actual_usd']:.4f} "
+        f"({check['error_pct']:+.1f} %)"
+    )
+    print(
+        f"  cache: {b.get('cache_write_tokens', 0):,} tokens written (${b.get('cache_write_usd', 0):.4f}), "
+        f"{b.get('cache_read_tokens', 0):,} read (${b.get('cache_read_usd', 0):.4f}); saved "
+        f"${b.get('cache_saving_usd', 0):.4f} by caching and ${b.get('batch_saving_usd', 0):.4f} by batching"
+    )
+    for i, batch in enumerate(check["batches"], start=1):
+        print(
+            f"    chunk batch {i} ({batch['batch']}): {batch['requests']} requests, cache writes "
+            f"{batch['cache_writes']:,} tokens, cache reads {batch['cache_reads']:,} tokens"
+        )
+    if check["cache_warning"]:
+        print(f"  WARNING prompt caching: {check['cache_warning']}")
 
 
 def print_resubmit_rounds(root: str, date: str, summary: dict) -> None:

@@ -85,6 +85,7 @@ __all__ = [
     "retry_list_path",
     "reused_results_path",
     "sample_dir",
+    "sample_report_path",
     "storage_root_template",
     "sync_results_path",
     "work_dir",
@@ -203,6 +204,11 @@ def dead_letter_path(work: PathLike) -> ObjectStoragePath:
 def sample_dir(work: PathLike) -> ObjectStoragePath:
     """``{work}/sample``: the sample-and-refine answers and report."""
     return _under(work, SAMPLE_DIR)
+
+
+def sample_report_path(work: PathLike) -> ObjectStoragePath:
+    """``{work}/sample/report.json``: the sample gate's report (beside its .md and .html)."""
+    return sample_dir(work) / "report.json"
 
 
 def sync_results_path(chunk_path: PathLike) -> ObjectStoragePath:

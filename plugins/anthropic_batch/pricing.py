@@ -134,6 +134,18 @@ class CostBreakdown(BaseModel):
     def total_usd(self) -> float:
         return self.input_usd + self.output_usd + self.cache_write_usd + self.cache_read_usd
 
+    def table_rows(self) -> list[tuple[str, int | None, float]]:
+        """``(label, tokens, usd)`` rows in the order every display shows them (report, Batches
+        page): what was paid per kind of token, then the two savings (no token count)."""
+        return [
+            ("input", self.input_tokens, self.input_usd),
+            ("output", self.output_tokens, self.output_usd),
+            ("cache writes", self.cache_write_tokens, self.cache_write_usd),
+            ("cache reads", self.cache_read_tokens, self.cache_read_usd),
+            ("saved by caching", None, self.cache_saving_usd),
+            ("saved by batching", None, self.batch_saving_usd),
+        ]
+
     def __add__(self, other: CostBreakdown) -> CostBreakdown:
         return CostBreakdown(
             **{name: getattr(self, name) + getattr(other, name) for name in CostBreakdown.model_fields}
@@ -285,40 +297,38 @@ def builtin_price_table() -> PriceTable:
     )
 
 
-def _variable_override() -> Any:
+def json_overrides(variable: str, env: str) -> list[tuple[str, Any]]:
+    """``(source, data)`` of a table's overrides, in the order they apply: Airflow Variable
+    ``variable`` (JSON), then env ``env`` (JSON text or a path to a JSON file); unset ones are
+    left out. Shared by the price table and the cache minimums (``caching.py``)."""
+    found: list[tuple[str, Any]] = []
     try:
         from airflow.sdk import Variable
 
-        return Variable.get(PRICES_VARIABLE, default=None, deserialize_json=True)
+        data = Variable.get(variable, default=None, deserialize_json=True)
     except Exception as exc:  # no Airflow context or DB: the built-in table still works
-        log.debug("price Variable %s not readable: %s", PRICES_VARIABLE, exc)
-        return None
-
-
-def _env_override() -> Any:
-    raw = os.environ.get(PRICES_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.startswith("{"):
-        path = Path(raw)
-        if not path.is_file():
-            raise ValueError(f"{PRICES_ENV} is neither JSON text nor an existing file: {raw!r}")
-        raw = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{PRICES_ENV} is not valid JSON: {exc}") from exc
+        log.debug("Variable %s not readable: %s", variable, exc)
+        data = None
+    if data is not None:
+        found.append((f"Variable {variable}", data))
+    raw = os.environ.get(env, "").strip()
+    if raw:
+        if not raw.startswith("{"):
+            path = Path(raw)
+            if not path.is_file():
+                raise ValueError(f"{env} is neither JSON text nor an existing file: {raw!r}")
+            raw = path.read_text(encoding="utf-8")
+        try:
+            found.append((env, json.loads(raw)))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{env} is not valid JSON: {exc}") from exc
+    return found
 
 
 def load_price_table() -> PriceTable:
     """The built-in table, overlaid by the price Variable, then by env ``ANTHROPIC_BATCH_PRICES``."""
     table = builtin_price_table()
-    for source, data in (
-        (f"Variable {PRICES_VARIABLE}", _variable_override()),
-        (PRICES_ENV, _env_override()),
-    ):
-        if data is None:
-            continue
+    for source, data in json_overrides(PRICES_VARIABLE, PRICES_ENV):
         try:
             table = table.overlay(data)
         except (ValueError, ArithmeticError) as exc:

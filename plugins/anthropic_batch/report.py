@@ -115,6 +115,8 @@ def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> 
             "attempts": summary.get("attempts"),
         },
         "status_counts": dict(summary.get("counts_by_status") or _counts(data.get("status", []))),
+        # Issue 13: cache writes, cache reads and both savings, tokens and dollars (None: older run).
+        "cost_breakdown": summary.get("cost_breakdown"),
         "dead_letter_reasons": dead_reasons,
         "groups": group_stats,
     }
@@ -437,6 +439,20 @@ def _money(value: Any) -> str:
     return f"${float(value or 0):,.4f}"
 
 
+def cost_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The cost section: ``(what, tokens, USD)`` per kind of token and per saving (empty for a run
+    summary written before the breakdown existed)."""
+    from anthropic_batch.pricing import CostBreakdown
+
+    data = report.get("cost_breakdown")
+    if not data:
+        return []
+    return [
+        (label, "" if tokens is None else f"{tokens:,}", _money(usd))
+        for label, tokens, usd in CostBreakdown(**data).table_rows()
+    ]
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The report as one self-contained HTML document (inline CSS and SVG; no scripts, no fetches)."""
     totals = report.get("totals", {})
@@ -506,6 +522,11 @@ def render_html(report: Mapping[str, Any]) -> str:
             f"sentiment: {_E(_inline_counts(group['sentiments']))}; "
             f"products: {_E(_inline_counts(group['products']) or 'none named')}</div>{text}</div>"
         )
+    rows = cost_rows(report)
+    if rows:
+        out.append("<h2>Cost breakdown</h2><table><tr><th></th><th>tokens</th><th>USD</th></tr>")
+        out.extend(f"<tr><td>{_E(a)}</td><td>{_E(b)}</td><td>{_E(c)}</td></tr>" for a, b, c in rows)
+        out.append("</table>")
     reasons = report.get("dead_letter_reasons", {})
     out.append("<h2>Dead letters</h2>")
     if reasons:
@@ -551,6 +572,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{totals.get('n_batches')} | {_money(totals.get('cost_usd'))} | "
         f"{_money(totals.get('sync_cost_usd'))} | {_money(totals.get('savings_usd'))} |",
         "",
+        *(
+            ["## Cost breakdown", "", "| | tokens | USD |", "|---|---:|---:|"]
+            + [f"| {md_escape(a)} | {b} | {c} |" for a, b, c in cost_rows(report)]
+            + [""]
+            if report.get("cost_breakdown")
+            else []
+        ),
         "## Requests by final status",
         "",
         "| status | requests |",

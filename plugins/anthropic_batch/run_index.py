@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import layout, storage
+from anthropic_batch.partition import COMMIT_FILE, SUMMARY_FILE
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -36,9 +37,6 @@ INDEX_DIR = "_index"
 LEDGER_INDEX = "ledger.json"
 SUMMARY_INDEX = "summaries.json"
 INDEX_VERSION = 1
-SUMMARY_FILE = "summary.json"
-#: The published partition's commit file, when publish writes generations (see partition.py).
-COMMIT_FILE = "_COMMIT.json"
 #: Concurrent reads of changed files on an object store (latency-bound; local reads are sequential).
 READ_CONCURRENCY = 16
 

@@ -149,7 +149,7 @@ def test_count_tokens_matches_usage(client):
 def test_cached_system_prefix_is_written_then_read(emulator_factory):
     emu = emulator_factory("--processing-seconds", "0.3")
     client = client_for(emu)
-    system = [{"type": "text", "text": "Policy. " * 700, "cache_control": {"type": "ephemeral"}}]
+    system = [{"type": "text", "text": "Policy. " * 2200, "cache_control": {"type": "ephemeral"}}]
 
     def ask(question):
         return client.messages.create(
@@ -160,7 +160,7 @@ def test_cached_system_prefix_is_written_then_read(emulator_factory):
         model=MODEL, system=system, messages=[{"role": "user", "content": "a"}]
     )
     first, second = ask("a"), ask("b")
-    prefix = 3 + -(-len(("Policy. " * 700).encode()) // 4)
+    prefix = 3 + -(-len(("Policy. " * 2200).encode()) // 4)
     assert first.usage.cache_creation_input_tokens == prefix and first.usage.cache_read_input_tokens == 0
     assert first.usage.cache_creation.ephemeral_5m_input_tokens == prefix
     assert second.usage.cache_read_input_tokens == prefix and second.usage.cache_creation_input_tokens == 0
@@ -200,7 +200,7 @@ def test_short_prefixes_are_not_cached(client):
 def test_one_hour_cache_ttl_is_reported_separately(emulator_factory):
     emu = emulator_factory()
     client = client_for(emu)
-    system = [{"type": "text", "text": "Rules. " * 800, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    system = [{"type": "text", "text": "Rules. " * 2400, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
     usage = client.messages.create(
         model=MODEL, max_tokens=100, system=system, messages=[{"role": "user", "content": "x"}]
     ).usage

@@ -37,6 +37,7 @@ from anthropic_batch.batch_requests import (
     SourceReader,
     prepare_requests,
 )
+from anthropic_batch.caching import log_prefix_check
 from anthropic_batch.output_models import load_output_model
 from anthropic_batch.status import RunMode
 
@@ -113,7 +114,8 @@ class PrepareRequestsOperator(BaseOperator):
         inline Jinja; the record's columns are its variables.
     :param model: the Claude model id.
     :param max_tokens: max output tokens per request.
-    :param system_prompt: sent as-is (cached across requests).
+    :param system_prompt: sent as-is (cached across requests); inline text or a file under
+        ``include_dir`` (same suffixes as ``prompt_template``), read as plain text, not templated.
     :param output_model: ``"schemas/x.py:Model"`` under ``include_dir`` for structured output.
     :param output_mode: ``json_schema`` (output_config) or ``tool`` (forced tool use).
     :param extra_params: further request params (validated: only what a batch accepts).
@@ -206,7 +208,10 @@ class PrepareRequestsOperator(BaseOperator):
             model=self.model,
             max_tokens=self.max_tokens,
             prompt_template=load_prompt_template(self.prompt_template, self.include_dir),
-            system_prompt=self.system_prompt,
+            # Like the template, a file under include_dir (a long shared rubric, cached) or inline text.
+            system_prompt=load_prompt_template(self.system_prompt, self.include_dir)
+            if self.system_prompt
+            else self.system_prompt,
             output_model=model_cls,
             output_mode=self.output_mode or "json_schema",
             extra_params=self.extra_params,
@@ -264,9 +269,10 @@ class PrepareRequestsOperator(BaseOperator):
         )
         n_to_send = manifest["reuse"]["n_to_send"]
         mode = resolve_mode(self.mode, n_to_send, self.auto_sync_max_requests, deadline=deadline)
-        if manifest.get("mode") != mode.value:
-            manifest["mode"] = mode.value
-            storage.atomic_write_json(layout.manifest_path(work), manifest)
+        # The final mode, and the prompt-caching check (a warning when the prefix marked for caching
+        # is below the model's minimum), in one write.
+        manifest = {**manifest, "mode": mode.value, "cache": log_prefix_check(spec.base_params())}
+        storage.atomic_write_json(layout.manifest_path(work), manifest)
 
         chunks = manifest["chunks"]
         for warning in manifest.get("warnings") or ():

@@ -41,7 +41,7 @@ from anthropic_batch.partition import (  # noqa: F401  (re-exported: the partiti
     SUCCESS_MARKER,
     SUMMARY_FILE,
 )
-from anthropic_batch.pricing import load_price_table
+from anthropic_batch.pricing import CostBreakdown, load_price_table
 from anthropic_batch.sync_backend import takeover_summary
 
 if TYPE_CHECKING:
@@ -79,6 +79,16 @@ class Spend:
     cost_usd: float = 0.0
     sync_cost_usd: float = 0.0
     batch_ids: set[str] = field(default_factory=set)
+    # (model, paid at the batch price) -> token column -> sum: what the cost breakdown is priced from.
+    usage: dict[tuple[str, bool], dict[str, int]] = field(default_factory=dict)
+
+    def breakdown(self, cache_ttl: str = "5m") -> CostBreakdown:
+        """The :class:`~anthropic_batch.pricing.CostBreakdown` of these tokens at today's price table."""
+        prices = load_price_table()
+        total = CostBreakdown()
+        for (model, batch), usage in sorted(self.usage.items()):
+            total += prices.breakdown(model, usage, batch=batch, cache_ttl=cache_ttl)
+        return total
 
 
 def _batches(path: storage.PathLike, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
@@ -129,10 +139,11 @@ def billed_spend(paths: Sequence[storage.PathLike]) -> Spend:
     import pyarrow.compute as pc
 
     spend = Spend()
-    columns = ["cost_usd", "sync_cost_usd", "batch_id", *_TOKEN_COLUMNS.values()]
+    columns = ["cost_usd", "sync_cost_usd", "batch_id", "model", *_TOKEN_COLUMNS.values()]
     for path in paths:
         for batch in _batches(path, columns):
             names = batch.schema.names
+            _add_usage(spend, batch)
             spend.cost_usd += (
                 float(pc.sum(batch.column("cost_usd")).as_py() or 0) if "cost_usd" in names else 0
             )
@@ -144,6 +155,32 @@ def billed_spend(paths: Sequence[storage.PathLike]) -> Spend:
             if "batch_id" in names:
                 spend.batch_ids.update(b for b in pc.unique(batch.column("batch_id")).to_pylist() if b)
     return spend
+
+
+def _add_usage(spend: Spend, batch: pa.RecordBatch) -> None:
+    """Token sums per (model, batch-priced) of one record batch into ``spend.usage``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = batch.schema.names
+    if "model" not in names:
+        return
+    table = pa.Table.from_batches([batch])
+    # A row paid less than its synchronous equivalent was paid at the batch price (mode=sync rows
+    # and the takeover's synchronous answers are priced synchronously).
+    if "cost_usd" in names and "sync_cost_usd" in names:
+        batch_priced = pc.fill_null(pc.less(table["cost_usd"], table["sync_cost_usd"]), False)
+    else:
+        batch_priced = pa.array([True] * table.num_rows)
+    table = table.append_column("_batch", batch_priced)
+    columns = [c for c in _TOKEN_COLUMNS.values() if c in names]
+    grouped = table.group_by(["model", "_batch"]).aggregate([(c, "sum") for c in columns])
+    for row in grouped.to_pylist():
+        if row["model"] is None:
+            continue
+        usage = spend.usage.setdefault((str(row["model"]), bool(row["_batch"])), dict.fromkeys(columns, 0))
+        for c in columns:
+            usage[c] = usage.get(c, 0) + int(row[f"{c}_sum"] or 0)
 
 
 def write_dead_letters(
@@ -221,6 +258,9 @@ def build_summary(
         "cost_usd": round(billed.cost_usd, 6),
         "sync_cost_usd": round(billed.sync_cost_usd, 6),
         "savings_usd": round(billed.sync_cost_usd - billed.cost_usd, 6),
+        # Issue 13: input, output, cache writes, cache reads, cache and batch savings, tokens and
+        # dollars, over every attempt's results (the sample is in sample_cost_usd).
+        "cost_breakdown": billed.breakdown(str(spec.get("cache_ttl") or "5m")).model_dump(),
         "batch_ids": sorted(billed.batch_ids),
         "attempts": merged.max_attempt,
         "price_table_as_of": price_table_as_of,
@@ -304,7 +344,7 @@ class PublishPartitionOperator(BaseOperator):
         manifest = layout.read_manifest(work_dir)
         spec = manifest.get("spec") or {}
         key_columns = spec.get("key_columns") or []
-        sample_report = storage.read_json(layout.sample_dir(work_dir) / "report.json")
+        sample_report = storage.read_json(layout.sample_report_path(work_dir))
         ti = context["ti"]
         billed = billed_spend(billed_paths(work_dir, self.merged_path))
 

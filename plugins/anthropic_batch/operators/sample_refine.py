@@ -235,6 +235,90 @@ def count_input_tokens(manifest: Mapping[str, Any], client: anthropic.Anthropic,
     return sum(bounded_map(lambda line: _count_one(client, line), lines(), concurrency=concurrency))
 
 
+# -- the projection, with and without prompt caching ------------------------------------------------
+def project_caching(
+    manifest: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    n_requests: int,
+    *,
+    input_tokens_all: int | None = None,
+) -> dict[str, Any]:
+    """The run's projected cost with and without prompt caching, from the sample's usage.
+
+    Every sampled request's prompt is ``input + cache writes + cache reads`` tokens. *Without
+    caching* the whole prompt is paid as input. *With caching* the shared prefix (its length as the
+    sample saw it; prepare's estimate when the sample touched no cache) is a cache read for every
+    request, plus the writes: none when the sample has just written a 1-hour cache (the batches are
+    submitted right after this gate, and each read refreshes the TTL), else one per chunk (the
+    first request of each batch; concurrent ones may write too: hits are best effort). A prefix
+    below the model's minimum is never cached, so both projections are then the same.
+    """
+    prices = load_price_table()
+    spec = manifest.get("spec") or {}
+    model = str(spec.get("model") or (rows[0].get("model") if rows else ""))
+    ttl = str(spec.get("cache_ttl") or "5m")
+    n = len(rows)
+    check = manifest.get("cache") or {}
+    observed = max(
+        (
+            int(r.get("cache_creation_input_tokens") or 0) + int(r.get("cache_read_input_tokens") or 0)
+            for r in rows
+        ),
+        default=0,
+    )
+    prefix = observed or (int(check.get("prefix_tokens") or 0) if check.get("cacheable") else 0)
+    warning = check.get("warning")
+    if not warning and check.get("cacheable") and n and not observed:
+        warning = (
+            f"the prefix marked for caching (about {check.get('prefix_tokens'):,} tokens, minimum "
+            f"{check.get('minimum'):,}) was neither written nor read by the {n} sampled requests"
+        )
+    prompt_tokens = sum(
+        int(r.get(c) or 0)
+        for r in rows
+        for c in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    total_input = (
+        input_tokens_all
+        if input_tokens_all is not None
+        else (round(prompt_tokens / n * n_requests) if n else 0)
+    )
+    output = round(sum(int(r.get("output_tokens") or 0) for r in rows) / n * n_requests) if n else 0
+    warmed = ttl == "1h" and observed > 0
+    n_chunks = len(manifest.get("chunks") or [])
+    writes = 0 if (warmed or not prefix) else min(n_chunks, n_requests)
+    cached = {
+        "input_tokens": max(total_input - prefix * n_requests, 0),
+        "output_tokens": output,
+        "cache_creation_input_tokens": prefix * writes,
+        "cache_read_input_tokens": prefix * (n_requests - writes),
+    }
+    plain = {"input_tokens": total_input, "output_tokens": output}
+
+    def both(usage: Mapping[str, int]) -> dict[str, Any]:
+        if not n or not model:
+            return {"batch_usd": 0.0, "sync_usd": 0.0, "breakdown": None}
+        batch = prices.breakdown(model, usage, batch=True, cache_ttl=ttl)
+        sync = prices.breakdown(model, usage, batch=False, cache_ttl=ttl)
+        return {
+            "batch_usd": round(batch.total_usd, 6),
+            "sync_usd": round(sync.total_usd, 6),
+            "breakdown": batch.model_dump(),
+        }
+
+    return {
+        "with_caching": both(cached),
+        "without_caching": both(plain),
+        "prefix_tokens": prefix,
+        "prefix_source": "sample" if observed else ("estimate" if prefix else None),
+        "cache_writes_assumed": writes,
+        "warmed_by_sample": warmed,
+        "cache_ttl": ttl,
+        "minimum": check.get("minimum"),
+        "warning": warning,
+    }
+
+
 # -- the report -------------------------------------------------------------------------------------
 def _passed(row: Mapping[str, Any]) -> bool:
     # loads pyarrow: kept out of DAG parsing
@@ -283,14 +367,13 @@ def build_report(
     batch_cost = sum(float(r.get("cost_usd") or 0) for r in rows)
     sync_cost = sum(float(r.get("sync_cost_usd") or 0) for r in rows)
     projection_method = "sample_mean"
-    projected_batch = batch_cost / n * n_requests if n else 0.0
-    projected_sync = sync_cost / n * n_requests if n else 0.0
+    input_all = None
     if input_tokens_all is not None and n:
-        prices = load_price_table()
-        usage = {"input_tokens": input_tokens_all, "output_tokens": round(tokens["output"] / n * n_requests)}
-        projected_batch = prices.cost(spec["model"], usage, batch=True)
-        projected_sync = prices.cost(spec["model"], usage, batch=False)
         projection_method = "count_tokens_input_plus_sampled_output"
+        input_all = input_tokens_all
+    caching = project_caching(manifest, rows, n_requests, input_tokens_all=input_all)
+    projected_batch = caching["with_caching"]["batch_usd"] if n else 0.0
+    projected_sync = caching["with_caching"]["sync_usd"] if n else 0.0
     projected = projected_sync if mode == "sync" else projected_batch
 
     failures = [
@@ -333,6 +416,8 @@ def build_report(
         "projected_batch_cost_usd": round(projected_batch, 6),
         "projected_sync_cost_usd": round(projected_sync, 6),
         "projected_cost_usd": round(projected, 6),
+        "projection": caching,
+        "cache_warning": caching["warning"],
         "max_cost_usd": max_cost_usd,
         "failures": failures,
         "passed": not reasons,
@@ -349,6 +434,20 @@ def _md(text: Any) -> str:
 
 def _money(value: float | None) -> str:
     return "none" if value is None else f"${value:,.4f}"
+
+
+def _caching_line(report: Mapping[str, Any]) -> str:
+    p = report.get("projection") or {}
+    if not p:
+        return "- caching: not projected"
+    with_c, without = p["with_caching"], p["without_caching"]
+    return (
+        f"- projected batch cost with caching {_money(with_c['batch_usd'])}, without caching "
+        f"{_money(without['batch_usd'])} (shared prefix {p['prefix_tokens']:,} tokens from the "
+        f"{p['prefix_source'] or 'nothing: no cacheable prefix'}; "
+        f"{p['cache_writes_assumed']} cache write(s) assumed"
+        f"{', the sample warmed the 1 h cache' if p['warmed_by_sample'] else ''})"
+    )
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -369,10 +468,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"(batch {_money(report['projected_batch_cost_usd'])}, synchronous "
         f"{_money(report['projected_sync_cost_usd'])}; {report['projection_method']}); "
         f"budget {_money(report['max_cost_usd'])}",
+        _caching_line(report),
         f"- this sample cost {_money(report['sample_cost_usd'])} (synchronous price; paid by this try "
         f"{_money(report.get('sample_cost_paid_usd'))}, {report.get('n_reused_answers', 0)} answers reused); "
         f"prices as of {report['price_table_as_of']}",
     ]
+    if report.get("cache_warning"):
+        lines += ["", f"**Warning, prompt caching:** {_md(report['cache_warning'])}"]
     if report["failures"]:
         lines += ["", "| custom_id | status | stop reason | reason |", "|---|---|---|---|"]
         for f in report["failures"][:_MAX_FAILURES_LISTED]:
@@ -405,6 +507,12 @@ def render_html(report: Mapping[str, Any]) -> str:
             "Projected batch / synchronous",
             f"{_money(report['projected_batch_cost_usd'])} / {_money(report['projected_sync_cost_usd'])}",
         ),
+        (
+            "Projected batch cost with / without caching",
+            f"{_money((report.get('projection') or {}).get('with_caching', {}).get('batch_usd'))} / "
+            f"{_money((report.get('projection') or {}).get('without_caching', {}).get('batch_usd'))}",
+        ),
+        ("Prompt caching warning", report.get("cache_warning") or "none"),
         ("Budget", _money(report["max_cost_usd"])),
         ("Sample cost", _money(report["sample_cost_usd"])),
         ("Prices as of", report["price_table_as_of"]),
@@ -551,6 +659,8 @@ class SampleRefineOperator(BaseOperator):
             raise AirflowFailException(
                 "Sample check failed: " + "; ".join(report["gate_failures"]) + f". Report: {paths['html']}"
             )
+        if report["cache_warning"]:
+            self.log.warning("Prompt caching: %s", report["cache_warning"])
         self.log.info("Sample check passed.\n%s", markdown)
         return {
             "passed": True,

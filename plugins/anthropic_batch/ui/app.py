@@ -137,6 +137,7 @@ def _environment():
     env.filters.update(usd=fmt_usd, pct=fmt_pct, num=fmt_num, time=fmt_time, expiry=fmt_expiry)
     env.filters["cell"] = lambda v: _cell(v, data.MAX_CELL_CHARS)
     env.filters["redact"] = data.redact
+    env.filters["cost_rows"] = data.cost_breakdown_rows  # issue 13: the cost breakdown section
     return env
 
 

@@ -224,6 +224,7 @@ def run_row(
         "tokens": {},
         "n_reused": None,  # answer reuse (issue 9): from the summary
         "reused_cost_usd": None,
+        "cost_breakdown": None,  # issue 13: cache writes/reads and both savings, from the summary
     }
     if summary is not None:
         raw_counts = summary.get("counts_by_status")
@@ -251,10 +252,38 @@ def run_row(
         # Answer reuse (issue 9): answers taken from earlier runs, and what they had cost then.
         run["n_reused"] = _int(summary.get("n_reused"))
         run["reused_cost_usd"] = _num(summary.get("reused_cost_usd"))
+        run["cost_breakdown"] = _breakdown(summary.get("cost_breakdown"))
     run.setdefault("savings_usd", _savings(run["cost_usd"], run["sync_cost_usd"]))
     n_rows = run["n_rows"] or 0
     run["success_rate"] = (run["n_succeeded"] / n_rows) if n_rows and run["published"] else None
     return run
+
+
+def _breakdown(value: Any) -> dict[str, Any] | None:
+    """A summary's ``cost_breakdown`` if it is one (older summaries have none; a bad one is skipped)."""
+    from pydantic import ValidationError
+
+    from anthropic_batch.pricing import CostBreakdown
+
+    if not isinstance(value, dict):
+        return None
+    try:
+        return CostBreakdown.model_validate(value).model_dump()
+    except ValidationError:
+        log.warning("ignoring a malformed cost_breakdown in a run summary: %r", value)
+        return None
+
+
+def cost_breakdown_rows(breakdown: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The cost section's rows (what, tokens, USD) for a template; empty without a breakdown."""
+    from anthropic_batch.pricing import CostBreakdown
+
+    if not breakdown:
+        return []
+    return [
+        {"label": label, "tokens": tokens, "usd": usd}
+        for label, tokens, usd in CostBreakdown(**breakdown).table_rows()
+    ]
 
 
 def _run_sort_key(run: dict[str, Any]) -> tuple[str, str]:
@@ -293,6 +322,17 @@ def build_overview(
     return {"batches": batches, "runs": runs, "totals": totals(batches, runs), "series": series(runs)}
 
 
+def _sum_breakdowns(breakdowns: list[dict[str, Any]]) -> dict[str, Any] | None:
+    from anthropic_batch.pricing import CostBreakdown
+
+    if not breakdowns:
+        return None
+    total = CostBreakdown()
+    for item in breakdowns:
+        total += CostBreakdown(**item)
+    return total.model_dump()
+
+
 def totals(batches: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Headline numbers: money per run (the summaries are final), batches and requests per batch."""
     cost = [r["cost_usd"] for r in runs if r["cost_usd"] is not None]
@@ -302,7 +342,10 @@ def totals(batches: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[st
     n_rows = sum(r["n_rows"] for r in published)
     total_sync = sum(sync) if sync else None
     total_savings = sum(savings) if savings else None
+    breakdowns = [r["cost_breakdown"] for r in runs if r.get("cost_breakdown")]
     return {
+        "cost_breakdown": _sum_breakdowns(breakdowns),
+        "n_runs_with_breakdown": len(breakdowns),
         "n_batches": len(batches),
         "n_active": sum(1 for b in batches if b["badge"] in ("active", "warn")),
         "n_runs": len(runs),

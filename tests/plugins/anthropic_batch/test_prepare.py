@@ -273,3 +273,45 @@ def test_a_corrupt_parquet_source_is_named(tmp_path):
     source.write_bytes(b"PAR1" + b"\0" * 64)
     with pytest.raises(BatchRequestError, match=f"cannot read parquet file .*{source}"):
         _operator(tmp_path, source).execute(make_context())
+
+
+def test_prepare_warns_when_the_prefix_marked_for_caching_is_below_the_minimum(tmp_path, caplog):
+    """Issue 13: a 60-token system prompt with cache_control is never cached by Haiku 4.5 (4,096)."""
+    source = _write_jsonl(tmp_path / "tickets.jsonl", TICKETS)
+    with caplog.at_level("WARNING"):
+        _operator(tmp_path, source).execute(make_context(task_id="prepare"))
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "caching" in r.getMessage()
+    ]
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    cache = manifest["cache"]
+    assert cache["marked"] and not cache["cacheable"] and cache["minimum"] == 4096
+    assert len(warnings) == 1
+    assert f"{cache['prefix_tokens']:,} tokens" in warnings[0] and "4,096" in warnings[0]
+
+
+def test_prepare_does_not_warn_for_a_cacheable_prefix(tmp_path, caplog):
+    source = _write_jsonl(tmp_path / "tickets.jsonl", TICKETS)
+    with caplog.at_level("WARNING"):
+        _operator(tmp_path, source, system_prompt="Rubric. " * 2100).execute(make_context(task_id="prepare"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "caching" in r.getMessage()]
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert manifest["cache"]["cacheable"] and manifest["cache"]["warning"] is None
+
+
+def test_the_shipped_extraction_rubric_is_read_from_its_file_and_is_long_enough_to_cache(tmp_path, caplog):
+    """Issue 13: the demo's system prompt is a real shared rubric that Haiku 4.5 can cache."""
+    import yaml
+
+    config = yaml.safe_load((INCLUDE_DIR / "pipelines" / "bulk_extraction.yaml").read_text())
+    source = _write_jsonl(tmp_path / "tickets.jsonl", TICKETS)
+    op = _operator(tmp_path, source, system_prompt=config["system_prompt"], model=config["model"])
+    with caplog.at_level("WARNING"):
+        paths = op.execute(make_context(task_id="prepare"))
+    [request, *_] = iter_chunk_requests(paths[0])
+    rubric = (INCLUDE_DIR / config["system_prompt"]).read_text(encoding="utf-8")
+    assert request["params"]["system"][0]["text"] == rubric
+    assert request["params"]["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    cache = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())["cache"]
+    assert cache["cacheable"] and cache["prefix_tokens"] >= cache["minimum"] == 4096
+    assert not [r for r in caplog.records if "caching" in r.getMessage() and r.levelname == "WARNING"]

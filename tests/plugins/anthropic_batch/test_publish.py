@@ -196,6 +196,52 @@ def test_publish_writes_data_dead_letters_and_summary(tmp_path):
     assert summary["n_dead_letters_by_stage"] == {"collect": 1, "prepare": 1}
 
 
+def test_summary_cost_breakdown_splits_cache_writes_reads_and_both_savings(tmp_path):
+    """Issue 13: every attempt's tokens per model, priced by pricing.PriceTable.breakdown."""
+    from anthropic_batch.pricing import CostBreakdown, load_price_table
+
+    work = _work_dir(tmp_path)
+    extra = _rows([("e", "succeeded", 1, "b3")]).to_pylist()
+    extra[0].update(cache_creation_input_tokens=4200, cache_read_input_tokens=0, input_tokens=300)
+    extra.append(
+        {
+            **extra[0],
+            "custom_id": "f",
+            "ticket_id": "f",
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 4200,
+        }
+    )
+    # A synchronously priced row (mode=sync): cost == sync cost.
+    extra.append({**extra[1], "custom_id": "g", "ticket_id": "g", "cost_usd": 0.003, "sync_cost_usd": 0.003})
+    pq.write_table(
+        pa.Table.from_pylist(extra, schema=result_schema(KEYS)),
+        work / "results" / "attempt-01" / "b3.parquet",
+    )
+    summary = _publish(work, tmp_path / "extractions" / "date=2026-11-01")
+
+    got = CostBreakdown(**summary["cost_breakdown"])
+    prices = load_price_table()
+    batch_usage = {
+        "input_tokens": 500 + 600,
+        "output_tokens": 50 + 20,
+        "cache_creation_input_tokens": 4200,
+        "cache_read_input_tokens": 25 + 4200,
+    }
+    sync_usage = {"input_tokens": 300, "output_tokens": 10, "cache_read_input_tokens": 4200}
+    want = prices.breakdown("claude-haiku-4-5", batch_usage, batch=True) + prices.breakdown(
+        "claude-haiku-4-5", sync_usage, batch=False
+    )
+    assert got == want
+    assert (got.cache_write_tokens, got.cache_read_tokens) == (4200, 25 + 4200 + 4200)
+    assert got.cache_write_usd > 0 and got.cache_read_usd > 0
+    assert got.cache_saving_usd > 0 and got.batch_saving_usd > 0
+    # The synchronously priced row saves nothing by batching: only the batch rows do.
+    assert got.batch_saving_usd == pytest.approx(
+        prices.breakdown("claude-haiku-4-5", batch_usage, batch=True).batch_saving_usd
+    )
+
+
 def test_republishing_replaces_the_partition_whole(tmp_path):
     work = _work_dir(tmp_path)
     target = tmp_path / "extractions" / "date=2026-11-01"

@@ -227,3 +227,37 @@ def test_published_dates_without_a_report_are_picked_up(tmp_path):
     dates = report.dates_to_report(tmp_path, "bulk_extraction", ["2026-11-03"], _at(5, 6), lookback_days=14)
     assert dates == ["2026-11-01", "2026-11-03"]  # not 2 Nov (reported), 1 Oct (too old), 4 Nov (unfinished)
     assert report.unreported_dates(tmp_path, "nothing_here", "2026-01-01", "2026-12-31") == []
+
+
+def test_the_report_shows_cache_writes_reads_and_both_savings(tmp_path):
+    """Issue 13: the summary's cost_breakdown becomes a cost section, tokens and dollars apart."""
+    from anthropic_batch.pricing import load_price_table
+
+    directory = _publish(tmp_path, "2026-11-03", [("succeeded", _ticket("billing"))])
+    summary = json.loads((directory / "summary.json").read_text())
+    usage = {
+        "input_tokens": 12_345,
+        "output_tokens": 2_000,
+        "cache_creation_input_tokens": 4_200,
+        "cache_read_input_tokens": 151_200,
+    }
+    breakdown = load_price_table().breakdown("claude-haiku-4-5", usage, batch=True, cache_ttl="1h")
+    summary["cost_breakdown"] = breakdown.model_dump()
+    (directory / "summary.json").write_text(json.dumps(summary))
+
+    agg = report.aggregate_partition(directory)
+    rows = {label: (tokens, usd) for label, tokens, usd in report.cost_rows(agg)}
+    assert rows["cache writes"] == ("4,200", f"${breakdown.cache_write_usd:,.4f}")
+    assert rows["cache reads"] == ("151,200", f"${breakdown.cache_read_usd:,.4f}")
+    assert rows["saved by caching"] == ("", f"${breakdown.cache_saving_usd:,.4f}")
+    assert rows["saved by batching"] == ("", f"${breakdown.batch_saving_usd:,.4f}")
+    markdown = report.render_markdown(agg)
+    assert "## Cost breakdown" in markdown and "| cache reads | 151,200 |" in markdown
+    page = report.render_html(agg)
+    assert "<h2>Cost breakdown</h2>" in page and "<td>saved by caching</td>" in page
+
+
+def test_a_summary_without_a_breakdown_renders_no_cost_section(published):
+    _, directory = published
+    agg = report.aggregate_partition(directory)
+    assert report.cost_rows(agg) == [] and "Cost breakdown" not in report.render_markdown(agg)

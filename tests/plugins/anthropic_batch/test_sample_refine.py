@@ -258,8 +258,76 @@ def test_projection_counts_only_the_requests_that_will_be_sent():
         "custom_id": "a",
         "status": "succeeded",
         "stop_reason": "end_turn",
-        "cost_usd": 0.5,
-        "sync_cost_usd": 1.0,
+        "input_tokens": 100_000,
+        "output_tokens": 20_000,
+        "cost_usd": 0.1,
+        "sync_cost_usd": 0.2,
     }
     report = build_report(manifest, [row], sample_size=1, seed=0, min_pass_rate=0.5, max_cost_usd=None)
-    assert report["projected_batch_cost_usd"] == pytest.approx(5.0)
+    # Haiku 4.5: (100k x $1 + 20k x $5) / 1M = $0.20 synchronous, $0.10 batch, per request; x 10.
+    assert report["projected_batch_cost_usd"] == pytest.approx(1.0)
+
+
+def _cache_rows(prefix: int, n: int) -> list[dict]:
+    """n sampled answers: the first wrote the prefix, the others read it; 500 more input, 100 output."""
+    return [
+        {
+            "custom_id": f"r{i}",
+            "status": "succeeded",
+            "stop_reason": "end_turn",
+            "model": "claude-haiku-4-5",
+            "input_tokens": 500,
+            "output_tokens": 100,
+            "cache_creation_input_tokens": prefix if i == 0 else 0,
+            "cache_read_input_tokens": 0 if i == 0 else prefix,
+        }
+        for i in range(n)
+    ]
+
+
+def _cache_manifest(ttl: str, n_chunks: int = 2, cache: dict | None = None) -> dict:
+    return {
+        "n_requests": 40,
+        "chunks": [{"n_requests": 20}] * n_chunks,
+        "spec": {"model": "claude-haiku-4-5", "cache_ttl": ttl},
+        "cache": cache or {"marked": True, "cacheable": True, "prefix_tokens": 4200, "minimum": 4096},
+    }
+
+
+def test_projection_with_and_without_caching():
+    from anthropic_batch.operators.sample_refine import project_caching
+
+    prices = load_price_table()
+    rows = _cache_rows(4200, 5)
+    warm = project_caching(_cache_manifest("1h"), rows, 40)
+    # Without caching every request pays 4,700 input tokens; with it 500 input + 4,200 read.
+    plain = prices.cost("claude-haiku-4-5", {"input_tokens": 4700 * 40, "output_tokens": 4000}, batch=True)
+    cached = prices.cost(
+        "claude-haiku-4-5",
+        {"input_tokens": 500 * 40, "output_tokens": 4000, "cache_read_input_tokens": 4200 * 40},
+        batch=True,
+    )
+    assert warm["without_caching"]["batch_usd"] == pytest.approx(plain, rel=1e-5)
+    assert warm["with_caching"]["batch_usd"] == pytest.approx(cached, rel=1e-5)
+    assert (
+        warm["warmed_by_sample"] and warm["cache_writes_assumed"] == 0 and warm["prefix_source"] == "sample"
+    )
+    # A 5-minute cache is not assumed to survive until the batches run: one write per chunk.
+    cold = project_caching(_cache_manifest("5m", n_chunks=2), rows, 40)
+    assert cold["cache_writes_assumed"] == 2
+    assert warm["with_caching"]["batch_usd"] < cold["with_caching"]["batch_usd"] < plain
+
+
+def test_a_prefix_below_the_minimum_projects_no_saving_and_the_report_says_why():
+    warning = "the prompt prefix marked for caching is about 60 tokens, below the minimum of 4,096 tokens"
+    manifest = _cache_manifest(
+        "1h",
+        cache={"marked": True, "cacheable": False, "prefix_tokens": 60, "minimum": 4096, "warning": warning},
+    )
+    rows = _cache_rows(0, 5)
+    report = build_report(manifest, rows, sample_size=5, seed=0, min_pass_rate=0.5, max_cost_usd=None)
+    p = report["projection"]
+    assert p["with_caching"] == p["without_caching"] and p["cache_writes_assumed"] == 0
+    assert report["cache_warning"] == warning
+    assert warning in render_markdown(report)
+    assert "4,096" in render_html(report)
