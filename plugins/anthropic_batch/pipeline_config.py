@@ -94,6 +94,11 @@ class PipelineConfig(_Section):
     key_columns: list[str] = Field(min_length=1)
     prompt_template: str = Field(description="path under include/ (e.g. prompts/x.j2) or inline Jinja")
     system_prompt: str | None = None
+    system_prompt_file: str | None = Field(
+        None,
+        description="path under include/ (e.g. prompts/x.md) whose text becomes system_prompt; for a "
+        "long shared prefix (a rubric) that prompt caching can reuse across requests",
+    )
     model: str = Field(min_length=1)
     max_tokens: int = Field(gt=0, le=128_000)
     output_model: str | None = Field(None, description='"schemas/x.py:Model" under include/')
@@ -184,6 +189,27 @@ class PipelineConfig(_Section):
         if _looks_like_path(value) and not (INCLUDE_DIR / value).is_file():
             raise ValueError(f"template file {value} not found under {INCLUDE_DIR}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _system_prompt_file(cls, data: Any) -> Any:
+        # Read at parse time (a few KB): a missing file is an import error naming the field, and the
+        # text is then one value everywhere (request fingerprint, cache breakpoint, docs).
+        if not isinstance(data, dict) or data.get("system_prompt_file") is None:
+            return data
+        if data.get("system_prompt") is not None:
+            raise ValueError("give system_prompt or system_prompt_file, not both")
+        ref = str(data["system_prompt_file"])
+        path = (INCLUDE_DIR / ref).resolve()
+        if not path.is_relative_to(INCLUDE_DIR.resolve()) or not path.is_file():
+            raise ValueError(f"system_prompt_file: file {ref} not found under {INCLUDE_DIR}")
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"system_prompt_file: cannot read {path}: {exc}") from None
+        if not text:
+            raise ValueError(f"system_prompt_file: {path} is empty")
+        return {**data, "system_prompt": text}
 
     @model_validator(mode="after")
     def _consistency(self) -> PipelineConfig:

@@ -135,3 +135,33 @@ def test_scan_keeps_the_valid_pipelines_and_describes_the_bad_ones(tmp_path):
     assert len(problems) == 2
     assert "typo.yaml" in problems[0] and "Nope" in problems[0]
     assert "'same'" in problems[1] and "one.yaml" in problems[1] and "two.yaml" in problems[1]
+
+
+def test_system_prompt_file_becomes_the_system_prompt(tmp_path):
+    from anthropic_batch.pipeline_config import INCLUDE_DIR
+
+    cfg = load_pipeline(
+        _write(tmp_path, "rubric", {**VALID, "system_prompt_file": "prompts/code_audit_rubric.md"})
+    )
+    assert cfg.system_prompt == (INCLUDE_DIR / "prompts" / "code_audit_rubric.md").read_text().strip()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"system_prompt_file": "prompts/missing.md"},
+            "system_prompt_file: file prompts/missing.md not found",
+        ),
+        ({"system_prompt_file": "../README.md"}, "system_prompt_file: file ../README.md not found"),
+        (
+            {"system_prompt_file": "prompts/code_audit_rubric.md", "system_prompt": "Be brief."},
+            "system_prompt or system_prompt_file, not both",
+        ),
+    ],
+)
+def test_bad_system_prompt_file_is_refused_naming_the_field(tmp_path, change, message):
+    path = _write(tmp_path, "bad_rubric", {**VALID, **change})
+    with pytest.raises(PipelineConfigError) as exc:
+        load_pipeline(path)
+    assert str(path) in str(exc.value) and message in str(exc.value)
