@@ -38,6 +38,7 @@ _SEVERITY_COLOURS = {
     "info": "#76b7b2",
 }
 _E = html.escape
+_NO_BREAKDOWN = "The run summary has no cost_breakdown (written before runs recorded one): the split shows 0."
 
 
 def _issue_key(finding: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -156,6 +157,7 @@ def build_audit_report(
             ),
         )
     ]
+    # A summary written before runs recorded the split has none: zeros, and the report says so.
     cost = CostBreakdown.model_validate(summary.get("cost_breakdown") or {})
     return {
         "pipeline": pipeline,
@@ -183,6 +185,7 @@ def build_audit_report(
             "sync_cost_usd": float(summary.get("sync_cost_usd") or 0.0),
             "savings_usd": float(summary.get("savings_usd") or 0.0),
             "n_reused": int(summary.get("n_reused") or 0),
+            "breakdown_recorded": bool(summary.get("cost_breakdown")),
         },
         "price_table_as_of": summary.get("price_table_as_of"),
     }
@@ -207,10 +210,108 @@ def _cost_rows(cost: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def _sections(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The report body once, for both renderings: per section a title, notes, a table (or none)."""
+    trend_data = report.get("trend", {})
+    cost = report.get("cost", {})
+    sections: list[dict[str, Any]] = [
+        {
+            "title": "Findings by severity",
+            "headers": ("severity", "findings"),
+            "rows": list(report.get("by_severity", {}).items()),
+        }
+    ]
+    if trend_data.get("has_previous"):
+        dropped = trend_data.get("not_reaudited")
+        sections.append(
+            {
+                "title": "Trend against the previous week",
+                "notes": [f"Compared with the week of {report.get('previous_date')}."],
+                "headers": ("severity", "total", "previous week", "new", "resolved"),
+                "rows": [
+                    (
+                        r["severity"],
+                        r["total"],
+                        _count(r["previous"]),
+                        _count(r["new"]),
+                        _count(r["resolved"]),
+                    )
+                    for r in trend_data.get("by_severity", [])
+                ],
+                "after": [
+                    f"{dropped} finding(s) of last week are in files not reviewed this week (deleted, over "
+                    "the file cap, or failed): not counted as resolved."
+                ]
+                if dropped
+                else [],
+            }
+        )
+    else:
+        sections.append(
+            {
+                "title": "Trend against the previous week",
+                "notes": ["No published audit for the previous week."],
+            }
+        )
+    clean = report.get("files_without_findings")
+    sections.append(
+        {
+            "title": "By file",
+            "headers": ("file", "findings", "by severity"),
+            "rows": [
+                (f["path"], f["n"], ", ".join(f"{s} {n}" for s, n in f["by_severity"].items()))
+                for f in report.get("by_file", [])
+            ],
+            "after": [f"No findings: {', '.join(clean)}."] if clean else [],
+        }
+    )
+    findings = sorted(report.get("findings", []), key=lambda f: (_severity_rank(f["severity"]), f["path"]))
+    sections.append(
+        {
+            "title": "Findings",
+            "headers": ("severity", "file:line", "issue", "suggestion"),
+            "rows": [
+                (f["severity"], f"{f['path']}:{int(f['line'])}", f["issue"], f["suggestion"])
+                for f in findings
+            ],
+        }
+    )
+    if report.get("not_reviewed"):
+        sections.append(
+            {
+                "title": "Not reviewed",
+                "headers": ("file", "why"),
+                "rows": [(r["path"], r["reason"]) for r in report["not_reviewed"]],
+            }
+        )
+    sections.append(
+        {
+            "title": "Cost and cache savings",
+            "headers": ("", "tokens", "USD"),
+            "rows": _cost_rows(cost),
+            "after": [
+                *([] if cost.get("breakdown_recorded") else [_NO_BREAKDOWN]),
+                f"The run cost {_money(cost.get('cost_usd'))} "
+                f"(synchronously {_money(cost.get('sync_cost_usd'))}); "
+                f"{cost.get('n_reused', 0)} unchanged file(s) kept last week's review at no cost. "
+                f"Prices as of {report.get('price_table_as_of')}.",
+            ],
+        }
+    )
+    return sections
+
+
+def _byline(report: Mapping[str, Any]) -> str:
+    return (
+        f"Pipeline {report.get('pipeline')}, model {report.get('model')}, mode {report.get('mode')}, "
+        f"source run {report.get('source_run_id')}, generated {report.get('generated_at')}. "
+        f"{report.get('n_files_reviewed')} file(s) reviewed, {report.get('n_findings')} finding(s)."
+    )
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The audit report as one self-contained HTML document (inline CSS and SVG; no scripts)."""
     by_severity = report.get("by_severity", {})
-    trend_data = report.get("trend", {})
     cost = report.get("cost", {})
     kpis = [
         ("files reviewed", report.get("n_files_reviewed")),
@@ -232,139 +333,43 @@ def render_html(report: Mapping[str, Any]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_E(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_E(title)}</h1>",
-        f'<div class="muted">pipeline {_E(str(report.get("pipeline")))}, '
-        f"model {_E(str(report.get('model')))}, "
-        f"mode {_E(str(report.get('mode')))}, source run {_E(str(report.get('source_run_id')))}, "
-        f"generated {_E(str(report.get('generated_at')))}</div>",
+        f'<div class="muted">{_E(_byline(report))}</div>',
         '<div class="kpis">',
         *(f'<div class="kpi"><span class="muted">{_E(k)}</span><b>{_E(str(v))}</b></div>' for k, v in kpis),
         "</div>",
         '<div class="charts">',
         *charts,
         "</div>",
-        "<h2>Trend against the previous week</h2>",
     ]
-    if trend_data.get("has_previous"):
-        out.append(
-            f'<p class="muted">compared with the week of {_E(str(report.get("previous_date")))}</p>'
-            "<table><tr><th>severity</th><th>total</th><th>previous week</th><th>new</th>"
-            "<th>resolved</th></tr>"
-        )
-        out.extend(
-            f"<tr><td>{_E(r['severity'])}</td><td>{r['total']}</td><td>{_count(r['previous'])}</td>"
-            f"<td>{_count(r['new'])}</td><td>{_count(r['resolved'])}</td></tr>"
-            for r in trend_data.get("by_severity", [])
-        )
-        out.append("</table>")
-        if trend_data.get("not_reaudited"):
-            out.append(
-                f'<p class="muted">{trend_data["not_reaudited"]} finding(s) of last week are in files not '
-                "reviewed this week (deleted, over the file cap, or failed): not counted as resolved.</p>"
+    for section in _sections(report)[1:]:  # the first one is the severity chart above
+        out.append(f"<h2>{_E(section['title'])}</h2>")
+        out.extend(f'<p class="muted">{_E(note)}</p>' for note in section.get("notes", []))
+        if "headers" in section:
+            out.append("<table><tr>" + "".join(f"<th>{_E(h)}</th>" for h in section["headers"]) + "</tr>")
+            out.extend(
+                "<tr>" + "".join(f"<td>{_E(str(cell))}</td>" for cell in row) + "</tr>"
+                for row in section["rows"]
             )
-    else:
-        out.append('<p class="muted">no published audit for the previous week</p>')
-    out += ["<h2>By file</h2>", "<table><tr><th>file</th><th>findings</th><th>by severity</th></tr>"]
-    out.extend(
-        f"<tr><td>{_E(f['path'])}</td><td>{f['n']}</td><td>"
-        f"{_E(', '.join(f'{s} {n}' for s, n in f['by_severity'].items()))}</td></tr>"
-        for f in report.get("by_file", [])
-    )
-    out.append("</table>")
-    if report.get("files_without_findings"):
-        out.append(f'<p class="muted">No findings: {_E(", ".join(report["files_without_findings"]))}</p>')
-    out += [
-        "<h2>Findings</h2>",
-        "<table><tr><th>severity</th><th>file:line</th><th>issue</th><th>suggestion</th></tr>",
-    ]
-    findings = sorted(report.get("findings", []), key=lambda f: (_severity_rank(f["severity"]), f["path"]))
-    out.extend(
-        f'<tr><td style="color:{_SEVERITY_COLOURS.get(f["severity"], "#1f2328")}">{_E(f["severity"])}</td>'
-        f"<td>{_E(f['path'])}:{int(f['line'])}</td><td>{_E(f['issue'])}</td><td>{_E(f['suggestion'])}</td></tr>"
-        for f in findings
-    )
-    out.append("</table>")
-    if report.get("not_reviewed"):
-        out += ["<h2>Not reviewed</h2>", "<table><tr><th>file</th><th>why</th></tr>"]
-        out.extend(
-            f"<tr><td>{_E(r['path'])}</td><td>{_E(str(r['reason']))}</td></tr>"
-            for r in report["not_reviewed"]
-        )
-        out.append("</table>")
-    out += ["<h2>Cost and cache savings</h2>", "<table><tr><th></th><th>tokens</th><th>USD</th></tr>"]
-    out.extend(f"<tr><td>{_E(a)}</td><td>{_E(b)}</td><td>{_E(c)}</td></tr>" for a, b, c in _cost_rows(cost))
-    out.append("</table>")
-    out.append(
-        f'<p class="muted">The run cost {_E(_money(cost.get("cost_usd")))} (synchronously '
-        f"{_E(_money(cost.get('sync_cost_usd')))}); {cost.get('n_reused', 0)} unchanged file(s) kept "
-        f"last review at no cost. Prices as of {_E(str(report.get('price_table_as_of')))}.</p>"
-    )
+            out.append("</table>")
+        out.extend(f'<p class="muted">{_E(note)}</p>' for note in section.get("after", []))
     out.append("</body></html>")
     return "\n".join(out)
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The Markdown twin of ``render_html`` (tables instead of charts)."""
-    cost = report.get("cost", {})
-    trend_data = report.get("trend", {})
-    lines = [
-        f"# Code audit: week of {md_escape(report.get('date'))}",
-        "",
-        f"Pipeline {md_escape(report.get('pipeline'))}, model {md_escape(report.get('model'))}, "
-        f"mode {md_escape(report.get('mode'))}, generated {md_escape(report.get('generated_at'))}. "
-        f"{report.get('n_files_reviewed')} file(s) reviewed, {report.get('n_findings')} finding(s).",
-        "",
-        "## Findings by severity",
-        "",
-        "| severity | findings |",
-        "|---|---:|",
-        *(f"| {md_escape(s)} | {n} |" for s, n in report.get("by_severity", {}).items()),
-        "",
-        "## Trend against the previous week",
-        "",
-    ]
-    if trend_data.get("has_previous"):
-        lines += [
-            f"Compared with the week of {md_escape(report.get('previous_date'))}.",
-            "",
-            "| severity | total | previous week | new | resolved |",
-            "|---|---:|---:|---:|---:|",
-            *(
-                f"| {md_escape(r['severity'])} | {r['total']} | {_count(r['previous'])} | "
-                f"{_count(r['new'])} | {_count(r['resolved'])} |"
-                for r in trend_data.get("by_severity", [])
-            ),
-        ]
-        if trend_data.get("not_reaudited"):
-            lines += ["", f"{trend_data['not_reaudited']} finding(s) of last week are in files not reviewed "
-                      "this week: not counted as resolved."]  # fmt: skip
-    else:
-        lines.append("No published audit for the previous week.")
-    lines += ["", "## By file", "", "| file | findings | by severity |", "|---|---:|---|"]
-    lines += [
-        f"| {md_escape(f['path'])} | {f['n']} | "
-        f"{md_escape(', '.join(f'{s} {n}' for s, n in f['by_severity'].items()))} |"
-        for f in report.get("by_file", [])
-    ]
-    if report.get("files_without_findings"):
-        lines += ["", f"No findings: {md_escape(', '.join(report['files_without_findings']))}."]
-    lines += ["", "## Findings", "", "| severity | file:line | issue | suggestion |", "|---|---|---|---|"]
-    findings = sorted(report.get("findings", []), key=lambda f: (_severity_rank(f["severity"]), f["path"]))
-    lines += [
-        f"| {md_escape(f['severity'])} | {md_escape(f['path'])}:{int(f['line'])} | {md_escape(f['issue'])} | "
-        f"{md_escape(f['suggestion'])} |"
-        for f in findings
-    ]
-    if report.get("not_reviewed"):
-        lines += ["", "## Not reviewed", "", "| file | why |", "|---|---|"]
-        lines += [f"| {md_escape(r['path'])} | {md_escape(r['reason'])} |" for r in report["not_reviewed"]]
-    lines += ["", "## Cost and cache savings", "", "| | tokens | USD |", "|---|---:|---:|"]
-    lines += [f"| {md_escape(a)} | {b} | {md_escape(c)} |" for a, b, c in _cost_rows(cost)]
-    lines += [
-        "",
-        f"The run cost {md_escape(_money(cost.get('cost_usd')))} (synchronously "
-        f"{md_escape(_money(cost.get('sync_cost_usd')))}); {cost.get('n_reused', 0)} unchanged file(s) "
-        f"kept last review at no cost. Prices as of {md_escape(report.get('price_table_as_of'))}.",
-    ]
+    lines = [f"# Code audit: week of {md_escape(report.get('date'))}", "", md_escape(_byline(report))]
+    for section in _sections(report):
+        lines += ["", f"## {md_escape(section['title'])}", ""]
+        lines += [md_escape(note) for note in section.get("notes", [])]
+        if "headers" in section:
+            if section.get("notes"):
+                lines.append("")
+            lines.append("| " + " | ".join(md_escape(h) for h in section["headers"]) + " |")
+            lines.append("|" + "|".join("---" for _ in section["headers"]) + "|")
+            lines += ["| " + " | ".join(md_escape(cell) for cell in row) + " |" for row in section["rows"]]
+        for note in section.get("after", []):
+            lines += ["", md_escape(note)]
     return "\n".join(lines) + "\n"
 
 

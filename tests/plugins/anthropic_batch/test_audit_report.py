@@ -105,7 +105,7 @@ def test_first_week_has_no_trend_and_no_breakdown_means_zeros(two_weeks):
     assert all(r["new"] is None for r in report["trend"]["by_severity"])
     assert report["cost"]["cache_read_tokens"] == 0 and report["cost"]["cache_saving_usd"] == 0.0
     assert report["cost"]["cost_usd"] == pytest.approx(0.0115)  # the summary's totals still show
-    assert "No published audit for the previous week." in audit_report.render_markdown(report)
+    assert "No published audit for the previous week\\." in audit_report.render_markdown(report)
 
 
 def test_cost_section_shows_the_runs_breakdown(two_weeks):
@@ -142,3 +142,12 @@ def test_missing_partition_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no published weekly_code_audit partition"):
         audit_report.build_audit_report(tmp_path, "2026-11-16")
     assert audit_report.latest_published(tmp_path) is None
+
+
+def test_a_summary_without_a_breakdown_says_so(two_weeks):
+    with_split = audit_report.build_audit_report(two_weeks, "2026-11-16")
+    without = audit_report.build_audit_report(two_weeks, "2026-11-09")
+    assert with_split["cost"]["breakdown_recorded"] and not without["cost"]["breakdown_recorded"]
+    assert "no cost\\_breakdown" in audit_report.render_markdown(without)
+    assert "no cost_breakdown" in audit_report.render_html(without)
+    assert "no cost\\_breakdown" not in audit_report.render_markdown(with_split)
