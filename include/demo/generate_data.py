@@ -5,8 +5,9 @@ date always give the same file. Each day mixes short and long tickets, non-Engli
 and a few records meant to be refused before any spend: an empty body, a missing ticket id, one
 oversized body and a duplicated ticket id.
 
-Source files for the weekly code audit go to ``{root}/sources/code_files/date=YYYY-MM-DD/files.jsonl``
-(one row per ``*.py`` file of a source tree, with its text).
+Source files for the weekly code audit go to ``{root}/sources/code_files/date=YYYY-MM-DD/files.jsonl``:
+this repository's ``plugins/**/*.py`` as of the end of the week starting that date (git history;
+the working tree without it), one row per file with its text, at most 40 files.
 
     python include/demo/generate_data.py --start 2026-11-01 --end 2026-11-07 --per-day 40 --root data
 """
@@ -191,30 +192,95 @@ def code_files_path(root: str | Path, date: dt.date) -> Path:
     return _local_dir(root) / "sources" / "code_files" / f"date={date.isoformat()}" / "files.jsonl"
 
 
+#: What the weekly audit reviews, relative to the repository, and how many files at most.
+CODE_FILE_PATTERNS = ("plugins/**/*.py",)
+MAX_CODE_FILES = 40
+WEEK = dt.timedelta(days=7)
+
+
+def _git(repo_dir: Path, *args: str) -> str | None:
+    """``git -C repo_dir args`` stdout, or None when git or the repository is not there."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo_dir), *args], capture_output=True, text=True, check=False, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+    from fnmatch import fnmatchcase
+
+    # fnmatch's ``*`` spans "/", so ``**/`` only has to match zero directories as well (plugins/x.py).
+    return "__pycache__" not in path and any(
+        fnmatchcase(path, p) or fnmatchcase(path, p.replace("**/", "")) for p in patterns
+    )
+
+
+def code_week_files(
+    week: dt.date,
+    repo_dir: Path = CHECKOUT_DIR,
+    patterns: tuple[str, ...] = CODE_FILE_PATTERNS,
+    max_files: int = MAX_CODE_FILES,
+) -> list[dict[str, Any]]:
+    """The source files of ``repo_dir`` as they were at the end of the week starting ``week``.
+
+    With git history: the tree of the last commit before ``week + 7 days`` (00:00 UTC), the files
+    changed by that week's commits first, then the others, each group by path, at most
+    ``max_files``; no rows when the history starts after that week. Without git (an exported tree):
+    the working tree's files by path (``revision`` "worktree", ``changed_this_week`` None). Same
+    repository and week, same rows.
+    """
+    end = dt.datetime.combine(week + WEEK, dt.time(), tzinfo=dt.UTC)
+    since = dt.datetime.combine(week, dt.time(), tzinfo=dt.UTC)
+    has_history = _git(repo_dir, "rev-parse", "--verify", "-q", "HEAD") is not None
+    revision = (_git(repo_dir, "rev-list", "-1", f"--before={end.isoformat()}", "HEAD") or "").strip()
+    rows: list[dict[str, Any]] = []
+    if has_history and not revision:
+        return []  # the repository has no commit from before that week's end: nothing existed yet
+    if revision:
+        tree = _git(repo_dir, "ls-tree", "-r", "--name-only", revision) or ""
+        paths = sorted(p for p in tree.splitlines() if _matches(p, patterns))
+        log = _git(
+            repo_dir, "log", f"--since={since.isoformat()}", f"--until={end.isoformat()}",
+            "--name-only", "--format=", revision,
+        ) or ""  # fmt: skip
+        changed = {p for p in log.splitlines() if p}
+        paths.sort(key=lambda p: p not in changed)  # stable: changed files first, each group by path
+        for path in paths:
+            text = _git(repo_dir, "show", f"{revision}:{path}")
+            if text is not None:
+                rows.append(
+                    {"path": path, "text": text, "revision": revision, "changed_this_week": path in changed}
+                )
+    else:
+        files = {f.relative_to(repo_dir).as_posix(): f for p in patterns for f in repo_dir.glob(p)}
+        for path in sorted(p for p in files if _matches(p, patterns)):
+            text = files[path].read_text(encoding="utf-8", errors="replace")
+            rows.append({"path": path, "text": text, "revision": "worktree", "changed_this_week": None})
+    records = []
+    for row in rows:
+        if not row["text"].strip():
+            continue  # nothing to audit in an empty file
+        records.append({**row, "language": "python", "n_lines": len(row["text"].splitlines())})
+        if len(records) == max_files:
+            break
+    return records
+
+
 def write_code_files(
     root: str | Path,
     date: dt.date,
-    source_dir: Path = CHECKOUT_DIR / "plugins" / "anthropic_batch",
-    max_files: int | None = None,
+    repo_dir: Path = CHECKOUT_DIR,
+    patterns: tuple[str, ...] = CODE_FILE_PATTERNS,
+    max_files: int = MAX_CODE_FILES,
 ) -> Path:
-    """Write the table of ``*.py`` files under ``source_dir`` (path, n_lines, text) for one date."""
-    files = sorted(p for p in source_dir.rglob("*.py") if "__pycache__" not in p.parts)
-    if max_files is not None:
-        files = files[:max_files]
-    records = []
-    for file in files:
-        text = file.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            continue  # nothing to audit in an empty file
-        records.append(
-            {
-                "path": file.relative_to(source_dir.parent).as_posix(),
-                "language": "python",
-                "n_lines": text.count("\n") + 1,
-                "text": text,
-            }
-        )
-    return _write_jsonl(code_files_path(root, date), records)
+    """Write the weekly audit's input for the week starting ``date`` (``code_week_files``): one row
+    per file with ``path``, ``text``, ``n_lines``, ``language``, ``revision``, ``changed_this_week``."""
+    return _write_jsonl(code_files_path(root, date), code_week_files(date, repo_dir, patterns, max_files))
 
 
 def main(argv: list[str] | None = None) -> None:

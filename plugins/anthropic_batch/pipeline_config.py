@@ -25,6 +25,8 @@ from anthropic_batch.errors import AnthropicBatchError
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]
 #: ``include/``: prompt templates, output schemas and pipeline files are referenced relative to it.
 INCLUDE_DIR = CHECKOUT_DIR / "include"
+#: A prompt setting (template, system prompt) that is one line ending in one of these names a file.
+PROMPT_FILE_SUFFIXES = (".j2", ".jinja", ".jinja2", ".txt", ".md")
 #: Where pipeline files are read from; ``ANTHROPIC_BATCH_PIPELINES_DIR`` points elsewhere (tests, staging).
 PIPELINES_DIR = Path(os.environ.get("ANTHROPIC_BATCH_PIPELINES_DIR") or INCLUDE_DIR / "pipelines")
 #: The pool every pipeline's submit, sensor and resubmit tasks share (created by the demo/e2e set-up).
@@ -95,7 +97,11 @@ class PipelineConfig(_Section):
     source_format: Literal["jsonl", "json", "csv", "parquet"] | None = None
     key_columns: list[str] = Field(min_length=1)
     prompt_template: str = Field(description="path under include/ (e.g. prompts/x.j2) or inline Jinja")
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(
+        None,
+        description="inline text, or a file under include/ (e.g. prompts/x.md) for a long shared "
+        "prefix (a rubric) that prompt caching reuses across requests",
+    )
     model: str = Field(min_length=1)
     max_tokens: int = Field(gt=0, le=128_000)
     output_model: str | None = Field(None, description='"schemas/x.py:Model" under include/')
@@ -186,6 +192,17 @@ class PipelineConfig(_Section):
     def _prompt_template(cls, value: str) -> str:
         if _looks_like_path(value) and not (INCLUDE_DIR / value).is_file():
             raise ValueError(f"template file {value} not found under {INCLUDE_DIR}")
+        return value
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_prompt(cls, value: str | None) -> str | None:
+        # The same rule as prepare's: one line ending in a prompt-file suffix names a file.
+        text = (value or "").strip()
+        if "\n" not in text and text.lower().endswith(PROMPT_FILE_SUFFIXES):
+            path = (INCLUDE_DIR / text).resolve()
+            if not path.is_relative_to(INCLUDE_DIR.resolve()) or not path.is_file():
+                raise ValueError(f"file {text} not found under {INCLUDE_DIR}")
         return value
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from anthropic_batch import partition, storage
@@ -626,15 +626,22 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report_dir: Any, report: Mapping[str, Any]) -> dict[str, str]:
-    """Write report.json, report.html and report.md atomically under ``report_dir``; return their URLs."""
+def write_report(
+    report_dir: Any,
+    report: Mapping[str, Any],
+    *,
+    to_html: Callable[[Mapping[str, Any]], str] = render_html,
+    to_markdown: Callable[[Mapping[str, Any]], str] = render_markdown,
+) -> dict[str, str]:
+    """Write report.json, report.html and report.md atomically under ``report_dir``; return their URLs.
+
+    ``to_html``/``to_markdown`` render another report kind the same way (``audit_report``)."""
+    from anthropic_batch import storage
 
     directory = storage.as_path(report_dir)
     paths = {
         "json": storage.atomic_write_json(directory / "report.json", report),
-        "html": storage.atomic_write_bytes(directory / "report.html", render_html(report).encode("utf-8")),
-        "markdown": storage.atomic_write_bytes(
-            directory / "report.md", render_markdown(report).encode("utf-8")
-        ),
+        "html": storage.atomic_write_bytes(directory / "report.html", to_html(report).encode("utf-8")),
+        "markdown": storage.atomic_write_bytes(directory / "report.md", to_markdown(report).encode("utf-8")),
     }
     return {kind: str(path) for kind, path in paths.items()}

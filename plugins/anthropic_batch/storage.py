@@ -194,6 +194,12 @@ def report_dir(root: PathLike, partition: str) -> ObjectStoragePath:
     return as_path(root) / REPORTS_DIR / f"{PARTITION_PREFIX}{partition}"
 
 
+def pipeline_report_dir(root: PathLike, pipeline: str, partition: str) -> ObjectStoragePath:
+    """``{root}/reports/{pipeline}/date={partition}``: a pipeline's own report (the weekly audit's),
+    beside the overnight report's ``reports/date=...`` and out of its list of reported dates."""
+    return as_path(root) / "reports" / pipeline / f"date={partition}"
+
+
 def ledger_root(root: PathLike) -> ObjectStoragePath:
     """``{root}/_ledger``: submission ledger entries."""
     return as_path(root) / LEDGER_DIR

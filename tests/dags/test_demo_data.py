@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from demo.generate_data import OVERSIZED_CHARS, generate_tickets, write_code_files, write_tickets
+from demo.generate_data import OVERSIZED_CHARS, generate_tickets, write_tickets
 
 DAY = dt.date(2026, 11, 3)
 
@@ -31,6 +31,4 @@ def test_written_partition_layout(tmp_path):
     assert path == tmp_path / "sources" / "support_tickets" / "date=2026-11-03" / "tickets.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == generate_tickets(DAY, 12, seed=7)
-    files = write_code_files(f"file://{tmp_path}", DAY)
-    rows = [json.loads(line) for line in files.read_text().splitlines()]
-    assert rows and all(r["path"].endswith(".py") and r["text"] for r in rows)
+    # The code-audit table: tests/dags/test_code_audit_source.py.

@@ -39,6 +39,7 @@ from anthropic_batch.batch_requests import (
 )
 from anthropic_batch.caching import log_prefix_check
 from anthropic_batch.output_models import load_output_model
+from anthropic_batch.pipeline_config import PROMPT_FILE_SUFFIXES
 from anthropic_batch.status import RunMode
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 BATCH_MAX_HOURS = 24
 
 #: A ``prompt_template`` ending in one of these is a file under ``include_dir``; anything else is Jinja.
-TEMPLATE_FILE_SUFFIXES = (".j2", ".jinja", ".jinja2", ".txt")
 
 
 def parse_deadline(deadline: str | datetime | None) -> datetime | None:
@@ -90,15 +90,18 @@ def resolve_mode(
     return RunMode.BATCH
 
 
-def load_prompt_template(prompt_template: str, include_dir: str | Path | None) -> str:
-    """The Jinja source: read from ``include_dir`` when it names a template file, else taken inline."""
+def load_prompt_template(
+    prompt_template: str, include_dir: str | Path | None, *, setting: str = "prompt template"
+) -> str:
+    """The text: read from ``include_dir`` when it names a file (one line with a template suffix),
+    else taken inline; ``setting`` names the setting in the error for a missing file."""
     text = prompt_template.strip()
-    if "\n" not in text and text.lower().endswith(TEMPLATE_FILE_SUFFIXES):
+    if "\n" not in text and text.lower().endswith(PROMPT_FILE_SUFFIXES):
         path = Path(text)
         if not path.is_absolute():
             path = Path(include_dir or ".") / path
         if not path.is_file():
-            raise BatchRequestError(f"prompt template file not found: {path}")
+            raise BatchRequestError(f"{setting} file not found: {path}")
         return path.read_text(encoding="utf-8")
     return prompt_template
 
@@ -198,7 +201,7 @@ class PrepareRequestsOperator(BaseOperator):
     def template_name(self) -> str:
         """How errors name the prompt template: its file, or "the inline prompt template"."""
         text = self.prompt_template.strip()
-        if "\n" not in text and text.lower().endswith(TEMPLATE_FILE_SUFFIXES):
+        if "\n" not in text and text.lower().endswith(PROMPT_FILE_SUFFIXES):
             return f"prompt template {text}"
         return "the inline prompt template"
 
@@ -209,7 +212,7 @@ class PrepareRequestsOperator(BaseOperator):
             max_tokens=self.max_tokens,
             prompt_template=load_prompt_template(self.prompt_template, self.include_dir),
             # Like the template, a file under include_dir (a long shared rubric, cached) or inline text.
-            system_prompt=load_prompt_template(self.system_prompt, self.include_dir)
+            system_prompt=load_prompt_template(self.system_prompt, self.include_dir, setting="system_prompt")
             if self.system_prompt
             else self.system_prompt,
             output_model=model_cls,

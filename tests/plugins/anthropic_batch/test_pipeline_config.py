@@ -135,3 +135,20 @@ def test_scan_keeps_the_valid_pipelines_and_describes_the_bad_ones(tmp_path):
     assert len(problems) == 2
     assert "typo.yaml" in problems[0] and "Nope" in problems[0]
     assert "'same'" in problems[1] and "one.yaml" in problems[1] and "two.yaml" in problems[1]
+
+
+def test_system_prompt_names_a_file_under_include_or_is_inline(tmp_path):
+    rubric = {**VALID, "system_prompt": "prompts/code_audit_rubric.md"}
+    cfg = load_pipeline(_write(tmp_path, "rubric", rubric))
+    assert cfg.system_prompt == "prompts/code_audit_rubric.md"  # prepare reads it at run time
+    inline = load_pipeline(_write(tmp_path, "inline", {**VALID, "system_prompt": "Be brief."}))
+    assert inline.system_prompt == "Be brief."
+
+
+@pytest.mark.parametrize("ref", ["prompts/missing.md", "../README.md"])
+def test_missing_system_prompt_file_is_refused_naming_the_field(tmp_path, ref):
+    path = _write(tmp_path, "bad_rubric", {**VALID, "system_prompt": ref})
+    with pytest.raises(PipelineConfigError) as exc:
+        load_pipeline(path)
+    assert str(path) in str(exc.value) and "system_prompt" in str(exc.value)
+    assert f"file {ref} not found" in str(exc.value)
