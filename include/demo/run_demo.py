@@ -25,11 +25,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]
 for _path in (CHECKOUT_DIR / "plugins", CHECKOUT_DIR / "include", CHECKOUT_DIR):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+if TYPE_CHECKING:
+    from anthropic_batch.contracts import RunSummary
 
 #: Emulator settings for the demo: quick batches.
 EMULATOR_FLAGS = ("--processing-seconds", "3", "--seed", "7")
@@ -133,28 +137,26 @@ def run_dag(dag, logical_date: dt.datetime, conf: dict) -> str:
 
 def print_results(root: str, date: str) -> None:
     from anthropic_batch import partition, storage
+    from anthropic_batch.contracts import RunSummary
 
     # Through the partition's commit file, as every reader must (see anthropic_batch/partition.py).
     published = partition.published_files(storage.extraction_dir(root, "bulk_extraction", date))
-    summary = published.read_summary() if published is not None else {}
+    summary = published.read_summary() if published is not None else RunSummary()
     report_dir = storage.report_dir(root, date)
     print("\nResults")
     if published is None:
         print("  extraction : (nothing published)")
     else:
-        print(f"  extraction : {published.data_path} ({summary.get('n_rows')} rows)")
-    print(
-        f"  dead letter: {summary.get('dead_letter_path') or '(none)'} "
-        f"({summary.get('n_dead_letters')} records)"
-    )
+        print(f"  extraction : {published.data_path} ({summary.n_rows} rows)")
+    print(f"  dead letter: {summary.dead_letter_path or '(none)'} ({summary.n_dead_letters} records)")
     print(f"  report     : {report_dir}/report.html (and report.md)")
-    print(f"  input records {summary.get('n_input_records')}, by status: {summary.get('counts_by_status')}")
-    print(f"  batches {len(summary.get('batch_ids') or [])}, attempts {summary.get('attempts')}")
+    print(f"  input records {summary.n_input_records}, by status: {summary.counts_by_status}")
+    print(f"  batches {len(summary.batch_ids)}, attempts {summary.attempts}")
     print_resubmit_rounds(root, date, summary)
     print(
-        f"  cost ${summary.get('cost_usd', 0):.4f} with batches; "
-        f"synchronously ${summary.get('sync_cost_usd', 0):.4f} "
-        f"(saved ${summary.get('savings_usd', 0):.4f}; prices as of {summary.get('price_table_as_of')})"
+        f"  cost ${summary.cost_usd or 0:.4f} with batches; "
+        f"synchronously ${summary.sync_cost_usd or 0:.4f} "
+        f"(saved ${summary.savings_usd or 0:.4f}; prices as of {summary.price_table_as_of})"
     )
     print_cost_check(root, date)
 
@@ -169,9 +171,9 @@ def projection_vs_actual(root: str, date: str) -> dict:
     work = storage.work_dir(root, "bulk_extraction", date)
     report = storage.read_json(layout.sample_report_path(work)) or {}
     published = partition.published_files(storage.extraction_dir(root, "bulk_extraction", date))
-    summary = (published.read_summary() if published is not None else None) or {}
-    breakdown = summary.get("cost_breakdown") or {}
-    actual = CostBreakdown.model_validate(breakdown).total_usd
+    summary = published.read_summary() if published is not None else None
+    breakdown = (summary.cost_breakdown if summary is not None else None) or CostBreakdown()
+    actual = breakdown.total_usd
     projection = report.get("projection") or {}
     projected = float(report.get("projected_batch_cost_usd") or 0)
     batches = []
@@ -200,7 +202,7 @@ def projection_vs_actual(root: str, date: str) -> dict:
         "actual_usd": actual,
         "error_pct": (projected - actual) / actual * 100 if actual else None,
         "cache_warning": report.get("cache_warning"),
-        "breakdown": breakdown,
+        "breakdown": breakdown.model_dump(),
         "batches": batches,
     }
 
@@ -230,7 +232,7 @@ def print_cost_check(root: str, date: str) -> None:
         print(f"  WARNING prompt caching: {check['cache_warning']}")
 
 
-def print_resubmit_rounds(root: str, date: str, summary: dict) -> None:
+def print_resubmit_rounds(root: str, date: str, summary: RunSummary) -> None:
     """The resubmit rounds of the run: how many requests each retried and why (``merged.json``)."""
     from anthropic_batch import layout, storage
 
@@ -246,11 +248,11 @@ def print_resubmit_rounds(root: str, date: str, summary: dict) -> None:
             f"    attempt {r['attempt']}: {r['n_requests']} request(s) resubmitted ({reasons}) "
             f"in {len(r.get('batch_ids') or [])} batch(es)"
         )
-    data_path = summary.get("data_path")
+    data_path = summary.data_path
     if data_path:
         rows = storage.read_parquet(data_path, columns=["status", "attempt"]).to_pylist()
         recovered = sum(1 for row in rows if row["status"] == "succeeded" and (row["attempt"] or 1) > 1)
-        collect_dead = (summary.get("n_dead_letters_by_stage") or {}).get("collect", 0)
+        collect_dead = summary.n_dead_letters_by_stage.get("collect", 0)
         print(
             f"    -> {recovered} request(s) recovered by a resubmit; {collect_dead} dead-lettered after "
             "collect (permanent errors, or out of attempts)"

@@ -46,11 +46,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import layout, storage
+from anthropic_batch.contracts import ChunkInfo, Manifest, ReuseSection
 from anthropic_batch.ledger import ledger_root_for
 from anthropic_batch.status import RequestStatus
 from anthropic_batch.storage import TMP_MARKER, PathLike
@@ -311,13 +312,13 @@ def _move(source: ObjectStoragePath, target: ObjectStoragePath) -> None:
 
 def _repack_chunks(
     work: ObjectStoragePath,
-    chunks: Sequence[Mapping[str, Any]],
+    chunks: Sequence[ChunkInfo],
     keys: pa.Table,
     reused: pa.Array,
     *,
     max_requests: int,
     max_bytes: int,
-) -> tuple[list[dict[str, Any]], pa.Table]:
+) -> tuple[list[ChunkInfo], pa.Table]:
     """Take the reused requests out of the chunk files; returns the new ChunkInfos and ``keys``
     with each request's new ``chunk_index`` (-1: reused, not sent).
 
@@ -339,19 +340,19 @@ def _repack_chunks(
     old_index = keys["chunk_index"].to_numpy()
     is_reused = np.asarray(pc.fill_null(reused, False).to_numpy(zero_copy_only=False), dtype=bool)
     n_reused = np.bincount(old_index[is_reused], minlength=len(chunks))
-    ordered = sorted(chunks, key=lambda c: int(c["index"]))
-    intact = [c for c in ordered if n_reused[int(c["index"])] == 0]
-    partial = [c for c in ordered if 0 < n_reused[int(c["index"])] < int(c["n_requests"])]
+    ordered = sorted(chunks, key=lambda c: c.index)
+    intact = [c for c in ordered if n_reused[c.index] == 0]
+    partial = [c for c in ordered if 0 < n_reused[c.index] < c.n_requests]
 
     # 1. Pool what is left of the partly reused chunks (under names no chunk uses).
     reused_ids = set(keys.filter(pa.array(is_reused))["custom_id"].to_pylist())
-    pooled: list[dict[str, Any]] = []
+    pooled: list[ChunkInfo] = []
     pooled_ids: list[str] = []
     pooled_chunk: list[int] = []
     writer: _ChunkWriter | None = None
     try:
         for chunk in partial:
-            for line in iter_chunk_lines(chunk["path"]):
+            for line in iter_chunk_lines(chunk.path):
                 custom_id = custom_id_of_line(line)
                 if custom_id in reused_ids:
                     continue
@@ -373,22 +374,22 @@ def _repack_chunks(
 
     # 2. Drop the originals not kept; 3. kept chunks move down to 0..k-1 (never onto one still to
     # move: every lower original is gone or already moved); 4. the pooled ones follow.
-    kept_paths = {str(c["path"]) for c in intact}
+    kept_paths = {c.path for c in intact}
     for chunk in ordered:
-        if str(chunk["path"]) not in kept_paths:
-            storage.as_path(chunk["path"]).unlink()
-    infos: list[dict[str, Any]] = []
+        if chunk.path not in kept_paths:
+            storage.as_path(chunk.path).unlink()
+    infos: list[ChunkInfo] = []
     remap = np.full(len(chunks) + 1, -1, dtype=np.int32)
     for new_index, chunk in enumerate(intact):
-        source, target = storage.as_path(chunk["path"]), requests_dir / chunk_name(new_index)
+        source, target = storage.as_path(chunk.path), requests_dir / chunk_name(new_index)
         if source != target:
             _move(source, target)
-        infos.append({**chunk, "index": new_index, "path": str(target)})
-        remap[int(chunk["index"])] = new_index
+        infos.append(chunk.model_copy(update={"index": new_index, "path": str(target)}))
+        remap[chunk.index] = new_index
     for info in pooled:
-        target = requests_dir / chunk_name(int(info["index"]))
-        _move(storage.as_path(info["path"]), target)
-        infos.append({**info, "path": str(target)})
+        target = requests_dir / chunk_name(info.index)
+        _move(storage.as_path(info.path), target)
+        infos.append(info.model_copy(update={"path": str(target)}))
 
     # The new chunk index of every request: kept chunks by their move, pooled ones in pooling order.
     new_index = remap[np.where(old_index >= 0, old_index, len(chunks))]
@@ -440,14 +441,14 @@ def _reused_rows(
 
 def apply_reuse(
     work_dir: PathLike,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     *,
     output_model: type[BaseModel] | None,
     max_requests_per_chunk: int,
     max_bytes_per_chunk: int,
     cache_dir: PathLike | None = None,
     cache_max_age_days: int | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Reuse earlier answers for the prepared requests of ``work_dir`` (see the module docstring).
 
     Writes ``results/reused.parquet`` (empty when nothing is reused), re-packs the chunk files and
@@ -462,7 +463,7 @@ def apply_reuse(
     from anthropic_batch.batch_requests import read_keys
 
     work = storage.as_path(work_dir)
-    key_columns = list((manifest.get("spec") or {}).get("key_columns") or [])
+    key_columns = list(manifest.spec.key_columns)
     structured = output_model is not None
     use_cache = cache_dir is not None and cache_max_age_days is not None
     keys_path = layout.keys_path(work)
@@ -499,36 +500,36 @@ def apply_reuse(
     if n_reused:
         infos, keys = _repack_chunks(
             work,
-            manifest.get("chunks") or [],
+            manifest.chunks,
             keys,
             mask,
             max_requests=max_requests_per_chunk,
             max_bytes=max_bytes_per_chunk,
         )
         storage.write_parquet_atomic(keys_path, keys, keys.schema)
-        manifest["chunks"] = infos
-    section = {
-        "n_reused": n_reused,
-        "n_reused_from_cache": n_from_cache,
-        "n_to_send": sum(int(c["n_requests"]) for c in manifest.get("chunks") or []),
-        "reused_cost_usd": round(float(pc.sum(found["cost_usd"]).as_py() or 0.0), 6),
-        "reused_sync_cost_usd": round(float(pc.sum(found["sync_cost_usd"]).as_py() or 0.0), 6),
-        "reused_path": str(reused_path),
-        "cache_dir": str(cache_dir) if use_cache else None,
-        "cache_max_age_days": cache_max_age_days if use_cache else None,
-    }
-    manifest[MANIFEST_KEY] = section
-    storage.atomic_write_json(layout.manifest_path(work), manifest)
+        manifest = manifest.model_copy(update={"chunks": infos})
+    section = ReuseSection(
+        n_reused=n_reused,
+        n_reused_from_cache=n_from_cache,
+        n_to_send=sum(c.n_requests for c in manifest.chunks),
+        reused_cost_usd=round(float(pc.sum(found["cost_usd"]).as_py() or 0.0), 6),
+        reused_sync_cost_usd=round(float(pc.sum(found["sync_cost_usd"]).as_py() or 0.0), 6),
+        reused_path=str(reused_path),
+        cache_dir=str(cache_dir) if use_cache else None,
+        cache_max_age_days=cache_max_age_days if use_cache else None,
+    )
+    manifest = manifest.model_copy(update={MANIFEST_KEY: section})
+    storage.atomic_write_json(layout.manifest_path(work), manifest.model_dump(mode="json"))
     if n_reused:
         log.info(
             "Reused %d earlier answer(s) (%d from the answer cache; $%.4f already paid): %d of %d "
             "request(s) left to send, in %d chunk(s).",
             n_reused,
             n_from_cache,
-            section["reused_cost_usd"],
-            section["n_to_send"],
+            section.reused_cost_usd,
+            section.n_to_send,
             keys.num_rows,
-            len(manifest["chunks"]),
+            len(manifest.chunks),
         )
     return manifest
 
@@ -536,40 +537,39 @@ def apply_reuse(
 # -- downstream: merge input, summary, cache write ---------------------------------------------------
 
 
-def merge_inputs(manifest: Mapping[str, Any]) -> list[str]:
+def merge_inputs(manifest: Manifest) -> list[str]:
     """The reused-answers file to merge before the attempts (empty when nothing was reused)."""
-    section = manifest.get(MANIFEST_KEY) or {}
-    return [str(section["reused_path"])] if section.get("n_reused") else []
+    section = manifest.reuse_or_empty
+    return [str(section.reused_path)] if section.n_reused else []
 
 
-def summary_fields(manifest: Mapping[str, Any]) -> dict[str, Any]:
+def summary_fields(manifest: Manifest) -> dict[str, Any]:
     """Run-summary fields: how many answers were reused and what they had cost when paid for."""
-    section = manifest.get(MANIFEST_KEY) or {}
+    section = manifest.reuse_or_empty
     return {
-        "n_reused": int(section.get("n_reused") or 0),
-        "n_reused_from_cache": int(section.get("n_reused_from_cache") or 0),
-        "reused_cost_usd": float(section.get("reused_cost_usd") or 0.0),
-        "reused_sync_cost_usd": float(section.get("reused_sync_cost_usd") or 0.0),
+        "n_reused": section.n_reused,
+        "n_reused_from_cache": section.n_reused_from_cache,
+        "reused_cost_usd": section.reused_cost_usd,
+        "reused_sync_cost_usd": section.reused_sync_cost_usd,
     }
 
 
-def cache_after_publish(manifest: Mapping[str, Any], merged_path: PathLike, run_id: str | None) -> int:
+def cache_after_publish(manifest: Manifest, merged_path: PathLike, run_id: str | None) -> int:
     """Add this run's paid answers to the pipeline's answer cache when it is enabled; returns how many.
 
     Reads only the answer columns of the merged results, and only when the cache is on.
     """
-    section = manifest.get(MANIFEST_KEY) or {}
-    if not section.get("cache_dir"):
+    cache_dir = manifest.reuse_or_empty.cache_dir
+    if not cache_dir:
         return 0
-    spec = manifest.get("spec") or {}
     n = write_cache(
-        section["cache_dir"],
+        cache_dir,
         storage.read_parquet(merged_path, columns=_answer_columns()),
-        partition=str(spec.get("partition")),
+        partition=str(manifest.spec.partition),
         run_id=run_id,
-        structured=bool(spec.get("output_model")),
+        structured=bool(manifest.spec.output_model),
     )
-    log.info("Added %d answer(s) to the answer cache %s.", n, section["cache_dir"])
+    log.info("Added %d answer(s) to the answer cache %s.", n, cache_dir)
     return n
 
 

@@ -22,9 +22,12 @@ import html
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anthropic_batch.report import _CSS, _money, _path, hbar_chart, md_escape, write_report
+
+if TYPE_CHECKING:
+    from anthropic_batch.contracts import RunSummary
 
 PIPELINE = "weekly_code_audit"
 OUTPUT_MODEL = "schemas/code_audit.py:CodeAuditResult"
@@ -143,7 +146,7 @@ def build_audit_report(
         if partition.published_files(previous_dir) is not None
         else None
     )
-    summary = current["summary"]
+    summary: RunSummary = current["summary"]
     by_file: dict[str, Counter] = {}
     for finding in current["findings"]:
         by_file.setdefault(finding["path"], Counter())[finding["severity"]] += 1
@@ -158,14 +161,14 @@ def build_audit_report(
         )
     ]
     # A summary written before runs recorded the split has none: zeros, and the report says so.
-    cost = CostBreakdown.model_validate(summary.get("cost_breakdown") or {})
+    cost = summary.cost_breakdown or CostBreakdown()
     return {
         "pipeline": pipeline,
         "date": date,
         "previous_date": previous_date if previous is not None else None,
-        "source_run_id": summary.get("run_id"),
-        "model": summary.get("model"),
-        "mode": summary.get("mode"),
+        "source_run_id": summary.run_id,
+        "model": summary.model,
+        "mode": summary.mode,
         "n_files_reviewed": len(current["reviewed"]),
         "n_findings": len(current["findings"]),
         "by_severity": {
@@ -181,13 +184,13 @@ def build_audit_report(
         "cost": {
             **cost.model_dump(),
             "total_usd": cost.total_usd,
-            "cost_usd": float(summary.get("cost_usd") or 0.0),
-            "sync_cost_usd": float(summary.get("sync_cost_usd") or 0.0),
-            "savings_usd": float(summary.get("savings_usd") or 0.0),
-            "n_reused": int(summary.get("n_reused") or 0),
-            "breakdown_recorded": bool(summary.get("cost_breakdown")),
+            "cost_usd": summary.cost_usd or 0.0,
+            "sync_cost_usd": summary.sync_cost_usd or 0.0,
+            "savings_usd": summary.savings_usd or 0.0,
+            "n_reused": summary.n_reused,
+            "breakdown_recorded": summary.cost_breakdown is not None,
         },
-        "price_table_as_of": summary.get("price_table_as_of"),
+        "price_table_as_of": summary.price_table_as_of,
     }
 
 

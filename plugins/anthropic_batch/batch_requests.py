@@ -28,6 +28,7 @@ from airflow.sdk import ObjectStoragePath
 from pydantic import BaseModel
 
 from anthropic_batch import layout
+from anthropic_batch.contracts import ChunkInfo, Manifest
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.layout import chunk_name, read_manifest  # noqa: F401  (re-exported)
 from anthropic_batch.output_models import OUTPUT_MODES, output_params
@@ -713,15 +714,15 @@ class _ChunkWriter:
         self.n_requests += 1
         self.line_bytes += len(line)
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> ChunkInfo:
         self._cm.__exit__(None, None, None)
-        return {
-            "index": self.index,
-            "path": str(self.path),
-            "n_requests": self.n_requests,
-            "n_bytes": self.body_bytes,
-            "fingerprint": self._hash.hexdigest(),
-        }
+        return ChunkInfo(
+            index=self.index,
+            path=str(self.path),
+            n_requests=self.n_requests,
+            n_bytes=self.body_bytes,
+            fingerprint=self._hash.hexdigest(),
+        )
 
     def abort(self, exc: BaseException) -> None:
         # The context manager removes the temp file and re-raises; the caller raises its own.
@@ -735,7 +736,8 @@ def _index_from_name(name: str) -> int:
 
 
 def write_chunk(lines: Iterable[bytes], path: PathLike, index: int | None = None) -> dict[str, Any]:
-    """Write request lines (no trailing newline needed) to a chunk file atomically; returns ChunkInfo."""
+    """Write request lines (no trailing newline needed) to a chunk file atomically; returns the
+    ChunkInfo's JSON (retry chunks travel in trigger kwargs)."""
     target = as_path(path)
     writer = _ChunkWriter(target, _index_from_name(target.name) if index is None else index)
     try:
@@ -744,7 +746,7 @@ def write_chunk(lines: Iterable[bytes], path: PathLike, index: int | None = None
     except BaseException as exc:
         writer.abort(exc)
         raise
-    return writer.close()
+    return writer.close().model_dump(mode="json")
 
 
 def iter_chunk_lines(chunk_path: PathLike) -> Iterator[bytes]:
@@ -885,7 +887,7 @@ def prepare_requests(
     extra_manifest: Mapping[str, Any] | None = None,
     unreadable: Sequence[UnreadableRecord] = (),
     template_name: str | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Render, validate and write the requests of ``table`` under ``out_dir`` (the run's work_dir).
 
     ``table`` is a table or a ``SourceReader``: a reader is streamed (its key columns once for the
@@ -950,7 +952,7 @@ def prepare_requests(
         + [("request_fingerprint", pa.string()), ("chunk_index", pa.int32())]
     )
     dl_schema = dead_letter_schema(key_columns)
-    chunks: list[dict[str, Any]] = []
+    chunks: list[ChunkInfo] = []
     writer: _ChunkWriter | None = None
     n_requests = n_rejected = n_input = 0
 
@@ -1074,34 +1076,36 @@ def prepare_requests(
     extra = dict(extra_manifest or {})
     spec_extra = extra.pop("spec", {}) or {}
     spec_fingerprint = spec.fingerprint()
-    manifest: dict[str, Any] = {
-        "chunks": chunks,
-        "n_requests": n_requests,
-        "n_rejected": n_rejected,
-        "n_input_records": n_input,
-        "spec_fingerprint": spec_fingerprint,
-        "spec": {
-            "pipeline": None,
-            "partition": None,
-            "model": spec.model,
-            "max_tokens": spec.max_tokens,
-            "output_model": spec.output_model_ref,
-            "output_mode": spec.output_mode if spec.output_model is not None else None,
-            "include_dir": None,
-            "key_columns": key_columns,
-            "api_version": spec.api_version,
-            "cache_ttl": spec.cache_ttl,
+    manifest = Manifest.model_validate(
+        {
+            "chunks": chunks,
+            "n_requests": n_requests,
+            "n_rejected": n_rejected,
+            "n_input_records": n_input,
             "spec_fingerprint": spec_fingerprint,
-            **spec_extra,
-        },
-        "mode": "batch",
-        "keys_path": str(layout.keys_path(work)),
-        "rejected_path": str(layout.rejected_path(work)),
-        "warnings": warnings,
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        **extra,
-    }
-    atomic_write_json(layout.manifest_path(work), manifest)
+            "spec": {
+                "pipeline": None,
+                "partition": None,
+                "model": spec.model,
+                "max_tokens": spec.max_tokens,
+                "output_model": spec.output_model_ref,
+                "output_mode": spec.output_mode if spec.output_model is not None else None,
+                "include_dir": None,
+                "key_columns": key_columns,
+                "api_version": spec.api_version,
+                "cache_ttl": spec.cache_ttl,
+                "spec_fingerprint": spec_fingerprint,
+                **spec_extra,
+            },
+            "mode": "batch",
+            "keys_path": str(layout.keys_path(work)),
+            "rejected_path": str(layout.rejected_path(work)),
+            "warnings": warnings,
+            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **extra,
+        }
+    )
+    atomic_write_json(layout.manifest_path(work), manifest.model_dump(mode="json"))
     return manifest
 
 

@@ -27,6 +27,7 @@ from airflow.sdk import ObjectStoragePath
 
 from anthropic_batch import storage
 from anthropic_batch.cancel import takeover_cancel_reason, user_cancel_reason
+from anthropic_batch.contracts import Manifest
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.layout import attempt_dir, merge_record_path, results_file  # noqa: F401  (re-exported)
 from anthropic_batch.ledger import (
@@ -160,12 +161,12 @@ def price_table_for_mode(mode: str, prices: PriceTable | None = None) -> PriceTa
     return prices.overlay({"batch_discount": 1}) if mode == "sync" else prices
 
 
-def chunk_index_of(manifest: Mapping[str, Any], chunk_path: str) -> int | None:
+def chunk_index_of(manifest: Manifest, chunk_path: str) -> int | None:
     """The index of an original chunk in the manifest; None for retry chunks (not listed there)."""
     wanted = str(storage.as_path(chunk_path))
-    for chunk in manifest.get("chunks") or ():
-        if str(storage.as_path(chunk["path"])) == wanted:
-            return int(chunk["index"])
+    for chunk in manifest.chunks:
+        if str(storage.as_path(chunk.path)) == wanted:
+            return chunk.index
     return None
 
 

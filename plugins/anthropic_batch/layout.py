@@ -24,9 +24,10 @@ templates from here too (``work_dir_template``), and a test renders them against
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from anthropic_batch import storage
+from anthropic_batch.contracts import Manifest, parse
 from anthropic_batch.storage import (
     ANSWER_CACHE_DIR,
     EXTRACTIONS_DIR,
@@ -172,18 +173,19 @@ def keys_file(work: PathLike) -> PathLike:
     return storage.joinpath(work, REQUESTS_DIR, KEYS_FILE)
 
 
-def read_manifest(work: PathLike) -> dict[str, Any]:
-    """The manifest of a work dir; a clear error naming the file when it is missing.
+def read_manifest(work: PathLike) -> Manifest:
+    """The manifest of a work dir; a clear error naming the file when it is missing or invalid
+    (``contracts.ContractError``, naming the field).
 
     Local files are read without importing Airflow (collect workers stay small).
     """
     path = storage.joinpath(work, REQUESTS_DIR, MANIFEST_FILE)
-    manifest = storage.read_json(path)
-    if manifest is None:
+    data = storage.read_json(path)
+    if data is None:
         raise FileNotFoundError(
             f"no {REQUESTS_DIR}/{MANIFEST_FILE} under {work}: run the prepare task for this work_dir first"
         )
-    return manifest
+    return parse(Manifest, data, path)
 
 
 def chunk_name(index: int) -> str:

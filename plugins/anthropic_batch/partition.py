@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
+from anthropic_batch.contracts import RunSummary, parse
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -90,9 +91,9 @@ class PublishedPartition:
     def summary_path(self) -> ObjectStoragePath:
         return self.path(SUMMARY_FILE)
 
-    def read_summary(self) -> dict[str, Any]:
-        summary = storage.read_json(self.summary_path)
-        if not isinstance(summary, dict):
+    def read_summary(self) -> RunSummary:
+        summary = read_run_summary(self.summary_path)
+        if summary is None:
             raise FileNotFoundError(
                 f"the published partition {self.directory} has no readable {SUMMARY_FILE}"
             )
@@ -138,10 +139,17 @@ def published_dir(extraction_dir: storage.PathLike) -> ObjectStoragePath | None:
     return published.root if published is not None else None
 
 
-def read_published_summary(extraction_dir: storage.PathLike) -> dict[str, Any] | None:
+def read_run_summary(path: storage.PathLike) -> RunSummary | None:
+    """The run summary at ``path`` (a ``summary.json``), or ``None`` if there is no such file; a
+    ``contracts.ContractError`` naming the file and field if it does not validate."""
+    data = storage.read_json(path)
+    return None if data is None else parse(RunSummary, data, path)
+
+
+def read_published_summary(extraction_dir: storage.PathLike) -> RunSummary | None:
     """The committed ``summary.json`` of ``extraction_dir``, or ``None`` if nothing is published."""
     published = published_files(extraction_dir)
-    return storage.read_json(published.summary_path) if published is not None else None
+    return read_run_summary(published.summary_path) if published is not None else None
 
 
 # -- writing (publish) -------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> 
     """Numbers of one published partition: totals, status counts, dead-letter reasons, per-group stats."""
 
     directory = partition.published_dir(storage.as_path(extraction_dir)) or storage.as_path(extraction_dir)
-    summary = storage.read_json(directory / partition.SUMMARY_FILE)
+    summary = partition.read_run_summary(directory / partition.SUMMARY_FILE)
     if summary is None:
         raise FileNotFoundError(f"no published partition at {directory} ({partition.SUMMARY_FILE} missing)")
     data = storage.read_parquet(directory / partition.DATA_FILE).to_pandas()
@@ -99,24 +99,24 @@ def aggregate_partition(extraction_dir: Any, group_field: str = GROUP_FIELD) -> 
         column = "reason" if "reason" in dead else "status"
         dead_reasons = _counts(_short_reason(r) for r in dead[column])
     return {
-        "date": summary.get("partition"),
-        "pipeline": summary.get("pipeline"),
-        "source_run_id": summary.get("run_id"),
-        "mode": summary.get("mode"),
-        "model": summary.get("model"),
+        "date": summary.partition,
+        "pipeline": summary.pipeline,
+        "source_run_id": summary.run_id,
+        "mode": summary.mode,
+        "model": summary.model,
         "totals": {
-            "n_input_records": summary.get("n_input_records"),
-            "n_rows": summary.get("n_rows", len(data)),
-            "n_dead_letters": summary.get("n_dead_letters", 0),
-            "cost_usd": float(summary.get("cost_usd") or 0.0),
-            "sync_cost_usd": float(summary.get("sync_cost_usd") or 0.0),
-            "savings_usd": float(summary.get("savings_usd") or 0.0),
-            "n_batches": len(summary.get("batch_ids") or []),
-            "attempts": summary.get("attempts"),
+            "n_input_records": summary.n_input_records,
+            "n_rows": summary.n_rows if summary.n_rows is not None else len(data),
+            "n_dead_letters": summary.n_dead_letters,
+            "cost_usd": summary.cost_usd or 0.0,
+            "sync_cost_usd": summary.sync_cost_usd or 0.0,
+            "savings_usd": summary.savings_usd or 0.0,
+            "n_batches": len(summary.batch_ids),
+            "attempts": summary.attempts,
         },
-        "status_counts": dict(summary.get("counts_by_status") or _counts(data.get("status", []))),
+        "status_counts": dict(summary.counts_by_status or _counts(data.get("status", []))),
         # Issue 13: cache writes, cache reads and both savings, tokens and dollars (None: older run).
-        "cost_breakdown": summary.get("cost_breakdown"),
+        "cost_breakdown": summary.cost_breakdown.model_dump() if summary.cost_breakdown else None,
         "dead_letter_reasons": dead_reasons,
         "groups": group_stats,
     }
@@ -143,11 +143,11 @@ def load_history(root: Any, pipeline: str, date: str, days: int = HISTORY_DAYS) 
         history.append(
             {
                 "date": day,
-                "n_rows": int(summary.get("n_rows") or 0),
-                "n_dead_letters": int(summary.get("n_dead_letters") or 0),
-                "cost_usd": float(summary.get("cost_usd") or 0.0),
-                "sync_cost_usd": float(summary.get("sync_cost_usd") or 0.0),
-                "savings_usd": float(summary.get("savings_usd") or 0.0),
+                "n_rows": summary.n_rows or 0,
+                "n_dead_letters": summary.n_dead_letters,
+                "cost_usd": summary.cost_usd or 0.0,
+                "sync_cost_usd": summary.sync_cost_usd or 0.0,
+                "savings_usd": summary.savings_usd or 0.0,
             }
         )
     return history

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from anthropic_batch import layout, storage
+from anthropic_batch.contracts import Manifest
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.output_models import format_validation_error, load_output_model, output_tool_name
 from anthropic_batch.pricing import PriceTable, UnknownModelError, load_price_table
@@ -329,7 +330,7 @@ class ParseContext:
         chunk_indices: Iterable[int] | None = None,
         prices: PriceTable | None = None,
         include_dir: str | None = None,
-        manifest: Mapping[str, Any] | None = None,
+        manifest: Manifest | None = None,
         user_cancel_reason: str | None = None,
     ) -> ParseContext:
         """A context from a prepared work dir: its manifest (spec) and ``requests/keys.parquet``.
@@ -338,10 +339,10 @@ class ParseContext:
         """
         if manifest is None:
             manifest = layout.read_manifest(work_dir)
-        spec = manifest.get("spec") or {}
-        key_columns = list(spec.get("key_columns") or [])
-        ref = spec.get("output_model")
-        output_model = load_output_model(ref, include_dir or spec.get("include_dir")) if ref else None
+        spec = manifest.spec
+        key_columns = list(spec.key_columns)
+        ref = spec.output_model
+        output_model = load_output_model(ref, include_dir or spec.include_dir) if ref else None
         with _system_allocator():
             # batch_requests loads Jinja: only on this path
             from anthropic_batch.batch_requests import read_keys
@@ -354,13 +355,13 @@ class ParseContext:
             key_columns=key_columns,
             keys=index,
             output_model=output_model,
-            output_mode=spec.get("output_mode"),
+            output_mode=spec.output_mode,
             user_cancel_reason=user_cancel_reason,
             prices=prices or load_price_table(),
             batch_id=batch_id,
             attempt=attempt,
-            cache_ttl=spec.get("cache_ttl") or "1h",
-            default_model=spec.get("model"),
+            cache_ttl=spec.cache_ttl or "1h",
+            default_model=spec.model,
         )
 
     def rates(self, model: str | None) -> tuple[float, ...]:

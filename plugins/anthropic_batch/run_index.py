@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import layout, storage
-from anthropic_batch.partition import COMMIT_FILE, SUMMARY_FILE
+from anthropic_batch.contracts import RunSummary
+from anthropic_batch.partition import COMMIT_FILE, SUMMARY_FILE, read_published_summary
 from anthropic_batch.storage import PathLike, as_path
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "_index"
 LEDGER_INDEX = "ledger.json"
 SUMMARY_INDEX = "summaries.json"
-INDEX_VERSION = 1
+# 2: summaries are indexed as validated RunSummary JSON (version 1 held the raw files, bad ones too).
+INDEX_VERSION = 2
 #: Concurrent reads of changed files on an object store (latency-bound; local reads are sequential).
 READ_CONCURRENCY = 16
 
@@ -185,29 +187,21 @@ def _partition_dir(rel: str) -> str | None:
     return None
 
 
-def _read_partition_summary(directory: ObjectStoragePath) -> dict[str, Any] | None:
-    try:
-        from anthropic_batch.partition import read_published_summary
-    except ImportError:  # the layout without commit files: summary.json directly in date=D/
-        return storage.read_json(directory / SUMMARY_FILE)
-    return read_published_summary(directory)
-
-
 def _summary_reader(root: ObjectStoragePath) -> Callable[[str], dict[str, Any] | None]:
     def read(rel_dir: str) -> dict[str, Any] | None:
-        data = _read_partition_summary(root / rel_dir)
-        if not isinstance(data, dict):
+        summary = read_published_summary(root / rel_dir)  # ContractError (a ValueError): skipped
+        if summary is None:
             return None
         # The directory is the source of truth for where the run's files are.
         pipeline, _, date_dir = rel_dir.split("/")
-        data.setdefault("pipeline", pipeline)
-        data.setdefault("partition", date_dir.removeprefix(layout.PARTITION_PREFIX))
-        return data
+        found = {"pipeline": pipeline, "partition": date_dir.removeprefix(layout.PARTITION_PREFIX)}
+        unset = {name: value for name, value in found.items() if name not in summary.model_fields_set}
+        return summary.model_copy(update=unset).model_dump(mode="json")
 
     return read
 
 
-def summaries(root: PathLike, partition: str | None = None) -> list[dict[str, Any]]:
+def summaries(root: PathLike, partition: str | None = None) -> list[RunSummary]:
     """Published run summaries (optionally of one partition), by path."""
     root = as_path(root)
     files: dict[str, list[str]] = {}
@@ -230,7 +224,7 @@ def summaries(root: PathLike, partition: str | None = None) -> list[dict[str, An
     listing = {directory: "|".join(sorted(sigs)) for directory, sigs in files.items()}
     found = _sync(root, SUMMARY_INDEX, listing, _summary_reader(root))
     return [
-        data
+        RunSummary.model_validate(data)  # written by _summary_reader: valid by construction
         for rel, data in found.items()
         if data is not None
         and (partition is None or rel.split("/")[2] == f"{layout.PARTITION_PREFIX}{partition}")

@@ -85,4 +85,4 @@ def test_rerun_of_an_edited_date_sends_only_the_changes(airflow_db, anthropic_co
     from anthropic_batch.partition import read_published_summary
 
     summary = read_published_summary(extraction)
-    assert summary["n_reused"] == len(data) - 2 and summary["batch_ids"] == sorted(new)
+    assert summary.n_reused == len(data) - 2 and summary.batch_ids == sorted(new)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from anthropic_batch.contracts import RunSummary
 from anthropic_batch.ui import data
 from tests.ui.seed import DAG_ID
 
@@ -11,7 +12,7 @@ PREFIX = "/anthropic-batches"
 
 
 def test_run_row_carries_reuse_from_the_summary():
-    summary = {"n_rows": 40, "counts_by_status": {"succeeded": 40}, "n_reused": 38, "reused_cost_usd": 0.0095}
+    summary = RunSummary(n_rows=40, counts_by_status={"succeeded": 40}, n_reused=38, reused_cost_usd=0.0095)
     run = data.run_row(DAG_ID, "2026-11-21", summary, [])
     assert run["n_reused"] == 38 and run["reused_cost_usd"] == 0.0095
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from anthropic_batch.contracts import ContractError, RunSummary, parse
 from anthropic_batch.pricing import load_price_table
 from anthropic_batch.ui import data
 from tests.ui.seed import DAG_ID
@@ -22,12 +25,18 @@ def _breakdown() -> dict:
 
 
 def test_run_rows_and_totals_carry_the_breakdown():
-    one = data.run_row(DAG_ID, "2026-11-20", {"n_rows": 1, "cost_breakdown": _breakdown()}, [])
-    two = data.run_row(DAG_ID, "2026-11-21", {"n_rows": 1, "cost_breakdown": _breakdown()}, [])
-    old = data.run_row(DAG_ID, "2026-11-19", {"n_rows": 1}, [])
-    bad = data.run_row(DAG_ID, "2026-11-18", {"n_rows": 1, "cost_breakdown": {"input_tokens": "many"}}, [])
-    assert one["cost_breakdown"] == _breakdown() and old["cost_breakdown"] is None is bad["cost_breakdown"]
-    totals = data.totals([], [one, two, old, bad])
+    one = data.run_row(DAG_ID, "2026-11-20", RunSummary(n_rows=1, cost_breakdown=_breakdown()), [])
+    two = data.run_row(DAG_ID, "2026-11-21", RunSummary(n_rows=1, cost_breakdown=_breakdown()), [])
+    old = data.run_row(DAG_ID, "2026-11-19", RunSummary(n_rows=1), [])
+    assert one["cost_breakdown"] == _breakdown() and old["cost_breakdown"] is None
+    # A malformed breakdown makes the whole summary invalid: it is skipped when read (run_index).
+    with pytest.raises(ContractError, match=r"summary\.json.*cost_breakdown\.input_tokens"):
+        parse(
+            RunSummary,
+            {"n_rows": 1, "cost_breakdown": {"input_tokens": "many"}},
+            "date=2026-11-18/summary.json",
+        )
+    totals = data.totals([], [one, two, old])
     assert totals["n_runs_with_breakdown"] == 2
     assert totals["cost_breakdown"]["cache_read_tokens"] == 2 * 151_200
     rows = {r["label"]: r for r in data.cost_breakdown_rows(totals["cost_breakdown"])}

@@ -270,36 +270,39 @@ class PrepareRequestsOperator(BaseOperator):
             cache_dir=cache_dir_for(work, self.pipeline) if self.answer_cache_max_age_days else None,
             cache_max_age_days=self.answer_cache_max_age_days,
         )
-        n_to_send = manifest["reuse"]["n_to_send"]
+        reuse = manifest.reuse_or_empty
+        n_to_send = reuse.n_to_send
         mode = resolve_mode(self.mode, n_to_send, self.auto_sync_max_requests, deadline=deadline)
         # The final mode, and the prompt-caching check (a warning when the prefix marked for caching
         # is below the model's minimum), in one write.
-        manifest = {**manifest, "mode": mode.value, "cache": log_prefix_check(spec.base_params())}
-        storage.atomic_write_json(layout.manifest_path(work), manifest)
+        manifest = manifest.model_copy(
+            update={"mode": mode.value, "cache": log_prefix_check(spec.base_params())}
+        )
+        storage.atomic_write_json(layout.manifest_path(work), manifest.model_dump(mode="json"))
 
-        chunks = manifest["chunks"]
-        for warning in manifest.get("warnings") or ():
+        chunks = manifest.chunks
+        for warning in manifest.warnings:
             log.warning("Request spec: %s", warning)
         log.info(
             "Prepared %d requests (%d to send, %d answers reused) in %d chunk(s), %d bytes in all; "
             "%d of %d records rejected%s. Mode: %s%s.",
-            manifest["n_requests"],
+            manifest.n_requests,
             n_to_send,
-            manifest["reuse"]["n_reused"],
+            reuse.n_reused,
             len(chunks),
-            sum(c["n_bytes"] for c in chunks),
-            manifest["n_rejected"],
-            manifest["n_input_records"],
-            f" (see {manifest['rejected_path']})" if manifest["n_rejected"] else "",
+            sum(c.n_bytes for c in chunks),
+            manifest.n_rejected,
+            manifest.n_input_records,
+            f" (see {manifest.rejected_path})" if manifest.n_rejected else "",
             mode.value,
             f" (auto: threshold {self.auto_sync_max_requests} requests, deadline {deadline})"
             if str(self.mode).strip().lower() == "auto"
             else "",
         )
-        if not chunks and manifest["reuse"]["n_reused"]:
+        if not chunks and reuse.n_reused:
             log.info("Every request already has an answer: nothing to submit.")
         elif not chunks:
             log.warning(
                 "No valid request in %s: nothing to submit; the batch tasks will be skipped.", self.source
             )
-        return [c["path"] for c in chunks]
+        return [c.path for c in chunks]

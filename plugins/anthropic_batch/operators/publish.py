@@ -34,6 +34,7 @@ from airflow.sdk import BaseOperator, Context, ObjectStoragePath
 
 from anthropic_batch import layout, partition, storage
 from anthropic_batch.answer_reuse import cache_after_publish, summary_fields
+from anthropic_batch.contracts import Manifest, RunSummary
 from anthropic_batch.partition import (  # noqa: F401  (re-exported: the partition's file names)
     COMMIT_FILE,
     DATA_FILE,
@@ -223,7 +224,7 @@ def copy_file(source: storage.PathLike, target: storage.PathLike) -> None:
 
 def build_summary(
     *,
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     merged: RowCounts,
     dead_letters: RowCounts,
     billed: Spend,
@@ -233,23 +234,26 @@ def build_summary(
     dead_letter_path: str,
     price_table_as_of: str,
     sample_cost_usd: float | None = None,
-) -> dict[str, Any]:
+    pipeline: str | None = None,
+    sync_takeover: Mapping[str, Any] | None = None,
+) -> RunSummary:
     """The run summary (ARCHITECTURE.md, summary.json). Cost and tokens count every attempt;
     ``cost_usd`` and ``sync_cost_usd`` include the sample gate's ``sample_cost_usd``.
 
     ``merged``: rows and counts by status of the merged results; ``dead_letters``: rows and counts
-    by stage; ``billed``: the spend of every collected file (``billed_spend``).
+    by stage; ``billed``: the spend of every collected file (``billed_spend``). ``pipeline``
+    overrides the manifest's; ``sync_takeover`` is ``sync_backend.takeover_summary``.
     """
-    spec = manifest.get("spec") or {}
-    summary = {
-        "pipeline": spec.get("pipeline"),
+    spec = manifest.spec
+    summary: dict[str, Any] = {
+        "pipeline": pipeline or spec.pipeline,
         "dag_id": dag_id,
         "run_id": run_id,
-        "partition": spec.get("partition"),
-        "mode": manifest.get("mode"),
-        "model": spec.get("model"),
-        "n_input_records": manifest.get("n_input_records"),
-        "n_requests": manifest.get("n_requests"),
+        "partition": spec.partition,
+        "mode": manifest.mode,
+        "model": spec.model,
+        "n_input_records": manifest.n_input_records,
+        "n_requests": manifest.n_requests,
         "n_rows": merged.n_rows,
         "counts_by_status": dict(merged.counts),
         "n_dead_letters": dead_letters.n_rows,
@@ -260,7 +264,7 @@ def build_summary(
         "savings_usd": round(billed.sync_cost_usd - billed.cost_usd, 6),
         # Issue 13: input, output, cache writes, cache reads, cache and batch savings, tokens and
         # dollars, over every attempt's results (the sample is in sample_cost_usd).
-        "cost_breakdown": billed.breakdown(str(spec.get("cache_ttl") or "5m")).model_dump(),
+        "cost_breakdown": billed.breakdown(str(spec.cache_ttl or "5m")),
         "batch_ids": sorted(billed.batch_ids),
         "attempts": merged.max_attempt,
         "price_table_as_of": price_table_as_of,
@@ -274,7 +278,8 @@ def build_summary(
         summary["sample_cost_usd"] = round(sample_cost_usd, 6)
         summary["cost_usd"] = round(billed.cost_usd + sample_cost_usd, 6)
         summary["sync_cost_usd"] = round(billed.sync_cost_usd + sample_cost_usd, 6)
-    return summary
+    summary.update(summary_fields(manifest))  # answer reuse (issue 9): n_reused, reused_cost_usd
+    return RunSummary(**summary, sync_takeover=sync_takeover)
 
 
 def publish_partition(
@@ -283,9 +288,9 @@ def publish_partition(
     merged_path: storage.PathLike,
     dead_letter_sources: Sequence[storage.PathLike],
     key_columns: Sequence[str],
-    make_summary: Callable[[RowCounts, RowCounts, str, str], dict[str, Any]],
+    make_summary: Callable[[RowCounts, RowCounts, str, str], RunSummary],
     **commit_details: Any,
-) -> tuple[partition.PublishedPartition, dict[str, Any]]:
+) -> tuple[partition.PublishedPartition, RunSummary]:
     """Write a new generation of the partition at ``target``, commit it, then clean up.
 
     ``make_summary(merged, dead_letters, data_path, dead_letter_path)`` builds the summary from the
@@ -298,7 +303,7 @@ def publish_partition(
         merged = stream_counts(root / DATA_FILE, "status")
         dead = write_dead_letters(root / DEAD_LETTER_FILE, dead_letter_sources, key_columns)
         summary = make_summary(merged, dead, str(root / DATA_FILE), str(root / DEAD_LETTER_FILE))
-        storage.atomic_write_json(root / SUMMARY_FILE, summary)
+        storage.atomic_write_json(root / SUMMARY_FILE, summary.model_dump(mode="json"))
     except BaseException:
         partition.remove_generation(target, generation)  # uncommitted: no reader can see it
         raise
@@ -342,16 +347,13 @@ class PublishPartitionOperator(BaseOperator):
         work_dir = storage.as_path(self.work_dir)
         target = storage.as_path(self.extraction_dir)
         manifest = layout.read_manifest(work_dir)
-        spec = manifest.get("spec") or {}
-        key_columns = spec.get("key_columns") or []
+        key_columns = manifest.spec.key_columns
         sample_report = storage.read_json(layout.sample_report_path(work_dir))
         ti = context["ti"]
         billed = billed_spend(billed_paths(work_dir, self.merged_path))
 
-        def make_summary(
-            merged: RowCounts, dead: RowCounts, data_path: str, dead_path: str
-        ) -> dict[str, Any]:
-            summary = build_summary(
+        def make_summary(merged: RowCounts, dead: RowCounts, data_path: str, dead_path: str) -> RunSummary:
+            return build_summary(
                 manifest=manifest,
                 merged=merged,
                 dead_letters=dead,
@@ -362,14 +364,9 @@ class PublishPartitionOperator(BaseOperator):
                 dead_letter_path=dead_path,
                 price_table_as_of=load_price_table().as_of,
                 sample_cost_usd=(sample_report or {}).get("sample_cost_usd"),
+                pipeline=self.pipeline,
+                sync_takeover=takeover_summary(work_dir),  # mode=sync taking over batches in flight
             )
-            if self.pipeline:
-                summary["pipeline"] = self.pipeline
-            summary.update(summary_fields(manifest))  # answer reuse (issue 9): n_reused, reused_cost_usd
-            takeover = takeover_summary(work_dir)  # mode=sync taking over batches in flight
-            if takeover is not None:
-                summary["sync_takeover"] = takeover
-            return summary
 
         published, summary = publish_partition(
             target,
@@ -379,7 +376,7 @@ class PublishPartitionOperator(BaseOperator):
             make_summary=make_summary,
             dag_id=ti.dag_id,
             run_id=ti.run_id,
-            partition=spec.get("partition"),
+            partition=manifest.spec.partition,
         )
         try:  # answer reuse (issue 9): the answers this run paid for, for other dates to reuse
             cache_after_publish(manifest, self.merged_path, ti.run_id)
@@ -390,13 +387,13 @@ class PublishPartitionOperator(BaseOperator):
             "saved $%.4f); %d answer(s) reused ($%.4f not paid again).",
             target,
             published.generation,
-            summary["n_rows"],
-            summary["counts_by_status"],
-            summary["n_dead_letters"],
-            summary["cost_usd"],
-            summary["sync_cost_usd"],
-            summary["savings_usd"],
-            summary["n_reused"],
-            summary["reused_cost_usd"],
+            summary.n_rows,
+            summary.counts_by_status,
+            summary.n_dead_letters,
+            summary.cost_usd,
+            summary.sync_cost_usd,
+            summary.savings_usd,
+            summary.n_reused,
+            summary.reused_cost_usd,
         )
-        return summary
+        return summary.model_dump(mode="json")  # XCom carries the RunSummary's JSON

@@ -66,6 +66,7 @@ from anthropic_batch.batch_requests import (
     write_chunk,
 )
 from anthropic_batch.collection import collect_batch, write_merge_record
+from anthropic_batch.contracts import ChunkInfo, Manifest
 from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit loop's paths)
     RESUBMIT_STATE_FILE,
     RETRY_LIST_FILE,
@@ -242,7 +243,9 @@ class ResubmitFailuresOperator(BaseOperator):
         paths = [*state["results_paths"], self._collect(handle, attempt)]
         # -- queue budget (budget branch): the ended batch frees its ticket; next retry chunk --
         queue_budget.TicketQueue().release_owned(
-            queue_budget.ticket_owner(submission_identity(context["ti"], read_manifest(self.work_dir))),
+            queue_budget.ticket_owner(
+                submission_identity(context["ti"], read_manifest(self.work_dir).model_dump(mode="json"))
+            ),
             str(handle.get("ledger_path")),
         )
         pending = list(state.get("pending") or [])
@@ -319,12 +322,11 @@ class ResubmitFailuresOperator(BaseOperator):
 
         work = storage.as_path(self.work_dir)
         manifest = read_manifest(work)
-        spec = manifest.get("spec") or {}
-        key_columns = list(spec.get("key_columns") or [])
+        key_columns = list(manifest.spec.key_columns)
         merged_path = layout.merged_path(work)
         retry_truncated = self.retry_truncated
         if retry_truncated is None:
-            retry_truncated = bool(spec.get("output_model"))
+            retry_truncated = bool(manifest.spec.output_model)
         # In the last round nothing is retried, so every unfinished row is a dead letter.
         # Answer reuse (issue 9): answers reused from earlier runs are one more input, merged first.
         stats = merge_attempts(
@@ -377,11 +379,11 @@ class ResubmitFailuresOperator(BaseOperator):
         return self._submit_next(context, next_attempt, paths, infos, rounds)
 
     def _finalise(
-        self, stats: MergeStats, merged_path: ObjectStoragePath, manifest: Mapping[str, Any], attempt: int
+        self, stats: MergeStats, merged_path: ObjectStoragePath, manifest: Manifest, attempt: int
     ) -> str:
         # One row per custom_id holds by construction (the merge keeps one winner per id); the
         # count must also match what was prepared.
-        n_expected = int(manifest["n_requests"])
+        n_expected = manifest.n_requests
         if stats.n_rows != n_expected:
             raise AirflowException(
                 f"merged results have {stats.n_rows} rows but {n_expected} requests were prepared: "
@@ -398,9 +400,7 @@ class ResubmitFailuresOperator(BaseOperator):
         return str(merged_path)
 
     # -- retry chunks and submission ----------------------------------------------------------------
-    def _source_lines(
-        self, manifest: Mapping[str, Any], paths: Sequence[str], n_retry: int
-    ) -> Iterator[bytes]:
+    def _source_lines(self, manifest: Manifest, paths: Sequence[str], n_retry: int) -> Iterator[bytes]:
         """The last submitted request line of every request on the retry list, max_tokens grown
         where the last answer was truncated.
 
@@ -423,7 +423,7 @@ class ResubmitFailuresOperator(BaseOperator):
         attempt_of = np.maximum(table.column("source_attempt").to_numpy(), 1)
         group_of = self._group_keys(table)
         del table
-        chunks = {int(c["index"]): str(c["path"]) for c in manifest["chunks"]}
+        chunks = {c.index: c.path for c in manifest.chunks}
         found = 0
         for source_attempt, group in sorted(
             {(int(a), int(g)) for a, g in zip(attempt_of, group_of, strict=True)}
@@ -496,7 +496,7 @@ class ResubmitFailuresOperator(BaseOperator):
         ]
 
     def _write_retry_chunks(
-        self, manifest: Mapping[str, Any], paths: Sequence[str], n_retry: int, attempt: int
+        self, manifest: Manifest, paths: Sequence[str], n_retry: int, attempt: int
     ) -> list[dict[str, Any]]:
         """Write the retry chunk files of ``attempt``; their ChunkInfos (nothing submitted yet)."""
         directory = retry_dir(self.work_dir, attempt)
@@ -527,12 +527,13 @@ class ResubmitFailuresOperator(BaseOperator):
         # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
-        info, rest = infos[0], infos[1:]
+        info, rest = ChunkInfo.model_validate(infos[0]), infos[1:]
         manifest = read_manifest(self.work_dir)
-        identity = submission_identity(context["ti"], manifest)
+        # submission_identity still takes the manifest's JSON (submission.py: the handles branch).
+        identity = submission_identity(context["ti"], manifest.model_dump(mode="json"))
         ledger = SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root))
         # Same bytes at another attempt must be a new submission (see module docstring).
-        fingerprint = sha256_hex(f"{info['fingerprint']}:attempt-{attempt}")
+        fingerprint = sha256_hex(f"{info.fingerprint}:attempt-{attempt}")
         ledger_path = ledger.entry_path(
             identity["dag_id"], identity["partition"], identity["task_id"], fingerprint
         )
@@ -545,7 +546,7 @@ class ResubmitFailuresOperator(BaseOperator):
                 self,
                 ledger_path=str(ledger_path),
                 identity=identity,
-                n_requests=int(info["n_requests"]),
+                n_requests=info.n_requests,
                 pipeline_budget=self.queue_budget_requests,
                 method_name="admission_complete",
                 conn_id=self.conn_id,
@@ -553,13 +554,13 @@ class ResubmitFailuresOperator(BaseOperator):
         handle = submit_idempotently(
             BatchHook(conn_id=self.conn_id),
             ledger,
-            chunk_path=info["path"],
+            chunk_path=info.path,
             chunk_fingerprint=fingerprint,
-            n_requests=int(info["n_requests"]),
-            n_bytes=int(info["n_bytes"]),
+            n_requests=info.n_requests,
+            n_bytes=info.n_bytes,
             **identity,
             attempt=attempt,
-            model=str((manifest.get("spec") or {}).get("model")),
+            model=str(manifest.spec.model),
         )
         self.log.info("Attempt %d: %s (%d requests)", attempt, handle["batch_id"], handle["n_requests"])
         rounds = [*rounds[:-1], {**rounds[-1], "batch_ids": [*rounds[-1]["batch_ids"], handle["batch_id"]]}]

@@ -54,6 +54,7 @@ from anthropic_batch.batch_requests import (
     read_manifest,
     sha256_hex,
 )
+from anthropic_batch.contracts import Manifest
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.pricing import load_price_table
 from anthropic_batch.status import DEFAULT_CONN_ID, RequestStatus
@@ -94,18 +95,18 @@ def sample_positions(n_requests: int, sample_size: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_requests), k))
 
 
-def sample_requests(manifest: Mapping[str, Any], sample_size: int, seed: int) -> list[dict[str, Any]]:
+def sample_requests(manifest: Manifest, sample_size: int, seed: int) -> list[dict[str, Any]]:
     """The sampled requests, read from the chunk files (only the chunks that hold one are opened)."""
-    chunks = sorted(manifest.get("chunks") or [], key=lambda c: int(c["index"]))
-    positions = sample_positions(sum(int(c["n_requests"]) for c in chunks), sample_size, seed)
+    chunks = sorted(manifest.chunks, key=lambda c: c.index)
+    positions = sample_positions(sum(c.n_requests for c in chunks), sample_size, seed)
     picked: list[dict[str, Any]] = []
     start = 0
     remaining = iter(positions)
     wanted = next(remaining, None)
     for chunk in chunks:
-        end = start + int(chunk["n_requests"])
+        end = start + chunk.n_requests
         if wanted is not None and wanted < end:
-            for offset, request in enumerate(iter_chunk_requests(chunk["path"]), start=start):
+            for offset, request in enumerate(iter_chunk_requests(chunk.path), start=start):
                 if offset == wanted:
                     picked.append(request)
                     wanted = next(remaining, None)
@@ -223,21 +224,21 @@ def _count_one(client: anthropic.Anthropic, line: bytes) -> int:
     return int(client.messages.count_tokens(**kwargs).input_tokens)
 
 
-def count_input_tokens(manifest: Mapping[str, Any], client: anthropic.Anthropic, *, concurrency: int) -> int:
+def count_input_tokens(manifest: Manifest, client: anthropic.Anthropic, *, concurrency: int) -> int:
     """Exact input tokens of every request of the run (one count_tokens call each)."""
     # the anthropic SDK: kept out of DAG parsing
     from anthropic_batch.sync_runner import bounded_map
 
     def lines() -> Iterator[bytes]:
-        for chunk in sorted(manifest.get("chunks") or [], key=lambda c: int(c["index"])):
-            yield from iter_chunk_lines(chunk["path"])
+        for chunk in sorted(manifest.chunks, key=lambda c: c.index):
+            yield from iter_chunk_lines(chunk.path)
 
     return sum(bounded_map(lambda line: _count_one(client, line), lines(), concurrency=concurrency))
 
 
 # -- the projection, with and without prompt caching ------------------------------------------------
 def project_caching(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     rows: Sequence[Mapping[str, Any]],
     n_requests: int,
     *,
@@ -254,11 +255,10 @@ def project_caching(
     below the model's minimum is never cached, so both projections are then the same.
     """
     prices = load_price_table()
-    spec = manifest.get("spec") or {}
-    model = str(spec.get("model") or (rows[0].get("model") if rows else ""))
-    ttl = str(spec.get("cache_ttl") or "5m")
+    model = str(manifest.spec.model or (rows[0].get("model") if rows else ""))
+    ttl = str(manifest.spec.cache_ttl or "5m")
     n = len(rows)
-    check = manifest.get("cache") or {}
+    check = manifest.cache or {}
     observed = max(
         (
             int(r.get("cache_creation_input_tokens") or 0) + int(r.get("cache_read_input_tokens") or 0)
@@ -285,7 +285,7 @@ def project_caching(
     )
     output = round(sum(int(r.get("output_tokens") or 0) for r in rows) / n * n_requests) if n else 0
     warmed = ttl == "1h" and observed > 0
-    n_chunks = len(manifest.get("chunks") or [])
+    n_chunks = len(manifest.chunks)
     writes = 0 if (warmed or not prefix) else min(n_chunks, n_requests)
     cached = {
         "input_tokens": max(total_input - prefix * n_requests, 0),
@@ -338,7 +338,7 @@ def _failure_reason(row: Mapping[str, Any]) -> str:
 
 
 def build_report(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     rows: Sequence[Mapping[str, Any]],
     *,
     sample_size: int,
@@ -348,10 +348,10 @@ def build_report(
     input_tokens_all: int | None = None,
 ) -> dict[str, Any]:
     """The sample report (JSON-able) including the gate decision; see the module docstring."""
-    spec = manifest.get("spec") or {}
-    mode = manifest.get("mode") or "batch"
+    spec = manifest.spec
+    mode = manifest.mode
     # What will be paid for: the chunks' requests (answers reused from earlier runs are not sent).
-    n_requests = sum(int(c.get("n_requests") or 0) for c in manifest.get("chunks") or [])
+    n_requests = sum(c.n_requests for c in manifest.chunks)
     n = len(rows)
     passed = sum(1 for r in rows if _passed(r))
     pass_rate = passed / n if n else None
@@ -379,7 +379,7 @@ def build_report(
     failures = [
         {
             "custom_id": r["custom_id"],
-            "keys": {k: r.get(k) for k in spec.get("key_columns") or []},
+            "keys": {k: r.get(k) for k in spec.key_columns},
             "status": r["status"],
             "error_type": r.get("error_type"),
             "stop_reason": r.get("stop_reason"),
@@ -394,9 +394,9 @@ def build_report(
     if max_cost_usd is not None and projected > max_cost_usd:
         reasons.append(f"projected cost ${projected:,.4f} exceeds the budget ${max_cost_usd:,.4f}")
     return {
-        "pipeline": spec.get("pipeline"),
-        "partition": spec.get("partition"),
-        "model": spec.get("model"),
+        "pipeline": spec.pipeline,
+        "partition": spec.partition,
+        "model": spec.model,
         "mode": mode,
         "n_requests": n_requests,
         "sample_size": sample_size,
@@ -614,7 +614,7 @@ class SampleRefineOperator(BaseOperator):
         if requests:
             client = BatchHook(conn_id=self.conn_id).get_conn()
             ctx = ParseContext.from_work_dir(work, batch_id="sample", attempt=0, manifest=manifest)
-            self.log.info("Sampling %d of %d requests synchronously.", len(requests), manifest["n_requests"])
+            self.log.info("Sampling %d of %d requests synchronously.", len(requests), manifest.n_requests)
             lines, reuse = answer_sample(
                 requests,
                 client,

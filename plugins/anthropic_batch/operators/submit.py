@@ -26,6 +26,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from anthropic_batch import queue_budget, storage
+from anthropic_batch.layout import read_manifest
 from anthropic_batch.ledger import (
     SubmissionLedger,
     handle_from_entry,
@@ -37,12 +38,17 @@ from anthropic_batch.sensors import BatchWaitMixin, admit_or_defer, raise_for_ad
 from anthropic_batch.status import DEFAULT_CONN_ID
 from anthropic_batch.submission import (
     find_chunk,
-    load_manifest,
     projected_cost_usd,
     submission_identity,
     submit_idempotently,
 )
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS
+
+
+def _manifest_json(work_dir: str) -> dict[str, Any]:
+    """The validated manifest as JSON: ``submission.find_chunk``/``submission_identity`` (the handles
+    branch's module) still take the dict; they move to ``contracts.Manifest`` with it."""
+    return read_manifest(work_dir).model_dump(mode="json")
 
 
 class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
@@ -118,7 +124,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
 
     def _ledger_path(self, context: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """(ledger entry path, chunk info, submission identity) of this task's chunk."""
-        manifest = load_manifest(self.work_dir)
+        manifest = _manifest_json(self.work_dir)
         chunk = find_chunk(manifest, self.chunk_path)
         identity = submission_identity(context["ti"], manifest)
         path = self._ledger().entry_path(
@@ -185,7 +191,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
     def _submit(self, context: Any) -> dict[str, Any]:
         from anthropic_batch.hooks import BatchHook  # the SDK: not at DAG parse time
 
-        manifest = load_manifest(self.work_dir)
+        manifest = _manifest_json(self.work_dir)
         spec = manifest.get("spec") or {}
         chunk = find_chunk(manifest, self.chunk_path)
         mode = manifest.get("mode") or "batch"

@@ -277,7 +277,7 @@ def _overview(request: Request, user: Any) -> dict[str, Any]:
     root = _root(request)
     entries = data.read_ledger_entries(root)
     summaries = data.read_summaries(root)
-    dag_ids = {e.get("dag_id") for e in entries} | {s.get("dag_id") for s in summaries}
+    dag_ids = {e.get("dag_id") for e in entries} | {s.dag_id for s in summaries}
     allowed = readable_dag_ids(user, {d for d in dag_ids if d})
     overview = data.build_overview(entries, summaries, allowed_dag_ids=allowed)
     _add_cancels(overview["batches"], entries)
@@ -307,7 +307,7 @@ def _run_detail(request: Request, user: Any, dag_id: str, partition: str, limit:
     require_dag_read(user, dag_id)
     root = _root(request)
     entries = data.read_ledger_entries(root, dag_id=dag_id, partition=partition)
-    summaries = [s for s in data.read_summaries(root, partition=partition) if s.get("dag_id") == dag_id]
+    summaries = [s for s in data.read_summaries(root, partition=partition) if s.dag_id == dag_id]
     overview = data.build_overview(entries, summaries)
     _add_cancels(overview["batches"], entries)
     run = data.find_run(overview, dag_id, partition)

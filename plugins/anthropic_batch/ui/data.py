@@ -31,6 +31,8 @@ from anthropic_batch.status import (
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
+    from anthropic_batch.contracts import RunSummary
+
 log = logging.getLogger(__name__)
 
 PARTITION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -71,11 +73,6 @@ def _num(value: Any) -> float | None:
         return None
 
 
-def _int(value: Any) -> int | None:
-    number = _num(value)
-    return None if number is None else int(number)
-
-
 def _savings(cost: float | None, sync_cost: float | None) -> float | None:
     if cost is None or sync_cost is None:
         return None
@@ -97,7 +94,7 @@ def read_ledger_entries(
     return run_index.ledger_entries(root, dag_id=dag_id, partition=partition)
 
 
-def read_summaries(root: ObjectStoragePath, partition: str | None = None) -> list[dict[str, Any]]:
+def read_summaries(root: ObjectStoragePath, partition: str | None = None) -> list[RunSummary]:
     """Published run summaries (optionally of one partition); unreadable files are logged and skipped."""
     # the plugin (imported by every Airflow component) loads this module: storage only on use
     from anthropic_batch import run_index
@@ -194,7 +191,7 @@ def _sort_time(row: dict[str, Any]) -> datetime:
 
 # -- runs --------------------------------------------------------------------------------------------
 def run_row(
-    dag_id: str, partition: str, summary: dict[str, Any] | None, batches: list[dict[str, Any]]
+    dag_id: str, partition: str, summary: RunSummary | None, batches: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """One run (a DAG's partition): its published summary if any, else what its batches say so far."""
     batch_cost = [b["cost_usd"] for b in batches if b["cost_usd"] is not None]
@@ -227,51 +224,36 @@ def run_row(
         "cost_breakdown": None,  # issue 13: cache writes/reads and both savings, from the summary
     }
     if summary is not None:
-        raw_counts = summary.get("counts_by_status")
-        counts = (
-            {str(k): int(_num(v) or 0) for k, v in raw_counts.items()} if isinstance(raw_counts, dict) else {}
-        )
+        # Validated when read (run_index): the numbers are numbers, a bad file never gets here.
+        counts = dict(summary.counts_by_status)
         run.update(
-            pipeline=summary.get("pipeline") or run["pipeline"],
-            run_id=summary.get("run_id") or run["run_id"],
-            mode=summary.get("mode") or run["mode"],
-            attempts=summary.get("attempts") or run["attempts"],
-            n_input_records=_int(summary.get("n_input_records")),
-            n_rows=_int(summary.get("n_rows")),
+            pipeline=summary.pipeline or run["pipeline"],
+            run_id=summary.run_id or run["run_id"],
+            mode=summary.mode or run["mode"],
+            attempts=summary.attempts or run["attempts"],
+            n_input_records=summary.n_input_records,
+            n_rows=summary.n_rows,
             counts_by_status=counts,
             n_succeeded=counts.get(RequestCountKey.SUCCEEDED, 0),
-            n_dead_letters=_int(summary.get("n_dead_letters")),
-            cost_usd=_num(summary.get("cost_usd")),
-            sync_cost_usd=_num(summary.get("sync_cost_usd")),
-            finished_at=summary.get("finished_at"),
-            price_table_as_of=summary.get("price_table_as_of"),
-            tokens=summary.get("tokens") if isinstance(summary.get("tokens"), dict) else {},
+            n_dead_letters=summary.n_dead_letters,
+            cost_usd=summary.cost_usd,
+            sync_cost_usd=summary.sync_cost_usd,
+            finished_at=summary.finished_at,
+            price_table_as_of=summary.price_table_as_of,
+            tokens=dict(summary.tokens),
         )
-        if summary.get("savings_usd") is not None:
-            run["savings_usd"] = _num(summary.get("savings_usd"))
+        if summary.savings_usd is not None:
+            run["savings_usd"] = summary.savings_usd
         # Answer reuse (issue 9): answers taken from earlier runs, and what they had cost then.
-        run["n_reused"] = _int(summary.get("n_reused"))
-        run["reused_cost_usd"] = _num(summary.get("reused_cost_usd"))
-        run["cost_breakdown"] = _breakdown(summary.get("cost_breakdown"))
+        run["n_reused"] = summary.n_reused
+        run["reused_cost_usd"] = summary.reused_cost_usd
+        # Issue 13: none in summaries written before the breakdown existed.
+        breakdown = summary.cost_breakdown
+        run["cost_breakdown"] = breakdown.model_dump() if breakdown is not None else None
     run.setdefault("savings_usd", _savings(run["cost_usd"], run["sync_cost_usd"]))
     n_rows = run["n_rows"] or 0
     run["success_rate"] = (run["n_succeeded"] / n_rows) if n_rows and run["published"] else None
     return run
-
-
-def _breakdown(value: Any) -> dict[str, Any] | None:
-    """A summary's ``cost_breakdown`` if it is one (older summaries have none; a bad one is skipped)."""
-    from pydantic import ValidationError
-
-    from anthropic_batch.pricing import CostBreakdown
-
-    if not isinstance(value, dict):
-        return None
-    try:
-        return CostBreakdown.model_validate(value).model_dump()
-    except ValidationError:
-        log.warning("ignoring a malformed cost_breakdown in a run summary: %r", value)
-        return None
 
 
 def cost_breakdown_rows(breakdown: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -292,7 +274,7 @@ def _run_sort_key(run: dict[str, Any]) -> tuple[str, str]:
 
 def build_overview(
     entries: Iterable[dict[str, Any]],
-    summaries: Iterable[dict[str, Any]],
+    summaries: Iterable[RunSummary],
     now: datetime | None = None,
     allowed_dag_ids: set[str] | None = None,
 ) -> dict[str, Any]:
@@ -305,13 +287,13 @@ def build_overview(
     summaries = list(summaries)
     if allowed_dag_ids is not None:
         batches = [b for b in batches if b["dag_id"] in allowed_dag_ids]
-        summaries = [s for s in summaries if s.get("dag_id") in allowed_dag_ids]
+        summaries = [s for s in summaries if s.dag_id in allowed_dag_ids]
     batches.sort(key=_sort_time, reverse=True)
 
     by_run: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for b in batches:
         by_run[(b["dag_id"] or "", b["partition"] or "")].append(b)
-    summary_by_run = {(s.get("dag_id") or "", s.get("partition") or ""): s for s in summaries}
+    summary_by_run = {(s.dag_id or "", s.partition or ""): s for s in summaries}
     runs = [
         run_row(
             dag_id, partition, summary_by_run.get((dag_id, partition)), by_run.get((dag_id, partition), [])
@@ -386,10 +368,13 @@ def find_run(overview: dict[str, Any], dag_id: str, partition: str) -> dict[str,
 
 
 def partition_of_run_id(
-    entries: Iterable[dict[str, Any]], summaries: Iterable[dict[str, Any]], dag_id: str, run_id: str
+    entries: Iterable[dict[str, Any]], summaries: Iterable[RunSummary], dag_id: str, run_id: str
 ) -> str | None:
     """The partition an Airflow run worked on, from its summary or any of its ledger entries."""
-    for item in [*summaries, *entries]:
+    for summary in summaries:
+        if summary.dag_id == dag_id and summary.run_id == run_id and summary.partition:
+            return summary.partition
+    for item in entries:
         if item.get("dag_id") == dag_id and item.get("run_id") == run_id and item.get("partition"):
             return str(item["partition"])
     return None

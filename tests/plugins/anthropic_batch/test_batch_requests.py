@@ -247,20 +247,20 @@ def test_prepare_writes_chunks_keys_and_manifest(work):
         tickets(10), ["ticket_id"], spec(), work, extra_manifest={"spec": {"pipeline": "p"}, "mode": "sync"}
     )
     assert manifest == read_manifest(work)
-    assert manifest["n_requests"] == 10
-    assert manifest["n_rejected"] == 0
-    assert manifest["n_input_records"] == 10
-    assert manifest["mode"] == "sync"
-    assert manifest["spec"]["pipeline"] == "p"
-    assert manifest["spec"]["spec_fingerprint"] == spec().fingerprint() == manifest["spec_fingerprint"]
-    (chunk,) = manifest["chunks"]
-    path = ObjectStoragePath(chunk["path"])
+    assert manifest.n_requests == 10
+    assert manifest.n_rejected == 0
+    assert manifest.n_input_records == 10
+    assert manifest.mode == "sync"
+    assert manifest.spec.pipeline == "p"
+    assert manifest.spec.spec_fingerprint == spec().fingerprint() == manifest.spec_fingerprint
+    (chunk,) = manifest.chunks
+    path = ObjectStoragePath(chunk.path)
     data = path.read_bytes()
-    assert chunk["fingerprint"] == sha256_hex(data)
-    assert chunk["index"] == 0
+    assert chunk.fingerprint == sha256_hex(data)
+    assert chunk.index == 0
     assert path.name == "chunk-00000.jsonl"
     lines = data.splitlines()
-    assert len(lines) == chunk["n_requests"] == 10
+    assert len(lines) == chunk.n_requests == 10
     for line in lines:
         assert line == canonical_json(json.loads(line)).encode()
     first = json.loads(lines[0])
@@ -279,24 +279,24 @@ def test_prepare_writes_chunks_keys_and_manifest(work):
 
 def test_chunk_split_by_count(work):
     manifest = prepare_requests(tickets(25), ["ticket_id"], spec(), work, max_requests_per_chunk=10)
-    assert [c["n_requests"] for c in manifest["chunks"]] == [10, 10, 5]
-    assert [c["index"] for c in manifest["chunks"]] == [0, 1, 2]
+    assert [c.n_requests for c in manifest.chunks] == [10, 10, 5]
+    assert [c.index for c in manifest.chunks] == [0, 1, 2]
     keys = pq.read_table((work / "requests" / "keys.parquet").path)
     assert keys.column("chunk_index").to_pylist() == [0] * 10 + [1] * 10 + [2] * 5
-    ids = [r["custom_id"] for c in manifest["chunks"] for r in iter_chunk_requests(c["path"])]
+    ids = [r["custom_id"] for c in manifest.chunks for r in iter_chunk_requests(c.path)]
     assert ids == keys.column("custom_id").to_pylist()
 
 
 def test_chunk_split_by_bytes_and_body_size_exact(work):
     one = next(
-        iter_chunk_lines(prepare_requests(tickets(1), ["ticket_id"], spec(), work)["chunks"][0]["path"])
+        iter_chunk_lines(prepare_requests(tickets(1), ["ticket_id"], spec(), work).chunks[0].path)
     )
     limit = BODY_OVERHEAD + 3 * (len(one) + 1) + 5  # room for three requests, not four
     manifest = prepare_requests(tickets(10), ["ticket_id"], spec(), work, max_bytes_per_chunk=limit)
-    assert [c["n_requests"] for c in manifest["chunks"]] == [3, 3, 3, 1]
-    for chunk in manifest["chunks"]:
-        body = b"".join(iter_batch_body(chunk["path"]))
-        assert len(body) == chunk["n_bytes"] <= limit
+    assert [c.n_requests for c in manifest.chunks] == [3, 3, 3, 1]
+    for chunk in manifest.chunks:
+        body = b"".join(iter_batch_body(chunk.path))
+        assert len(body) == chunk.n_bytes <= limit
     # a re-run with fewer chunks removes the stale chunk files
     prepare_requests(tickets(10), ["ticket_id"], spec(), work)
     assert sorted(p.name for p in (work / "requests").iterdir() if p.name.startswith("chunk-")) == [
@@ -306,7 +306,7 @@ def test_chunk_split_by_bytes_and_body_size_exact(work):
 
 def test_streamed_body_is_valid_json_equal_to_the_requests_and_reiterable(work):
     manifest = prepare_requests(tickets(50), ["ticket_id"], spec(), work)
-    path = manifest["chunks"][0]["path"]
+    path = manifest.chunks[0].path
     body = iter_batch_body(path, block_size=1000)
     blocks = list(body)
     assert len(blocks) > 5  # really streamed in blocks
@@ -314,7 +314,7 @@ def test_streamed_body_is_valid_json_equal_to_the_requests_and_reiterable(work):
     decoded = json.loads(b"".join(blocks))
     assert decoded == {"requests": list(iter_chunk_requests(path))}
     assert b"".join(body) == b"".join(blocks)  # second iteration resends the same bytes
-    assert body.n_bytes == len(b"".join(blocks)) == manifest["chunks"][0]["n_bytes"]
+    assert body.n_bytes == len(b"".join(blocks)) == manifest.chunks[0].n_bytes
 
 
 def test_empty_chunk_body_is_valid_json(tmp_path):
@@ -326,7 +326,7 @@ def test_empty_chunk_body_is_valid_json(tmp_path):
 
 def test_write_chunk_for_retries(work):
     manifest = prepare_requests(tickets(5), ["ticket_id"], spec(), work)
-    lines = list(iter_chunk_lines(manifest["chunks"][0]["path"]))[1:3]
+    lines = list(iter_chunk_lines(manifest.chunks[0].path))[1:3]
     info = write_chunk(lines, work / "retry" / "chunk-00000.jsonl", index=7)
     assert info["index"] == 7
     assert info["n_requests"] == 2
@@ -346,8 +346,8 @@ def test_rejects_lose_nothing(work):
     manifest = prepare_requests(table, ["ticket_id"], s, work, max_request_bytes=4000)
     rejected = pq.read_table((work / "rejected.parquet").path)
     assert rejected.schema == dead_letter_schema(["ticket_id"])
-    assert manifest["n_requests"] + manifest["n_rejected"] == manifest["n_input_records"] == table.num_rows
-    assert rejected.num_rows == manifest["n_rejected"]
+    assert manifest.n_requests + manifest.n_rejected == manifest.n_input_records == table.num_rows
+    assert rejected.num_rows == manifest.n_rejected
     by_type = {}
     for row in rejected.to_pylist():
         by_type.setdefault(row["error_type"], []).append(row["ticket_id"])
@@ -360,7 +360,7 @@ def test_rejects_lose_nothing(work):
         "request_too_large": ["D"],
         "empty_prompt": ["E"],
     }
-    prepared = [r["custom_id"] for r in iter_chunk_requests(manifest["chunks"][0]["path"])]
+    prepared = [r["custom_id"] for r in iter_chunk_requests(manifest.chunks[0].path)]
     assert [cid.rsplit("-", 1)[0] for cid in prepared] == ["A", "C", "F"]
 
 
@@ -368,7 +368,7 @@ def test_template_errors_are_rejected_per_record(work):
     # The column exists; one record's value cannot be rendered (no attribute of a null): that record only.
     table = pa.table({"ticket_id": ["A", "B"], "subject": [{"title": "s"}, None]})
     manifest = prepare_requests(table, ["ticket_id"], spec(prompt_template="{{ subject.title }}"), work)
-    assert manifest["n_requests"] == 1
+    assert manifest.n_requests == 1
     rejected = pq.read_table((work / "rejected.parquet").path).to_pylist()
     assert [(r["ticket_id"], r["error_type"]) for r in rejected] == [("B", "template_error")]
     assert "title" in rejected[0]["reason"]
@@ -454,7 +454,7 @@ def test_unreadable_lines_are_dead_lettered_and_the_rest_proceeds(work, tmp_path
     path.write_bytes(b"\n".join(raw) + b"\n")
     table, unreadable = read_source(str(path))
     manifest = prepare_requests(table, ["ticket_id"], spec(), work, unreadable=unreadable)
-    assert manifest["n_requests"] == 3 and manifest["n_rejected"] == 1 and manifest["n_input_records"] == 4
+    assert manifest.n_requests == 3 and manifest.n_rejected == 1 and manifest.n_input_records == 4
     (dead,) = pq.read_table((work / "rejected.parquet").path).to_pylist()
     assert dead["error_type"] == "unreadable_record" and dead["stage"] == "prepare"
     assert dead["ticket_id"] == "BAD"
@@ -467,7 +467,7 @@ def test_a_source_of_only_unreadable_lines_prepares_nothing_and_keeps_every_line
     path.write_bytes(b"\xff\n{nope\n")
     table, unreadable = read_source(str(path))
     manifest = prepare_requests(table, ["ticket_id"], spec(), work, unreadable=unreadable)
-    assert manifest["n_requests"] == 0 and manifest["n_rejected"] == 2
+    assert manifest.n_requests == 0 and manifest.n_rejected == 2
     rejected = pq.read_table((work / "rejected.parquet").path).to_pylist()
     assert [json.loads(r["record_json"])["line"] for r in rejected] == [1, 2]
 
@@ -478,7 +478,7 @@ def test_custom_id_collisions_are_detected(work, monkeypatch):
     # Force a collision the hash would practically never produce: every key maps to one id.
     monkeypatch.setattr(br, "custom_id_base", lambda keys: "same")
     manifest = prepare_requests(tickets(3), ["ticket_id"], spec(), work)
-    assert manifest["n_requests"] == 0
+    assert manifest.n_requests == 0
     rejected = pq.read_table((work / "rejected.parquet").path).to_pylist()
     assert {r["error_type"] for r in rejected} == {"custom_id_collision"}
     assert len(rejected) == 3

@@ -6,6 +6,7 @@ import jinja2
 import pytest
 
 from anthropic_batch import layout, storage
+from anthropic_batch.contracts import Manifest
 
 
 @pytest.fixture
@@ -93,5 +94,5 @@ def test_read_manifest_names_the_missing_file(root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"requests/manifest\.json"):
         layout.read_manifest(work)
     storage.atomic_write_bytes(layout.manifest_path(work), json.dumps({"chunks": []}).encode())
-    assert layout.read_manifest(work) == {"chunks": []}
-    assert layout.read_manifest(layout.manifest_path(work).parent.parent.path) == {"chunks": []}
+    assert layout.read_manifest(work) == Manifest(chunks=[])
+    assert layout.read_manifest(layout.manifest_path(work).parent.parent.path) == Manifest(chunks=[])

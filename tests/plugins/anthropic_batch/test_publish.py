@@ -177,7 +177,7 @@ def test_publish_writes_data_dead_letters_and_summary(tmp_path):
     assert sorted(data["custom_id"].to_pylist()) == ["a", "b", "c", "d"]
     dead = pq.read_table(published.dead_letter_path.path).to_pylist()
     assert sorted(r["stage"] for r in dead) == ["collect", "prepare"]
-    assert published.read_summary() == summary
+    assert published.read_summary().model_dump(mode="json") == summary
 
     assert summary["pipeline"] == "tickets" and summary["partition"] == "2026-11-01"
     assert summary["dag_id"] == "test_dag" and summary["mode"] == "batch"
@@ -274,7 +274,7 @@ def test_failed_write_leaves_the_previous_partition_intact(tmp_path):
     with pytest.raises(pa.ArrowInvalid):
         _publish(work, target)
     published = published_files(url(target))
-    assert published.generation == generation and published.read_summary() == before
+    assert published.generation == generation and published.read_summary().model_dump(mode="json") == before
     assert pq.read_table(published.data_path.path).num_rows == 4
     assert sorted(os.listdir(target)) == sorted([COMMIT_FILE, SUCCESS_MARKER, f"_gen={generation}"])
 
@@ -293,8 +293,8 @@ def test_a_reader_never_sees_a_mix_while_a_partition_is_replaced(tmp_path, monke
         summary = published.read_summary()
         data = pq.read_table(published.data_path.path)
         dead = pq.read_table(published.dead_letter_path.path)
-        assert (summary["n_rows"], summary["n_dead_letters"]) == (data.num_rows, dead.num_rows)
-        assert summary["data_path"] == str(published.data_path)
+        assert (summary.n_rows, summary.n_dead_letters) == (data.num_rows, dead.num_rows)
+        assert summary.data_path == str(published.data_path)
         for entry in published.files.values():
             assert (target / entry["path"]).stat().st_size == entry["size"]
         seen.append(published.generation)
@@ -326,10 +326,10 @@ def test_published_files_reads_the_older_layout_and_nothing(tmp_path):
     assert published_files(url(target)) is None  # no summary: nothing published
     (target / SUMMARY_FILE).write_text(json.dumps({"n_rows": 3}))
     legacy = published_files(url(target))
-    assert legacy.generation is None and legacy.read_summary() == {"n_rows": 3}
+    assert legacy.generation is None and legacy.read_summary().n_rows == 3
     assert legacy.data_path.path == str(target / DATA_FILE)
     assert partition.published_dir(url(target)).path == str(target)
-    assert partition.read_published_summary(url(target)) == {"n_rows": 3}
+    assert partition.read_published_summary(url(target)).n_rows == 3
     (target / COMMIT_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=COMMIT_FILE):
         published_files(url(target))
@@ -419,7 +419,7 @@ def test_object_store_partition_switches_by_its_commit_file(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [COMMIT_FILE, SUCCESS_MARKER, f"_gen={published.generation}"]
     )
-    assert published.read_summary() == first
+    assert published.read_summary().model_dump(mode="json") == first
     with storage.open_binary(published.data_path) as handle:
         assert pq.read_table(handle).num_rows == 4
     # A republish that fails midway changes nothing readers see.
@@ -429,7 +429,7 @@ def test_object_store_partition_switches_by_its_commit_file(tmp_path):
     assert published_files(target).generation == published.generation
     second = _publish(_work_dir(tmp_path / "second", rejected=0, dead=0), target)
     now = published_files(target)
-    assert now.generation != published.generation and now.read_summary() == second
+    assert now.generation != published.generation and now.read_summary().model_dump(mode="json") == second
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [COMMIT_FILE, SUCCESS_MARKER, f"_gen={now.generation}"]
     )

@@ -298,7 +298,7 @@ def test_collect_from_a_prepared_work_dir(tmp_path):
     table = pa.table({"ticket_id": ["T1", "T2", "T3"], "text": ["x", "y", "z"]})
     spec = RequestSpec(model=MODEL, max_tokens=100, prompt_template="{{ text }}", output_model=Ticket)
     manifest = prepare_requests(table, ["ticket_id"], spec, work, max_requests_per_chunk=2)
-    chunk0 = manifest["chunks"][0]["path"]
+    chunk0 = manifest.chunks[0].path
     c = ParseContext.from_work_dir(work, batch_id="b1", attempt=1, chunk_indices=[0], manifest=manifest)
     assert set(c.keys) == expected_ids_from_chunk(chunk0)
     assert {cid.rsplit("-", 1)[0] for cid in c.keys} == {"T1", "T2"}  # key + "-" + request digest

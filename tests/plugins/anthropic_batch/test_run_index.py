@@ -113,14 +113,14 @@ def test_a_forged_index_entry_with_an_old_signature_is_not_trusted(root):
 
 def test_summaries_are_indexed_by_partition(root, reads):
     found = run_index.summaries(root)
-    assert sorted(s["partition"] for s in found) == ["2026-11-01", "2026-11-02"]
-    assert all(s["pipeline"] == "pipe" for s in found)
+    assert sorted(s.partition for s in found) == ["2026-11-01", "2026-11-02"]
+    assert all(s.pipeline == "pipe" for s in found)
     assert run_index.summaries(root) == found and reads[-1] == []
     write_summary(root, "pipe", "2026-11-02", cost_usd=2.5)
-    again = {s["partition"]: s for s in run_index.summaries(root)}
+    again = {s.partition: s for s in run_index.summaries(root)}
     assert reads[-1] == ["pipe/extractions/date=2026-11-02"]
-    assert again["2026-11-02"]["cost_usd"] == 2.5
-    assert [s["partition"] for s in run_index.summaries(root, partition="2026-11-01")] == ["2026-11-01"]
+    assert again["2026-11-02"].cost_usd == 2.5
+    assert [s.partition for s in run_index.summaries(root, partition="2026-11-01")] == ["2026-11-01"]
 
 
 def test_an_unwritable_index_still_gives_correct_results(root, monkeypatch):
@@ -185,29 +185,18 @@ def test_the_index_on_an_object_store(s3_root, reads):
 def test_summaries_follow_a_partition_commit_file(tmp_path, monkeypatch, reads):
     """Publish writes ``_gen=<id>/summary.json`` and then ``_COMMIT.json`` naming it: a new commit
     makes the partition stale, and the summary is read through the partition module's reader."""
-    import sys
-    import types
-
     root = storage.as_path(str(tmp_path / "store"))
     part = root / "pipe" / "extractions" / "date=2026-11-01"
 
-    def read_published_summary(directory):
-        commit = storage.read_json(directory / "_COMMIT.json")
-        return storage.read_json(directory / f"_gen={commit['generation']}" / "summary.json")
-
-    fake = types.ModuleType("anthropic_batch.partition")
-    fake.read_published_summary = read_published_summary
-    monkeypatch.setitem(sys.modules, "anthropic_batch.partition", fake)
-
     def publish(generation: str, cost: float) -> None:
-        storage.atomic_write_json(
-            part / f"_gen={generation}" / "summary.json", {"dag_id": "pipe", "cost_usd": cost}
-        )
-        storage.atomic_write_json(part / "_COMMIT.json", {"generation": generation})
+        summary = f"_gen={generation}/summary.json"
+        storage.atomic_write_json(part / summary, {"dag_id": "pipe", "cost_usd": cost})
+        commit = {"generation": generation, "files": {"summary.json": {"path": summary, "size": None}}}
+        storage.atomic_write_json(part / "_COMMIT.json", commit)
 
     publish("g1", 1.0)
-    assert [s["cost_usd"] for s in run_index.summaries(root)] == [1.0]
-    assert run_index.summaries(root)[0]["partition"] == "2026-11-01" and reads[-1] == []
+    assert [s.cost_usd for s in run_index.summaries(root)] == [1.0]
+    assert run_index.summaries(root)[0].partition == "2026-11-01" and reads[-1] == []
     publish("g2", 2.0)
-    assert [s["cost_usd"] for s in run_index.summaries(root)] == [2.0]
+    assert [s.cost_usd for s in run_index.summaries(root)] == [2.0]
     assert reads[-1] == ["pipe/extractions/date=2026-11-01"]

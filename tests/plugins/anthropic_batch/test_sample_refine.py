@@ -10,6 +10,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from anthropic_batch.batch_requests import iter_chunk_requests
+from anthropic_batch.contracts import ChunkInfo, Manifest
 from anthropic_batch.operators import sample_refine
 from anthropic_batch.operators.sample_refine import (
     SampleRefineOperator,
@@ -75,9 +76,9 @@ def test_gate_passes_and_projects_the_full_run(tmp_path, anthropic_conn):
 
 def test_sample_is_seeded_and_spans_chunks(tmp_path):
     run = prepare_run(tmp_path, ticket_records(40), per_chunk=10)
-    manifest = json.loads((_local(run.work_dir) / "requests" / "manifest.json").read_text())
+    manifest = Manifest.model_validate_json((_local(run.work_dir) / "requests" / "manifest.json").read_text())
     chunk_of = {
-        r["custom_id"]: c["index"] for c in manifest["chunks"] for r in iter_chunk_requests(c["path"])
+        r["custom_id"]: c.index for c in manifest.chunks for r in iter_chunk_requests(c.path)
     }
     first = [r["custom_id"] for r in sample_requests(manifest, 12, seed=5)]
     again = [r["custom_id"] for r in sample_requests(manifest, 12, seed=5)]
@@ -253,7 +254,7 @@ def test_a_rerun_reuses_the_sample_answers_and_pays_nothing(tmp_path, emulator_f
 
 def test_projection_counts_only_the_requests_that_will_be_sent():
     # 100 prepared, 90 of them answered before (answer reuse): only the 10 in chunks are paid for.
-    manifest = {"n_requests": 100, "chunks": [{"n_requests": 10}], "spec": {"model": "claude-haiku-4-5"}}
+    manifest = Manifest(n_requests=100, chunks=[_chunk(0, 10)], spec={"model": "claude-haiku-4-5"})
     row = {
         "custom_id": "a",
         "status": "succeeded",
@@ -285,13 +286,18 @@ def _cache_rows(prefix: int, n: int) -> list[dict]:
     ]
 
 
-def _cache_manifest(ttl: str, n_chunks: int = 2, cache: dict | None = None) -> dict:
-    return {
-        "n_requests": 40,
-        "chunks": [{"n_requests": 20}] * n_chunks,
-        "spec": {"model": "claude-haiku-4-5", "cache_ttl": ttl},
-        "cache": cache or {"marked": True, "cacheable": True, "prefix_tokens": 4200, "minimum": 4096},
-    }
+def _chunk(index: int, n_requests: int) -> ChunkInfo:
+    path = f"chunk-{index:05d}.jsonl"
+    return ChunkInfo(index=index, path=path, n_requests=n_requests, n_bytes=0, fingerprint="")
+
+
+def _cache_manifest(ttl: str, n_chunks: int = 2, cache: dict | None = None) -> Manifest:
+    return Manifest(
+        n_requests=40,
+        chunks=[_chunk(i, 20) for i in range(n_chunks)],
+        spec={"model": "claude-haiku-4-5", "cache_ttl": ttl},
+        cache=cache or {"marked": True, "cacheable": True, "prefix_tokens": 4200, "minimum": 4096},
+    )
 
 
 def test_projection_with_and_without_caching():

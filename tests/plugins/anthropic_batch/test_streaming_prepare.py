@@ -116,7 +116,7 @@ def test_a_jsonl_source_streams_in_batches_with_one_type_per_column(tmp_path, mo
     reader = batch_requests.SourceReader(str(path))
     spec = RequestSpec(model="claude-haiku-4-5", max_tokens=10, prompt_template="{{ v }} {{ extra }}")
     manifest = prepare_requests(reader, ["ticket_id"], spec, work)
-    assert manifest["n_input_records"] == 6 and manifest["n_requests"] == 2
+    assert manifest.n_input_records == 6 and manifest.n_requests == 2
     rejected = pq.read_table(tmp_path / "work" / "rejected.parquet").to_pylist()
     # A key repeated across batches rejects both records; the unreadable line is there with its line.
     assert sorted((r["ticket_id"] or "", r["error_type"]) for r in rejected) == [
@@ -131,7 +131,7 @@ def test_collect_reads_only_the_keys_of_its_chunk(tmp_path, monkeypatch):
     work = ObjectStoragePath((tmp_path / "work").as_uri())
     spec = RequestSpec(model="claude-haiku-4-5", max_tokens=10, prompt_template="{{ subject }}")
     manifest = prepare_requests(_tickets(35), ["ticket_id"], spec, work, max_requests_per_chunk=10)
-    assert [c["n_requests"] for c in manifest["chunks"]] == [10, 10, 10, 5]
+    assert [c.n_requests for c in manifest.chunks] == [10, 10, 10, 5]
     rows_read: list[int] = []
 
     def spy(name: str):

@@ -1,0 +1,162 @@
+"""The typed contracts between the library's modules and tasks: what is written to disk and carried
+through XCom, in one place (ARCHITECTURE.md points here instead of restating the schema).
+
+Producers build a model and write ``model.model_dump(mode="json")``; readers go through
+``Model.model_validate`` (:func:`parse`, which names the file and the field at fault). Field names
+are the on-disk names: files written before these models existed read unchanged. Fields added
+later are optional with the default the readers assumed before, so an older file still validates.
+
+Imported while DAGs are parsed: pydantic and the light library modules only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from anthropic_batch.errors import AnthropicBatchError
+from anthropic_batch.pricing import CostBreakdown
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class ContractError(AnthropicBatchError, ValueError):
+    """A file or XCom value does not match its contract; the message names the source and field."""
+
+
+def parse(model: type[_M], data: Any, source: object) -> _M:
+    """``model.model_validate(data)``, with an error naming ``source`` (a file) and each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ContractError(f"{source} is not a valid {model.__name__}: {problems}") from exc
+
+
+# -- run contracts -------------------------------------------------------------------------------------
+class ChunkInfo(BaseModel):
+    """One chunk file of the manifest (``batch_requests`` writes it; ``answer_reuse`` re-packs it)."""
+
+    index: int
+    path: str  # URL or local path of requests/chunk-NNNNN.jsonl
+    n_requests: int
+    n_bytes: int
+    fingerprint: str  # sha256 hex of the file bytes: the ledger key of its submission
+
+
+class ManifestSpec(BaseModel):
+    """The run's request spec, recorded so downstream tasks need no repeated configuration."""
+
+    # Extra keys: ``prepare_requests(extra_manifest={"spec": {...}})`` merges caller-chosen keys here,
+    # and files written by earlier versions may carry keys no reader uses any more.
+    model_config = ConfigDict(extra="allow")
+
+    pipeline: str | None = None
+    partition: str | None = None
+    model: str | None = None
+    max_tokens: int | None = None
+    output_model: str | None = None  # "schemas/x.py:Model" or None
+    output_mode: str | None = None  # "json_schema" | "tool" | None
+    include_dir: str | None = None
+    key_columns: list[str] = Field(default_factory=list)
+    api_version: str | None = None
+    cache_ttl: str | None = None  # added with prompt caching (older manifests: none, read as "5m")
+    spec_fingerprint: str | None = None
+
+
+class ReuseSection(BaseModel):
+    """The manifest's ``reuse`` section (``answer_reuse.apply_reuse``)."""
+
+    n_reused: int = 0
+    n_reused_from_cache: int = 0
+    n_to_send: int = 0
+    reused_cost_usd: float = 0.0
+    reused_sync_cost_usd: float = 0.0
+    reused_path: str | None = None
+    cache_dir: str | None = None
+    cache_max_age_days: int | None = None
+
+
+class Manifest(BaseModel):
+    """``requests/manifest.json``: the run's chunks, counts, spec and resolved mode
+    (``layout.read_manifest`` reads it)."""
+
+    # Extra keys: ``prepare_requests(extra_manifest=...)`` lets callers record top-level keys of
+    # their own, and they must survive the rewrites by apply_reuse and prepare.
+    model_config = ConfigDict(extra="allow")
+
+    chunks: list[ChunkInfo] = Field(default_factory=list)
+    n_requests: int = 0  # every prepared request (one merged row each), reused or sent
+    n_rejected: int = 0
+    n_input_records: int = 0
+    spec_fingerprint: str | None = None
+    spec: ManifestSpec = Field(default_factory=ManifestSpec)
+    mode: str = "batch"  # resolved "batch" | "sync"
+    keys_path: str | None = None
+    rejected_path: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+    created_at: str | None = None
+    source: str | None = None
+    requested_mode: str | None = None
+    deadline: str | None = None
+    reuse: ReuseSection | None = None  # None until apply_reuse ran (and in older manifests)
+    cache: dict[str, Any] | None = None  # caching.log_prefix_check: the prompt-caching check
+
+    @property
+    def reuse_or_empty(self) -> ReuseSection:
+        """The reuse section, or one saying nothing was reused (older manifests have none)."""
+        return self.reuse if self.reuse is not None else ReuseSection()
+
+
+class SyncTakeover(BaseModel):
+    """The run summary's ``sync_takeover``: batches in flight that mode=sync took over."""
+
+    batch_ids: list[str] = Field(default_factory=list)
+    n_reused_answers: int = 0
+    n_paid_twice: int = 0
+    paid_twice_custom_ids: list[str] = Field(default_factory=list)
+    unresolved_batch_ids: list[str] = Field(default_factory=list)
+
+
+class RunSummary(BaseModel):
+    """``extractions/date=D/_gen=<id>/summary.json``, written by the publish step and returned
+    through XCom. Cost, tokens and batch ids count only what this run sent; the ``reused_*`` costs
+    are what the reused answers cost when they were paid for. Every field has a default: summaries
+    of earlier versions (and the report's hand-made ones) lack the later ones."""
+
+    pipeline: str | None = None
+    dag_id: str | None = None
+    run_id: str | None = None
+    partition: str | None = None
+    mode: str | None = None
+    model: str | None = None
+    n_input_records: int | None = None
+    n_requests: int | None = None
+    n_rows: int | None = None
+    counts_by_status: dict[str, int] = Field(default_factory=dict)
+    n_dead_letters: int = 0
+    n_dead_letters_by_stage: dict[str, int] = Field(default_factory=dict)
+    tokens: dict[str, int] = Field(default_factory=dict)  # input, output, cache_creation, cache_read
+    cost_usd: float | None = None
+    sync_cost_usd: float | None = None
+    savings_usd: float | None = None
+    cost_breakdown: CostBreakdown | None = None  # None in summaries written before issue 13
+    batch_ids: list[str] = Field(default_factory=list)
+    attempts: int | None = None
+    price_table_as_of: str | None = None
+    data_path: str | None = None
+    dead_letter_path: str | None = None
+    finished_at: str | None = None
+    sample_cost_usd: float | None = None  # set when the sample gate paid answers (in cost_usd too)
+    n_reused: int = 0
+    n_reused_from_cache: int = 0
+    reused_cost_usd: float = 0.0
+    reused_sync_cost_usd: float = 0.0
+    sync_takeover: SyncTakeover | None = None
+
+
+# -- submission contracts ------------------------------------------------------------------------------
