@@ -77,3 +77,40 @@ def test_a_bad_summary_names_the_source_and_the_field():
     with pytest.raises(ContractError, match=r"summary\.json.*cost_usd") as info:
         parse(RunSummary, {"cost_usd": "a lot"}, "x/summary.json")
     assert isinstance(info.value, ValueError)
+
+
+def test_prepare_writes_exactly_the_manifest_it_returns(tmp_path):
+    from anthropic_batch.batch_requests import RequestSpec, prepare_requests
+    from tests.plugins.anthropic_batch.test_batch_requests import tickets
+
+    work = storage.as_path((tmp_path / "work").as_uri())
+    spec = RequestSpec(model="claude-haiku-4-5", max_tokens=10, prompt_template="{{ subject }}")
+    manifest = prepare_requests(tickets(5), ["ticket_id"], spec, work, extra_manifest={"source": "s.jsonl"})
+    on_disk = json.loads(layout.manifest_path(work).read_text())
+    assert on_disk == manifest.model_dump(mode="json") and Manifest.model_validate(on_disk) == manifest
+    # The on-disk names are the ones readers used before the models existed.
+    assert {"chunks", "n_requests", "n_rejected", "n_input_records", "spec", "mode", "source"} <= set(on_disk)
+    assert set(on_disk["chunks"][0]) == {"index", "path", "n_requests", "n_bytes", "fingerprint"}
+
+
+def test_a_bad_published_summary_names_the_file_and_the_field(tmp_path):
+    from anthropic_batch import partition
+
+    path = storage.as_path(str(tmp_path / "summary.json"))
+    storage.atomic_write_json(path, {"dag_id": "d", "counts_by_status": [1, 2]})
+    with pytest.raises(ContractError, match=r"summary\.json.*counts_by_status"):
+        partition.read_run_summary(path)
+    assert partition.read_run_summary(storage.as_path(str(tmp_path / "none.json"))) is None
+
+
+def test_the_index_skips_a_bad_summary_and_logs_why(tmp_path, caplog):
+    from anthropic_batch import run_index
+
+    root = storage.as_path(str(tmp_path / "store"))
+    good = storage.extraction_dir(root, "pipe", "2026-11-01") / "summary.json"
+    bad = storage.extraction_dir(root, "pipe", "2026-11-02") / "summary.json"
+    storage.atomic_write_json(good, {"dag_id": "d", "cost_usd": 1.0})
+    storage.atomic_write_json(bad, {"dag_id": "d", "cost_usd": "a lot"})
+    found = run_index.summaries(root)
+    assert [(s.partition, s.pipeline, s.cost_usd) for s in found] == [("2026-11-01", "pipe", 1.0)]
+    assert "date=2026-11-02/summary.json" in caplog.text and "cost_usd" in caplog.text
