@@ -204,8 +204,9 @@ def _git(repo_dir: Path, *args: str) -> str | None:
 
     try:
         proc = subprocess.run(
-            ["git", "-C", str(repo_dir), *args], capture_output=True, text=True, check=False, timeout=60
-        )
+            ["git", "-C", str(repo_dir), *args],
+            capture_output=True, encoding="utf-8", errors="replace", check=False, timeout=60,
+        )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout if proc.returncode == 0 else None
@@ -238,36 +239,46 @@ def code_week_files(
     since = dt.datetime.combine(week, dt.time(), tzinfo=dt.UTC)
     has_history = _git(repo_dir, "rev-parse", "--verify", "-q", "HEAD") is not None
     revision = (_git(repo_dir, "rev-list", "-1", f"--before={end.isoformat()}", "HEAD") or "").strip()
-    rows: list[dict[str, Any]] = []
     if has_history and not revision:
         return []  # the repository has no commit from before that week's end: nothing existed yet
     if revision:
         tree = _git(repo_dir, "ls-tree", "-r", "--name-only", revision) or ""
-        paths = sorted(p for p in tree.splitlines() if _matches(p, patterns))
         log = _git(
             repo_dir, "log", f"--since={since.isoformat()}", f"--until={end.isoformat()}",
             "--name-only", "--format=", revision,
         ) or ""  # fmt: skip
         changed = {p for p in log.splitlines() if p}
+        paths = sorted(p for p in tree.splitlines() if _matches(p, patterns))
         paths.sort(key=lambda p: p not in changed)  # stable: changed files first, each group by path
-        for path in paths:
-            text = _git(repo_dir, "show", f"{revision}:{path}")
-            if text is not None:
-                rows.append(
-                    {"path": path, "text": text, "revision": revision, "changed_this_week": path in changed}
-                )
+
+        def read(path: str) -> str | None:
+            return _git(repo_dir, "show", f"{revision}:{path}")
+
+        label: str = revision
     else:
-        files = {f.relative_to(repo_dir).as_posix(): f for p in patterns for f in repo_dir.glob(p)}
-        for path in sorted(p for p in files if _matches(p, patterns)):
-            text = files[path].read_text(encoding="utf-8", errors="replace")
-            rows.append({"path": path, "text": text, "revision": "worktree", "changed_this_week": None})
-    records = []
-    for row in rows:
-        if not row["text"].strip():
-            continue  # nothing to audit in an empty file
-        records.append({**row, "language": "python", "n_lines": len(row["text"].splitlines())})
+        found = {f.relative_to(repo_dir).as_posix(): f for p in patterns for f in repo_dir.glob(p)}
+        changed, paths, label = None, sorted(p for p in found if _matches(p, patterns)), "worktree"
+
+        def read(path: str) -> str | None:
+            return found[path].read_text(encoding="utf-8", errors="replace")
+
+    records: list[dict[str, Any]] = []
+    for path in paths:  # read lazily: only up to max_files files
         if len(records) == max_files:
             break
+        text = read(path)
+        if text is None or not text.strip():
+            continue  # nothing to audit in an empty file
+        records.append(
+            {
+                "path": path,
+                "text": text,
+                "n_lines": len(text.splitlines()),
+                "language": "python",
+                "revision": label,
+                "changed_this_week": None if changed is None else path in changed,
+            }
+        )
     return records
 
 

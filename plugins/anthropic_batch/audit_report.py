@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from anthropic_batch.report import _CSS, _money, _path, hbar_chart, md_escape, write_report
+from anthropic_batch.report import _CSS, _money, hbar_chart, md_escape, write_report
 
 if TYPE_CHECKING:
     from anthropic_batch.contracts import RunSummary
@@ -55,7 +55,7 @@ def load_findings(extraction_dir: Any, output_model: str = OUTPUT_MODEL) -> dict
     from anthropic_batch.output_models import load_output_model
     from anthropic_batch.pipeline_config import INCLUDE_DIR
 
-    published = partition.published_files(_path(extraction_dir))
+    published = partition.published_files(storage.as_path(extraction_dir))
     if published is None:
         raise FileNotFoundError(f"no published {PIPELINE} partition at {extraction_dir}")
     model_cls = load_output_model(output_model, INCLUDE_DIR)
@@ -138,9 +138,9 @@ def build_audit_report(
     from anthropic_batch import partition, storage
     from anthropic_batch.pricing import CostBreakdown
 
-    current = load_findings(storage.extraction_dir(_path(root), pipeline, date), output_model)
+    current = load_findings(storage.extraction_dir(storage.as_path(root), pipeline, date), output_model)
     previous_date = (dt.date.fromisoformat(date) - dt.timedelta(days=7)).isoformat()
-    previous_dir = storage.extraction_dir(_path(root), pipeline, previous_date)
+    previous_dir = storage.extraction_dir(storage.as_path(root), pipeline, previous_date)
     previous = (
         load_findings(previous_dir, output_model)
         if partition.published_files(previous_dir) is not None
@@ -383,9 +383,12 @@ def write_audit_report(report_dir: Any, report: Mapping[str, Any]) -> dict[str, 
 
 def latest_published(root: Any, pipeline: str = PIPELINE) -> str | None:
     """The latest date ``pipeline`` has published (``_SUCCESS``), or None."""
-    from anthropic_batch import storage
+    from anthropic_batch import partition, storage
     from anthropic_batch.report import _partition_dates
 
-    dates = _partition_dates(_path(root) / pipeline / "extractions")
-    done = [d for d in dates if (storage.extraction_dir(_path(root), pipeline, d) / "_SUCCESS").exists()]
+    dates = _partition_dates(storage.as_path(root) / pipeline / storage.EXTRACTIONS_DIR)
+    root = storage.as_path(root)
+    done = [
+        d for d in dates if partition.published_dir(storage.extraction_dir(root, pipeline, d)) is not None
+    ]
     return max(done, default=None)

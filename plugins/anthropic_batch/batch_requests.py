@@ -545,7 +545,8 @@ class SourceReader:
             if self.fmt == "parquet":
                 import pyarrow.parquet as pq
 
-                parquet = pq.ParquetFile(handle)
+                # pre_buffer off: its read-ahead cache keeps the file's bytes, so RSS grew with the file.
+                parquet = pq.ParquetFile(handle, pre_buffer=False)
                 # One thread: each reader thread grows its own malloc arena (peak RSS, not speed).
                 yield from parquet.iter_batches(batch_size=self.batch_rows, columns=wanted, use_threads=False)
             elif self.fmt == "csv":

@@ -7,10 +7,12 @@ parses them exactly as the batch results will be parsed, and reports:
 
 - pass rate (succeeded, valid structured output, not cut off at ``max_tokens``), stop reasons,
   token use, and every failure with its reason;
-- the projected cost of the *full* run: the mean batch-price cost of a sampled request times the
-  number of requests, and the synchronous-price equivalent. With ``use_count_tokens`` the input side
+- the projected cost of the *full* run, with and without prompt caching (``project_caching``): the
+  sampled mean prompt and output tokens times the number of requests, the shared prefix priced as a
+  cache read, and the synchronous-price equivalent; a prefix marked for caching but below the
+  model's minimum is reported (``cache_warning``). With ``use_count_tokens`` the input side
   is exact instead: ``messages.count_tokens`` over every request (free, but one API call per request,
-  bounded by ``concurrency``; it ignores prompt caching, so it is an upper bound), plus the sampled
+  bounded by ``concurrency``; the prefix is then subtracted as cache reads), plus the sampled
   mean output tokens per request. In ``mode=sync`` the run is paid at the synchronous price, so that
   is the projection the budget is checked against.
 
