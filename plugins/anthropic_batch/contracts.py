@@ -81,6 +81,21 @@ class ReuseSection(BaseModel):
     cache_max_age_days: int | None = None
 
 
+class CacheCheck(BaseModel):
+    """The manifest's ``cache``: prepare's prompt-caching check of the shared prefix
+    (``caching.log_prefix_check``; the sample gate projects from it)."""
+
+    model: str | None = None
+    marked: bool = False
+    automatic: bool = False
+    prefix_tokens: int = 0  # estimated, up to the last cache breakpoint
+    minimum: int | None = None  # the model's minimum cacheable prompt length
+    cacheable: bool = False
+    as_of: str | None = None
+    method: str | None = None
+    warning: str | None = None  # set when the marked prefix is below the minimum
+
+
 class Manifest(BaseModel):
     """``requests/manifest.json``: the run's chunks, counts, spec and resolved mode
     (``layout.read_manifest`` reads it)."""
@@ -104,7 +119,7 @@ class Manifest(BaseModel):
     requested_mode: str | None = None
     deadline: str | None = None
     reuse: ReuseSection | None = None  # None until apply_reuse ran (and in older manifests)
-    cache: dict[str, Any] | None = None  # caching.log_prefix_check: the prompt-caching check
+    cache: CacheCheck | None = None  # None in manifests written before the check existed
 
     @property
     def reuse_or_empty(self) -> ReuseSection:

@@ -38,6 +38,7 @@ from anthropic_batch.batch_requests import (
     prepare_requests,
 )
 from anthropic_batch.caching import log_prefix_check
+from anthropic_batch.contracts import CacheCheck
 from anthropic_batch.output_models import load_output_model
 from anthropic_batch.pipeline_config import PROMPT_FILE_SUFFIXES
 from anthropic_batch.status import RunMode
@@ -276,7 +277,10 @@ class PrepareRequestsOperator(BaseOperator):
         # The final mode, and the prompt-caching check (a warning when the prefix marked for caching
         # is below the model's minimum), in one write.
         manifest = manifest.model_copy(
-            update={"mode": mode.value, "cache": log_prefix_check(spec.base_params())}
+            update={
+                "mode": mode.value,
+                "cache": CacheCheck.model_validate(log_prefix_check(spec.base_params())),
+            }
         )
         storage.atomic_write_json(layout.manifest_path(work), manifest.model_dump(mode="json"))
 

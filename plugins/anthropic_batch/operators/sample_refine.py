@@ -56,7 +56,7 @@ from anthropic_batch.batch_requests import (
     read_manifest,
     sha256_hex,
 )
-from anthropic_batch.contracts import Manifest
+from anthropic_batch.contracts import CacheCheck, Manifest
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.pricing import load_price_table
 from anthropic_batch.status import DEFAULT_CONN_ID, RequestStatus
@@ -260,7 +260,7 @@ def project_caching(
     model = str(manifest.spec.model or (rows[0].get("model") if rows else ""))
     ttl = str(manifest.spec.cache_ttl or "5m")
     n = len(rows)
-    check = manifest.cache or {}
+    check = manifest.cache or CacheCheck()
     observed = max(
         (
             int(r.get("cache_creation_input_tokens") or 0) + int(r.get("cache_read_input_tokens") or 0)
@@ -268,12 +268,12 @@ def project_caching(
         ),
         default=0,
     )
-    prefix = observed or (int(check.get("prefix_tokens") or 0) if check.get("cacheable") else 0)
-    warning = check.get("warning")
-    if not warning and check.get("cacheable") and n and not observed:
+    prefix = observed or (check.prefix_tokens if check.cacheable else 0)
+    warning = check.warning
+    if not warning and check.cacheable and n and not observed:
         warning = (
-            f"the prefix marked for caching (about {check.get('prefix_tokens'):,} tokens, minimum "
-            f"{check.get('minimum'):,}) was neither written nor read by the {n} sampled requests"
+            f"the prefix marked for caching (about {check.prefix_tokens:,} tokens, minimum "
+            f"{check.minimum:,}) was neither written nor read by the {n} sampled requests"
         )
     prompt_tokens = sum(
         int(r.get(c) or 0)
@@ -316,7 +316,7 @@ def project_caching(
         "cache_writes_assumed": writes,
         "warmed_by_sample": warmed,
         "cache_ttl": ttl,
-        "minimum": check.get("minimum"),
+        "minimum": check.minimum,
         "warning": warning,
     }
 

@@ -288,9 +288,7 @@ def test_chunk_split_by_count(work):
 
 
 def test_chunk_split_by_bytes_and_body_size_exact(work):
-    one = next(
-        iter_chunk_lines(prepare_requests(tickets(1), ["ticket_id"], spec(), work).chunks[0].path)
-    )
+    one = next(iter_chunk_lines(prepare_requests(tickets(1), ["ticket_id"], spec(), work).chunks[0].path))
     limit = BODY_OVERHEAD + 3 * (len(one) + 1) + 5  # room for three requests, not four
     manifest = prepare_requests(tickets(10), ["ticket_id"], spec(), work, max_bytes_per_chunk=limit)
     assert [c.n_requests for c in manifest.chunks] == [3, 3, 3, 1]

@@ -77,9 +77,7 @@ def test_gate_passes_and_projects_the_full_run(tmp_path, anthropic_conn):
 def test_sample_is_seeded_and_spans_chunks(tmp_path):
     run = prepare_run(tmp_path, ticket_records(40), per_chunk=10)
     manifest = Manifest.model_validate_json((_local(run.work_dir) / "requests" / "manifest.json").read_text())
-    chunk_of = {
-        r["custom_id"]: c.index for c in manifest.chunks for r in iter_chunk_requests(c.path)
-    }
+    chunk_of = {r["custom_id"]: c.index for c in manifest.chunks for r in iter_chunk_requests(c.path)}
     first = [r["custom_id"] for r in sample_requests(manifest, 12, seed=5)]
     again = [r["custom_id"] for r in sample_requests(manifest, 12, seed=5)]
     other = [r["custom_id"] for r in sample_requests(manifest, 12, seed=6)]
