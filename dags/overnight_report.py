@@ -174,6 +174,8 @@ with DAG(
         model=REPORT_MODEL,
         max_tokens=400,
         system_prompt="You write calm, factual summaries for a support operations report.",
+        # A one-line prompt for a handful of requests: far below any cacheable minimum.
+        cache_system_prompt=False,
         output_model=None,
         output_mode=None,
         include_dir=str(INCLUDE_DIR),

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch.report import _CSS, _money, hbar_chart, md_escape, write_report
+from anthropic_batch.status import RequestStatus
 
 if TYPE_CHECKING:
     from anthropic_batch.contracts import RunSummary
@@ -65,7 +66,7 @@ def load_findings(extraction_dir: Any, output_model: str = OUTPUT_MODEL) -> dict
     findings: list[dict[str, Any]] = []
     for row in data:
         path = str(row.get("path"))
-        if row.get("status") != "succeeded" or not row.get("output_json"):
+        if row.get("status") != RequestStatus.SUCCEEDED or not row.get("output_json"):
             not_reviewed.append(
                 {"path": path, "reason": row.get("error_type") or row.get("status") or "no answer"}
             )

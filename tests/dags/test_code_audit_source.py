@@ -61,8 +61,8 @@ def test_the_rubric_is_long_enough_to_be_cached_for_the_audit_model():
     from anthropic_batch.pipeline_config import INCLUDE_DIR, PIPELINES_DIR, load_pipeline
 
     config = load_pipeline(PIPELINES_DIR / "weekly_code_audit.yaml")
-    rubric = (INCLUDE_DIR / "prompts" / "code_audit_rubric.md").read_text(encoding="utf-8").strip()
-    assert config.system_prompt == rubric
+    assert config.system_prompt == "prompts/code_audit_rubric.md"  # prepare reads the file
+    rubric = (INCLUDE_DIR / config.system_prompt).read_text(encoding="utf-8").strip()
     assert config.model == "claude-sonnet-4-6"
     # The emulator's count (ceil(utf8 bytes / 4)) of the system prompt alone, with a margin over
     # the model's minimum cacheable prefix of 1,024 tokens.

@@ -118,6 +118,8 @@ class PrepareRequestsOperator(BaseOperator):
         inline Jinja; the record's columns are its variables.
     :param model: the Claude model id.
     :param max_tokens: max output tokens per request.
+    :param cache_system_prompt: mark ``system_prompt`` for prompt caching (default). Turn it off for
+        a short prompt or a handful of requests a day: a cache write that is never read costs 1.25x.
     :param system_prompt: sent as-is (cached across requests); inline text or a file under
         ``include_dir`` (same suffixes as ``prompt_template``), read as plain text, not templated.
     :param output_model: ``"schemas/x.py:Model"`` under ``include_dir`` for structured output.
@@ -158,6 +160,7 @@ class PrepareRequestsOperator(BaseOperator):
         partition: str,
         source_format: str | None = None,
         system_prompt: str | None = None,
+        cache_system_prompt: bool = True,
         output_model: str | None = None,
         output_mode: str | None = "json_schema",
         extra_params: dict[str, Any] | None = None,
@@ -183,6 +186,7 @@ class PrepareRequestsOperator(BaseOperator):
         self.model = model
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
+        self.cache_system_prompt = cache_system_prompt
         self.output_model = output_model
         self.output_mode = output_mode
         self.extra_params = dict(extra_params or {})
@@ -216,6 +220,7 @@ class PrepareRequestsOperator(BaseOperator):
             system_prompt=load_prompt_template(self.system_prompt, self.include_dir, setting="system_prompt")
             if self.system_prompt
             else self.system_prompt,
+            cache_system_prompt=self.cache_system_prompt,
             output_model=model_cls,
             output_mode=self.output_mode or "json_schema",
             extra_params=self.extra_params,

@@ -32,7 +32,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from anthropic_batch.status import RequestStatus
+from anthropic_batch.status import ProcessingStatus, RequestStatus
 from anthropic_batch.ui import data
 from anthropic_batch.ui.auth import (
     Forbidden,
@@ -236,6 +236,8 @@ def create_app(storage_root: str | None = None) -> FastAPI:
             request,
             "cancel.html",
             entry=entry,
+            # Cancel is offered only while in progress: a missing status was last seen as that.
+            last_status=entry.get("processing_status") or ProcessingStatus.IN_PROGRESS.value,
             dag_id=dag_id,
             partition=partition,
             batch_id=batch_id,

@@ -155,6 +155,10 @@ def batch_row(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
         "model": entry.get("model"),
         "state": entry.get("state"),
         "status": status,
+        # What the Cancel action needs: a real batch still in progress (a sync run is never one).
+        "cancelable": status == ProcessingStatus.IN_PROGRESS
+        and (entry.get("mode") or RunMode.BATCH) == RunMode.BATCH
+        and bool(entry.get("batch_id")),
         "badge": batch_badge(status, counts),
         "n_requests": entry.get("n_requests"),
         "request_counts": counts,

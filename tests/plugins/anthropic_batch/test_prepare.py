@@ -299,6 +299,19 @@ def test_prepare_does_not_warn_for_a_cacheable_prefix(tmp_path, caplog):
     assert manifest["cache"]["cacheable"] and manifest["cache"]["warning"] is None
 
 
+def test_a_prompt_not_marked_for_caching_is_sent_plain_and_not_warned_about(tmp_path, caplog):
+    """The overnight report's one-line prompt: no cache_control, so no write premium and no warning."""
+    source = _write_jsonl(tmp_path / "tickets.jsonl", TICKETS)
+    with caplog.at_level("WARNING"):
+        _operator(tmp_path, source, cache_system_prompt=False).execute(make_context(task_id="prepare"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "caching" in r.getMessage()]
+    manifest = json.loads((tmp_path / "work" / "requests" / "manifest.json").read_text())
+    assert not manifest["cache"]["marked"] and manifest["cache"]["warning"] is None
+    chunk = (tmp_path / "work" / "requests").glob("chunk-*.jsonl")
+    first = json.loads(next(iter(chunk)).read_text().splitlines()[0])
+    assert isinstance(first["params"]["system"], str)  # no block, no cache_control
+
+
 def test_the_shipped_extraction_rubric_is_read_from_its_file_and_is_long_enough_to_cache(tmp_path, caplog):
     """Issue 13: the demo's system prompt is a real shared rubric that Haiku 4.5 can cache."""
     import yaml
