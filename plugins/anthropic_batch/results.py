@@ -327,6 +327,7 @@ class ParseContext:
         batch_id: str | None = None,
         attempt: int = 1,
         chunk_indices: Iterable[int] | None = None,
+        custom_ids: Iterable[str] | None = None,
         prices: PriceTable | None = None,
         include_dir: str | None = None,
         manifest: Mapping[str, Any] | None = None,
@@ -334,7 +335,9 @@ class ParseContext:
     ) -> ParseContext:
         """A context from a prepared work dir: its manifest (spec) and ``requests/keys.parquet``.
 
-        ``chunk_indices`` limits the loaded keys to those chunks (less memory for one batch).
+        ``chunk_indices`` limits the loaded keys to those chunks (less memory for one batch);
+        ``custom_ids`` (when ``chunk_indices`` is not given) to those requests: a retry chunk's, whose
+        requests come from any prepared chunk.
         """
         if manifest is None:
             manifest = layout.read_manifest(work_dir)
@@ -344,10 +347,13 @@ class ParseContext:
         output_model = load_output_model(ref, include_dir or spec.get("include_dir")) if ref else None
         with _system_allocator():
             # batch_requests loads Jinja: only on this path
-            from anthropic_batch.batch_requests import read_keys
+            from anthropic_batch.batch_requests import read_keys, read_keys_of
 
-            # Only the chunk's row groups are read, not the day's keys.
-            keys = read_keys(work_dir, chunk_indices)
+            # Only the chunk's row groups (or requests) are kept, not the day's keys.
+            if chunk_indices is None and custom_ids is not None:
+                keys = read_keys_of(work_dir, custom_ids)
+            else:
+                keys = read_keys(work_dir, chunk_indices)
             index = KeyIndex(keys, key_columns)
             del keys
         return cls(
