@@ -1142,27 +1142,4 @@ def read_keys(
     return table if wanted_columns is None else table.select(wanted_columns)
 
 
-def read_keys_of(work: PathLike, custom_ids: Iterable[str]) -> pa.Table:
-    """The rows of ``keys.parquet`` whose custom_id is one of ``custom_ids``, in file order.
-
-    For a retry chunk (its requests come from any prepared chunk): the file is filtered one row
-    group at a time, so memory is one row group plus the matches, not the day's keys.
-    """
-    # pyarrow: kept out of DAG parsing
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    wanted = pa.array(sorted(custom_ids), pa.string())
-    with open_binary(layout.keys_path(work)) as handle:
-        parquet = pq.ParquetFile(handle)
-        parts = []
-        for g in range(parquet.metadata.num_row_groups):
-            group = parquet.read_row_group(g, use_threads=False)
-            ids = group.column("custom_id").cast(pa.string())
-            parts.append(group.filter(pc.is_in(ids, value_set=wanted)))
-            del group
-        return pa.concat_tables(parts) if parts else parquet.schema_arrow.empty_table()
-
-
 # read_manifest: see layout.read_manifest (re-exported above).
