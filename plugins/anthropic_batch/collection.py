@@ -242,16 +242,18 @@ def collect_batch(
     index = chunk_index_of(manifest, chunk_path)
     # A batch a user canceled (Batches page): its canceled rows say so and are never resubmitted.
     entry = storage.read_json(ledger_path) if ledger_path else None
+    expected = expected_ids_from_chunk(chunk_path)
     ctx = ParseContext.from_work_dir(
         work,
         batch_id=batch_id,
         attempt=attempt,
         chunk_indices=None if index is None else [index],
+        # A retry chunk is in no manifest chunk: load the keys of its own requests, not the day's.
+        custom_ids=expected if index is None else None,
         prices=price_table_for_mode(mode, prices),
         manifest=manifest,
         user_cancel_reason=user_cancel_reason(entry) or takeover_cancel_reason(entry, batch_id),
     )
-    expected = expected_ids_from_chunk(chunk_path)
     # Every line must answer a request of this chunk before anything is written: a batch that is
     # not ours (e.g. an orphan recovered while it still ran) is never collected, hence never published.
     verified = iter_verified_lines(lines, expected, batch_id=batch_id, chunk_path=chunk_path)

@@ -275,6 +275,20 @@ class KeyIndex(Mapping[str, _KeyEntry]):
         return [column.take(rows) for column in self._columns]
 
 
+def _read_keys_of(work_dir: PathLike, custom_ids: Iterable[str]) -> pa.Table:
+    """The rows of ``keys.parquet`` whose custom_id is one of ``custom_ids``, in file order.
+
+    For a retry chunk, whose requests come from any prepared chunk: the file is filtered one row
+    group at a time (Arrow's own I/O), so memory is a row group plus the matches, not the day's keys.
+    """
+    wanted = pa.array(sorted(custom_ids), pa.string())
+    parts = [
+        batch.filter(pc.is_in(batch.column("custom_id").cast(pa.string()), value_set=wanted))
+        for batch in _iter_parquet_batches(layout.keys_path(work_dir), None, 100_000)
+    ]
+    return pa.Table.from_batches(parts) if parts else pa.table({"custom_id": pa.array([], pa.string())})
+
+
 # -- parse context ----------------------------------------------------------------------------------
 
 
@@ -328,6 +342,7 @@ class ParseContext:
         batch_id: str | None = None,
         attempt: int = 1,
         chunk_indices: Iterable[int] | None = None,
+        custom_ids: Iterable[str] | None = None,
         prices: PriceTable | None = None,
         include_dir: str | None = None,
         manifest: Manifest | None = None,
@@ -335,7 +350,9 @@ class ParseContext:
     ) -> ParseContext:
         """A context from a prepared work dir: its manifest (spec) and ``requests/keys.parquet``.
 
-        ``chunk_indices`` limits the loaded keys to those chunks (less memory for one batch).
+        ``chunk_indices`` limits the loaded keys to those chunks (less memory for one batch);
+        ``custom_ids`` (when ``chunk_indices`` is not given) to those requests: a retry chunk's, whose
+        requests come from any prepared chunk.
         """
         if manifest is None:
             manifest = layout.read_manifest(work_dir)
@@ -347,8 +364,11 @@ class ParseContext:
             # batch_requests loads Jinja: only on this path
             from anthropic_batch.batch_requests import read_keys
 
-            # Only the chunk's row groups are read, not the day's keys.
-            keys = read_keys(work_dir, chunk_indices)
+            # Only the chunk's row groups (or requests) are kept, not the day's keys.
+            if chunk_indices is None and custom_ids is not None:
+                keys = _read_keys_of(work_dir, custom_ids)
+            else:
+                keys = read_keys(work_dir, chunk_indices)
             index = KeyIndex(keys, key_columns)
             del keys
         return cls(

@@ -425,9 +425,9 @@ class ResubmitFailuresOperator(BaseOperator):
         del table
         chunks = {c.index: c.path for c in manifest.chunks}
         found = 0
-        for source_attempt, group in sorted(
-            {(int(a), int(g)) for a, g in zip(attempt_of, group_of, strict=True)}
-        ):
+        # The distinct (attempt, group) pairs, sorted, without a Python object per retry row.
+        pairs = np.unique(np.stack([attempt_of.astype(np.int64), group_of]), axis=1)
+        for source_attempt, group in pairs.T.tolist():
             ids: set[str] = set()
             grow: set[str] = set()
             for batch in _iter_retry_list(retry_path):

@@ -417,3 +417,90 @@ def test_later_attempts_resubmit_the_last_line_from_the_right_retry_chunk(
     record = json.loads(Path(_local(str(merge_record_path(merged_path)))).read_text())
     assert [r["n_requests"] for r in record["rounds"]] == [len(second), len(third)]
     assert pq.read_table(_local(merged_path)).num_rows == 20
+
+
+# -- memory: collecting a retry chunk does not load the day's keys (issue 12) ----------------------
+
+
+def _day_with_a_retry_chunk(work: Path, n: int, retried: list[int]) -> dict:
+    """A work dir of ``n`` prepared keys (row groups of 5,000) and a sync-collected retry chunk of
+    the requests ``retried`` (spread over every prepared chunk); returns its collect handle."""
+    import pyarrow as pa
+
+    (work / "requests").mkdir(parents=True)
+    model = "claude-haiku-4-5"
+    ids = [f"T{i:08d}-abc" for i in range(n)]
+    keys = pa.table(
+        {
+            "custom_id": ids,
+            "ticket_id": [f"T{i:08d}" for i in range(n)],
+            "request_fingerprint": [f"fp{i}" for i in range(n)],
+            "chunk_index": pa.array([i // 10_000 for i in range(n)], pa.int32()),
+        }
+    )
+    pq.write_table(keys, work / "requests" / "keys.parquet", row_group_size=5_000)
+    manifest = {
+        "chunks": [
+            {"index": c, "path": str(work / "requests" / f"chunk-{c:05d}.jsonl")}
+            for c in range((n + 9_999) // 10_000)
+        ],
+        "n_requests": n,
+        "spec": {"key_columns": ["ticket_id"], "model": model},
+    }
+    (work / "requests" / "manifest.json").write_text(json.dumps(manifest))
+    retry = work / "requests" / "retry-02" / "retry-02-chunk-00000.jsonl"
+    retry.parent.mkdir(parents=True)
+    retry.write_text(
+        "".join(
+            json.dumps({"custom_id": ids[i], "params": {"model": model, "max_tokens": 8}}) + "\n"
+            for i in retried
+        )
+    )
+    message = {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 2},
+    }  # fmt: skip
+    results = work / "sync-results.jsonl"
+    results.write_text(
+        "".join(
+            json.dumps({"custom_id": ids[i], "result": {"type": "succeeded", "message": message}}) + "\n"
+            for i in retried
+        )
+    )
+    return {
+        "batch_id": "sync_retry",
+        "mode": "sync",
+        "attempt": 2,
+        "chunk_path": str(retry),
+        "results_path": str(results),
+    }
+
+
+def test_collecting_a_retry_chunk_keeps_its_own_keys_not_the_days(tmp_path):
+    """The retry batch's collect looked up keys for all of keys.parquet (a retry chunk is in no
+    manifest chunk): a Python index of the whole day, ~300 bytes a prepared request. It now keeps
+    the retry chunk's requests only, so its memory does not grow with the day."""
+    import tracemalloc
+
+    from anthropic_batch.collection import collect_batch
+
+    peaks = {}
+    for n in (20_000, 80_000):
+        work = tmp_path / f"day-{n}"
+        retried = list(range(7, n, n // 50))  # 50 requests, from every prepared chunk
+        handle = _day_with_a_retry_chunk(work, n, retried)
+        tracemalloc.start()
+        try:
+            stats = collect_batch(None, handle, str(work), attempt=2)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        rows = pq.read_table(stats["results_path"]).to_pylist()
+        assert stats["counts_by_status"] == {"succeeded": 50}
+        # Same rows as before: each retried request's own keys and fingerprint.
+        assert sorted((r["ticket_id"], r["request_fingerprint"], r["attempt"]) for r in rows) == [
+            (f"T{i:08d}", f"fp{i}", 2) for i in retried
+        ]
+    # Old code: +60,000 prepared requests cost ~10 MB of Python objects; now nothing per request.
+    assert peaks[80_000] - peaks[20_000] < 1_000_000, peaks
