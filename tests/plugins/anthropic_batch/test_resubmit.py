@@ -441,7 +441,13 @@ def _day_with_a_retry_chunk(work: Path, n: int, retried: list[int]) -> dict:
     pq.write_table(keys, work / "requests" / "keys.parquet", row_group_size=5_000)
     manifest = {
         "chunks": [
-            {"index": c, "path": str(work / "requests" / f"chunk-{c:05d}.jsonl")}
+            {
+                "index": c,
+                "path": str(work / "requests" / f"chunk-{c:05d}.jsonl"),
+                "n_requests": min(10_000, n - c * 10_000),
+                "n_bytes": 0,
+                "fingerprint": f"chunk{c}",
+            }
             for c in range((n + 9_999) // 10_000)
         ],
         "n_requests": n,
