@@ -32,6 +32,7 @@ from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.layout import attempt_dir, merge_record_path, results_file  # noqa: F401  (re-exported)
 from anthropic_batch.ledger import (
     batch_fields,
+    read_entry,
     reset_foreign_batch,
     rfc3339,
     update_entry,
@@ -245,7 +246,7 @@ def collect_batch(
 
     index = chunk_index_of(manifest, chunk_path)
     # A batch a user canceled (Batches page): its canceled rows say so and are never resubmitted.
-    entry = storage.read_json(ledger_path) if ledger_path else None
+    entry = read_entry(ledger_path) if ledger_path else None
     ctx = ParseContext.from_work_dir(
         work,
         batch_id=batch_id,
@@ -319,7 +320,7 @@ def _check_counts(batch_id: str, api_counts: Mapping[str, Any], counts_by_status
 
 def _record_in_ledger(ledger_path: str, batch: dict[str, Any] | None, result: Mapping[str, Any]) -> None:
     # -- mode=sync (sync_backend) may have taken this chunk's batch over: the entry is no longer its.
-    current = storage.read_json(ledger_path) or {}
+    current = read_entry(ledger_path) or {}
     if batch is not None and current.get("mode") == "sync":
         log.warning(
             "Ledger entry %s now records a synchronous run of this chunk (batch %s was taken over); "

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from anthropic_batch import queue_budget, storage
+from anthropic_batch import queue_budget
 from anthropic_batch.admission_trigger import AdmissionEvent, AdmissionTrigger
 from anthropic_batch.cancel import CancelReason, record_cancel
 from anthropic_batch.contracts import BatchHandle
-from anthropic_batch.ledger import ended_fields, update_entry
+from anthropic_batch.ledger import ended_fields, read_entry, update_entry
 from anthropic_batch.links import AnthropicConsoleBatchLink
 from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus, RequestCountKey
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS, BatchPollTrigger, describe
@@ -355,7 +355,7 @@ def admit_or_defer(
         return
     pipeline_budget = pipeline_budget if pipeline_budget is not None else budget
     assert pipeline_budget is not None
-    entry = storage.read_json(ledger_path) or {}
+    entry = read_entry(ledger_path) or {}
     # The ticket's terms, the same on the worker and in the trigger.
     ticket = {
         "owner": queue_budget.ticket_owner(identity),

@@ -74,7 +74,7 @@ from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit l
     resubmit_state_path,
     retry_dir,
 )
-from anthropic_batch.ledger import SubmissionLedger, ledger_root_for
+from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, read_entry
 from anthropic_batch.sensors import admit_or_defer, raise_for_admission_event
 from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus
 from anthropic_batch.submission import submission_identity, submit_idempotently
@@ -537,7 +537,7 @@ class ResubmitFailuresOperator(BaseOperator):
         ledger_path = ledger.entry_path(
             identity["dag_id"], identity["partition"], identity["task_id"], fingerprint
         )
-        entry = storage.read_json(ledger_path) or {}
+        entry = read_entry(ledger_path) or {}
         if identity["mode"] != "sync" and not entry.get("batch_id"):
             self._save_state(
                 context, "admission", attempt=attempt, results_paths=paths, rounds=rounds, pending=infos

@@ -25,13 +25,14 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from anthropic_batch import queue_budget, storage
+from anthropic_batch import queue_budget
 from anthropic_batch.contracts import BatchHandle
 from anthropic_batch.ledger import (
     SubmissionLedger,
     handle_from_entry,
     is_fully_canceled,
     ledger_root_for,
+    read_entry,
 )
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
 from anthropic_batch.sensors import BatchWaitMixin, admit_or_defer, raise_for_admission_event
@@ -135,7 +136,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         ledger_path, chunk, identity = self._ledger_path(context)
-        entry = storage.read_json(ledger_path) or {}
+        entry = read_entry(ledger_path) or {}
         # Re-attaching to a recorded batch needs no admission: its own ticket already counts it.
         needs_batch = not entry.get("batch_id") or is_fully_canceled(entry)
         self._ticket_owner = queue_budget.ticket_owner(identity)
@@ -167,7 +168,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         """Resume after the batch's trigger; returns the handle once the batch has ended."""
         ledger_path, _, identity = self._ledger_path(context)
         self._ticket_owner = queue_budget.ticket_owner(identity)
-        entry = storage.read_json(ledger_path)
+        entry = read_entry(ledger_path)
         if not entry or not entry.get("batch_id"):
             raise AirflowFailException(f"Ledger entry {ledger_path} has no batch; clear the task to submit.")
         self.handle = handle_from_entry(entry, ledger_path).to_xcom()
