@@ -17,9 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from anthropic_batch import storage
 from anthropic_batch.errors import AnthropicBatchError
-from anthropic_batch.ledger import LedgerState, SubmissionLedger, batch_fields, rfc3339, update_entry, utc_now
+from anthropic_batch.ledger import (
+    LedgerState,
+    SubmissionLedger,
+    batch_fields,
+    read_entry,
+    rfc3339,
+    update_entry,
+    utc_now,
+)
 from anthropic_batch.status import DEFAULT_CONN_ID, USER_CANCELED_ERROR_TYPE, CancelReason  # noqa: F401
 from anthropic_batch.storage import PathLike
 
@@ -41,7 +48,7 @@ def record_cancel(
     its status, so the canceled requests stay dead-lettered as the user decided.
     """
     fields: dict[str, Any] = batch_fields(batch) if batch is not None else {}
-    if user_cancel_reason(storage.read_json(ledger_path)) is None:
+    if user_cancel_reason(read_entry(ledger_path)) is None:
         fields.update(cancel_reason=reason.value, canceled_by=by, cancel_requested_at=rfc3339(utc_now()))
     return update_entry(ledger_path, **fields)
 

@@ -27,11 +27,12 @@ from airflow.sdk import ObjectStoragePath
 
 from anthropic_batch import storage
 from anthropic_batch.cancel import takeover_cancel_reason, user_cancel_reason
-from anthropic_batch.contracts import Manifest
+from anthropic_batch.contracts import BatchHandle, Manifest
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.layout import attempt_dir, merge_record_path, results_file  # noqa: F401  (re-exported)
 from anthropic_batch.ledger import (
     batch_fields,
+    read_entry,
     reset_foreign_batch,
     rfc3339,
     update_entry,
@@ -181,7 +182,7 @@ def request_counts_by_bucket(counts_by_status: Mapping[str, int]) -> dict[str, i
 
 def collect_batch(
     hook: BatchHook,
-    handle: Mapping[str, Any],
+    handle: BatchHandle | Mapping[str, Any],
     work_dir: storage.PathLike,
     *,
     attempt: int | None = None,
@@ -191,7 +192,7 @@ def collect_batch(
     Collect one submitted chunk's results into ``work_dir/results/attempt-NN/<batch_id>.parquet``.
 
     :param hook: the Anthropic hook (only used in batch mode).
-    :param handle: the BatchHandle returned by submit (or by ``submission.submit_idempotently``).
+    :param handle: the BatchHandle returned by submit (or its XCom JSON, validated here).
     :param work_dir: the run's work directory (manifest and keys are read from it).
     :param attempt: attempt number for the output directory; default: the handle's.
     :returns: collection stats (``CollectStats`` as a dict) plus ``results_path``, ``batch_id``,
@@ -205,11 +206,15 @@ def collect_batch(
 
     work = storage.as_path(work_dir)
     manifest = read_manifest(work)
-    batch_id = str(handle["batch_id"])
-    mode = str(handle.get("mode") or "batch")
-    attempt = int(attempt if attempt is not None else handle.get("attempt") or 1)
-    chunk_path = str(handle["chunk_path"])
-    ledger_path = str(handle["ledger_path"]) if handle.get("ledger_path") else None
+    handle = BatchHandle.of(dict(handle) if isinstance(handle, Mapping) else handle)
+    # The batch id, or the sync run's id: it names the results file and fills the rows' batch_id.
+    batch_id = handle.run_id
+    mode = handle.mode.value
+    attempt = int(attempt if attempt is not None else handle.attempt)
+    if not handle.chunk_path:
+        raise ValueError(f"Cannot collect {batch_id}: its handle names no chunk_path.")
+    chunk_path = handle.chunk_path
+    ledger_path = handle.ledger_path
     out = results_file(work, attempt, batch_id)
 
     # Stored results are the source of truth: a batch collected once (the file appears atomically,
@@ -223,10 +228,10 @@ def collect_batch(
         return result
 
     batch: dict[str, Any] | None = None
-    if mode == "sync":
-        if not handle.get("results_path"):
+    if handle.is_sync:
+        if not handle.results_path:
             raise ValueError(f"sync handle for {chunk_path} has no results_path")
-        lines: Iterable[bytes] = iter_chunk_lines(str(handle["results_path"]))
+        lines: Iterable[bytes] = iter_chunk_lines(handle.results_path)
     else:
         batch = hook.get_batch(batch_id).model_dump(mode="json")
         if batch["processing_status"] != ProcessingStatus.ENDED:
@@ -241,7 +246,7 @@ def collect_batch(
 
     index = chunk_index_of(manifest, chunk_path)
     # A batch a user canceled (Batches page): its canceled rows say so and are never resubmitted.
-    entry = storage.read_json(ledger_path) if ledger_path else None
+    entry = read_entry(ledger_path) if ledger_path else None
     expected = expected_ids_from_chunk(chunk_path)
     ctx = ParseContext.from_work_dir(
         work,
@@ -262,16 +267,16 @@ def collect_batch(
     except ForeignBatchError as err:
         raise ForeignBatchError(_foreign_message(err, batch_id, ledger_path)) from err
     except anthropic.NotFoundError as err:
-        if mode == "sync":
+        if handle.is_sync:
             raise
         raise ResultsArchivedError(
             _archived_message(batch_id, "(results answer 404)", out, ledger_path, chunk_path)
         ) from err
     # mode=sync (sync_backend): answers reused from a taken-over batch were billed at batch price.
-    if mode == "sync":
+    if handle.is_sync:
         from anthropic_batch.sync_backend import reprice_batch_answers
 
-        repriced = reprice_batch_answers(out, str(handle["results_path"]), prices or load_price_table())
+        repriced = reprice_batch_answers(out, str(handle.results_path), prices or load_price_table())
         if repriced is not None:
             stats.cost_usd = repriced
     result = {
@@ -317,7 +322,7 @@ def _check_counts(batch_id: str, api_counts: Mapping[str, Any], counts_by_status
 
 def _record_in_ledger(ledger_path: str, batch: dict[str, Any] | None, result: Mapping[str, Any]) -> None:
     # -- mode=sync (sync_backend) may have taken this chunk's batch over: the entry is no longer its.
-    current = storage.read_json(ledger_path) or {}
+    current = read_entry(ledger_path) or {}
     if batch is not None and current.get("mode") == "sync":
         log.warning(
             "Ledger entry %s now records a synchronous run of this chunk (batch %s was taken over); "

@@ -1,7 +1,7 @@
 """The submission ledger: persistence only. Never pay for the same chunk twice starts here.
 
 One JSON file per submission at ``_ledger/{dag_id}/{partition}/{task_id}/{chunk_fingerprint}.json``
-(the ``LedgerEntry`` of ARCHITECTURE.md). This module owns the entry and every write to it; the
+(:class:`~anthropic_batch.contracts.LedgerEntry`). This module owns the entry and every write to it; the
 policy that decides what to write (claim, re-attach, take over, recover an orphan, create the batch
 or run the chunk synchronously) is :mod:`anthropic_batch.submission`, which sits above this module
 and the execution backends. Every write is conditional (``storage``'s ``create_if_absent`` /
@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import layout, storage
+from anthropic_batch.contracts import BatchHandle, LedgerEntry, LedgerEntryError
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.layout import sync_results_path  # noqa: F401  (re-exported)
 from anthropic_batch.status import (
@@ -38,6 +39,7 @@ from anthropic_batch.status import (
     LedgerState,
     ProcessingStatus,
     RequestCountKey,
+    RunMode,
 )
 from anthropic_batch.storage import PathLike, as_path
 
@@ -100,17 +102,26 @@ def batch_fields(batch: MessageBatch | dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def handle_from_entry(entry: dict[str, Any], ledger_path: PathLike) -> dict[str, Any]:
-    """The BatchHandle (XCom of submit) for a ledger entry that has a batch id."""
-    return {
-        "batch_id": entry["batch_id"],
-        "chunk_path": entry["chunk_path"],
-        "ledger_path": str(ledger_path),
-        "mode": entry.get("mode") or "batch",
-        "attempt": int(entry.get("attempt") or 1),
-        "results_path": entry.get("results_path"),
-        "n_requests": int(entry["n_requests"]),
-    }
+def recorded(entry: dict[str, Any] | None) -> bool:
+    """Whether an entry records its batch or its synchronous run (else it is still an intent)."""
+    return bool(entry and (entry.get("batch_id") or entry.get("sync_run_id")))
+
+
+def handle_from_entry(entry: dict[str, Any], ledger_path: PathLike) -> BatchHandle:
+    """The BatchHandle (XCom of submit) for a ledger entry that records a batch or a sync run."""
+    model = LedgerEntry.parse(entry, ledger_path)
+    if model.n_requests is None or model.chunk_path is None:
+        raise LedgerEntryError(f"Ledger entry {ledger_path} has no chunk_path or n_requests.")
+    return BatchHandle(
+        batch_id=model.batch_id,
+        sync_run_id=model.sync_run_id,
+        chunk_path=model.chunk_path,
+        ledger_path=str(ledger_path),
+        mode=model.mode or RunMode.BATCH,
+        attempt=model.attempt or 1,
+        results_path=model.results_path,
+        n_requests=model.n_requests,
+    )
 
 
 def ended_fields(batch: dict[str, Any]) -> dict[str, Any]:
@@ -147,9 +158,11 @@ class SubmissionLedger:
         return layout.ledger_entry_path(self.base, dag_id, partition, task_id, chunk_fingerprint)
 
     def read(self, path: PathLike) -> dict[str, Any] | None:
-        return storage.read_json(path)
+        """The entry at ``path`` (validated as a LedgerEntry), or None if there is none."""
+        return read_entry(path)
 
     def write(self, path: PathLike, entry: dict[str, Any]) -> dict[str, Any]:
+        entry = LedgerEntry.parse(entry, path).to_dict()
         storage.atomic_write_json(path, entry)
         return entry
 
@@ -191,9 +204,23 @@ class ClaimTimeoutError(AnthropicBatchError, RuntimeError):
     """A live worker kept this chunk's intent longer than we were willing to wait for its batch id."""
 
 
-def encode_entry(entry: dict[str, Any]) -> bytes:
-    """The bytes of a ledger entry (as ``storage.atomic_write_json`` writes JSON)."""
-    text = json.dumps(entry, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+def decode_entry(data: bytes | str, path: PathLike) -> dict[str, Any]:
+    """A ledger file's bytes as an entry, validated by :class:`LedgerEntry` (older forms mapped);
+    a :class:`LedgerEntryError` names the file and the field."""
+    return LedgerEntry.parse(data, path).to_dict()
+
+
+def read_entry(path: PathLike) -> dict[str, Any] | None:
+    """The entry at ``path`` validated by :class:`LedgerEntry`, or None if there is no file."""
+    raw = storage.read_json(path)
+    return None if raw is None else LedgerEntry.parse(raw, path).to_dict()
+
+
+def encode_entry(entry: dict[str, Any], path: PathLike = "(new ledger entry)") -> bytes:
+    """The bytes of a ledger entry (validated by :class:`LedgerEntry`; as ``storage.atomic_write_json``
+    writes JSON)."""
+    fields = LedgerEntry.parse(entry, path).to_dict()
+    text = json.dumps(fields, indent=2, sort_keys=True, ensure_ascii=False, default=str)
     return (text + "\n").encode("utf-8")
 
 
@@ -210,12 +237,13 @@ def cas_update(
         current = storage.read_with_version(path)
         if current is None:
             raise FileNotFoundError(f"No ledger entry at {path}")
-        entry = json.loads(current[0])
+        entry = decode_entry(current[0], path)
         new = change(dict(entry))
         if new is None:
             return entry, False
-        if storage.replace_if_version(path, encode_entry(new), current[1]):
-            return new, True
+        data = encode_entry(new, path)
+        if storage.replace_if_version(path, data, current[1]):
+            return decode_entry(data, path), True
 
 
 def update_entry(path: PathLike, **fields: Any) -> dict[str, Any]:
@@ -266,7 +294,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="ledger-heartbeat", daemon=True)
 
     def _beat(self, entry: dict[str, Any]) -> dict[str, Any] | None:
-        if entry.get("owner") != self.owner or entry.get("batch_id"):
+        if entry.get("owner") != self.owner or recorded(entry):
             return None
         return {**entry, "heartbeat_at": rfc3339(utc_now())}
 
@@ -293,7 +321,7 @@ def owned_update(path: PathLike, owner: str, **fields: Any) -> dict[str, Any]:
     """Update an intent we own; LostClaimError if another worker took it over or recorded a batch."""
 
     def change(entry: dict[str, Any]) -> dict[str, Any] | None:
-        if entry.get("owner") != owner or entry.get("batch_id"):
+        if entry.get("owner") != owner or recorded(entry):
             return None
         return {**entry, **fields}
 
@@ -350,6 +378,7 @@ def intent_fields(*, previous_batch_ids: list[str] | None = None, **fields: Any)
         "intent_at": rfc3339(utc_now()),
         "submitted_at": None,
         "batch_id": None,
+        "sync_run_id": None,
         "processing_status": None,
         "request_counts": None,
         "created_at": None,

@@ -9,7 +9,7 @@ stores the URL in XCom; the UI reads that. So ``get_link`` may only use what the
 - the results path from the task's return value (a path string, a dict with ``data_path`` /
   ``results_path``), else from the rendered handle's ``results_path``.
 
-An empty string means "no link" (e.g. ``mode="sync"`` has no Console page).
+An empty string means "no link": a ``mode="sync"`` handle (told by its mode) has no Console page.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperatorLink
+
+from anthropic_batch.status import RunMode
 
 CONSOLE_BATCH_URL = "https://console.anthropic.com/workspaces/default/batches/{batch_id}"
 BATCH_ID_XCOM_KEY = "batch_id"
@@ -34,17 +36,19 @@ def _xcom(ti_key: Any, key: str) -> Any:
 
 
 def console_url(batch_id: str | None) -> str:
-    """The Console URL of a real batch id; empty for none or a synchronous run."""
-    if not batch_id or not str(batch_id).startswith("msgbatch_"):
+    """The Console URL of a batch id; empty for none."""
+    if not batch_id:
         return ""
     return CONSOLE_BATCH_URL.format(batch_id=batch_id)
 
 
 def batch_id_from(value: Any) -> str | None:
-    """A batch id from a string, a BatchHandle dict or a batch dict."""
+    """A batch id from a string, a BatchHandle dict or a batch dict; None for a synchronous run."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
+        if value.get("mode") == RunMode.SYNC:
+            return None  # a synchronous run is no batch (older handles carried a fake "sync_" id)
         return value.get("batch_id") or value.get("id")
     return None
 

@@ -3,7 +3,8 @@
 Input is the BatchHandle from the submit operator (or a bare batch id). Deferrable mode polls once
 on the worker (a retried task may find the batch already ended), then hands the wait to
 :class:`~anthropic_batch.triggers.BatchPollTrigger` in the triggerer. Poke/reschedule mode polls
-with the sync client. ``mode="sync"`` handles are complete already and return at once.
+with the sync client. A ``mode="sync"`` handle names no batch (its run is complete when submit
+returns): the sensor returns that handle at once, without touching the API.
 
 The wait is bounded by ``deadline_hours`` counted from the batch's ``created_at`` (30 h by default:
 beyond the API's 24 h expiry, so a healthy batch always ends first). On the deadline the batch is
@@ -20,7 +21,7 @@ explicit Cancel on the Batches page is the way to stop paying (:mod:`anthropic_b
 sensor then sees the batch end and succeeds, and the canceled requests are dead-lettered.
 
 On ``ended`` the ledger entry is updated (status, counts, ended_at, expires_at) and the batch JSON
-is returned (XCom).
+is returned (XCom); for a sync handle, the handle's JSON.
 
 The admission wait before a batch is created (queue budget, :func:`admit_or_defer`) lives here too:
 take or take over the chunk's ticket, and while it is not admitted defer on
@@ -37,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from anthropic_batch import queue_budget, storage
+from anthropic_batch import queue_budget
 from anthropic_batch.admission_trigger import AdmissionEvent, AdmissionTrigger
 from anthropic_batch.cancel import CancelReason, record_cancel
-from anthropic_batch.ledger import ended_fields, update_entry
+from anthropic_batch.contracts import BatchHandle
+from anthropic_batch.ledger import ended_fields, read_entry, update_entry
 from anthropic_batch.links import AnthropicConsoleBatchLink
 from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus, RequestCountKey
-from anthropic_batch.storage import read_json
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS, BatchPollTrigger, describe
 
 if TYPE_CHECKING:
@@ -69,11 +70,10 @@ def __getattr__(name: str) -> Any:
 
 def batch_id_of(handle: dict[str, Any] | str) -> str:
     """The batch id of a BatchHandle dict or a bare id string."""
-    if isinstance(handle, str):
-        return handle
-    if isinstance(handle, dict) and handle.get("batch_id"):
-        return str(handle["batch_id"])
-    raise ValueError(f"Expected a BatchHandle dict or a batch id string, got {handle!r}")
+    batch_id = BatchHandle.of(handle).batch_id
+    if not batch_id:
+        raise ValueError(f"The handle {handle!r} names no batch (a synchronous run).")
+    return batch_id
 
 
 def deadline_epoch(created_at: datetime | None, deadline_hours: float, now: float) -> float:
@@ -103,6 +103,11 @@ class BatchWaitMixin:
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
+    def batch_handle(self) -> BatchHandle:
+        """The rendered ``handle`` validated (a bare batch id becomes a batch handle)."""
+        return BatchHandle.of(self.handle)
+
+    @property
     def batch_id(self) -> str:
         return batch_id_of(self.handle)
 
@@ -113,29 +118,11 @@ class BatchWaitMixin:
         return BatchHook(conn_id=self.conn_id)
 
     def _is_sync(self) -> bool:
-        return isinstance(self.handle, dict) and self.handle.get("mode") == "sync"
-
-    def _sync_result(self) -> dict[str, Any]:
-        """The synthetic batch dict of a mode=sync handle (its ledger entry if readable)."""
-
-        entry = {}
-        if isinstance(self.handle, dict) and self.handle.get("ledger_path"):
-            entry = read_json(self.handle["ledger_path"], default={}) or {}
-        return {
-            "id": self.batch_id,
-            "type": "message_batch",
-            "processing_status": ProcessingStatus.ENDED.value,
-            "request_counts": entry.get("request_counts"),
-            "created_at": entry.get("created_at"),
-            "ended_at": entry.get("ended_at"),
-            "expires_at": entry.get("expires_at"),
-            "results_url": None,
-            "results_path": self.handle.get("results_path") if isinstance(self.handle, dict) else None,
-        }
+        return self.batch_handle.is_sync
 
     @property
     def ledger_path(self) -> str | None:
-        return self.handle.get("ledger_path") if isinstance(self.handle, dict) else None
+        return self.batch_handle.ledger_path
 
     def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record the ended batch in the ledger and return it."""
@@ -305,11 +292,11 @@ class BatchSensor(BatchWaitMixin, BaseSensorOperator):
 
     # -- execution -------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:
-        if self._is_sync():
-            self.log.info(
-                "Handle %s ran in sync mode: results are already at %s.", self.batch_id, self.handle
-            )
-            return self._sync_result()
+        handle = self.batch_handle
+        if handle.is_sync:
+            # No batch to wait for: the synchronous run ended before submit returned.
+            self.log.info("Sync run %s: results are already at %s.", handle.sync_run_id, handle.results_path)
+            return handle.to_xcom()
         if not self.deferrable:
             return super().execute(context)
         return self._start_wait()
@@ -368,7 +355,7 @@ def admit_or_defer(
         return
     pipeline_budget = pipeline_budget if pipeline_budget is not None else budget
     assert pipeline_budget is not None
-    entry = storage.read_json(ledger_path) or {}
+    entry = read_entry(ledger_path) or {}
     # The ticket's terms, the same on the worker and in the trigger.
     ticket = {
         "owner": queue_budget.ticket_owner(identity),

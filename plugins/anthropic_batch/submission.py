@@ -42,7 +42,6 @@ Also the submit steps the operators share: the run's manifest and chunk (:func:`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -51,6 +50,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import layout, storage
+from anthropic_batch.contracts import BatchHandle
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.ledger import (
     CLOCK_SKEW,
@@ -64,12 +64,14 @@ from anthropic_batch.ledger import (
     add_ids,
     batch_fields,
     cas_update,
+    decode_entry,
     encode_entry,
     handle_from_entry,
     is_fully_canceled,
     new_intent,
     owned_update,
     parse_rfc3339,
+    recorded,
     rfc3339,
     update_entry,
     utc_now,
@@ -195,7 +197,8 @@ def submit_idempotently(
     claim_wait_seconds: float = CLAIM_WAIT_SECONDS,
 ) -> dict[str, Any]:
     """
-    Submit one chunk at most once and return its BatchHandle; see the module docstring.
+    Submit one chunk at most once and return its BatchHandle as XCom carries it
+    (``BatchHandle.model_dump(mode="json")``); see the module docstring.
 
     ``submit`` overrides how the batch is created (default: ``hook.create_batch_from_chunk``).
     ``lease_seconds``: how long our intent may go without a heartbeat before another worker may
@@ -234,7 +237,7 @@ def submit_idempotently(
             if current is None:
                 may_create = True
                 continue  # deleted in between: claim again
-            found, version = json.loads(current[0]), current[1]
+            found, version = decode_entry(current[0], path), current[1]
             if found.get("batch_id") and _sync_takes_over(mode, found):
                 # The urgent synchronous rerun: claim the entry (compare-and-swap below) and hand the
                 # batch in flight to the sync backend, which cancels it and reuses its answers.
@@ -242,9 +245,9 @@ def submit_idempotently(
                 intent = {**intent, "generation": int(found.get("generation") or 1) + 1}
                 for field in ("previous_batch_ids", "duplicate_batch_ids", "foreign_batch_ids"):
                     intent = add_ids(intent, field, *found.get(field) or [])
-            elif found.get("batch_id"):
+            elif recorded(found):
                 if mode == "sync" or found.get("mode") == "sync" or not _was_fully_canceled(hook, found):
-                    return _reattach(path, found, chunk_path)
+                    return _reattach(path, found, chunk_path).to_xcom()
                 log.warning(
                     "Batch %s of this chunk ended fully canceled (nothing processed or billed); "
                     "submitting anew.",
@@ -298,7 +301,7 @@ def submit_idempotently(
                     submit=submit,
                     orphan_settle_seconds=orphan_settle_seconds,
                     sync_concurrency=sync_concurrency,
-                )
+                ).to_xcom()
         except LostClaimError as err:
             log.warning("%s Looking at the entry again.", err)
 
@@ -326,11 +329,11 @@ def _claim_timeout_message(path: PathLike, entry: dict[str, Any], waited: float)
     )
 
 
-def _reattach(path: ObjectStoragePath, entry: dict[str, Any], chunk_path: str) -> dict[str, Any]:
+def _reattach(path: ObjectStoragePath, entry: dict[str, Any], chunk_path: str) -> BatchHandle:
     log.info(
         "Re-attaching to %s %s recorded in %s (submitted %s); nothing is submitted again.",
         entry.get("mode") or "batch",
-        entry["batch_id"],
+        entry.get("batch_id") or entry.get("sync_run_id"),
         path,
         entry.get("submitted_at"),
     )
@@ -356,7 +359,7 @@ def _submit_owned(
     submit: Callable[[], MessageBatch] | None,
     orphan_settle_seconds: float,
     sync_concurrency: int,
-) -> dict[str, Any]:
+) -> BatchHandle:
     """Submit the chunk of an entry this worker has claimed."""
     # Imported here: the hooks module loads the anthropic SDK, and DAG files import this module.
     from anthropic_batch.hooks import AmbiguousCreateError
@@ -454,7 +457,7 @@ def _record(
     *,
     created_here: bool,
     **extra: Any,
-) -> dict[str, Any]:
+) -> BatchHandle:
     """Record ``batch`` as the chunk's, unless another worker recorded one first.
 
     First recorded wins. A batch we created that lost (only possible after a takeover of a worker
@@ -468,22 +471,22 @@ def _record(
     }
 
     def change(current: dict[str, Any]) -> dict[str, Any] | None:
-        if current.get("batch_id") and current["batch_id"] != batch.id:
+        if recorded(current) and current.get("batch_id") != batch.id:
             return None
         return {**current, **fields}
 
     try:
-        recorded, written = cas_update(path, change)
+        entry_now, written = cas_update(path, change)
     except FileNotFoundError:
         # Deleted by hand while we submitted: the batch exists, so it must be on record.
         storage.create_if_absent(path, encode_entry({**entry, **fields}))
-        recorded, written = cas_update(path, change)
+        entry_now, written = cas_update(path, change)
     if written:
-        return handle_from_entry(recorded, path)
+        return handle_from_entry(entry_now, path)
     log.error(
         "Batch %s was recorded for this chunk by another worker (%s) while this one submitted %s.",
-        recorded["batch_id"],
-        recorded.get("owner"),
+        entry_now.get("batch_id") or entry_now.get("sync_run_id"),
+        entry_now.get("owner"),
         batch.id,
     )
     if created_here:
@@ -492,8 +495,8 @@ def _record(
             log.warning("Canceled the duplicate batch %s.", batch.id)
         except Exception as exc:
             log.error("Could not cancel the duplicate batch %s: %s; cancel it in the Console.", batch.id, exc)
-        recorded = cas_update(path, lambda e: add_ids(e, "duplicate_batch_ids", batch.id))[0]
-    return handle_from_entry(recorded, path)
+        entry_now = cas_update(path, lambda e: add_ids(e, "duplicate_batch_ids", batch.id))[0]
+    return handle_from_entry(entry_now, path)
 
 
 def _was_fully_canceled(hook: BatchHook, entry: dict[str, Any]) -> bool:

@@ -2,8 +2,9 @@
 
 :func:`submission.submit_idempotently` hands every ``mode="sync"`` submission to :func:`run_chunk`. It
 writes batch-format result lines (``sync_runner``) to ``{work_dir}/sync/chunk-NNNNN.results.jsonl``
-and records the chunk in its ledger entry as an ended pseudo-batch ``sync_<fingerprint[:24]>``, the
-BatchHandle the sensor, the links and collect read today.
+and records the chunk's run in its ledger entry as ``sync_run_id`` ``sync_<fingerprint[:24]>`` (no
+``batch_id``: it is no batch). Its BatchHandle has ``mode="sync"``: the wait returns at once, the
+links show no Console page, collect reads the results file.
 
 **Crash-resume in parts.** Progress is persisted while the chunk runs, every ``part_every_answers``
 answers or ``part_every_seconds`` seconds, as ``{work_dir}/sync/chunk-NNNNN/part-MMMMM.jsonl``, each
@@ -43,11 +44,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import storage
+from anthropic_batch.contracts import BatchHandle, sync_run_id_for
 from anthropic_batch.ledger import (
     LedgerState,
     SubmissionLedger,
     handle_from_entry,
     intent_fields,
+    recorded,
     rfc3339,
     sync_results_path,
     update_entry,
@@ -331,7 +334,7 @@ def run_chunk(
     overlap_wait_seconds: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     fresh: bool = False,
-) -> dict[str, Any]:
+) -> BatchHandle:
     """
     Answer a chunk synchronously and return its BatchHandle; see the module docstring.
 
@@ -359,9 +362,10 @@ def run_chunk(
     overlap_wait_seconds = OVERLAP_WAIT_SECONDS if overlap_wait_seconds is None else overlap_wait_seconds
 
     chunk_path = str(identity["chunk_path"])
-    if entry and entry.get("batch_id") and entry.get("mode") == "sync":
+    if entry and recorded(entry) and entry.get("mode") == "sync":
         log.info(
-            "Chunk answered synchronously before (%s); re-attaching, nothing is sent.", entry["batch_id"]
+            "Chunk answered synchronously before (%s); re-attaching, nothing is sent.",
+            entry.get("sync_run_id"),
         )
         if entry.get("chunk_path") != chunk_path:
             entry = update_entry(path, chunk_path=chunk_path)
@@ -442,7 +446,8 @@ def run_chunk(
     entry = update_entry(
         path,
         state=LedgerState.ENDED.value,
-        batch_id="sync_" + str(identity["chunk_fingerprint"])[:24],
+        batch_id=None,
+        sync_run_id=sync_run_id_for(str(identity["chunk_fingerprint"])),
         submitted_at=entry.get("submitted_at") or now,
         processing_status=ProcessingStatus.ENDED.value,
         request_counts=counts,

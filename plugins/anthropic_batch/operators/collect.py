@@ -13,6 +13,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from anthropic_batch.collection import collect_batch
+from anthropic_batch.contracts import BatchHandle
 from anthropic_batch.status import DEFAULT_CONN_ID
 
 
@@ -46,7 +47,8 @@ class CollectResultsOperator(BaseOperator):
         # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
-        handle = dict(self.handle)
+        # The boundary: the XCom value is validated once; collect_batch uses its attributes.
+        handle = BatchHandle.model_validate(dict(self.handle))
         stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir)
         savings = stats["sync_cost_usd"] - stats["cost_usd"]
         self.log.info(

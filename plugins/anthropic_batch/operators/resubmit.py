@@ -66,7 +66,7 @@ from anthropic_batch.batch_requests import (
     write_chunk,
 )
 from anthropic_batch.collection import collect_batch, write_merge_record
-from anthropic_batch.contracts import ChunkInfo, Manifest
+from anthropic_batch.contracts import BatchHandle, ChunkInfo, Manifest
 from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit loop's paths)
     RESUBMIT_STATE_FILE,
     RETRY_LIST_FILE,
@@ -74,7 +74,7 @@ from anthropic_batch.layout import (  # noqa: F401  (re-exported: the resubmit l
     resubmit_state_path,
     retry_dir,
 )
-from anthropic_batch.ledger import SubmissionLedger, ledger_root_for
+from anthropic_batch.ledger import SubmissionLedger, ledger_root_for, read_entry
 from anthropic_batch.sensors import admit_or_defer, raise_for_admission_event
 from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus
 from anthropic_batch.submission import submission_identity, submit_idempotently
@@ -224,19 +224,19 @@ class ResubmitFailuresOperator(BaseOperator):
         ``dag.test()`` drops); any kwargs given are ignored.
         """
         state = self._load_state(context)
-        handle = state["handle"]
+        handle = BatchHandle.of(state["handle"])
         attempt = int(state["attempt"])
-        if event.get("batch_id") != handle["batch_id"]:
+        if event.get("batch_id") != handle.batch_id:
             raise AirflowException(
                 f"The trigger reported on batch {event.get('batch_id')} but the resubmit state "
-                f"({resubmit_state_path(self.work_dir)}) awaits {handle['batch_id']} (attempt {attempt}). "
+                f"({resubmit_state_path(self.work_dir)}) awaits {handle.batch_id} (attempt {attempt}). "
                 f"Clear this task to start the resubmit loop again; the ledger re-attaches to "
                 f"batches already submitted."
             )
         status = event.get("status")
         if status != ProcessingStatus.ENDED:
             raise AirflowException(
-                f"Retry batch {handle['batch_id']} (attempt {attempt}) did not end: {status}: "
+                f"Retry batch {handle.batch_id} (attempt {attempt}) did not end: {status}: "
                 f"{event.get('message')}. A retry of this task re-attaches to the same batch."
             )
         rounds = list(state.get("rounds") or [])
@@ -246,7 +246,7 @@ class ResubmitFailuresOperator(BaseOperator):
             queue_budget.ticket_owner(
                 submission_identity(context["ti"], read_manifest(self.work_dir).model_dump(mode="json"))
             ),
-            str(handle.get("ledger_path")),
+            str(handle.ledger_path),
         )
         pending = list(state.get("pending") or [])
         if pending:
@@ -537,7 +537,7 @@ class ResubmitFailuresOperator(BaseOperator):
         ledger_path = ledger.entry_path(
             identity["dag_id"], identity["partition"], identity["task_id"], fingerprint
         )
-        entry = storage.read_json(ledger_path) or {}
+        entry = read_entry(ledger_path) or {}
         if identity["mode"] != "sync" and not entry.get("batch_id"):
             self._save_state(
                 context, "admission", attempt=attempt, results_paths=paths, rounds=rounds, pending=infos
@@ -551,20 +551,23 @@ class ResubmitFailuresOperator(BaseOperator):
                 method_name="admission_complete",
                 conn_id=self.conn_id,
             )
-        handle = submit_idempotently(
-            BatchHook(conn_id=self.conn_id),
-            ledger,
-            chunk_path=info.path,
-            chunk_fingerprint=fingerprint,
-            n_requests=info.n_requests,
-            n_bytes=info.n_bytes,
-            **identity,
-            attempt=attempt,
-            model=str(manifest.spec.model),
+        handle = BatchHandle.of(
+            submit_idempotently(
+                BatchHook(conn_id=self.conn_id),
+                ledger,
+                chunk_path=info.path,
+                chunk_fingerprint=fingerprint,
+                n_requests=info.n_requests,
+                n_bytes=info.n_bytes,
+                **identity,
+                attempt=attempt,
+                model=str(manifest.spec.model),
+            )
         )
-        self.log.info("Attempt %d: %s (%d requests)", attempt, handle["batch_id"], handle["n_requests"])
-        rounds = [*rounds[:-1], {**rounds[-1], "batch_ids": [*rounds[-1]["batch_ids"], handle["batch_id"]]}]
-        if handle["mode"] == "sync":
+        self.log.info("Attempt %d: %s (%d requests)", attempt, handle.run_id, handle.n_requests)
+        # A sync run is listed by its run id (it names the results file, as a batch id does).
+        rounds = [*rounds[:-1], {**rounds[-1], "batch_ids": [*rounds[-1]["batch_ids"], handle.run_id]}]
+        if handle.is_sync:
             paths = [*paths, self._collect(handle, attempt)]
             if rest:
                 return self._submit_next(context, attempt, paths, rest, rounds)
@@ -574,7 +577,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
     # -- end of the queue budget part --
 
-    def _collect(self, handle: Mapping[str, Any], attempt: int) -> str:
+    def _collect(self, handle: BatchHandle, attempt: int) -> str:
         # the anthropic SDK: kept out of DAG parsing
         from anthropic_batch.hooks import BatchHook
 
@@ -591,7 +594,7 @@ class ResubmitFailuresOperator(BaseOperator):
     def _defer_on(
         self,
         context: Context,
-        handle: dict[str, Any],
+        handle: BatchHandle,
         attempt: int,
         paths: list[str],
         pending: list[dict[str, Any]],
@@ -604,15 +607,13 @@ class ResubmitFailuresOperator(BaseOperator):
             attempt=attempt,
             results_paths=paths,
             rounds=rounds,
-            handle=handle,
+            handle=handle.to_xcom(),
             pending=pending,
         )
-        self.log.info(
-            "Waiting for retry batch %s (attempt %d) in the triggerer.", handle["batch_id"], attempt
-        )
+        self.log.info("Waiting for retry batch %s (attempt %d) in the triggerer.", handle.batch_id, attempt)
         self.defer(
             trigger=BatchPollTrigger(
-                batch_id=handle["batch_id"],
+                batch_id=str(handle.batch_id),
                 conn_id=self.conn_id,
                 deadline=time.time() + self.deadline_hours * 3600,
                 poll_interval=self.poll_interval,

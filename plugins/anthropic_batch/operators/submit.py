@@ -25,13 +25,15 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from anthropic_batch import queue_budget, storage
+from anthropic_batch import queue_budget
+from anthropic_batch.contracts import BatchHandle
 from anthropic_batch.layout import read_manifest
 from anthropic_batch.ledger import (
     SubmissionLedger,
     handle_from_entry,
     is_fully_canceled,
     ledger_root_for,
+    read_entry,
 )
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
 from anthropic_batch.sensors import BatchWaitMixin, admit_or_defer, raise_for_admission_event
@@ -140,7 +142,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         ledger_path, chunk, identity = self._ledger_path(context)
-        entry = storage.read_json(ledger_path) or {}
+        entry = read_entry(ledger_path) or {}
         # Re-attaching to a recorded batch needs no admission: its own ticket already counts it.
         needs_batch = not entry.get("batch_id") or is_fully_canceled(entry)
         self._ticket_owner = queue_budget.ticket_owner(identity)
@@ -172,17 +174,17 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         """Resume after the batch's trigger; returns the handle once the batch has ended."""
         ledger_path, _, identity = self._ledger_path(context)
         self._ticket_owner = queue_budget.ticket_owner(identity)
-        entry = storage.read_json(ledger_path)
+        entry = read_entry(ledger_path)
         if not entry or not entry.get("batch_id"):
             raise AirflowFailException(f"Ledger entry {ledger_path} has no batch; clear the task to submit.")
-        self.handle = handle_from_entry(entry, ledger_path)
+        self.handle = handle_from_entry(entry, ledger_path).to_xcom()
         self._on_wait_event(event, canceling)
         return self.handle
 
     def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record the end (as the sensor does) and release this task's queue ticket."""
         batch = super()._finish(batch)
-        ledger_path = self.handle.get("ledger_path")
+        ledger_path = self.batch_handle.ledger_path
         owner = getattr(self, "_ticket_owner", None)
         if ledger_path and owner:
             queue_budget.TicketQueue(self.queue_root).release_owned(owner, str(ledger_path))
@@ -207,20 +209,23 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
             f"{cost:.2f}" if cost is not None else "unknown",
         )
         ti = context["ti"]
-        handle = submit_idempotently(
-            BatchHook(conn_id=self.conn_id),
-            self._ledger(),
-            chunk_path=str(chunk["path"]),
-            chunk_fingerprint=chunk["fingerprint"],
-            n_requests=int(chunk["n_requests"]),
-            n_bytes=int(chunk["n_bytes"]),
-            **submission_identity(ti, manifest),
-            attempt=self.attempt,
-            model=model,
-            projected_cost_usd=cost,
+        handle = BatchHandle.of(
+            submit_idempotently(
+                BatchHook(conn_id=self.conn_id),
+                self._ledger(),
+                chunk_path=str(chunk["path"]),
+                chunk_fingerprint=chunk["fingerprint"],
+                n_requests=int(chunk["n_requests"]),
+                n_bytes=int(chunk["n_bytes"]),
+                **submission_identity(ti, manifest),
+                attempt=self.attempt,
+                model=model,
+                projected_cost_usd=cost,
+            )
         )
         # Pushed at once (not only as the return value) so the Console link works even if the
-        # task fails after this point.
-        ti.xcom_push(key=BATCH_ID_XCOM_KEY, value=handle["batch_id"])
+        # task fails after this point. A sync run has no batch, hence no Console page.
+        if handle.batch_id:
+            ti.xcom_push(key=BATCH_ID_XCOM_KEY, value=handle.batch_id)
         self.log.info("Handle: %s", handle)
-        return handle
+        return handle.to_xcom()

@@ -142,7 +142,8 @@ def batch_row(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
     cost = _num(entry.get("cost_usd"))
     sync_cost = _num(entry.get("sync_cost_usd"))
     return {
-        "batch_id": redact(entry.get("batch_id")),
+        # A sync run (no batch) shows its run id here, as it did when it was stored as batch_id.
+        "batch_id": redact(entry.get("batch_id") or entry.get("sync_run_id")),
         "ledger_key": redact(entry.get("ledger_key")),
         "dag_id": entry.get("dag_id"),
         "run_id": entry.get("run_id"),

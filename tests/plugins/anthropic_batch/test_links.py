@@ -40,7 +40,6 @@ def test_console_url():
     assert (
         console_url("msgbatch_01") == "https://console.anthropic.com/workspaces/default/batches/msgbatch_01"
     )
-    assert console_url("sync_abc") == ""  # a synchronous run has no Console page
     assert console_url(None) == ""
 
 

@@ -93,9 +93,12 @@ def test_sync_handle_returns_immediately(tmp_path):
     }
     # No connection exists for this conn id: returning must not touch the API.
     sensor = BatchSensor(task_id="wait", handle=handle, conn_id="does_not_exist")
-    batch = sensor.execute(make_context(task_id="wait"))
-    assert batch["id"] == "sync_abc" and batch["processing_status"] == "ended"
-    assert batch["results_path"] == handle["results_path"]
+    # An older sync handle (a fake "sync_" batch id) is read as the sync run it is; the sensor
+    # returns the handle, not a made-up batch.
+    returned = sensor.execute(make_context(task_id="wait"))
+    assert returned["mode"] == "sync" and returned["batch_id"] is None
+    assert returned["sync_run_id"] == "sync_abc"
+    assert returned["results_path"] == handle["results_path"]
 
 
 def test_deadline_cancels_then_waits_for_the_cancellation_and_succeeds(

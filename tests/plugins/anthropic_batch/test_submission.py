@@ -239,7 +239,7 @@ def test_sync_mode_writes_results_and_never_pays_twice(emulator_factory, monkeyp
     ledger = SubmissionLedger(str(tmp_path / "root"))
     handle = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
     assert handle["mode"] == "sync"
-    assert handle["batch_id"] == "sync_" + info["fingerprint"][:24]
+    assert handle["sync_run_id"] == "sync_" + info["fingerprint"][:24] and handle["batch_id"] is None
     results = Path(handle["results_path"].removeprefix("file://"))
     assert results == tmp_path / "work" / "sync" / "chunk-00000.results.jsonl"
     lines = results.read_bytes().splitlines()

@@ -67,7 +67,8 @@ def test_sync_mode_from_manifest(emu, tmp_path):
     chunk = make_chunk(work, 3)
     write_manifest(work, [chunk], mode="sync")
     handle = operator(work, chunk, root, emu.conn_id).execute(make_context(task_id="submit"))
-    assert handle["mode"] == "sync" and handle["batch_id"].startswith("sync_")
+    assert handle["mode"] == "sync" and handle["sync_run_id"].startswith("sync_")
+    assert handle["batch_id"] is None
     assert handle["results_path"].endswith("sync/chunk-00000.results.jsonl")
     assert list(sdk_client(emu).messages.batches.list()) == []
 

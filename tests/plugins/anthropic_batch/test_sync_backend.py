@@ -116,7 +116,8 @@ def test_a_crash_on_an_object_store_resumes_from_the_parts_without_paying_again(
     assert sorted(asked_again) == sorted({f"r{i}" for i in range(10)} - set(first[:6]))
     results = storage.as_path(handle["results_path"]).read_bytes().splitlines()
     assert sorted(json.loads(x)["custom_id"] for x in results) == sorted(f"r{i}" for i in range(10))
-    assert handle["mode"] == "sync" and handle["batch_id"] == "sync_" + info["fingerprint"][:24]
+    assert handle["mode"] == "sync" and handle["sync_run_id"] == "sync_" + info["fingerprint"][:24]
+    assert handle["batch_id"] is None  # a synchronous run is no batch
     assert not [k for k in fs.store if "/part-" in k]  # superseded by the final file
 
 
@@ -151,7 +152,7 @@ def test_urgent_sync_rerun_takes_over_the_batch_in_flight(tmp_path, emulator_fac
     rerun = prepare_run(tmp_path, records, per_chunk=12, mode="sync")
     asked = _count_calls(monkeypatch)
     (handle,) = submit_chunks(rerun)
-    assert handle["mode"] == "sync" and handle["batch_id"].startswith("sync_")
+    assert handle["mode"] == "sync" and handle["sync_run_id"].startswith("sync_")
 
     batch = hook.get_batch(batch_id)
     assert batch.processing_status == "ended"  # canceled, not waited for
@@ -274,4 +275,4 @@ def test_changed_requests_under_the_same_chunk_index_are_asked_again(tmp_path, e
     asked = _count_calls(monkeypatch)
     handle = submit_idempotently(BatchHook(conn_id), ledger, **_sync_kwargs(second))
     assert sorted(asked) == ["r0", "r1", "r2"]
-    assert handle["batch_id"] == "sync_" + second["fingerprint"][:24]
+    assert handle["sync_run_id"] == "sync_" + second["fingerprint"][:24]
