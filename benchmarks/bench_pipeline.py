@@ -124,9 +124,9 @@ def _operator(task: str, args: dict[str, Any]):
 
         return SubmitBatchOperator(task_id="submit", **args)
     if task == "wait":
-        from anthropic_batch.sensors import BatchSensor
+        from anthropic_batch.sensors import AnthropicBatchSensor
 
-        return BatchSensor(task_id="wait", poll_interval=1, max_poll_interval=2, **args)
+        return AnthropicBatchSensor(task_id="wait", poll_interval=1, max_poll_interval=2, **args)
     if task == "collect":
         from anthropic_batch.operators.collect import CollectResultsOperator
 

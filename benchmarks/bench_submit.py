@@ -3,7 +3,7 @@
 One chunk of 100,000 requests is written with ``batch_requests.write_chunk``; each variant then
 runs in a fresh subprocess (so peak RSS is its own) against the same emulator:
 
-- streamed: ``BatchHook.create_batch_from_chunk(chunk)`` (the body is streamed from the file);
+- streamed: ``AnthropicBatchHook.create_batch_from_chunk(chunk)`` (the body is streamed from the file);
 - sdk:      ``client.messages.batches.create(requests=[json.loads(line) for line in chunk])``.
 
 Both children import the same modules before measuring, so the baseline RSS is comparable.
@@ -63,12 +63,12 @@ def _child(variant: str, chunk: str, base_url: str, api_key: str) -> None:
     import anthropic
 
     from anthropic_batch.batch_requests import iter_chunk_lines
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
 
     os.environ["AIRFLOW_CONN_BENCH"] = json.dumps(
         {"conn_type": "anthropic", "password": api_key, "host": base_url}
     )
-    hook = BatchHook("bench")
+    hook = AnthropicBatchHook("bench")
     client = hook.conn  # built before measuring, in both variants
     baseline = _rss_mb()
     started = time.perf_counter()

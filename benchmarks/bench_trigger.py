@@ -53,7 +53,7 @@ def main() -> None:
     import logging
 
     from anthropic_batch.batch_requests import write_chunk
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
     from anthropic_batch.triggers import BatchPollTrigger
     from batches_emulator.testing import EmulatorProcess
 
@@ -88,7 +88,7 @@ def main() -> None:
         # The triggerer logs each poll at INFO; keep that cost in, but not the console output.
         logging.getLogger("airflow").setLevel(logging.WARNING)
         logging.getLogger("httpx2").setLevel(logging.WARNING)
-        hook = BatchHook("bench_trigger")
+        hook = AnthropicBatchHook("bench_trigger")
         t0 = time.perf_counter()
         batch_ids = [hook.create_batch_from_chunk(info["path"]).id for _ in range(N_TRIGGERS)]
         print(f"created {N_TRIGGERS} batches in {time.perf_counter() - t0:.1f}s")

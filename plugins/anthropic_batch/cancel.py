@@ -94,7 +94,7 @@ def cancel_by_user(entry: dict[str, Any], user: str, *, conn_id: str = DEFAULT_C
     nothing to cancel (the cancel fields are not written then).
     """
     # the anthropic SDK: kept out of DAG parsing
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
     from anthropic_batch.status import BatchStatus
 
     batch_id = entry.get("batch_id")
@@ -102,7 +102,7 @@ def cancel_by_user(entry: dict[str, Any], user: str, *, conn_id: str = DEFAULT_C
         raise NotCancelable(f"{batch_id or 'This submission'} is not a Message Batch; nothing to cancel.")
     if entry.get("state") == LedgerState.ENDED or entry.get("processing_status") == BatchStatus.ENDED:
         raise NotCancelable(f"Batch {batch_id} has already ended; nothing to cancel.")
-    hook = BatchHook(conn_id=entry.get("conn_id") or conn_id)
+    hook = AnthropicBatchHook(conn_id=entry.get("conn_id") or conn_id)
     current = hook.get_batch(batch_id)
     if current.processing_status != BatchStatus.IN_PROGRESS:
         # Ended, or already canceling (by the deadline, the Console or another user): nothing to do,

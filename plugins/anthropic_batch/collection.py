@@ -1,7 +1,7 @@
 """Collect one submitted chunk: an ended batch's results (or a sync run's) -> a RESULT Parquet file.
 
 ``collect_batch`` is shared by the collect and resubmit operators. It streams the raw result
-lines (the batch's ``results_url`` through ``BatchHook.iter_result_lines``, or in ``mode=sync`` the
+lines (the batch's ``results_url`` through ``AnthropicBatchHook.iter_result_lines``, or in ``mode=sync`` the
 results JSONL the sync runner wrote) into ``results.collect_lines``, which writes
 ``work_dir/results/attempt-NN/<batch_id>.parquet`` atomically with exactly one row per request of the
 chunk: a request without a result line becomes a ``missing`` row, a duplicate line (a resumed
@@ -49,7 +49,7 @@ from anthropic_batch.status import (
 from anthropic_batch.submission import ForeignBatchError, iter_verified_lines
 
 if TYPE_CHECKING:
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
 
 # batch_requests, results (pyarrow) and hooks (the anthropic SDK) are imported inside the functions
 # that use them: DAG files import this module at parse time.
@@ -181,7 +181,7 @@ def request_counts_by_bucket(counts_by_status: Mapping[str, int]) -> dict[str, i
 
 
 def collect_batch(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     handle: BatchHandle | Mapping[str, Any],
     work_dir: storage.PathLike,
     *,

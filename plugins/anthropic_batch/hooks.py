@@ -1,4 +1,4 @@
-"""BatchHook: the provider's AnthropicHook plus what a large batch pipeline needs.
+"""AnthropicBatchHook: the provider's AnthropicHook plus what a large batch pipeline needs.
 
 - ``create_batch_from_chunk`` streams the request body from a chunk file (never built in memory)
   and never lets a retry create a second batch: an ambiguous failure (connection drop, timeout,
@@ -127,7 +127,7 @@ def split_lines(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bool]]:
         yield buffer, False
 
 
-class BatchHook(AnthropicHook):
+class AnthropicBatchHook(AnthropicHook):
     """
     The Anthropic hook for Message Batches at scale.
 

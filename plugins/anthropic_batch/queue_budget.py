@@ -445,9 +445,9 @@ def batch_ended_checker(conn_id: str) -> Callable[[str], bool]:
 
     def batch_ended(batch_id: str) -> bool:
         # the anthropic SDK and the provider's BatchStatus: kept out of DAG parsing
-        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.hooks import AnthropicBatchHook
         from anthropic_batch.status import BatchStatus
 
-        return BatchHook(conn_id=conn_id).get_batch(batch_id).processing_status == BatchStatus.ENDED
+        return AnthropicBatchHook(conn_id=conn_id).get_batch(batch_id).processing_status == BatchStatus.ENDED
 
     return batch_ended

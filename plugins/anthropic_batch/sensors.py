@@ -1,4 +1,4 @@
-"""BatchSensor: wait for a submitted batch to end, deferrable by default.
+"""AnthropicBatchSensor: wait for a submitted batch to end, deferrable by default.
 
 Input is the BatchHandle from the submit operator (or a bare batch id). Deferrable mode polls once
 on the worker (a retried task may find the batch already ended), then hands the wait to
@@ -48,7 +48,7 @@ from anthropic_batch.status import DEFAULT_CONN_ID, ProcessingStatus, RequestCou
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS, BatchPollTrigger, describe
 
 if TYPE_CHECKING:
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
 
 # The hook (and with it the anthropic SDK) is imported where it is used: DAG files import this module.
 
@@ -86,7 +86,7 @@ def deadline_epoch(created_at: datetime | None, deadline_hours: float, now: floa
 class BatchWaitMixin:
     """Waiting for a batch to end, deferrable, with the deadline cancel (see the module docstring).
 
-    Shared by :class:`BatchSensor` and ``SubmitBatchOperator(wait=True)`` (which creates and waits in
+    Shared by :class:`AnthropicBatchSensor` and ``SubmitBatchOperator(wait=True)`` (which creates and waits in
     one task so the chunk keeps its queue ticket from create to end). The host sets ``handle``,
     ``conn_id``, ``poll_interval``, ``max_poll_interval``, ``deadline_hours``, ``cancel_wait_hours``
     and ``max_transient_seconds``; ``wait_method`` names the method the trigger resumes.
@@ -111,11 +111,11 @@ class BatchWaitMixin:
     def batch_id(self) -> str:
         return batch_id_of(self.handle)
 
-    def _hook(self) -> BatchHook:
+    def _hook(self) -> AnthropicBatchHook:
         # the anthropic SDK: kept out of DAG parsing
-        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.hooks import AnthropicBatchHook
 
-        return BatchHook(conn_id=self.conn_id)
+        return AnthropicBatchHook(conn_id=self.conn_id)
 
     def _is_sync(self) -> bool:
         return self.batch_handle.is_sync
@@ -244,7 +244,7 @@ class BatchWaitMixin:
         raise AirflowException(message)
 
 
-class BatchSensor(BatchWaitMixin, BaseSensorOperator):
+class AnthropicBatchSensor(BatchWaitMixin, BaseSensorOperator):
     """
     Wait until a Message Batch has ended; returns the batch JSON.
 

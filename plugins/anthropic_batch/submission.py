@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
     from anthropic.types.messages import MessageBatch
 
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def iter_verified_lines(
         yield line
 
 
-def _is_ours(hook: BatchHook, batch_id: str, chunk_path: str) -> bool:
+def _is_ours(hook: AnthropicBatchHook, batch_id: str, chunk_path: str) -> bool:
     """Whether every result line of an ended batch answers a request of the chunk."""
     # loads pyarrow: kept out of DAG parsing
     from anthropic_batch.results import expected_ids_from_chunk
@@ -173,7 +173,7 @@ def _is_ours(hook: BatchHook, batch_id: str, chunk_path: str) -> bool:
 
 
 def submit_idempotently(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     ledger: SubmissionLedger,
     *,
     chunk_path: str,
@@ -349,7 +349,7 @@ def _may_have_created(entry: dict[str, Any]) -> bool:
 
 
 def _submit_owned(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     ledger: SubmissionLedger,
     path: ObjectStoragePath,
     entry: dict[str, Any],
@@ -450,7 +450,7 @@ def _submit_owned(
 
 
 def _record(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     path: ObjectStoragePath,
     entry: dict[str, Any],
     batch: MessageBatch,
@@ -499,7 +499,7 @@ def _record(
     return handle_from_entry(entry_now, path)
 
 
-def _was_fully_canceled(hook: BatchHook, entry: dict[str, Any]) -> bool:
+def _was_fully_canceled(hook: AnthropicBatchHook, entry: dict[str, Any]) -> bool:
     """Whether the recorded batch ended fully canceled, so the chunk may be submitted anew.
 
     Unknown (API trouble) counts as no, and so does a batch a user canceled on the Batches page:
@@ -519,7 +519,7 @@ def _was_fully_canceled(hook: BatchHook, entry: dict[str, Any]) -> bool:
 
 
 def _recover_orphan(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     ledger: SubmissionLedger,
     path: ObjectStoragePath,
     entry: dict[str, Any],

@@ -62,7 +62,7 @@ from anthropic_batch.storage import PathLike, as_path
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
     from anthropic_batch.pricing import PriceTable
 
 # hooks, sync_runner (the anthropic SDK) and pyarrow are imported inside the functions that use
@@ -208,7 +208,9 @@ def _part_index(name: str) -> int:
 
 
 # -- taking over a batch of the same chunk ---------------------------------------------------------
-def _wait_ended(hook: BatchHook, batch_id: str, timeout_s: float, sleep: Callable[[float], None]) -> Any:
+def _wait_ended(
+    hook: AnthropicBatchHook, batch_id: str, timeout_s: float, sleep: Callable[[float], None]
+) -> Any:
     """The batch once ended, or its last state when ``timeout_s`` passed first (polled with backoff)."""
     deadline = time.monotonic() + timeout_s
     delay = 0.2
@@ -221,7 +223,7 @@ def _wait_ended(hook: BatchHook, batch_id: str, timeout_s: float, sleep: Callabl
         delay = min(delay * 2, 10.0)
 
 
-def _succeeded_lines(hook: BatchHook, batch_id: str) -> list[bytes]:
+def _succeeded_lines(hook: AnthropicBatchHook, batch_id: str) -> list[bytes]:
     """The batch's answers: its ``succeeded`` result lines (what was paid for)."""
     return [
         line
@@ -231,7 +233,7 @@ def _succeeded_lines(hook: BatchHook, batch_id: str) -> list[bytes]:
 
 
 def _take_over(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     entry: Mapping[str, Any],
     results_path: ObjectStoragePath,
     *,
@@ -287,7 +289,7 @@ def _take_over(
 
 
 def _resolve_overlap(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     record: dict[str, Any],
     answered_now: set[str],
     *,
@@ -321,7 +323,7 @@ def _resolve_overlap(
 
 # -- the backend ---------------------------------------------------------------------------------------
 def run_chunk(
-    hook: BatchHook,
+    hook: AnthropicBatchHook,
     ledger: SubmissionLedger,
     path: ObjectStoragePath,
     entry: dict[str, Any] | None,

@@ -11,7 +11,7 @@ collection code parses both modes:
 
 Retries: the SDK already retries 408/409/429/5xx/529 and connection errors with capped exponential
 backoff, honouring ``retry-after`` headers. ``max_retries`` defaults to the client's own setting
-(``BatchHook.get_conn`` applies the connection's ``anthropic_client_kwargs.max_retries``, else
+(``AnthropicBatchHook.get_conn`` applies the connection's ``anthropic_client_kwargs.max_retries``, else
 ``hooks.DEFAULT_MAX_RETRIES``), so a configured value is not silently overridden. A request still failing
 after that becomes an ``errored`` line (never an exception), so one bad request cannot sink a run and
 the failure classifier can decide to resubmit it.
@@ -175,7 +175,7 @@ def run_requests_sync(
 ) -> Iterator[bytes]:
     """Yield one batch-format result line per request: UTF-8 JSON bytes without the newline.
 
-    Same contract as ``BatchHook.iter_result_lines``, so both feed ``results.collect_lines``; a
+    Same contract as ``AnthropicBatchHook.iter_result_lines``, so both feed ``results.collect_lines``; a
     writer of a results JSONL file adds the ``b"\\n"``.
 
     ``requests`` is consumed lazily: at most ``2 * concurrency`` requests are in flight or queued.

@@ -160,9 +160,9 @@ class BatchPollTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # the anthropic SDK: kept out of DAG parsing
-        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.hooks import AnthropicBatchHook
 
-        hook = BatchHook(conn_id=self.conn_id)
+        hook = AnthropicBatchHook(conn_id=self.conn_id)
         try:
             # On the loop's shared HTTP pool: hundreds of triggers, one pool, no per-trigger TLS setup.
             # The shared pool is not closed here; it lives as long as the event loop.

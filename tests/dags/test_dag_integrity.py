@@ -147,7 +147,7 @@ def test_trigger_classpath_imports_in_a_fresh_interpreter():
 
 def test_default_conn_id_is_the_hooks():
     # Operator signatures use status.DEFAULT_CONN_ID so they need not import the hook at parse time.
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
     from anthropic_batch.status import DEFAULT_CONN_ID
 
-    assert BatchHook.default_conn_name == DEFAULT_CONN_ID
+    assert AnthropicBatchHook.default_conn_name == DEFAULT_CONN_ID

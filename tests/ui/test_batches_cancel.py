@@ -11,7 +11,7 @@ import re
 import pytest
 
 from anthropic_batch.cancel import user_canceled_batches
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import SubmissionLedger
 from anthropic_batch.submission import submit_idempotently
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
@@ -41,7 +41,9 @@ def live(emulator_factory, monkeypatch, tmp_path, auth_manager):
     ledger = SubmissionLedger(str(root))
     info = make_chunk(tmp_path / "work", 3)
     handle = submit_idempotently(
-        BatchHook(), ledger, **submit_kwargs(info, dag_id=DAG_ID, partition=PARTITION, task_id="batch.submit")
+        AnthropicBatchHook(),
+        ledger,
+        **submit_kwargs(info, dag_id=DAG_ID, partition=PARTITION, task_id="batch.submit"),
     )
     outer = FastAPI()
     outer.mount(PREFIX, create_app(storage_root=str(root)))

@@ -45,11 +45,11 @@ class CollectResultsOperator(BaseOperator):
 
     def execute(self, context: Context) -> str:
         # the anthropic SDK: kept out of DAG parsing
-        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.hooks import AnthropicBatchHook
 
         # The boundary: the XCom value is validated once; collect_batch uses its attributes.
         handle = BatchHandle.model_validate(dict(self.handle))
-        stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir)
+        stats = collect_batch(AnthropicBatchHook(conn_id=self.conn_id), handle, self.work_dir)
         savings = stats["sync_cost_usd"] - stats["cost_usd"]
         self.log.info(
             "Collected %s %s (attempt %d): %d rows %s; %d duplicate, %d unknown, %d malformed lines. "

@@ -525,7 +525,7 @@ class ResubmitFailuresOperator(BaseOperator):
         round never has more requests in progress than one chunk.
         """
         # the anthropic SDK: kept out of DAG parsing
-        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.hooks import AnthropicBatchHook
 
         info, rest = ChunkInfo.model_validate(infos[0]), infos[1:]
         manifest = read_manifest(self.work_dir)
@@ -553,7 +553,7 @@ class ResubmitFailuresOperator(BaseOperator):
             )
         handle = BatchHandle.of(
             submit_idempotently(
-                BatchHook(conn_id=self.conn_id),
+                AnthropicBatchHook(conn_id=self.conn_id),
                 ledger,
                 chunk_path=info.path,
                 chunk_fingerprint=fingerprint,
@@ -579,9 +579,11 @@ class ResubmitFailuresOperator(BaseOperator):
 
     def _collect(self, handle: BatchHandle, attempt: int) -> str:
         # the anthropic SDK: kept out of DAG parsing
-        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.hooks import AnthropicBatchHook
 
-        stats = collect_batch(BatchHook(conn_id=self.conn_id), handle, self.work_dir, attempt=attempt)
+        stats = collect_batch(
+            AnthropicBatchHook(conn_id=self.conn_id), handle, self.work_dir, attempt=attempt
+        )
         self.log.info(
             "Collected attempt %d from %s: %s, cost $%.4f.",
             attempt,

@@ -604,7 +604,7 @@ class SampleRefineOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         # the anthropic SDK: kept out of DAG parsing; loads pyarrow: kept out of DAG parsing
-        from anthropic_batch.hooks import BatchHook
+        from anthropic_batch.hooks import AnthropicBatchHook
         from anthropic_batch.results import ParseContext, parse_result_line
 
         work = storage.as_path(self.work_dir)
@@ -614,7 +614,7 @@ class SampleRefineOperator(BaseOperator):
         input_tokens_all = None
         reuse: dict[str, Any] = {"n_reused": 0, "reused_ids": set(), "n_calls": 0, "transient": {}}
         if requests:
-            client = BatchHook(conn_id=self.conn_id).get_conn()
+            client = AnthropicBatchHook(conn_id=self.conn_id).get_conn()
             ctx = ParseContext.from_work_dir(work, batch_id="sample", attempt=0, manifest=manifest)
             self.log.info("Sampling %d of %d requests synchronously.", len(requests), manifest.n_requests)
             lines, reuse = answer_sample(

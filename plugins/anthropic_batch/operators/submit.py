@@ -74,7 +74,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         ahead changes (None: 4x the env value, else 60 s).
     :param queue_root: storage root of the ticket queue (default: the deployment's storage root).
     :param poll_interval, max_poll_interval, deadline_hours, cancel_wait_hours, max_transient_seconds:
-        the wait, as for :class:`~anthropic_batch.sensors.BatchSensor`.
+        the wait, as for :class:`~anthropic_batch.sensors.AnthropicBatchSensor`.
     """
 
     wait_method = "wait_complete"
@@ -191,7 +191,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         return batch
 
     def _submit(self, context: Any) -> dict[str, Any]:
-        from anthropic_batch.hooks import BatchHook  # the SDK: not at DAG parse time
+        from anthropic_batch.hooks import AnthropicBatchHook  # the SDK: not at DAG parse time
 
         manifest = _manifest_json(self.work_dir)
         spec = manifest.get("spec") or {}
@@ -211,7 +211,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
         ti = context["ti"]
         handle = BatchHandle.of(
             submit_idempotently(
-                BatchHook(conn_id=self.conn_id),
+                AnthropicBatchHook(conn_id=self.conn_id),
                 self._ledger(),
                 chunk_path=str(chunk["path"]),
                 chunk_fingerprint=chunk["fingerprint"],

@@ -79,13 +79,13 @@ def _run_date(
     tmp_path: Path, records: list[dict[str, Any]], partition: str = "2026-11-01", **kwargs: Any
 ) -> tuple[Run, dict[str, Any], pa.Table]:
     """prepare -> submit -> wait -> collect -> resubmit (merge) -> publish; (run, summary, data)."""
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
 
     run = _prepare(tmp_path, records, partition, **kwargs)
     paths = []
     for i, handle in enumerate(submit_chunks(run)):
         if handle["mode"] == "batch":
-            wait_ended(BatchHook(), handle["batch_id"])
+            wait_ended(AnthropicBatchHook(), handle["batch_id"])
         op = CollectResultsOperator(task_id="collect", handle=handle, work_dir=run.work_dir)
         paths.append(op.execute(make_context(task_id="batch.collect", map_index=i, partition=partition)))
     merged = ResubmitFailuresOperator(
@@ -347,7 +347,7 @@ def test_a_rerun_while_batches_are_in_flight_keeps_their_chunks_and_re_attaches(
 ):
     """Chunk 0 collected with failures, chunks 1 and 2 not collected yet: the rerun resends chunk 0's
     failures only, in a chunk of their own; chunks 1 and 2 stay byte for byte and re-attach."""
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
 
     emu = emulator_factory(
         "--processing-seconds", "0.3", "--seed", "5", "--error-rate", "overloaded_error=0.3"
@@ -358,7 +358,7 @@ def test_a_rerun_while_batches_are_in_flight_keeps_their_chunks_and_re_attaches(
     work = Path(run.work_dir.removeprefix("file://"))
     first_chunks = json.loads((work / "requests" / "manifest.json").read_text())["chunks"]
     handles = submit_chunks(run)
-    wait_ended(BatchHook(), handles[0]["batch_id"])
+    wait_ended(AnthropicBatchHook(), handles[0]["batch_id"])
     collected = CollectResultsOperator(task_id="collect", handle=handles[0], work_dir=run.work_dir).execute(
         make_context(task_id="batch.collect", map_index=0)
     )

@@ -14,7 +14,7 @@ import pytest
 
 from anthropic_batch.batch_requests import iter_chunk_requests
 from anthropic_batch.collection import BatchNotEndedError, collect_batch, request_counts_by_bucket
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.operators.collect import CollectResultsOperator
 from tests.plugins.anthropic_batch._operator_context import (
     make_context,
@@ -42,7 +42,7 @@ def _chunk_ids(chunk_path: str) -> set[str]:
 def test_collect_matches_request_counts_and_updates_the_ledger(tmp_path, anthropic_conn):
     run = prepare_run(tmp_path, ticket_records(25), per_chunk=10)
     handles = submit_chunks(run)
-    hook = BatchHook()
+    hook = AnthropicBatchHook()
     for handle in handles:
         batch = wait_ended(hook, handle["batch_id"])
         path = _collect(handle, run.work_dir)
@@ -76,7 +76,7 @@ def test_collect_matches_request_counts_and_updates_the_ledger(tmp_path, anthrop
 def test_collect_rerun_overwrites_the_same_file(tmp_path, anthropic_conn):
     run = prepare_run(tmp_path, ticket_records(8), per_chunk=8)
     (handle,) = submit_chunks(run)
-    wait_ended(BatchHook(), handle["batch_id"])
+    wait_ended(AnthropicBatchHook(), handle["batch_id"])
     first_path = _collect(handle, run.work_dir)
     first = pq.read_table(_local(first_path)).sort_by("custom_id")
     second_path = _collect(handle, run.work_dir)
@@ -92,8 +92,8 @@ def test_dropped_results_stream_is_resumed_without_duplicates(tmp_path, emulator
     use_emulator(monkeypatch, emu)
     run = prepare_run(tmp_path, ticket_records(15), per_chunk=15)
     (handle,) = submit_chunks(run)
-    batch = wait_ended(BatchHook(), handle["batch_id"])
-    stats = collect_batch(BatchHook(), handle, run.work_dir)
+    batch = wait_ended(AnthropicBatchHook(), handle["batch_id"])
+    stats = collect_batch(AnthropicBatchHook(), handle, run.work_dir)
     assert stats["n_missing"] == 0
     table = pq.read_table(_local(stats["results_path"]))
     ids = table["custom_id"].to_pylist()
@@ -118,8 +118,8 @@ def test_errored_and_expired_requests_become_rows_with_their_status(tmp_path, em
     use_emulator(monkeypatch, emu)
     run = prepare_run(tmp_path, ticket_records(30), per_chunk=30)
     (handle,) = submit_chunks(run)
-    batch = wait_ended(BatchHook(), handle["batch_id"])
-    stats = collect_batch(BatchHook(), handle, run.work_dir)
+    batch = wait_ended(AnthropicBatchHook(), handle["batch_id"])
+    stats = collect_batch(AnthropicBatchHook(), handle, run.work_dir)
     rows = pq.read_table(_local(stats["results_path"])).to_pylist()
     errored = [r for r in rows if r["status"] == "errored"]
     assert len(errored) == batch["request_counts"]["errored"] > 0
@@ -133,7 +133,7 @@ def test_canceled_batch_keeps_its_succeeded_rows(tmp_path, emulator_factory, mon
     use_emulator(monkeypatch, emu)
     run = prepare_run(tmp_path, ticket_records(40), per_chunk=40)
     (handle,) = submit_chunks(run)
-    hook = BatchHook()
+    hook = AnthropicBatchHook()
     # The API shows no partial progress before the end, so "part of the batch is done" is judged by
     # the batch's own clock: cancel once a third of its processing time has passed.
     created = datetime.fromisoformat(hook.get_batch(handle["batch_id"]).created_at.isoformat())
@@ -155,7 +155,7 @@ def test_collect_refuses_a_batch_that_has_not_ended(tmp_path, emulator_factory, 
     run = prepare_run(tmp_path, ticket_records(3), per_chunk=3)
     (handle,) = submit_chunks(run)
     with pytest.raises(BatchNotEndedError, match="not ended"):
-        collect_batch(BatchHook(), handle, run.work_dir)
+        collect_batch(AnthropicBatchHook(), handle, run.work_dir)
 
 
 def test_sync_mode_collects_the_results_file_at_full_price(tmp_path, anthropic_conn):
@@ -188,7 +188,7 @@ def test_a_batch_a_user_canceled_collects_its_canceled_rows_as_user_canceled(
         "ledger_path": handle["ledger_path"],
     }
     cancel_by_user(entry, "alice", conn_id=conn_id)
-    wait_ended(BatchHook(conn_id), handle["batch_id"])
+    wait_ended(AnthropicBatchHook(conn_id), handle["batch_id"])
     op = CollectResultsOperator(task_id="collect", handle=handle, work_dir=run.work_dir, conn_id=conn_id)
     rows = pq.read_table(_local(op.execute(make_context(task_id="batch.collect")))).to_pylist()
     assert rows and {r["status"] for r in rows} == {"canceled"}

@@ -1,4 +1,5 @@
-"""BatchHook against the real SDK and the emulator: streamed create, results resume, orphans, async."""
+"""AnthropicBatchHook against the real SDK and the emulator: streamed create, results resume, orphans,
+async."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from anthropic_batch.batch_requests import write_chunk
 from anthropic_batch.hooks import (
     AmbiguousCreateError,
-    BatchHook,
+    AnthropicBatchHook,
     backoff_delay,
     custom_id_of,
     retry_after_seconds,
@@ -92,7 +93,7 @@ def test_retry_after_and_backoff():
 # -- against the emulator ------------------------------------------------------------------------
 def test_streamed_create_sends_every_request(emulator, anthropic_conn, tmp_path):
     info = make_chunk(tmp_path, 250)
-    hook = BatchHook(anthropic_conn)
+    hook = AnthropicBatchHook(anthropic_conn)
     batch = hook.create_batch_from_chunk(info["path"])
     assert batch.id.startswith("msgbatch_")
     assert total_requests(batch) == 250
@@ -107,7 +108,7 @@ def test_create_retries_a_429_without_duplicating(emulator_factory, monkeypatch,
     conn_id = use_emulator(monkeypatch, emu, "faulty")
     info = make_chunk(tmp_path, 5)
     for _ in range(4):
-        BatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"])
+        AnthropicBatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"])
     assert len(list(sdk_client(emu).messages.batches.list(limit=100))) == 4
 
 
@@ -118,7 +119,7 @@ def test_ambiguous_create_is_never_resent_blindly(emulator_factory, monkeypatch,
     info = make_chunk(tmp_path, 7)
     before = datetime.now(UTC)
     with pytest.raises(AmbiguousCreateError, match="may exist") as err:
-        BatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"])
+        AnthropicBatchHook(conn_id, sleep=no_sleep).create_batch_from_chunk(info["path"])
     assert err.value.started >= before
     listed = list(sdk_client(emu).messages.batches.list(limit=100))
     assert len(listed) == 1 and total_requests(listed[0]) == 7
@@ -131,7 +132,7 @@ def test_iter_result_lines_resumes_a_dropped_stream_without_duplicates(
     conn_id = use_emulator(monkeypatch, emu, "droppy")
     info = make_chunk(tmp_path, 120)
     resumes: list[float] = []
-    hook = BatchHook(conn_id, sleep=resumes.append)  # the hook sleeps once before each resume
+    hook = AnthropicBatchHook(conn_id, sleep=resumes.append)  # the hook sleeps once before each resume
     batch = hook.create_batch_from_chunk(info["path"])
     wait_ended(sdk_client(emu), batch.id)
     ids = [custom_id_of(line) for line in hook.iter_result_lines(batch.id)]
@@ -146,7 +147,7 @@ def test_iter_result_lines_tolerates_early_404(emulator_factory, monkeypatch, tm
     emu = emulator_factory("--early-404-seconds", "0.5", "--processing-seconds", "0.2")
     conn_id = use_emulator(monkeypatch, emu, "early")
     info = make_chunk(tmp_path, 3)
-    hook = BatchHook(conn_id)  # real sleeps: the 404 window must actually pass
+    hook = AnthropicBatchHook(conn_id)  # real sleeps: the 404 window must actually pass
     batch = hook.create_batch_from_chunk(info["path"])
     assert hook.get_batch(batch.id).id == batch.id
     ended = hook.get_batch(batch.id)
@@ -158,7 +159,7 @@ def test_iter_result_lines_tolerates_early_404(emulator_factory, monkeypatch, tm
 def test_find_orphan_batches_matches_size_and_time(emulator_factory, monkeypatch, tmp_path):
     emu = emulator_factory("--processing-seconds", "5")
     conn_id = use_emulator(monkeypatch, emu, "orphans")
-    hook = BatchHook(conn_id)
+    hook = AnthropicBatchHook(conn_id)
     before = datetime.now(UTC) - timedelta(seconds=5)
     three = hook.create_batch_from_chunk(make_chunk(tmp_path / "a", 3)["path"])
     hook.create_batch_from_chunk(make_chunk(tmp_path / "b", 4)["path"])
@@ -171,7 +172,7 @@ def test_find_orphan_batches_matches_size_and_time(emulator_factory, monkeypatch
 async def test_async_get_and_cancel(emulator_factory, monkeypatch, tmp_path):
     emu = emulator_factory("--processing-seconds", "30")
     conn_id = use_emulator(monkeypatch, emu, "asyncy")
-    hook = BatchHook(conn_id)
+    hook = AnthropicBatchHook(conn_id)
     batch = hook.create_batch_from_chunk(make_chunk(tmp_path, 2)["path"])
     assert (await hook.aget_batch(batch.id)).processing_status == "in_progress"
     canceled = await hook.acancel_batch(batch.id)
@@ -183,7 +184,7 @@ def test_bad_key_is_fatal(emulator, monkeypatch, tmp_path):
     conn = {"conn_type": "anthropic", "password": "wrong-key", "host": emulator.base_url}
     monkeypatch.setenv("AIRFLOW_CONN_BADKEY", json.dumps(conn))
     with pytest.raises(anthropic.AuthenticationError):
-        BatchHook("badkey", sleep=no_sleep).create_batch_from_chunk(make_chunk(tmp_path, 1)["path"])
+        AnthropicBatchHook("badkey", sleep=no_sleep).create_batch_from_chunk(make_chunk(tmp_path, 1)["path"])
 
 
 # -- the provider's public API only (issue 8) -------------------------------------------------------
@@ -197,7 +198,7 @@ def test_batch_calls_keep_the_providers_platform_check(monkeypatch, tmp_path):
     """Bedrock serves no Message Batches API: every batch call fails at once, naming the platform."""
     from airflow.providers.anthropic.exceptions import AnthropicError
 
-    hook = BatchHook(_conn(monkeypatch, "on_bedrock", platform="bedrock", aws_region="us-east-1"))
+    hook = AnthropicBatchHook(_conn(monkeypatch, "on_bedrock", platform="bedrock", aws_region="us-east-1"))
     calls = [
         lambda: hook.get_batch("msgbatch_x"),
         lambda: hook.cancel_batch("msgbatch_x"),
@@ -213,14 +214,14 @@ def test_batch_calls_keep_the_providers_platform_check(monkeypatch, tmp_path):
 async def test_shared_pool_client_keeps_the_connection_and_the_retry_policy(monkeypatch):
     from anthropic_batch.hooks import DEFAULT_MAX_RETRIES, shared_async_http_client
 
-    client = await BatchHook(_conn(monkeypatch, "shared_default")).get_async_conn(shared_http=True)
+    client = await AnthropicBatchHook(_conn(monkeypatch, "shared_default")).get_async_conn(shared_http=True)
     assert client._client is shared_async_http_client()  # the loop's pool, no client of its own
     assert (client.api_key, str(client.base_url).rstrip("/")) == ("sk-test", "http://127.0.0.1:9")
     assert client.max_retries == DEFAULT_MAX_RETRIES
     configured = _conn(monkeypatch, "shared_zero", anthropic_client_kwargs={"max_retries": 0, "timeout": 7})
-    client = await BatchHook(configured).get_async_conn(shared_http=True)
+    client = await AnthropicBatchHook(configured).get_async_conn(shared_http=True)
     assert (client.max_retries, client.timeout) == (0, 7)
-    own = await BatchHook(configured).get_async_conn()
+    own = await AnthropicBatchHook(configured).get_async_conn()
     assert own._client is not shared_async_http_client() and own.max_retries == 0
     await own.close()
 
@@ -228,6 +229,6 @@ async def test_shared_pool_client_keeps_the_connection_and_the_retry_policy(monk
 def test_sync_client_retry_policy(monkeypatch):
     from anthropic_batch.hooks import DEFAULT_MAX_RETRIES
 
-    assert BatchHook(_conn(monkeypatch, "sync_default")).conn.max_retries == DEFAULT_MAX_RETRIES
+    assert AnthropicBatchHook(_conn(monkeypatch, "sync_default")).conn.max_retries == DEFAULT_MAX_RETRIES
     configured = _conn(monkeypatch, "sync_one", anthropic_client_kwargs={"max_retries": 1})
-    assert BatchHook(configured).conn.max_retries == 1
+    assert AnthropicBatchHook(configured).conn.max_retries == 1

@@ -16,7 +16,7 @@ from anthropic_batch.links import (
     console_url,
     results_location_from,
 )
-from anthropic_batch.sensors import BatchSensor
+from anthropic_batch.sensors import AnthropicBatchSensor
 
 TI_KEY = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=0, try_number=1)
 
@@ -53,7 +53,7 @@ def test_console_link_reads_the_pushed_batch_id(xcoms):
 
 
 def test_console_link_uses_the_rendered_handle_without_xcom(xcoms):
-    sensor = BatchSensor(task_id="wait", handle={"batch_id": "msgbatch_h", "mode": "batch"})
+    sensor = AnthropicBatchSensor(task_id="wait", handle={"batch_id": "msgbatch_h", "mode": "batch"})
     assert AnthropicConsoleBatchLink().get_link(sensor, ti_key=TI_KEY).endswith("/batches/msgbatch_h")
     assert xcoms["_calls"] == []  # no lookup: it would log "XCom not found" on every sensor
     assert AnthropicConsoleBatchLink().get_link(SimpleNamespace(), ti_key=TI_KEY) == ""

@@ -93,12 +93,12 @@ def run_with_deferrals(make_operator, context) -> tuple[str, list[TaskDeferred]]
 
 
 def _collect_all(run, handles) -> list[str]:
-    from anthropic_batch.hooks import BatchHook
+    from anthropic_batch.hooks import AnthropicBatchHook
 
     paths = []
     for i, handle in enumerate(handles):
         if handle["mode"] == "batch":
-            wait_ended(BatchHook(), handle["batch_id"])
+            wait_ended(AnthropicBatchHook(), handle["batch_id"])
         op = CollectResultsOperator(task_id="collect", handle=handle, work_dir=run.work_dir)
         paths.append(op.execute(make_context(task_id="batch.collect", map_index=i)))
     return paths

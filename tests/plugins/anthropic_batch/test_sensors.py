@@ -1,4 +1,5 @@
-"""BatchSensor: poke mode, deferrable mode (TaskDeferred -> trigger -> execute_complete), failures."""
+"""AnthropicBatchSensor: poke mode, deferrable mode (TaskDeferred -> trigger -> execute_complete),
+failures."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
 from anthropic_batch.cancel import user_canceled_batches
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import SubmissionLedger
-from anthropic_batch.sensors import BatchSensor, batch_id_of, deadline_epoch
+from anthropic_batch.sensors import AnthropicBatchSensor, batch_id_of, deadline_epoch
 from anthropic_batch.submission import submit_idempotently
 from anthropic_batch.triggers import BatchPollTrigger
 from tests.plugins.anthropic_batch._operator_context import make_context
@@ -22,7 +23,9 @@ from tests.plugins.anthropic_batch.test_triggers import first_event
 def submitted(conn_id: str, tmp_path, n: int = 3, **overrides) -> tuple[dict, SubmissionLedger]:
     ledger = SubmissionLedger(str(tmp_path / "root"))
     info = make_chunk(tmp_path / "work", n)
-    return submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, **overrides)), ledger
+    return submit_idempotently(
+        AnthropicBatchHook(conn_id), ledger, **submit_kwargs(info, **overrides)
+    ), ledger
 
 
 def test_batch_id_of_and_deadline():
@@ -39,7 +42,7 @@ def test_batch_id_of_and_deadline():
 
 def test_poke_mode_waits_and_records_the_end(emulator, anthropic_conn, tmp_path):
     handle, ledger = submitted(anthropic_conn, tmp_path)
-    sensor = BatchSensor(
+    sensor = AnthropicBatchSensor(
         task_id="wait", handle=handle, conn_id=anthropic_conn, deferrable=False, poll_interval=0.2
     )
     batch = sensor.execute(make_context(task_id="wait"))
@@ -56,7 +59,9 @@ async def test_deferrable_defers_then_completes(emulator_factory, monkeypatch, t
     emu = emulator_factory("--processing-seconds", "1.5")
     conn_id = use_emulator(monkeypatch, emu, "sensor_defer")
     handle, ledger = submitted(conn_id, tmp_path)
-    sensor = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1, deadline_hours=2)
+    sensor = AnthropicBatchSensor(
+        task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1, deadline_hours=2
+    )
     with pytest.raises(TaskDeferred) as deferred:
         sensor.execute(make_context(task_id="wait"))
     trigger = deferred.value.trigger
@@ -68,7 +73,7 @@ async def test_deferrable_defers_then_completes(emulator_factory, monkeypatch, t
 
     event = await first_event(trigger)
     # The task resumes as a fresh operator instance.
-    fresh = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id)
+    fresh = AnthropicBatchSensor(task_id="wait", handle=handle, conn_id=conn_id)
     batch = fresh.execute_complete(make_context(task_id="wait"), event)
     assert batch["id"] == handle["batch_id"] and batch["processing_status"] == "ended"
     assert ledger.read(handle["ledger_path"])["state"] == "ended"
@@ -77,7 +82,9 @@ async def test_deferrable_defers_then_completes(emulator_factory, monkeypatch, t
 def test_deferrable_returns_at_once_when_already_ended(emulator, anthropic_conn, tmp_path):
     handle, _ = submitted(anthropic_conn, tmp_path)
     wait_ended(sdk_client(emulator), handle["batch_id"])
-    sensor = BatchSensor(task_id="wait", handle=handle["batch_id"], conn_id=anthropic_conn)  # bare id
+    sensor = AnthropicBatchSensor(
+        task_id="wait", handle=handle["batch_id"], conn_id=anthropic_conn
+    )  # bare id
     assert sensor.execute(make_context(task_id="wait"))["processing_status"] == "ended"
 
 
@@ -92,7 +99,7 @@ def test_sync_handle_returns_immediately(tmp_path):
         "n_requests": 2,
     }
     # No connection exists for this conn id: returning must not touch the API.
-    sensor = BatchSensor(task_id="wait", handle=handle, conn_id="does_not_exist")
+    sensor = AnthropicBatchSensor(task_id="wait", handle=handle, conn_id="does_not_exist")
     # An older sync handle (a fake "sync_" batch id) is read as the sync run it is; the sensor
     # returns the handle, not a made-up batch.
     returned = sensor.execute(make_context(task_id="wait"))
@@ -109,7 +116,7 @@ def test_deadline_cancels_then_waits_for_the_cancellation_and_succeeds(
     emu = emulator_factory("--processing-seconds", "60", "--cancel-seconds", "1.5")
     conn_id = use_emulator(monkeypatch, emu, "sensor_deadline")
     handle, ledger = submitted(conn_id, tmp_path)
-    sensor = BatchSensor(
+    sensor = AnthropicBatchSensor(
         task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1, cancel_wait_hours=1
     )
     event = {
@@ -140,7 +147,7 @@ def await_resume(deferred: TaskDeferred, handle: dict, conn_id: str) -> dict:
 
     _, kwargs = deferred.trigger.serialize()
     event = asyncio.run(first_event(BatchPollTrigger(**kwargs)))
-    fresh = BatchSensor(task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1)
+    fresh = AnthropicBatchSensor(task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1)
     return getattr(fresh, deferred.method_name)(
         make_context(task_id="wait"), event, **(deferred.kwargs or {})
     )
@@ -159,7 +166,7 @@ def test_a_try_after_the_deadline_waits_for_the_cancellation(
     if first_try_canceled:  # the first try hit the deadline and asked for the cancel
         assert client.messages.batches.cancel(handle["batch_id"]).processing_status == "canceling"
     # 3.6 ms after creation: the deadline has passed by the time this try starts.
-    sensor = BatchSensor(
+    sensor = AnthropicBatchSensor(
         task_id="wait", handle=handle, conn_id=conn_id, poll_interval=0.1, deadline_hours=1e-6
     )
     with pytest.raises(TaskDeferred) as deferred:
@@ -174,7 +181,7 @@ def test_a_try_after_the_deadline_waits_for_the_cancellation(
 
 
 def test_a_batch_that_never_finishes_canceling_fails_the_task():
-    sensor = BatchSensor(task_id="wait", handle="msgbatch_1", cancel_wait_hours=0.5)
+    sensor = AnthropicBatchSensor(task_id="wait", handle="msgbatch_1", cancel_wait_hours=0.5)
     event = {"status": "deadline", "batch_id": "msgbatch_1", "message": "not ended", "batch": None}
     with pytest.raises(AirflowException, match=r"did not finish canceling within 0\.5 h"):
         sensor.execute_complete({}, event, canceling=True)
@@ -188,7 +195,7 @@ def test_poke_mode_past_the_deadline_cancels_and_keeps_poking(emulator_factory, 
     emu = emulator_factory("--processing-seconds", "60", "--cancel-seconds", "1")
     conn_id = use_emulator(monkeypatch, emu, "sensor_poke_deadline")
     handle, ledger = submitted(conn_id, tmp_path)
-    sensor = BatchSensor(
+    sensor = AnthropicBatchSensor(
         task_id="wait",
         handle=handle,
         conn_id=conn_id,
@@ -202,7 +209,7 @@ def test_poke_mode_past_the_deadline_cancels_and_keeps_poking(emulator_factory, 
 
 
 def test_error_events():
-    sensor = BatchSensor(task_id="wait", handle="msgbatch_1")
+    sensor = AnthropicBatchSensor(task_id="wait", handle="msgbatch_1")
     fatal = {
         "status": "error",
         "batch_id": "msgbatch_1",
@@ -224,7 +231,7 @@ def test_poke_mode_bad_key_fails_without_retry(emulator, monkeypatch):
 
     conn = {"conn_type": "anthropic", "password": "wrong", "host": emulator.base_url}
     monkeypatch.setenv("AIRFLOW_CONN_SENSOR_BAD", json.dumps(conn))
-    sensor = BatchSensor(task_id="wait", handle="msgbatch_x", conn_id="sensor_bad", deferrable=False)
+    sensor = AnthropicBatchSensor(task_id="wait", handle="msgbatch_x", conn_id="sensor_bad", deferrable=False)
     with pytest.raises(AirflowFailException):
         sensor.execute(make_context(task_id="wait"))
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import anthropic
 import pytest
 
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import LedgerState, SubmissionLedger, rfc3339
 from anthropic_batch.submission import AmbiguousSubmissionError, resolve_orphans, submit_idempotently
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
@@ -89,8 +89,10 @@ def emu(emulator_factory, monkeypatch):
 def test_submit_twice_creates_one_batch(emu, tmp_path):
     info = make_chunk(tmp_path / "work", 5)
     ledger = SubmissionLedger(str(tmp_path / "root"))
-    first = submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(info))
-    second = submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(info, run_id="manual__2"))
+    first = submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(info))
+    second = submit_idempotently(
+        AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(info, run_id="manual__2")
+    )
     assert first == second
     assert [b.id for b in listed(emu)] == [first["batch_id"]]
     entry = ledger.read(first["ledger_path"])
@@ -106,9 +108,9 @@ def test_intent_is_written_before_the_api_call(emu, tmp_path):
 
     def create():
         seen["entry"] = ledger.read(ledger.entry_path("dag", "2026-11-01", "submit", info["fingerprint"]))
-        return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
+        return AnthropicBatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
 
-    submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(info), submit=create)
+    submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(info), submit=create)
     assert seen["entry"]["state"] == "intent" and seen["entry"]["batch_id"] is None
 
 
@@ -117,8 +119,10 @@ def test_crash_between_intent_and_batch_id_reattaches(emu, tmp_path):
     info = make_chunk(tmp_path / "work", 4)
     ledger = SubmissionLedger(str(tmp_path / "root"))
     path = write_intent(ledger, info)
-    orphan = BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])  # what the dead worker sent
-    handle = submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(info))
+    orphan = AnthropicBatchHook(emu.conn_id).create_batch_from_chunk(
+        info["path"]
+    )  # what the dead worker sent
+    handle = submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(info))
     assert handle["batch_id"] == orphan.id
     assert [b.id for b in listed(emu)] == [orphan.id]
     assert ledger.read(path)["recovered"] is True
@@ -130,10 +134,10 @@ def test_sigkilled_submit_is_recovered_by_the_retry(emu, tmp_path):
     root = tmp_path / "root"
     script = f"""
 import os, signal, sys
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import SubmissionLedger
 from anthropic_batch.submission import submit_idempotently
-hook = BatchHook({emu.conn_id!r})
+hook = AnthropicBatchHook({emu.conn_id!r})
 def create_then_die():
     hook.create_batch_from_chunk({info["path"]!r})
     os.kill(os.getpid(), signal.SIGKILL)
@@ -150,7 +154,7 @@ submit_idempotently(hook, SubmissionLedger({str(root)!r}), submit=create_then_di
     assert entry["state"] == "intent" and entry["batch_id"] is None
     assert len(listed(emu)) == 1
 
-    handle = submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(info))
+    handle = submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(info))
     batches = listed(emu)
     assert [b.id for b in batches] == [handle["batch_id"]]
 
@@ -161,7 +165,7 @@ def test_ambiguous_create_is_recovered_not_resent(emulator_factory, monkeypatch,
     conn_id = use_emulator(monkeypatch, emu, "ledger_lossy")
     info = make_chunk(tmp_path / "work", 5)
     ledger = SubmissionLedger(str(tmp_path / "root"))
-    handle = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info))
+    handle = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **submit_kwargs(info))
     assert [b.id for b in listed(emu)] == [handle["batch_id"]]
     entry = ledger.read(handle["ledger_path"])
     assert entry["state"] == "submitted" and entry["recovered"] is True
@@ -171,7 +175,7 @@ def test_intent_without_batch_submits(emu, tmp_path):
     info = make_chunk(tmp_path / "work", 3)
     ledger = SubmissionLedger(str(tmp_path / "root"))
     write_intent(ledger, info, intent_at=datetime.now(UTC) - timedelta(minutes=10))
-    handle = submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(info))
+    handle = submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(info))
     assert [b.id for b in listed(emu)] == [handle["batch_id"]]
 
 
@@ -179,7 +183,7 @@ def test_ambiguous_orphans_fail_loudly_without_submitting(emu, tmp_path):
     info = make_chunk(tmp_path / "work", 3)
     ledger = SubmissionLedger(str(tmp_path / "root"))
     path = write_intent(ledger, info)
-    hook = BatchHook(emu.conn_id)
+    hook = AnthropicBatchHook(emu.conn_id)
     hook.create_batch_from_chunk(info["path"])
     hook.create_batch_from_chunk(make_chunk(tmp_path / "other", 3, prefix="o")["path"])
     with pytest.raises(AmbiguousSubmissionError) as err:
@@ -193,10 +197,10 @@ def test_ambiguous_orphans_fail_loudly_without_submitting(emu, tmp_path):
 def test_orphan_claimed_by_another_entry_is_not_taken(emu, tmp_path):
     ledger = SubmissionLedger(str(tmp_path / "root"))
     sibling = make_chunk(tmp_path / "a", 3, prefix="s")
-    sibling_handle = submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(sibling))
+    sibling_handle = submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(sibling))
     mine = make_chunk(tmp_path / "b", 3, prefix="m")
     write_intent(ledger, mine, intent_at=datetime.now(UTC) - timedelta(seconds=30))
-    handle = submit_idempotently(BatchHook(emu.conn_id), ledger, **submit_kwargs(mine))
+    handle = submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **submit_kwargs(mine))
     assert handle["batch_id"] != sibling_handle["batch_id"]
     assert len(listed(emu)) == 2
 
@@ -204,7 +208,7 @@ def test_orphan_claimed_by_another_entry_is_not_taken(emu, tmp_path):
 def test_fully_canceled_batch_is_replaced_on_retry(emu, tmp_path):
     info = make_chunk(tmp_path / "work", 2)
     ledger = SubmissionLedger(str(tmp_path / "root"))
-    hook = BatchHook(emu.conn_id)
+    hook = AnthropicBatchHook(emu.conn_id)
     first = submit_idempotently(hook, ledger, **submit_kwargs(info))
     hook.cancel_batch(first["batch_id"])
     assert wait_ended(sdk_client(emu), first["batch_id"]).request_counts.canceled == 2
@@ -221,7 +225,7 @@ def test_a_batch_a_user_canceled_is_not_submitted_again(emu, tmp_path):
 
     info = make_chunk(tmp_path / "work", 2)
     ledger = SubmissionLedger(str(tmp_path / "root"))
-    hook = BatchHook(emu.conn_id)
+    hook = AnthropicBatchHook(emu.conn_id)
     first = submit_idempotently(hook, ledger, **submit_kwargs(info))
     entry = {**ledger.read(first["ledger_path"]), "ledger_path": first["ledger_path"]}
     cancel_by_user(entry, "alice", conn_id=emu.conn_id)
@@ -237,7 +241,7 @@ def test_sync_mode_writes_results_and_never_pays_twice(emulator_factory, monkeyp
     conn_id = use_emulator(monkeypatch, emu, "sync_emu")
     info = make_chunk(tmp_path / "work", 6)
     ledger = SubmissionLedger(str(tmp_path / "root"))
-    handle = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
+    handle = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
     assert handle["mode"] == "sync"
     assert handle["sync_run_id"] == "sync_" + info["fingerprint"][:24] and handle["batch_id"] is None
     results = Path(handle["results_path"].removeprefix("file://"))
@@ -249,7 +253,7 @@ def test_sync_mode_writes_results_and_never_pays_twice(emulator_factory, monkeyp
     assert listed(emu) == []  # no batch was created
 
     emu.stop()  # a rerun must not need the API at all
-    again = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
+    again = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
     assert again == handle
 
 
@@ -267,7 +271,7 @@ def test_sync_mode_resumes_from_a_partial_run(emulator_factory, monkeypatch, tmp
         for i in (0, 1)
     ]
     partial.write_text("\n".join(kept) + '\n{"custom_id":"r2","res')
-    handle = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
+    handle = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
     lines = [
         json.loads(x) for x in Path(handle["results_path"].removeprefix("file://")).read_bytes().splitlines()
     ]
@@ -285,12 +289,12 @@ def test_sync_mode_crash_after_results_before_ledger_does_not_pay_again(
     conn_id = use_emulator(monkeypatch, emu, "sync_late_crash")
     info = make_chunk(tmp_path / "work", 3)
     ledger = SubmissionLedger(str(tmp_path / "root"))
-    handle = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
+    handle = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
     results = Path(handle["results_path"].removeprefix("file://"))
     before = results.read_bytes()
     write_intent(ledger, info, mode="sync")  # the ledger update was lost in the crash
     emu.stop()  # every request is answered already: no API call may be needed
-    again = submit_idempotently(BatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
+    again = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **submit_kwargs(info, mode="sync"))
     assert again["batch_id"] == handle["batch_id"]
     assert sorted(results.read_bytes().splitlines()) == sorted(before.splitlines())
 
@@ -301,6 +305,6 @@ def test_fatal_error_leaves_the_intent_for_a_retry(emulator, tmp_path, monkeypat
     info = make_chunk(tmp_path / "work", 1)
     ledger = SubmissionLedger(str(tmp_path / "root"))
     with pytest.raises(anthropic.AuthenticationError):
-        submit_idempotently(BatchHook("ledger_bad"), ledger, **submit_kwargs(info))
+        submit_idempotently(AnthropicBatchHook("ledger_bad"), ledger, **submit_kwargs(info))
     entry = ledger.read(ledger.entry_path("dag", "2026-11-01", "submit", info["fingerprint"]))
     assert entry["state"] == "intent"

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import SubmissionLedger, rfc3339
 from anthropic_batch.submission import submit_idempotently
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator, wait_ended
@@ -74,11 +74,14 @@ def test_concurrent_submitters_of_one_chunk_make_one_batch(emu, tmp_path):
     def create():
         with contextlib.suppress(threading.BrokenBarrierError):
             at_create.wait()
-        return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
+        return AnthropicBatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
 
     handles = run_threads(
         lambda i: submit_idempotently(
-            BatchHook(emu.conn_id), ledger, **kwargs_for(info, run_id=f"run_{i % 2}__{i}"), submit=create
+            AnthropicBatchHook(emu.conn_id),
+            ledger,
+            **kwargs_for(info, run_id=f"run_{i % 2}__{i}"),
+            submit=create,
         ),
         n,
     )
@@ -97,10 +100,10 @@ def test_concurrent_submitting_processes_make_one_batch(emu, tmp_path):
     script = f"""
 import json, os, sys, time
 from pathlib import Path
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import SubmissionLedger
 from anthropic_batch.submission import submit_idempotently
-hook = BatchHook({emu.conn_id!r})
+hook = AnthropicBatchHook({emu.conn_id!r})
 ready = Path({str(ready)!r})
 def create():
     # Line up with the other processes that reached the create (a deadline, not a sleep).
@@ -144,18 +147,18 @@ def slow_owner_and_second(emu, tmp_path, while_blocked, **owner_kwargs) -> tuple
 
     def slow_create():
         release.wait(timeout=60)
-        return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
+        return AnthropicBatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
 
     def second_create():
         second_created.set()
-        return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
+        return AnthropicBatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
 
     results: dict = {}
 
     def run(name: str, **kwargs) -> threading.Thread:
         thread = threading.Thread(
             target=lambda: results.__setitem__(
-                name, submit_idempotently(BatchHook(emu.conn_id), ledger, **kwargs)
+                name, submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **kwargs)
             )
         )
         thread.start()
@@ -211,11 +214,11 @@ def test_two_retries_taking_over_a_dead_intent_submit_once(emu, tmp_path):
     def create():
         with contextlib.suppress(threading.BrokenBarrierError):
             at_create.wait()
-        return BatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
+        return AnthropicBatchHook(emu.conn_id).create_batch_from_chunk(info["path"])
 
     handles = run_threads(
         lambda i: submit_idempotently(
-            BatchHook(emu.conn_id), ledger, **kwargs_for(info, run_id=f"retry_{i}"), submit=create
+            AnthropicBatchHook(emu.conn_id), ledger, **kwargs_for(info, run_id=f"retry_{i}"), submit=create
         ),
         2,
     )
@@ -245,7 +248,7 @@ def test_an_intent_whose_heartbeat_stopped_is_taken_over_after_its_lease(emu, tm
         },
     )
     started = time.monotonic()
-    handle = submit_idempotently(BatchHook(emu.conn_id), ledger, **kwargs_for(info))
+    handle = submit_idempotently(AnthropicBatchHook(emu.conn_id), ledger, **kwargs_for(info))
     assert time.monotonic() - started >= 1.0  # it waited out the lease before taking over
     assert [b.id for b in listed(emu)] == [handle["batch_id"]]
     assert ledger.read(path)["taken_over_from"] == "killed"
@@ -277,7 +280,7 @@ def test_a_batch_created_after_losing_the_claim_is_canceled(emu, tmp_path):
     info = make_chunk(tmp_path / "work", 3)
     ledger = SubmissionLedger(str(tmp_path / "root"))
     path = ledger.entry_path("dag", "2026-11-01", "submit", info["fingerprint"])
-    hook = BatchHook(emu.conn_id)
+    hook = AnthropicBatchHook(emu.conn_id)
     winner: dict = {}
 
     def taken_over_then_create():

@@ -13,7 +13,7 @@ import pytest
 from anthropic_batch import ledger as ledger_module
 from anthropic_batch import submission as submission_module
 from anthropic_batch.collection import collect_batch
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import SubmissionLedger, rfc3339
 from anthropic_batch.operators.prepare import PrepareRequestsOperator
 from anthropic_batch.operators.submit import SubmitBatchOperator
@@ -113,8 +113,8 @@ def test_rerun_of_a_dead_date_does_not_take_the_next_dates_batch(emu, tmp_path):
     d1_handle = submit_date(d1, D1)
     assert d1_handle["batch_id"] != d2_handle["batch_id"]
     assert len(list(sdk_client(emu).messages.batches.list(limit=100))) == 2
-    wait_ended(BatchHook(), d1_handle["batch_id"])
-    result = collect_batch(BatchHook(), d1_handle, d1)
+    wait_ended(AnthropicBatchHook(), d1_handle["batch_id"])
+    result = collect_batch(AnthropicBatchHook(), d1_handle, d1)
     rows = pq.read_table(result["results_path"].removeprefix("file://")).to_pylist()
     keys = pq.read_table(Path(d1.removeprefix("file://"), "requests", "keys.parquet")).to_pylist()
     assert {(r["custom_id"], r["request_fingerprint"]) for r in rows} == {
@@ -130,7 +130,7 @@ def test_an_unrecorded_ended_batch_of_other_requests_is_verified_and_not_taken(e
     d2 = prepare_date(tmp_path, d2_root, D2, edited(ticket_records(4)))
     intent = die_at_intent(d1_root, d1, D1)
     d2_handle = submit_date(d2, D2)
-    wait_ended(BatchHook(), d2_handle["batch_id"])
+    wait_ended(AnthropicBatchHook(), d2_handle["batch_id"])
 
     d1_handle = submit_date(d1, D1)
     assert d1_handle["batch_id"] != d2_handle["batch_id"]
@@ -153,9 +153,9 @@ def test_an_unverifiable_running_batch_is_never_published(emulator_factory, monk
     provisional = submit_date(d1, D1)  # the listing cannot tell yet: same count, unrecorded, running
     assert provisional["batch_id"] == d2_handle["batch_id"]
     assert json.loads(intent.read_text())["identity_verified"] is False
-    wait_ended(BatchHook(), provisional["batch_id"])
+    wait_ended(AnthropicBatchHook(), provisional["batch_id"])
     with pytest.raises(ForeignBatchError) as err:
-        collect_batch(BatchHook(), provisional, d1)
+        collect_batch(AnthropicBatchHook(), provisional, d1)
     assert str(intent) in str(err.value) and "submit the chunk anew" in str(err.value)
     results = Path(d1.removeprefix("file://"), "results")
     assert not results.exists() or not list(results.rglob("attempt-*/*.parquet"))  # nothing of D2 is stored
@@ -163,8 +163,8 @@ def test_an_unverifiable_running_batch_is_never_published(emulator_factory, monk
 
     again = submit_date(d1, D1)  # the cleared submit task
     assert again["batch_id"] != d2_handle["batch_id"]
-    wait_ended(BatchHook(), again["batch_id"])
-    result = collect_batch(BatchHook(), again, d1)
+    wait_ended(AnthropicBatchHook(), again["batch_id"])
+    result = collect_batch(AnthropicBatchHook(), again, d1)
     assert result["counts_by_status"] == {"succeeded": 4}
 
 
@@ -174,7 +174,9 @@ def test_a_worker_clock_minutes_fast_still_finds_its_orphan(emu, tmp_path, monke
     d1 = prepare_date(tmp_path, root, D1, ticket_records(3))
     fast = timedelta(minutes=5)
     intent = die_at_intent(root, d1, D1, intent_at=datetime.now(UTC) + fast)
-    orphan = BatchHook().create_batch_from_chunk(manifest_chunk(d1)["path"])  # what the dead worker sent
+    orphan = AnthropicBatchHook().create_batch_from_chunk(
+        manifest_chunk(d1)["path"]
+    )  # what the dead worker sent
     for module in (ledger_module, submission_module):  # the intent and the create fence
         monkeypatch.setattr(module, "utc_now", lambda: datetime.now(UTC) + fast)
 
@@ -189,14 +191,14 @@ def test_recovery_ignores_batches_recorded_by_any_ledger_entry(emu, tmp_path):
     root = tmp_path / "root"
     d1 = prepare_date(tmp_path, root, D1, ticket_records(2))
     die_at_intent(root, d1, D1)
-    other = BatchHook().create_batch_from_chunk(manifest_chunk(d1)["path"])  # identical requests
+    other = AnthropicBatchHook().create_batch_from_chunk(manifest_chunk(d1)["path"])  # identical requests
     ledger = SubmissionLedger(f"file://{root}")
     ledger.write(
         ledger.entry_path("other_dag", "2025-01-01", "other.submit", "f" * 64),
         {"state": "submitted", "batch_id": other.id, "partition": "2025-01-01"},
     )
     handle = submit_idempotently(
-        BatchHook(),
+        AnthropicBatchHook(),
         ledger,
         chunk_path=manifest_chunk(d1)["path"],
         chunk_fingerprint=manifest_chunk(d1)["fingerprint"],

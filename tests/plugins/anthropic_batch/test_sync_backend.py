@@ -13,7 +13,7 @@ import pytest
 from anthropic_batch import storage, sync_runner
 from anthropic_batch.batch_requests import write_chunk
 from anthropic_batch.collection import collect_batch
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.ledger import SubmissionLedger
 from anthropic_batch.pricing import load_price_table
 from anthropic_batch.submission import submit_idempotently
@@ -102,7 +102,7 @@ def test_a_crash_on_an_object_store_resumes_from_the_parts_without_paying_again(
         monkeypatch, crash_after=7, on_crash=lambda: at_crash.setdefault("store", dict(fs.store))
     )
     with pytest.raises(_Crash):
-        submit_idempotently(BatchHook(conn_id), ledger, **_sync_kwargs(info))
+        submit_idempotently(AnthropicBatchHook(conn_id), ledger, **_sync_kwargs(info))
     fs.store.clear()
     fs.store.update(at_crash["store"])
     first = list(asked)
@@ -111,7 +111,7 @@ def test_a_crash_on_an_object_store_resumes_from_the_parts_without_paying_again(
     assert len(parts) == 3  # 2 + 2 + 2 answers persisted, each part one atomic write
 
     asked_again = _count_calls(monkeypatch)
-    handle = submit_idempotently(BatchHook(conn_id), ledger, **_sync_kwargs(info))
+    handle = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **_sync_kwargs(info))
     # Only the 7th answer (in flight when the worker died, never persisted) and the 3 never asked.
     assert sorted(asked_again) == sorted({f"r{i}" for i in range(10)} - set(first[:6]))
     results = storage.as_path(handle["results_path"]).read_bytes().splitlines()
@@ -134,7 +134,7 @@ def _batch_half_done(tmp_path, emulator_factory, monkeypatch, *, cancel_seconds:
     records = ticket_records(12)
     run = prepare_run(tmp_path, records, per_chunk=12)
     (batch_handle,) = submit_chunks(run)
-    hook = BatchHook()
+    hook = AnthropicBatchHook()
     batch_id = batch_handle["batch_id"]
     _wait_until(hook.get_batch(batch_id).created_at + timedelta(seconds=2))
     return records, run, hook, batch_handle
@@ -270,9 +270,9 @@ def test_changed_requests_under_the_same_chunk_index_are_asked_again(tmp_path, e
     path = tmp_path / "work" / "requests" / "chunk-00000.jsonl"
     path.parent.mkdir(parents=True)
     first = write_chunk((request_line(f"r{i}", f"text {i}") for i in range(3)), str(path), 0)
-    submit_idempotently(BatchHook(conn_id), ledger, **_sync_kwargs(first))
+    submit_idempotently(AnthropicBatchHook(conn_id), ledger, **_sync_kwargs(first))
     second = write_chunk((request_line(f"r{i}", f"other text {i}") for i in range(3)), str(path), 0)
     asked = _count_calls(monkeypatch)
-    handle = submit_idempotently(BatchHook(conn_id), ledger, **_sync_kwargs(second))
+    handle = submit_idempotently(AnthropicBatchHook(conn_id), ledger, **_sync_kwargs(second))
     assert sorted(asked) == ["r0", "r1", "r2"]
     assert handle["sync_run_id"] == "sync_" + second["fingerprint"][:24]

@@ -36,7 +36,7 @@ def _client(server, **kwargs) -> anthropic.Anthropic:
 def _parse(lines: list[bytes]) -> dict[str, dict]:
     by_id: dict[str, dict] = {}
     for line in lines:
-        assert b"\n" not in line  # same contract as BatchHook.iter_result_lines
+        assert b"\n" not in line  # same contract as AnthropicBatchHook.iter_result_lines
         obj = json.loads(line)
         assert set(obj) == {"custom_id", "result"}
         assert obj["custom_id"] not in by_id, "duplicate result line"

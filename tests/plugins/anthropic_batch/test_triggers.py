@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from anthropic_batch.hooks import BatchHook
+from anthropic_batch.hooks import AnthropicBatchHook
 from anthropic_batch.triggers import CLASSPATH, BatchPollTrigger, jittered, next_interval
 from tests.plugins.anthropic_batch.test_hooks import make_chunk, sdk_client, use_emulator
 
@@ -34,7 +34,7 @@ async def first_event(trigger: BatchPollTrigger) -> dict:
 
 
 def create(conn_id: str, tmp_path: Path, n: int = 3) -> str:
-    return BatchHook(conn_id).create_batch_from_chunk(make_chunk(tmp_path, n)["path"]).id
+    return AnthropicBatchHook(conn_id).create_batch_from_chunk(make_chunk(tmp_path, n)["path"]).id
 
 
 # -- pure ----------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ async def test_patience_is_time_not_polls(emulator_factory, monkeypatch, tmp_pat
 async def test_outage_longer_than_the_patience_is_an_error_event(emulator_factory, monkeypatch, tmp_path):
     emu = emulator_factory("--http-fault", "retrieve:529:1.0")
     conn_id = no_sdk_retries(monkeypatch, emu, "overloaded")
-    batch_id = BatchHook(conn_id).create_batch_from_chunk(make_chunk(tmp_path, 1)["path"]).id
+    batch_id = AnthropicBatchHook(conn_id).create_batch_from_chunk(make_chunk(tmp_path, 1)["path"]).id
     started = time.monotonic()
     event = await first_event(trigger_for(batch_id, conn_id, max_transient_seconds=1.0))
     elapsed = time.monotonic() - started
@@ -191,7 +191,7 @@ async def test_tolerates_429_and_500(emulator_factory, monkeypatch, tmp_path):
         "extra": {"anthropic_client_kwargs": {"max_retries": 0}},
     }
     monkeypatch.setenv("AIRFLOW_CONN_FLAKY", json.dumps(conn))
-    batch_id = BatchHook("flaky").create_batch_from_chunk(make_chunk(tmp_path, 2)["path"]).id
+    batch_id = AnthropicBatchHook("flaky").create_batch_from_chunk(make_chunk(tmp_path, 2)["path"]).id
     event = await first_event(trigger_for(batch_id, "flaky"))
     assert event["status"] == "ended"
 
