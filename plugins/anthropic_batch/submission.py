@@ -36,8 +36,8 @@ Messages API now, with its progress persisted in parts so that a crash resumes w
 again. A sync submission that finds a batch of the same chunk (in flight or ended) takes that entry over
 by compare-and-swap and hands the batch to the backend, which cancels it and reuses its answers.
 
-Also the submit steps the operators share: the run's manifest and chunk (:func:`load_manifest`,
-:func:`find_chunk`), who submits (:func:`submission_identity`) and the projected cost.
+Also the submit steps the operators share: the manifest's chunk (:func:`find_chunk`), who submits
+(:func:`submission_identity`) and the projected cost.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from anthropic_batch import layout, storage
-from anthropic_batch.contracts import BatchHandle
+from anthropic_batch import storage
+from anthropic_batch.contracts import BatchHandle, ChunkInfo, Manifest
 from anthropic_batch.errors import AnthropicBatchError
 from anthropic_batch.ledger import (
     CLOCK_SKEW,
@@ -586,35 +586,29 @@ def _recover_orphan(
 BYTES_PER_TOKEN = 4
 
 
-def load_manifest(work_dir: storage.PathLike) -> dict[str, Any]:
-    return layout.read_manifest(work_dir)
-
-
-def find_chunk(manifest: dict[str, Any], chunk_path: str) -> dict[str, Any]:
+def find_chunk(manifest: Manifest, chunk_path: str) -> ChunkInfo:
     """The manifest's ChunkInfo for ``chunk_path`` (matched by full path, else by file name)."""
     wanted = str(storage.as_path(chunk_path))
-    chunks = manifest.get("chunks") or []
-    for chunk in chunks:
-        if str(storage.as_path(chunk["path"])) == wanted:
+    for chunk in manifest.chunks:
+        if str(storage.as_path(chunk.path)) == wanted:
             return chunk
     name = wanted.rsplit("/", 1)[-1]
-    matches = [c for c in chunks if str(c["path"]).rsplit("/", 1)[-1] == name]
+    matches = [c for c in manifest.chunks if c.path.rsplit("/", 1)[-1] == name]
     if len(matches) == 1:
         return matches[0]
-    raise ValueError(f"Chunk {chunk_path} is not in the manifest ({len(chunks)} chunks listed).")
+    raise ValueError(f"Chunk {chunk_path} is not in the manifest ({len(manifest.chunks)} chunks listed).")
 
 
-def submission_identity(ti: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+def submission_identity(ti: Any, manifest: Manifest) -> dict[str, Any]:
     """Who submits what, as the ledger keys it: the task instance and the run in ``manifest``."""
-    spec = manifest.get("spec") or {}
     return {
         "dag_id": ti.dag_id,
         "task_id": ti.task_id,
         "run_id": ti.run_id,
         "map_index": -1 if getattr(ti, "map_index", None) is None else int(ti.map_index),
-        "partition": str(spec.get("partition")),
-        "pipeline": str(spec.get("pipeline")),
-        "mode": str(manifest.get("mode") or "batch"),
+        "partition": str(manifest.spec.partition),
+        "pipeline": str(manifest.spec.pipeline),
+        "mode": manifest.mode,
     }
 
 

@@ -243,9 +243,7 @@ class ResubmitFailuresOperator(BaseOperator):
         paths = [*state["results_paths"], self._collect(handle, attempt)]
         # -- queue budget (budget branch): the ended batch frees its ticket; next retry chunk --
         queue_budget.TicketQueue().release_owned(
-            queue_budget.ticket_owner(
-                submission_identity(context["ti"], read_manifest(self.work_dir).model_dump(mode="json"))
-            ),
+            queue_budget.ticket_owner(submission_identity(context["ti"], read_manifest(self.work_dir))),
             str(handle.ledger_path),
         )
         pending = list(state.get("pending") or [])
@@ -529,8 +527,7 @@ class ResubmitFailuresOperator(BaseOperator):
 
         info, rest = ChunkInfo.model_validate(infos[0]), infos[1:]
         manifest = read_manifest(self.work_dir)
-        # submission_identity still takes the manifest's JSON (submission.py: the handles branch).
-        identity = submission_identity(context["ti"], manifest.model_dump(mode="json"))
+        identity = submission_identity(context["ti"], manifest)
         ledger = SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root))
         # Same bytes at another attempt must be a new submission (see module docstring).
         fingerprint = sha256_hex(f"{info.fingerprint}:attempt-{attempt}")

@@ -26,7 +26,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from anthropic_batch import queue_budget
-from anthropic_batch.contracts import BatchHandle
+from anthropic_batch.contracts import BatchHandle, ChunkInfo
 from anthropic_batch.layout import read_manifest
 from anthropic_batch.ledger import (
     SubmissionLedger,
@@ -45,12 +45,6 @@ from anthropic_batch.submission import (
     submit_idempotently,
 )
 from anthropic_batch.triggers import DEFAULT_MAX_TRANSIENT_SECONDS
-
-
-def _manifest_json(work_dir: str) -> dict[str, Any]:
-    """The validated manifest as JSON: ``submission.find_chunk``/``submission_identity`` (the handles
-    branch's module) still take the dict; they move to ``contracts.Manifest`` with it."""
-    return read_manifest(work_dir).model_dump(mode="json")
 
 
 class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
@@ -124,13 +118,13 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
     def _ledger(self) -> SubmissionLedger:
         return SubmissionLedger(ledger_root_for(self.work_dir, self.storage_root))
 
-    def _ledger_path(self, context: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    def _ledger_path(self, context: Any) -> tuple[str, ChunkInfo, dict[str, Any]]:
         """(ledger entry path, chunk info, submission identity) of this task's chunk."""
-        manifest = _manifest_json(self.work_dir)
+        manifest = read_manifest(self.work_dir)
         chunk = find_chunk(manifest, self.chunk_path)
         identity = submission_identity(context["ti"], manifest)
         path = self._ledger().entry_path(
-            identity["dag_id"], identity["partition"], identity["task_id"], chunk["fingerprint"]
+            identity["dag_id"], identity["partition"], identity["task_id"], chunk.fingerprint
         )
         return str(path), chunk, identity
 
@@ -151,7 +145,7 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
                 self,
                 ledger_path=ledger_path,
                 identity=identity,
-                n_requests=int(chunk["n_requests"]),
+                n_requests=chunk.n_requests,
                 pipeline_budget=self.queue_budget_requests,
                 admission_poll_seconds=self.admission_poll_seconds,
                 admission_max_poll_seconds=self.admission_max_poll_seconds,
@@ -193,19 +187,17 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
     def _submit(self, context: Any) -> dict[str, Any]:
         from anthropic_batch.hooks import AnthropicBatchHook  # the SDK: not at DAG parse time
 
-        manifest = _manifest_json(self.work_dir)
-        spec = manifest.get("spec") or {}
+        manifest = read_manifest(self.work_dir)
         chunk = find_chunk(manifest, self.chunk_path)
-        mode = manifest.get("mode") or "batch"
-        model = spec["model"]
-        cost = projected_cost_usd(model, chunk["n_requests"], chunk["n_bytes"], spec.get("max_tokens"))
+        model = str(manifest.spec.model)
+        cost = projected_cost_usd(model, chunk.n_requests, chunk.n_bytes, manifest.spec.max_tokens)
         self.log.info(
             "Chunk %s: %d requests, %.1f MiB, model %s, mode %s, projected cost <= %s USD.",
-            chunk["path"],
-            chunk["n_requests"],
-            chunk["n_bytes"] / 2**20,
+            chunk.path,
+            chunk.n_requests,
+            chunk.n_bytes / 2**20,
             model,
-            mode,
+            manifest.mode,
             f"{cost:.2f}" if cost is not None else "unknown",
         )
         ti = context["ti"]
@@ -213,10 +205,10 @@ class SubmitBatchOperator(BatchWaitMixin, BaseOperator):
             submit_idempotently(
                 AnthropicBatchHook(conn_id=self.conn_id),
                 self._ledger(),
-                chunk_path=str(chunk["path"]),
-                chunk_fingerprint=chunk["fingerprint"],
-                n_requests=int(chunk["n_requests"]),
-                n_bytes=int(chunk["n_bytes"]),
+                chunk_path=chunk.path,
+                chunk_fingerprint=chunk.fingerprint,
+                n_requests=chunk.n_requests,
+                n_bytes=chunk.n_bytes,
                 **submission_identity(ti, manifest),
                 attempt=self.attempt,
                 model=model,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from anthropic_batch.contracts import ChunkInfo, Manifest
+from anthropic_batch.layout import read_manifest
 from anthropic_batch.links import BATCH_ID_XCOM_KEY, AnthropicConsoleBatchLink
 from anthropic_batch.operators.submit import SubmitBatchOperator
 from anthropic_batch.submission import find_chunk, projected_cost_usd
@@ -81,15 +83,14 @@ def test_missing_manifest_and_unknown_chunk(tmp_path):
         op.execute(make_context(task_id="submit"))
     write_manifest(work, [chunk])
     with pytest.raises(ValueError, match="not in the manifest"):
-        find_chunk(
-            json.loads((work / "requests" / "manifest.json").read_text()), "file:///else/chunk-00009.jsonl"
-        )
+        find_chunk(read_manifest(work), "file:///else/chunk-00009.jsonl")
 
 
 def test_find_chunk_matches_a_plain_path_against_a_url(tmp_path):
     chunk = make_chunk(tmp_path, 1)
     plain = chunk["path"].removeprefix("file://")
-    assert find_chunk({"chunks": [chunk]}, plain) == chunk
+    manifest = Manifest.model_validate({"chunks": [chunk]})
+    assert find_chunk(manifest, plain) == ChunkInfo.model_validate(chunk)
 
 
 def test_projected_cost():
