@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from anthropic_batch import layout, storage
-from anthropic_batch.contracts import RunSummary
+from anthropic_batch.contracts import LedgerEntry, RunSummary
 from anthropic_batch.partition import COMMIT_FILE, SUMMARY_FILE, read_published_summary
 from anthropic_batch.storage import PathLike, as_path
 
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "_index"
 LEDGER_INDEX = "ledger.json"
 SUMMARY_INDEX = "summaries.json"
-# 2: summaries are indexed as validated RunSummary JSON (version 1 held the raw files, bad ones too).
+# 2: summaries and ledger entries are indexed validated (RunSummary, LedgerEntry); version 1 held
+# the raw files, bad ones too.
 INDEX_VERSION = 2
 #: Concurrent reads of changed files on an object store (latency-bound; local reads are sequential).
 READ_CONCURRENCY = 16
@@ -140,8 +141,10 @@ def _sync(
 # -- the ledger ------------------------------------------------------------------------------------
 def _ledger_reader(root: ObjectStoragePath) -> Callable[[str], dict[str, Any] | None]:
     def read(rel: str) -> dict[str, Any] | None:
-        entry = json.loads((root / rel).read_bytes())
-        return entry if isinstance(entry, dict) and entry else None
+        # Validated like every other ledger read (an old sync entry is mapped, a bad one is skipped
+        # and logged by _sync); the index keeps the stored fields only.
+        path = root / rel
+        return LedgerEntry.parse(path.read_bytes(), path).to_dict() or None
 
     return read
 

@@ -200,3 +200,14 @@ def test_summaries_follow_a_partition_commit_file(tmp_path, monkeypatch, reads):
     publish("g2", 2.0)
     assert [s.cost_usd for s in run_index.summaries(root)] == [2.0]
     assert reads[-1] == ["pipe/extractions/date=2026-11-01"]
+
+
+def test_ledger_entries_are_indexed_validated(root, caplog):
+    """A bad entry is skipped with the file and field named; an old sync entry reads as a sync run."""
+    write_entry(root, "dag_c", "2026-11-01", 1, n_requests="many")
+    old_sync = write_entry(root, "dag_c", "2026-11-01", 2, mode="sync", batch_id="sync_abc")
+    with caplog.at_level("WARNING"):
+        found = run_index.ledger_entries(root, dag_id="dag_c")
+    assert [e["sync_run_id"] for e in found] == ["sync_abc"] and found[0]["batch_id"] is None
+    assert any("fp1.json" in r.getMessage() and "n_requests" in r.getMessage() for r in caplog.records)
+    assert str(old_sync).endswith("fp2.json")
