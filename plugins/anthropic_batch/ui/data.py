@@ -62,17 +62,6 @@ def parse_time(value: Any) -> datetime | None:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _savings(cost: float | None, sync_cost: float | None) -> float | None:
     if cost is None or sync_cost is None:
         return None
@@ -131,16 +120,17 @@ def batch_badge(status: str, counts: dict[str, int]) -> str:
 
 
 def batch_row(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """One ledger entry as a Batches table row."""
+    """One ledger entry (validated: ``contracts.LedgerEntry``, as ``run_index`` returns them) as a
+    Batches table row."""
     raw_counts = entry.get("request_counts") or {}
-    counts = {k: int(_num(raw_counts.get(k)) or 0) for k in REQUEST_COUNT_KEYS}
+    counts = {k: int(raw_counts.get(k) or 0) for k in REQUEST_COUNT_KEYS}
     status = batch_status(entry)
     expires_at = parse_time(entry.get("expires_at"))
     expires_in = None
     if expires_at is not None and status in ACTIVE_STATUSES:
         expires_in = (expires_at - now).total_seconds()
-    cost = _num(entry.get("cost_usd"))
-    sync_cost = _num(entry.get("sync_cost_usd"))
+    cost = entry.get("cost_usd")
+    sync_cost = entry.get("sync_cost_usd")
     return {
         # A sync run (no batch) shows its run id here, as it did when it was stored as batch_id.
         "batch_id": redact(entry.get("batch_id") or entry.get("sync_run_id")),
@@ -168,7 +158,7 @@ def batch_row(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
         "ended_at": entry.get("ended_at"),
         "expires_at": entry.get("expires_at"),
         "expires_in_seconds": expires_in,
-        "projected_cost_usd": _num(entry.get("projected_cost_usd")),
+        "projected_cost_usd": entry.get("projected_cost_usd"),
         "cost_usd": cost,
         "sync_cost_usd": sync_cost,
         "savings_usd": _savings(cost, sync_cost),
