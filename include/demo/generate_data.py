@@ -153,6 +153,23 @@ def generate_tickets(date: dt.date, per_day: int, seed: int) -> list[dict[str, A
     return records
 
 
+def valid_ticket_ids(date: dt.date, per_day: int, seed: int) -> set[str]:
+    """The ticket ids of a day that prepare accepts: present, unique, with a body under
+    ``OVERSIZED_CHARS`` (the rest are rejected on purpose; tests check each side)."""
+    records = generate_tickets(date, per_day, seed)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["ticket_id"]] = counts.get(r["ticket_id"], 0) + 1
+    return {
+        r["ticket_id"]
+        for r in records
+        if r["ticket_id"] is not None
+        and counts[r["ticket_id"]] == 1
+        and (r["body"] or "").strip()
+        and len(r["body"]) < OVERSIZED_CHARS
+    }
+
+
 def _local_dir(root: str | Path) -> Path:
     text = str(root)
     if text.startswith("file://"):

@@ -15,6 +15,7 @@ manager (``POST /auth/token``). ``stop()`` ends the whole process group.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import secrets
@@ -130,6 +131,29 @@ class StandaloneAirflow:
                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             )
         return proc
+
+    def create_backfill(self, dag_id: str, start: dt.date, end: dt.date) -> None:
+        """``airflow backfill create``, retried while SQLite is locked by the running scheduler.
+
+        The command runs in one transaction, so a locked attempt leaves nothing behind; any other
+        failure is raised at once.
+        """
+        args = ("backfill", "create", "--dag-id", dag_id)
+        args += ("--from-date", start.isoformat(), "--to-date", end.isoformat())
+        outcome: dict[str, str] = {}
+
+        def created() -> bool:
+            proc = self.airflow_cli(*args, check=False)
+            outcome["output"] = proc.stdout[-1500:] + proc.stderr[-1500:]
+            if proc.returncode == 0:
+                return True
+            if "database is locked" not in outcome["output"]:
+                raise StandaloneError(f"`airflow {' '.join(args)}` failed:\n{outcome['output']}")
+            return False
+
+        poll_until(
+            created, timeout=120, interval=2.0, message=lambda: f"backfill create kept failing: {outcome}"
+        )
 
     def start(self) -> None:
         """Migrate the database, start ``airflow standalone`` and wait until every component is healthy."""

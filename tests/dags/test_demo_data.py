@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from demo.generate_data import OVERSIZED_CHARS, generate_tickets, write_tickets
+from demo.generate_data import OVERSIZED_CHARS, generate_tickets, valid_ticket_ids, write_tickets
 
 DAY = dt.date(2026, 11, 3)
 
@@ -32,3 +32,17 @@ def test_written_partition_layout(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == generate_tickets(DAY, 12, seed=7)
     # The code-audit table: tests/dags/test_code_audit_source.py.
+
+
+def test_valid_ticket_ids_leave_out_exactly_what_prepare_rejects():
+    records = generate_tickets(DAY, 40, seed=7)
+    valid = valid_ticket_ids(DAY, 40, seed=7)
+    ids = [r["ticket_id"] for r in records]
+    duplicated = {i for i in ids if i is not None and ids.count(i) > 1}
+    assert None not in valid and not valid & duplicated
+    for r in records:
+        if r["ticket_id"] in valid:
+            assert r["body"].strip() and len(r["body"]) < OVERSIZED_CHARS
+    # Everything else is kept: ids that are present, unique and have a usable body.
+    kept = {r["ticket_id"] for r in records if r["body"].strip() and len(r["body"]) < OVERSIZED_CHARS}
+    assert valid == kept - duplicated - {None}

@@ -16,7 +16,7 @@ from pathlib import Path
 import anthropic
 import pyarrow.parquet as pq
 import pytest
-from demo.generate_data import OVERSIZED_CHARS, generate_tickets, write_tickets
+from demo.generate_data import valid_ticket_ids, write_tickets
 from demo.standalone import StandaloneAirflow, poll_until
 
 from batches_emulator.testing import EmulatorProcess, free_port
@@ -89,21 +89,6 @@ def _batch_ids(client: anthropic.Anthropic) -> set[str]:
     return {b.id for b in client.messages.batches.list(limit=100)}
 
 
-def _valid_ids(date: dt.date) -> set[str]:
-    records = generate_tickets(date, PER_DAY, seed=7)
-    counts: dict = {}
-    for r in records:
-        counts[r["ticket_id"]] = counts.get(r["ticket_id"], 0) + 1
-    return {
-        r["ticket_id"]
-        for r in records
-        if r["ticket_id"] is not None
-        and counts[r["ticket_id"]] == 1
-        and (r["body"] or "").strip()
-        and len(r["body"]) < OVERSIZED_CHARS
-    }
-
-
 def _partition(storage_root: Path, date: dt.date) -> Path:
     """The published partition's committed generation directory (read through its commit file)."""
     from anthropic_batch.partition import published_dir
@@ -119,7 +104,7 @@ def _n_chunks(storage_root: Path, date: dt.date) -> int:
 def _assert_published(storage_root: Path, date: dt.date) -> dict:
     partition = _partition(storage_root, date)
     rows = pq.read_table(partition / "data.parquet", columns=["ticket_id", "status"]).to_pylist()
-    assert sorted(r["ticket_id"] for r in rows) == sorted(_valid_ids(date))
+    assert sorted(r["ticket_id"] for r in rows) == sorted(valid_ticket_ids(date, PER_DAY, seed=7))
     summary = json.loads((partition / "summary.json").read_text())
     assert summary["n_rows"] == len(rows)
     return summary
@@ -179,42 +164,13 @@ def test_clearing_a_finished_submit_creates_no_second_batch(airflow, storage_roo
     _assert_published(storage_root, date)
 
 
-def _create_backfill(af: StandaloneAirflow, start: dt.date, end: dt.date) -> None:
-    """``airflow backfill create``; retried while SQLite is locked by the running scheduler.
-
-    The command runs in one transaction, so a locked attempt leaves nothing behind (checked below
-    through the runs it creates: exactly one per date).
-    """
-    args = (
-        "backfill",
-        "create",
-        "--dag-id",
-        DAG_ID,
-        "--from-date",
-        start.isoformat(),
-        "--to-date",
-        end.isoformat(),
-    )
-    outcome: dict[str, str] = {}
-
-    def created() -> bool:
-        proc = af.airflow_cli(*args, check=False)
-        outcome["output"] = proc.stdout[-1500:] + proc.stderr[-1500:]
-        if proc.returncode == 0:
-            return True
-        assert "database is locked" in outcome["output"], outcome["output"]
-        return False
-
-    poll_until(created, timeout=120, interval=2.0, message=lambda: f"backfill create kept failing: {outcome}")
-
-
 def test_backfill_three_dates_one_batch_per_chunk(airflow, storage_root, batches_client):
     dates = [dt.date(2026, 10, 20) + dt.timedelta(days=i) for i in range(3)]
     root = airflow.env["ANTHROPIC_BATCH_STORAGE_ROOT"]
     for date in dates:
         write_tickets(root, date, per_day=PER_DAY, seed=7)
     before = _batch_ids(batches_client)
-    _create_backfill(airflow, dates[0], dates[-1])
+    airflow.create_backfill(DAG_ID, dates[0], dates[-1])
     wanted = {d.isoformat() for d in dates}
     runs: dict[str, str] = {}
 

@@ -25,7 +25,7 @@ import anthropic
 import pyarrow.parquet as pq
 import pytest
 from demo.cluster import AWS_CONN_ID, Cluster, upload_demo_tickets
-from demo.generate_data import OVERSIZED_CHARS, generate_tickets
+from demo.generate_data import valid_ticket_ids
 from demo.standalone import REPO_ROOT, poll_until
 
 from batches_emulator.testing import free_port
@@ -88,21 +88,6 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                 else:
                     os.environ[key] = value
     shutil.rmtree(pg_parent, ignore_errors=True)
-
-
-def _valid_ids(date: dt.date) -> set[str]:
-    records = generate_tickets(date, PER_DAY, seed=7)
-    counts: dict = {}
-    for r in records:
-        counts[r["ticket_id"]] = counts.get(r["ticket_id"], 0) + 1
-    return {
-        r["ticket_id"]
-        for r in records
-        if r["ticket_id"] is not None
-        and counts[r["ticket_id"]] == 1
-        and (r["body"] or "").strip()
-        and len(r["body"]) < OVERSIZED_CHARS
-    }
 
 
 def _read(cluster: Cluster, key: str) -> bytes:
@@ -224,7 +209,8 @@ def test_backfill_and_manual_run_on_celery_and_s3_survive_a_killed_worker(cluste
         summary = json.loads(_read(cluster, files["summary.json"]))
         rows = pq.read_table(io.BytesIO(_read(cluster, files["data.parquet"])), columns=["ticket_id"])
         ids = rows.column("ticket_id").to_pylist()
-        assert sorted(ids) == sorted(_valid_ids(date)), date  # complete, each record once
+        expected = valid_ticket_ids(date, PER_DAY, seed=7)
+        assert sorted(ids) == sorted(expected), date  # complete, each record once
         assert summary["n_rows"] == len(ids)
         published |= set(summary["batch_ids"])
     assert len(batches) == n_chunks, [(b.id, b.request_counts) for b in batches]

@@ -110,23 +110,6 @@ def airflow(tmp_path_factory, emulator, storage_root, dags_folder) -> Iterator[S
         yield af
 
 
-def _create_backfill(af: StandaloneAirflow, dag_id: str) -> None:
-    """``airflow backfill create``; retried while SQLite is locked by the running scheduler."""
-    args = ("backfill", "create", "--dag-id", dag_id, "--from-date", DATES[0].isoformat())
-    args += ("--to-date", DATES[-1].isoformat())
-    outcome: dict[str, str] = {}
-
-    def created() -> bool:
-        proc = af.airflow_cli(*args, check=False)
-        outcome["output"] = proc.stdout[-1500:] + proc.stderr[-1500:]
-        if proc.returncode == 0:
-            return True
-        assert "database is locked" in outcome["output"], outcome["output"]
-        return False
-
-    poll_until(created, timeout=120, interval=2.0, message=lambda: f"backfill create kept failing: {outcome}")
-
-
 def _backfill_runs(af: StandaloneAirflow, dag_id: str) -> dict[str, str]:
     listing = af.api("GET", f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "backfill"})
     return {(r.get("logical_date") or "")[:10]: r["dag_run_id"] for r in listing["dag_runs"]}
@@ -170,7 +153,7 @@ def test_backfill_of_two_pipelines_stays_within_the_budgets(airflow, storage_roo
     for date in DATES:
         write_tickets(root, date, per_day=PER_DAY, seed=7)
     for dag_id in PIPELINES:
-        _create_backfill(airflow, dag_id)
+        airflow.create_backfill(dag_id, DATES[0], DATES[-1])
     wanted = {d.isoformat() for d in DATES}
     runs: dict[str, dict[str, str]] = {}
 

@@ -19,7 +19,6 @@ from demo.generate_data import write_tickets
 from demo.standalone import StandaloneAirflow, poll_until
 
 from batches_emulator.testing import EmulatorProcess, free_port
-from tests.e2e.test_airflow_e2e import _create_backfill  # `backfill create`, retried while SQLite is busy
 
 pytestmark = pytest.mark.e2e
 
@@ -83,7 +82,7 @@ def test_scheduled_run_processes_the_day_that_ended_and_a_backfill_its_dates(set
     # The scheduler's run for yesterday: its data interval is yesterday, due once yesterday ended.
     assert run["data_interval_start"][:10] == yesterday.isoformat(), run
     assert run["data_interval_end"][:10] == (yesterday + dt.timedelta(days=1)).isoformat(), run
-    _create_backfill(af, BACKFILL[0], BACKFILL[-1])
+    af.create_backfill(DAG_ID, BACKFILL[0], BACKFILL[-1])
     _wait_success(af, DAG_ID, run["dag_run_id"])
     assert (root / DAG_ID / "extractions" / f"date={yesterday}" / "_SUCCESS").exists()
 
