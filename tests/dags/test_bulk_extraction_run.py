@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from demo.generate_data import OVERSIZED_CHARS, generate_tickets, write_tickets
+from demo.generate_data import generate_tickets, valid_ticket_ids, write_tickets
 
 from tests.dags.conftest import DAGS_DIR
 
@@ -21,22 +21,6 @@ def _published(storage_root, date) -> Path:
     from anthropic_batch.partition import published_dir
 
     return Path(published_dir(f"file://{storage_root}/bulk_extraction/extractions/date={date}").path)
-
-
-def _valid_ticket_ids(records: list[dict]) -> tuple[set[str], set]:
-    counts: dict = {}
-    for r in records:
-        counts[r["ticket_id"]] = counts.get(r["ticket_id"], 0) + 1
-    valid = {
-        r["ticket_id"]
-        for r in records
-        if r["ticket_id"] is not None
-        and counts[r["ticket_id"]] == 1
-        and (r["body"] or "").strip()
-        and len(r["body"]) < OVERSIZED_CHARS
-    }
-    invalid = {r["ticket_id"] for r in records} - valid
-    return valid, invalid
 
 
 @pytest.fixture
@@ -52,7 +36,8 @@ def test_bulk_extraction_publishes_one_row_per_valid_record(airflow_db, anthropi
 
     records = generate_tickets(DATE, PER_DAY, seed=7)
     write_tickets(storage_root, DATE, per_day=PER_DAY, seed=7)
-    valid, invalid = _valid_ticket_ids(records)
+    valid = valid_ticket_ids(DATE, PER_DAY, seed=7)
+    invalid = {r["ticket_id"] for r in records} - valid
     assert invalid  # the generator's deliberate bad records are there
 
     bag = DagBag(dag_folder=str(DAGS_DIR / "pipelines.py"))
@@ -115,9 +100,8 @@ def test_bulk_extraction_resubmits_retriable_failures_under_dag_test(
     conn = {"conn_type": "anthropic", "password": emu.api_key, "host": emu.base_url}
     monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DEFAULT", json.dumps(conn))
     date = dt.date(2026, 11, 4)
-    records = generate_tickets(date, PER_DAY, seed=7)
     write_tickets(storage_root, date, per_day=PER_DAY, seed=7)
-    valid, _ = _valid_ticket_ids(records)
+    valid = valid_ticket_ids(date, PER_DAY, seed=7)
 
     bag = DagBag(dag_folder=str(DAGS_DIR / "pipelines.py"))
     assert bag.import_errors == {}
@@ -161,7 +145,7 @@ def _batch_ids(emulator) -> set[str]:
 def test_mode_sync_sends_no_batch(airflow_db, anthropic_conn, emulator, storage_root):
     date = dt.date(2026, 11, 2)
     write_tickets(storage_root, date, per_day=12, seed=7)
-    valid, _ = _valid_ticket_ids(generate_tickets(date, 12, seed=7))
+    valid = valid_ticket_ids(date, 12, seed=7)
     before = _batch_ids(emulator)
     logical = dt.datetime.combine(date, dt.time(), tzinfo=dt.UTC)
     assert _run("pipelines.py", "bulk_extraction", logical, {"mode": "sync"}) == "success"
@@ -178,7 +162,7 @@ def test_mode_auto_with_a_near_deadline_runs_sync(airflow_db, anthropic_conn, em
 
     date = dt.date(2026, 11, 4)
     write_tickets(storage_root, date, per_day=80, seed=7)
-    valid, _ = _valid_ticket_ids(generate_tickets(date, 80, seed=7))
+    valid = valid_ticket_ids(date, 80, seed=7)
     # Too many requests for auto's size rule alone: only the deadline can pick sync here.
     assert len(valid) > load_pipeline(PIPELINES_DIR / "bulk_extraction.yaml").auto_sync_max_requests
     deadline = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).isoformat()
