@@ -12,10 +12,9 @@ import json
 import anthropic
 import pyarrow.parquet as pq
 import pytest
-from demo.generate_data import generate_tickets, tickets_path, write_tickets
+from demo.generate_data import generate_tickets, tickets_path, valid_ticket_ids, write_tickets
 
 from tests.dags.conftest import DAGS_DIR
-from tests.dags.test_bulk_extraction_run import _valid_ticket_ids
 
 DATE = dt.date(2026, 11, 3)
 PER_DAY = 60
@@ -60,7 +59,7 @@ def test_rerun_of_an_edited_date_sends_only_the_changes(airflow_db, anthropic_co
     first = {r["ticket_id"]: r for r in _published_rows(extraction)}
 
     records = generate_tickets(DATE, PER_DAY, seed=11)
-    valid, _ = _valid_ticket_ids(records)
+    valid = valid_ticket_ids(DATE, PER_DAY, seed=11)
     edit, drop = sorted(valid)[:2]
     edited = [r for r in records if r["ticket_id"] != drop]
     for r in edited:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import anthropic
 import pyarrow.parquet as pq
-from demo.generate_data import generate_tickets, write_tickets
+from demo.generate_data import valid_ticket_ids, write_tickets
 
 from tests.dags.conftest import DAGS_DIR, REPO_ROOT
-from tests.dags.test_bulk_extraction_run import _run, _valid_ticket_ids
+from tests.dags.test_bulk_extraction_run import _run
 
 DATE = dt.date(2026, 11, 6)
 PER_DAY = 60  # 3 chunks
@@ -43,7 +43,7 @@ def test_urgent_sync_run_cancels_the_nightly_batches_and_reuses_their_answers(
     monkeypatch.setenv("ANTHROPIC_BATCH_STORAGE_ROOT", f"file://{root}")
     monkeypatch.setenv("ANTHROPIC_BATCH_POLL_INTERVAL", "1")
     write_tickets(root, DATE, per_day=PER_DAY, seed=7)
-    valid, _ = _valid_ticket_ids(generate_tickets(DATE, PER_DAY, seed=7))
+    valid = valid_ticket_ids(DATE, PER_DAY, seed=7)
     client = anthropic.Anthropic(api_key=emu.api_key, base_url=emu.base_url)
 
     # The nightly run, in batch mode, submits its chunks and waits; it is still waiting when the
